@@ -1,1 +1,248 @@
-//! block (in progress)
+//! Block targets: the guest disk the agent writes, a regular file or a block device.
+//!
+//! A `BlockTarget` holds an exclusive lock on the target for its whole life, knows its size and logical sector
+//! size, writes aligned chunks with O_DIRECT (falling back to buffered I/O where the file system refuses it),
+//! zeroes ranges cheaply (BLKZEROOUT, hole punching) and syncs at the end.
+
+mod buf;
+pub mod ioctl;
+
+pub use buf::{AlignedBuf, DIRECT_ALIGN};
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+pub const MIB: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("target {0} does not exist (give a disk size to create a file target)")]
+    Missing(PathBuf),
+    #[error("target {0} is neither a regular file nor a block device")]
+    NotADisk(PathBuf),
+    #[error("cannot open target {path} for writing")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("target {0} is in use by another gridforge job or process")]
+    Busy(PathBuf),
+    #[error("unsupported logical sector size {size} on {path} (512 or 4096)")]
+    SectorSize { path: PathBuf, size: u32 },
+    #[error("target {path} holds {size} bytes, which is not a whole number of {sector_size}-byte sectors")]
+    Unaligned { path: PathBuf, size: u64, sector_size: u32 },
+    #[error("{context} on {path}")]
+    Io {
+        context: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How to open a target.
+#[derive(Clone, Debug, Default)]
+pub struct TargetOptions {
+    /// Create a regular file of this size if the path does not exist; grow a smaller regular file to it.
+    pub create_size: Option<u64>,
+    /// Logical sector size of a regular-file target (default 512). Block devices report their own.
+    pub sector_size: Option<u32>,
+    /// Open read-only (inspection): no lock upgrade, no O_DIRECT writer.
+    pub read_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    File,
+    BlockDevice,
+}
+
+/// An open, exclusively locked guest disk.
+#[derive(Debug)]
+pub struct BlockTarget {
+    path: PathBuf,
+    file: Flock<File>,
+    direct: Option<File>,
+    size: u64,
+    sector_size: u32,
+    kind: TargetKind,
+}
+
+impl BlockTarget {
+    pub fn open(path: &Path, opts: &TargetOptions) -> Result<Self, BlockError> {
+        let io_err = |context: &str| {
+            let path = path.to_path_buf();
+            let context = context.to_string();
+            move |source| BlockError::Io { context, path, source }
+        };
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("reading metadata")(e)),
+        };
+        let kind = match &meta {
+            None if opts.create_size.is_some() && !opts.read_only => TargetKind::File,
+            None => return Err(BlockError::Missing(path.to_path_buf())),
+            Some(m) if m.file_type().is_block_device() => TargetKind::BlockDevice,
+            Some(m) if m.file_type().is_file() => TargetKind::File,
+            Some(_) => return Err(BlockError::NotADisk(path.to_path_buf())),
+        };
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if kind == TargetKind::File && !opts.read_only {
+            oo.create(true);
+        }
+        if kind == TargetKind::BlockDevice && !opts.read_only {
+            // O_EXCL on a block device fails while the kernel has it in use (mounted, holders).
+            oo.custom_flags(libc::O_EXCL);
+        }
+        let file = oo.open(path).map_err(|source| BlockError::Open { path: path.to_path_buf(), source })?;
+        let lock =
+            if opts.read_only { FlockArg::LockSharedNonblock } else { FlockArg::LockExclusiveNonblock };
+        let file = Flock::lock(file, lock).map_err(|(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => BlockError::Busy(path.to_path_buf()),
+            e => io_err("locking")(io::Error::from(e)),
+        })?;
+
+        let (size, sector_size) = match kind {
+            TargetKind::BlockDevice => (
+                ioctl::size_bytes(&*file).map_err(|e| io_err("reading device size")(e.into()))?,
+                ioctl::logical_sector_size(&*file)
+                    .map_err(|e| io_err("reading logical sector size")(e.into()))?,
+            ),
+            TargetKind::File => {
+                let mut size = file.metadata().map_err(io_err("reading metadata"))?.len();
+                if let Some(want) = opts.create_size.filter(|&w| w > size && !opts.read_only) {
+                    file.set_len(want).map_err(io_err("growing target file"))?;
+                    size = want;
+                }
+                (size, opts.sector_size.unwrap_or(512))
+            }
+        };
+        if sector_size != 512 && sector_size != 4096 {
+            return Err(BlockError::SectorSize { path: path.to_path_buf(), size: sector_size });
+        }
+        if size % u64::from(sector_size) != 0 {
+            return Err(BlockError::Unaligned { path: path.to_path_buf(), size, sector_size });
+        }
+        let direct = if opts.read_only { None } else { open_direct(path) };
+        Ok(Self { path: path.to_path_buf(), file, direct, size, sector_size, kind })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn sector_size(&self) -> u32 {
+        self.sector_size
+    }
+
+    pub fn kind(&self) -> TargetKind {
+        self.kind
+    }
+
+    /// The buffered file handle (for partition tables, file systems and other small structured writes).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether aligned writes bypass the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn io_err(&self, context: impl Into<String>) -> impl FnOnce(io::Error) -> BlockError + '_ {
+        let context = context.into();
+        move |source| BlockError::Io { context, path: self.path.clone(), source }
+    }
+
+    /// Write `buf` at `offset`. Uses O_DIRECT when buffer, offset and length are aligned, buffered I/O otherwise.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+        let aligned = buf.as_ptr().addr() % DIRECT_ALIGN == 0
+            && offset % DIRECT_ALIGN as u64 == 0
+            && buf.len() % DIRECT_ALIGN == 0;
+        let file = match &self.direct {
+            Some(direct) if aligned => direct,
+            _ => &*self.file,
+        };
+        file.write_all_at(buf, offset)
+            .map_err(self.io_err(format!("writing {} bytes at offset {offset}", buf.len())))
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(self.io_err(format!("reading {} bytes at offset {offset}", buf.len())))
+    }
+
+    /// Make `[offset, offset + len)` read back as zeroes, as cheaply as the target allows: BLKZEROOUT on a
+    /// device, hole punching on a file, plain zero writes where neither works.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let sector = u64::from(self.sector_size);
+        let fast = match self.kind {
+            TargetKind::BlockDevice if offset % sector == 0 && len % sector == 0 => {
+                ioctl::zero_out(&*self.file, offset, len).is_ok()
+            }
+            TargetKind::File => nix::fcntl::fallocate(
+                &*self.file,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+            .is_ok(),
+            TargetKind::BlockDevice => false,
+        };
+        if fast {
+            return Ok(());
+        }
+        let chunk = AlignedBuf::new((4 * MIB).min(len.next_multiple_of(DIRECT_ALIGN as u64)) as usize);
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(chunk.len() as u64) as usize;
+            self.write_at(&chunk[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Zero the first MiB (partition table and boot code), so a half-written disk can never boot.
+    pub fn zero_head(&self) -> Result<(), BlockError> {
+        let buf = AlignedBuf::new(MIB.min(self.size) as usize);
+        self.write_at(&buf, 0)?;
+        self.sync()
+    }
+
+    /// Flush everything written through either handle to stable storage.
+    pub fn sync(&self) -> Result<(), BlockError> {
+        if let Some(direct) = &self.direct {
+            direct.sync_all().map_err(self.io_err("syncing"))?;
+        }
+        self.file.sync_all().map_err(self.io_err("syncing"))
+    }
+}
+
+/// A second handle with O_DIRECT, or None with a log line where the file system refuses it (tmpfs, some
+/// overlay setups): writes then go through the page cache and are synced at the end.
+fn open_direct(path: &Path) -> Option<File> {
+    match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(target = %path.display(), error = %e, "O_DIRECT refused; using buffered I/O");
+            None
+        }
+    }
+}
