@@ -1,0 +1,382 @@
+//! One Provision job: allocate the target, fetch and verify images, partition, build the guest tree, format
+//! and write file systems, report. On any failure after the disk was touched its first MiB is zeroed, so a
+//! half-written disk can never boot, and the error names the step and the cause.
+
+pub mod spec;
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use gridforge_proto::v1::{
+    Filesystem, PartitionResult, ProvisionResult, VmSpec, error::Code, partition::Role,
+};
+
+use crate::block::{BlockTarget, MIB, TargetOptions};
+use crate::fs::{self, FsInfo};
+use crate::image::index::{Format, IndexEntry};
+use crate::image::{Cache, Store, Trust};
+use crate::partition::{self, GptPlan, PartitionRequest};
+use crate::pipeline::{rawdisk, unpack};
+use crate::progress::Progress;
+
+pub use spec::SpecError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failed provision: which step, what kind of failure, and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{step} failed")]
+pub struct ProvisionError {
+    pub step: &'static str,
+    pub code: Code,
+    #[source]
+    pub source: BoxError,
+}
+
+impl ProvisionError {
+    fn new(step: &'static str, code: Code, source: impl Into<BoxError>) -> Self {
+        Self { step, code, source: source.into() }
+    }
+
+    /// The structured error of the contract: code, step and the whole cause chain as the message.
+    pub fn to_proto(&self) -> gridforge_proto::v1::Error {
+        let mut message = self.source.to_string();
+        let mut cause = self.source.source();
+        while let Some(c) = cause {
+            message.push_str(": ");
+            message.push_str(&c.to_string());
+            cause = c.source();
+        }
+        gridforge_proto::v1::Error { code: self.code as i32, step: self.step.to_string(), message }
+    }
+}
+
+/// Where a provision gets its images and does its scratch work.
+#[derive(Clone, Debug)]
+pub struct ImageSource {
+    /// Store location: a directory, dir:///path or http(s):// base URL.
+    pub store: String,
+    pub trust: Trust,
+    /// Content-addressed blob cache.
+    pub cache_dir: PathBuf,
+}
+
+/// One provision request, fully described.
+#[derive(Clone, Debug)]
+pub struct ProvisionRequest {
+    pub spec: VmSpec,
+    pub disk: PathBuf,
+    pub images: ImageSource,
+    /// Directory for the staging tree (must keep ownership and modes: not a FAT or NFS mount).
+    pub work_dir: PathBuf,
+}
+
+pub fn provision(req: &ProvisionRequest, progress: &Progress) -> Result<ProvisionResult, ProvisionError> {
+    spec::validate(&req.spec).map_err(|e| ProvisionError::new("validate", Code::InvalidSpec, e))?;
+    let disk_spec = req.spec.disk.clone().unwrap_or_default();
+
+    progress.note("allocate", format!("opening {}", req.disk.display()));
+    let opts = TargetOptions {
+        create_size: (disk_spec.size_mib > 0).then(|| disk_spec.size_mib * MIB),
+        sector_size: (disk_spec.sector_size != 0).then_some(disk_spec.sector_size),
+        read_only: false,
+    };
+    let target =
+        BlockTarget::open(&req.disk, &opts).map_err(|e| ProvisionError::new("allocate", Code::Target, e))?;
+    if target.size() < disk_spec.size_mib * MIB {
+        return Err(ProvisionError::new(
+            "allocate",
+            Code::Target,
+            format!(
+                "{} holds {} MiB, the spec asks for {} MiB",
+                req.disk.display(),
+                target.size() / MIB,
+                disk_spec.size_mib
+            ),
+        ));
+    }
+
+    let (store, entries) = resolve_images(&req.spec, &req.images)?;
+    let os = &entries[0];
+    // Plan before touching the disk, so a layout that does not fit changes nothing.
+    let plan = match os.format {
+        Format::RootfsTar => Some(plan_layout(&disk_spec.partitions, &target)?),
+        Format::RawDisk => {
+            if !disk_spec.partitions.is_empty() {
+                return Err(ProvisionError::new(
+                    "validate",
+                    Code::InvalidSpec,
+                    SpecError {
+                        field: "disk.partitions".into(),
+                        reason: format!("image {} is a raw disk with its own partitions; leave this empty", os.name),
+                    },
+                ));
+            }
+            if entries.len() > 1 {
+                return Err(ProvisionError::new(
+                    "validate",
+                    Code::InvalidSpec,
+                    SpecError { field: "layers".into(), reason: "layers need a rootfs-tar OS image".into() },
+                ));
+            }
+            None
+        }
+    };
+    let cache =
+        Cache::new(&req.images.cache_dir).map_err(|e| ProvisionError::new("fetch", Code::Io, e))?;
+    let mut blobs = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let path = cache.fetch(&store, entry, progress).map_err(|e| fetch_error(e.into()))?;
+        blobs.push(path);
+    }
+
+    // From here on the disk is being changed: any failure leaves its head zeroed.
+    let result = match plan {
+        None => write_raw(&target, os, &blobs[0], progress),
+        Some(plan) => build_from_rootfs(req, &target, &plan, &entries, &blobs, progress),
+    };
+    match result {
+        Ok(mut res) => {
+            res.image_digests = entries.iter().map(|e| e.sha256.clone()).collect();
+            progress.note("report", "done");
+            Ok(res)
+        }
+        Err(e) => {
+            if let Err(z) = target.zero_head() {
+                tracing::error!(error = %z, "could not zero the head of the failed target");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn resolve_images(spec: &VmSpec, src: &ImageSource) -> Result<(Store, Vec<IndexEntry>), ProvisionError> {
+    let store = Store::open(&src.store, src.trust.clone()).map_err(|e| fetch_error(e.into()))?;
+    let refs = spec.image.iter().chain(spec.layers.iter());
+    let mut entries = Vec::new();
+    for r in refs {
+        let entry = store.find(&r.name, &r.version).map_err(|e| fetch_error(e.into()))?;
+        entries.push(entry.clone());
+    }
+    Ok((store, entries))
+}
+
+fn fetch_error(e: crate::Error) -> ProvisionError {
+    let code = e.code();
+    ProvisionError::new("fetch", code, e)
+}
+
+fn plan_layout(
+    partitions: &[gridforge_proto::v1::Partition],
+    target: &BlockTarget,
+) -> Result<GptPlan, ProvisionError> {
+    let requests: Vec<PartitionRequest> = partitions
+        .iter()
+        .map(|p| PartitionRequest { label: p.label.clone(), role: p.role(), size_bytes: p.size_mib.map(|m| m * MIB) })
+        .collect();
+    partition::plan(&requests, target.size(), target.sector_size())
+        .map_err(|e| ProvisionError::new("partition", Code::Layout, e))
+}
+
+fn write_raw(
+    target: &BlockTarget,
+    entry: &IndexEntry,
+    blob: &Path,
+    progress: &Progress,
+) -> Result<ProvisionResult, ProvisionError> {
+    let file = File::open(blob).map_err(|e| ProvisionError::new("write", Code::Io, e))?;
+    rawdisk::write_raw_disk(BufReader::with_capacity(MIB as usize, file), &entry.sha256, target, progress)
+        .map_err(|e| {
+            let code = crate::Error::from(e);
+            ProvisionError::new("write", code.code(), code)
+        })?;
+    progress.note("partition", "moving the backup GPT to the end of the disk");
+    let grown = partition::relocate_backup_and_grow_last(target.file(), target.sector_size())
+        .map_err(|e| ProvisionError::new("partition", Code::Layout, e))?;
+    if grown.grown() {
+        let table = partition::read(target.file(), target.sector_size())
+            .map_err(|e| ProvisionError::new("partition", Code::Layout, e))?;
+        let part = table.partition(grown.number).expect("grown partition is in the table");
+        let probe = fs::probe(target.file(), part.offset_bytes(), part.size_bytes())
+            .map_err(|e| ProvisionError::new("format", Code::Io, e))?;
+        if probe.is_some_and(|p| p.kind == Filesystem::Ext4) {
+            progress.note("format", format!("growing ext4 on partition {}", grown.number));
+            fs::ext4::grow(target.path(), part.offset_bytes(), part.size_bytes())
+                .map_err(|e| ProvisionError::new("format", Code::Tool, e))?;
+        }
+    }
+    target.sync().map_err(|e| ProvisionError::new("write", Code::Io, e))?;
+    describe(target).map_err(|e| ProvisionError::new("report", Code::Io, e))
+}
+
+fn build_from_rootfs(
+    req: &ProvisionRequest,
+    target: &BlockTarget,
+    plan: &GptPlan,
+    entries: &[IndexEntry],
+    blobs: &[PathBuf],
+    progress: &Progress,
+) -> Result<ProvisionResult, ProvisionError> {
+    std::fs::create_dir_all(&req.work_dir).map_err(|e| ProvisionError::new("build", Code::Io, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix("staging-")
+        .tempdir_in(&req.work_dir)
+        .map_err(|e| ProvisionError::new("build", Code::Io, e))?;
+    let root = staging.path();
+    for (entry, blob) in entries.iter().zip(blobs) {
+        progress.note("build", format!("unpacking {} {}", entry.name, entry.version));
+        let file = File::open(blob).map_err(|e| ProvisionError::new("build", Code::Io, e))?;
+        let opts = unpack::UnpackOptions::default();
+        unpack::unpack_rootfs(BufReader::with_capacity(MIB as usize, file), &entry.sha256, root, &opts, progress)
+            .map_err(|e| {
+                let e = crate::Error::from(e);
+                ProvisionError::new("build", e.code(), e)
+            })?;
+    }
+
+    progress.note("partition", format!("writing GPT with {} partitions", plan.partitions.len()));
+    target.zero_head().map_err(|e| ProvisionError::new("partition", Code::Io, e))?;
+    partition::write(target.file(), plan).map_err(|e| ProvisionError::new("partition", Code::Io, e))?;
+
+    let disk = req.spec.disk.as_ref().expect("validated");
+    let mut results: Vec<PartitionResult> = Vec::new();
+    let mut root_index = None;
+    // Everything but the root first: the root's fstab needs the other file systems' UUIDs.
+    for (planned, part) in plan.partitions.iter().zip(&disk.partitions) {
+        let (offset, len) = (planned.offset_bytes(), planned.size_bytes());
+        let fs_info = match part.filesystem() {
+            Filesystem::Ext4 if planned.role == Role::Root => {
+                root_index = Some(results.len());
+                None
+            }
+            Filesystem::Ext4 => Some(
+                fs::ext4::make(target.path(), offset, len, None, uuid::Uuid::new_v4(), &part.label)
+                    .map_err(|e| ProvisionError::new("format", Code::Tool, e))?,
+            ),
+            Filesystem::Vfat => {
+                let tree = (planned.role == Role::Esp).then(|| root.join("boot/efi")).filter(|p| p.is_dir());
+                Some(
+                    fs::vfat::format(target.file(), offset, len, &part.label, tree.as_deref(), target.sector_size())
+                        .map_err(|e| ProvisionError::new("format", Code::Io, e))?,
+                )
+            }
+            Filesystem::Swap => Some(
+                fs::swap::make(target.file(), offset, len, uuid::Uuid::new_v4(), &part.label)
+                    .map_err(|e| ProvisionError::new("format", Code::Io, e))?,
+            ),
+            Filesystem::None | Filesystem::Unspecified => None,
+        };
+        results.push(partition_result(planned, part.filesystem(), fs_info.as_ref()));
+    }
+
+    let root_index = root_index.expect("validated: one ROOT partition");
+    let planned = &plan.partitions[root_index];
+    let root_uuid = uuid::Uuid::new_v4();
+    results[root_index].fs_uuid = root_uuid.to_string();
+    write_fstab(root, disk, &results).map_err(|e| ProvisionError::new("build", Code::Io, e))?;
+    progress.note("format", format!("writing ext4 root ({} MiB)", planned.size_bytes() / MIB));
+    let info = fs::ext4::make(
+        target.path(),
+        planned.offset_bytes(),
+        planned.size_bytes(),
+        Some(root),
+        root_uuid,
+        &disk.partitions[root_index].label,
+    )
+    .map_err(|e| ProvisionError::new("format", Code::Tool, e))?;
+    results[root_index] = partition_result(planned, Filesystem::Ext4, Some(&info));
+    target.sync().map_err(|e| ProvisionError::new("format", Code::Io, e))?;
+
+    Ok(ProvisionResult {
+        disk_path: target.path().display().to_string(),
+        disk_size_bytes: target.size(),
+        sector_size: target.sector_size(),
+        disk_guid: plan.disk_guid.to_string(),
+        partitions: results,
+        image_digests: Vec::new(),
+    })
+}
+
+fn partition_result(
+    planned: &partition::PlannedPartition,
+    filesystem: Filesystem,
+    info: Option<&FsInfo>,
+) -> PartitionResult {
+    PartitionResult {
+        number: planned.number,
+        label: planned.label.clone(),
+        role: planned.role as i32,
+        filesystem: filesystem as i32,
+        partition_guid: planned.part_guid.to_string(),
+        type_guid: planned.type_guid.to_string(),
+        first_lba: planned.first_lba,
+        last_lba: planned.last_lba,
+        offset_bytes: planned.offset_bytes(),
+        size_bytes: planned.size_bytes(),
+        fs_uuid: info.map(|i| i.uuid.clone()).unwrap_or_default(),
+        fs_label: info.map(|i| i.label.clone()).unwrap_or_default(),
+    }
+}
+
+/// `/etc/fstab` by UUID for every file system on the disk, and the mount points in the tree.
+fn write_fstab(
+    root: &Path,
+    disk: &gridforge_proto::v1::DiskLayout,
+    results: &[PartitionResult],
+) -> std::io::Result<()> {
+    let mut fstab = String::from("# Written by gridforge at provisioning. <file system> <mount point> <type> <options> <dump> <pass>\n");
+    for (part, res) in disk.partitions.iter().zip(results) {
+        let line = match (part.role(), part.filesystem()) {
+            (Role::Root, _) => format!("UUID={} / ext4 errors=remount-ro 0 1", res.fs_uuid),
+            (Role::Esp, _) => format!("UUID={} /boot/efi vfat umask=0077 0 2", res.fs_uuid),
+            (Role::Swap, _) => format!("UUID={} none swap sw 0 0", res.fs_uuid),
+            (Role::Data, Filesystem::Ext4) if !part.mount_point.is_empty() => {
+                format!("UUID={} {} ext4 defaults 0 2", res.fs_uuid, part.mount_point)
+            }
+            (Role::Data, Filesystem::Vfat) if !part.mount_point.is_empty() => {
+                format!("UUID={} {} vfat defaults 0 2", res.fs_uuid, part.mount_point)
+            }
+            _ => continue,
+        };
+        let mount = line.split_whitespace().nth(1).unwrap_or("none");
+        if mount.starts_with('/') {
+            std::fs::create_dir_all(root.join(mount.trim_start_matches('/')))?;
+        }
+        fstab.push_str(&line);
+        fstab.push('\n');
+    }
+    std::fs::create_dir_all(root.join("etc"))?;
+    std::fs::write(root.join("etc/fstab"), fstab)
+}
+
+/// Read back what is on the disk: the GPT and each partition's file system.
+pub fn describe(target: &BlockTarget) -> Result<ProvisionResult, crate::Error> {
+    let table = partition::read(target.file(), target.sector_size())?;
+    let mut partitions = Vec::new();
+    for p in &table.partitions {
+        let info = fs::probe(target.file(), p.offset_bytes(), p.size_bytes())?;
+        partitions.push(PartitionResult {
+            number: p.number,
+            label: p.label.clone(),
+            role: p.role.map(|r| r as i32).unwrap_or_default(),
+            filesystem: info.as_ref().map(|i| i.kind as i32).unwrap_or(Filesystem::None as i32),
+            partition_guid: p.part_guid.to_string(),
+            type_guid: p.type_guid.to_string(),
+            first_lba: p.first_lba,
+            last_lba: p.last_lba,
+            offset_bytes: p.offset_bytes(),
+            size_bytes: p.size_bytes(),
+            fs_uuid: info.as_ref().map(|i| i.uuid.clone()).unwrap_or_default(),
+            fs_label: info.map(|i| i.label).unwrap_or_default(),
+        });
+    }
+    Ok(ProvisionResult {
+        disk_path: target.path().display().to_string(),
+        disk_size_bytes: target.size(),
+        sector_size: target.sector_size(),
+        disk_guid: table.disk_guid.to_string(),
+        partitions,
+        image_digests: Vec::new(),
+    })
+}
