@@ -190,7 +190,7 @@ impl Output {
             println!("{}", serde_json::json!({ "error": err }));
         } else {
             eprintln!("error: {e:#}");
-            if provision.is_some_and(|p| p.step != "validate" && p.step != "allocate" && p.step != "fetch") {
+            if provision.is_some_and(|p| p.target_zeroed) {
                 eprintln!("the target's first MiB was zeroed: the disk will not boot half-written");
             }
         }

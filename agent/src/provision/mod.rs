@@ -30,13 +30,15 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct ProvisionError {
     pub step: &'static str,
     pub code: Code,
+    /// The target's first MiB was zeroed after the failure.
+    pub target_zeroed: bool,
     #[source]
     pub source: BoxError,
 }
 
 impl ProvisionError {
     fn new(step: &'static str, code: Code, source: impl Into<BoxError>) -> Self {
-        Self { step, code, source: source.into() }
+        Self { step, code, target_zeroed: false, source: source.into() }
     }
 
     /// The structured error of the contract: code, step and the whole cause chain as the message.
@@ -97,11 +99,33 @@ pub fn provision(req: &ProvisionRequest, progress: &Progress) -> Result<Provisio
         ));
     }
 
+    // The target now belongs to this provision: whatever fails from here leaves its head zeroed, so no
+    // half-written (or previous) system on it can boot.
+    match provision_onto(req, &target, &disk_spec, progress) {
+        Ok(res) => {
+            progress.note("report", "done");
+            Ok(res)
+        }
+        Err(mut e) => {
+            match target.zero_head() {
+                Ok(()) => e.target_zeroed = true,
+                Err(z) => tracing::error!(error = %z, "could not zero the head of the failed target"),
+            }
+            Err(e)
+        }
+    }
+}
+
+fn provision_onto(
+    req: &ProvisionRequest,
+    target: &BlockTarget,
+    disk_spec: &gridforge_proto::v1::DiskLayout,
+    progress: &Progress,
+) -> Result<ProvisionResult, ProvisionError> {
     let (store, entries) = resolve_images(&req.spec, &req.images)?;
     let os = &entries[0];
-    // Plan before touching the disk, so a layout that does not fit changes nothing.
     let plan = match os.format {
-        Format::RootfsTar => Some(plan_layout(&disk_spec.partitions, &target)?),
+        Format::RootfsTar => Some(plan_layout(&disk_spec.partitions, target)?),
         Format::RawDisk => {
             if !disk_spec.partitions.is_empty() {
                 return Err(ProvisionError::new(
@@ -123,32 +147,17 @@ pub fn provision(req: &ProvisionRequest, progress: &Progress) -> Result<Provisio
             None
         }
     };
-    let cache =
-        Cache::new(&req.images.cache_dir).map_err(|e| ProvisionError::new("fetch", Code::Io, e))?;
+    let cache = Cache::new(&req.images.cache_dir).map_err(|e| fetch_error(e.into()))?;
     let mut blobs = Vec::with_capacity(entries.len());
     for entry in &entries {
-        let path = cache.fetch(&store, entry, progress).map_err(|e| fetch_error(e.into()))?;
-        blobs.push(path);
+        blobs.push(cache.fetch(&store, entry, progress).map_err(|e| fetch_error(e.into()))?);
     }
-
-    // From here on the disk is being changed: any failure leaves its head zeroed.
-    let result = match plan {
-        None => write_raw(&target, os, &blobs[0], progress),
-        Some(plan) => build_from_rootfs(req, &target, &plan, &entries, &blobs, progress),
+    let mut result = match plan {
+        None => write_raw(target, os, &blobs[0], progress)?,
+        Some(plan) => build_from_rootfs(req, target, &plan, &entries, &blobs, progress)?,
     };
-    match result {
-        Ok(mut res) => {
-            res.image_digests = entries.iter().map(|e| e.sha256.clone()).collect();
-            progress.note("report", "done");
-            Ok(res)
-        }
-        Err(e) => {
-            if let Err(z) = target.zero_head() {
-                tracing::error!(error = %z, "could not zero the head of the failed target");
-            }
-            Err(e)
-        }
-    }
+    result.image_digests = entries.iter().map(|e| e.sha256.clone()).collect();
+    Ok(result)
 }
 
 fn resolve_images(spec: &VmSpec, src: &ImageSource) -> Result<(Store, Vec<IndexEntry>), ProvisionError> {

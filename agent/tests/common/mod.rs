@@ -41,3 +41,52 @@ impl Drop for Loop {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
+
+/// Run a command and return (success, stdout, stderr) without panicking.
+pub fn try_run(cmd: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is required for this test and could not run: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A loop device over a byte range of a file (one partition), detached on drop.
+pub fn attach_range(file: &Path, offset: u64, size: u64) -> Loop {
+    let dev = run(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "-o",
+            &offset.to_string(),
+            "--sizelimit",
+            &size.to_string(),
+            file.to_str().unwrap(),
+        ],
+    );
+    Loop { dev: PathBuf::from(dev.trim()) }
+}
+
+/// blkid's value of one tag for a device, probing the device itself (no cache).
+pub fn blkid_tag(dev: &str, tag: &str) -> String {
+    run("blkid", &["-p", "-o", "value", "-s", tag, dev]).trim().to_string()
+}
+
+/// A small root file system tree: a few files, a symlink, a directory owned by uid 1000.
+pub fn small_rootfs(dir: &Path) {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    for d in ["etc", "usr/bin", "home/user", "boot/efi", "var/log"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::write(dir.join("etc/hostname"), "template\n").unwrap();
+    std::fs::write(dir.join("etc/os-release"), "ID=gridforge-test\n").unwrap();
+    std::fs::write(dir.join("usr/bin/tool"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(dir.join("usr/bin/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(dir.join("home/user"), Some(1000), Some(1000)).unwrap();
+    symlink("usr/bin", dir.join("bin")).unwrap();
+}
