@@ -1,0 +1,342 @@
+//! Making a store: blobs in, entries published into a re-signed index, root filesystems packed as
+//! zstd-compressed tar archives.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
+use tempfile::NamedTempFile;
+
+use super::index::{Compression, Format, Index, IndexEntry, Kind, check_relative_path};
+use super::{ImageError, is_sha256_hex, sign};
+
+/// zstd worker threads used when packing (the nodes that pack have two cores).
+const ZSTD_WORKERS: u32 = 2;
+
+/// Creates an empty store layout (`blobs/sha256/`) in `dir`; existing contents are kept.
+pub fn init_store(dir: &Path) -> Result<(), ImageError> {
+    let blobs = blobs_dir(dir);
+    fs::create_dir_all(&blobs)
+        .map_err(ImageError::io(format!("creating store directory {}", blobs.display())))
+}
+
+fn blobs_dir(store_dir: &Path) -> PathBuf {
+    store_dir.join("blobs").join("sha256")
+}
+
+/// Copies `src` into the store as `blobs/sha256/<hex>`; returns (sha256 hex, size, path relative to the index).
+pub fn add_blob(store_dir: &Path, mut src: impl Read) -> Result<(String, u64, String), ImageError> {
+    let mut writer = BlobWriter::new(store_dir)?;
+    io::copy(&mut src, &mut writer)
+        .map_err(ImageError::io(format!("adding a blob to store {}", store_dir.display())))?;
+    writer.finish()
+}
+
+/// A blob being written into a store: hashes and counts what is written to a temp file in the blob
+/// directory, and [`finish`](BlobWriter::finish) renames it to its digest. Dropped unfinished, the temp
+/// file is removed. Packers write their compressed output straight into one of these.
+#[derive(Debug)]
+pub struct BlobWriter {
+    store_dir: PathBuf,
+    tmp: NamedTempFile,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    pub fn new(store_dir: &Path) -> Result<BlobWriter, ImageError> {
+        init_store(store_dir)?;
+        let blobs = blobs_dir(store_dir);
+        let tmp = tempfile::Builder::new()
+            .prefix(".add-")
+            .tempfile_in(&blobs)
+            .map_err(ImageError::io(format!("creating temp file in {}", blobs.display())))?;
+        Ok(BlobWriter { store_dir: store_dir.to_path_buf(), tmp, hasher: Sha256::new(), size: 0 })
+    }
+
+    /// Syncs and renames the blob into place; returns (sha256 hex, size, path relative to the index).
+    pub fn finish(self) -> Result<(String, u64, String), ImageError> {
+        let BlobWriter { store_dir, tmp, hasher, size } = self;
+        let sha256 = hex::encode(hasher.finalize());
+        let relative = format!("blobs/sha256/{sha256}");
+        let dest = store_dir.join(&relative);
+        tmp.as_file().sync_all().map_err(ImageError::io(format!("syncing {}", tmp.path().display())))?;
+        // Same digest means same bytes: replacing an existing blob is harmless.
+        tmp.persist(&dest).map_err(|e| ImageError::Io {
+            context: format!("moving blob into {}", dest.display()),
+            source: e.error,
+        })?;
+        sync_dir(&blobs_dir(&store_dir))?;
+        Ok((sha256, size, relative))
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tmp.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+/// Adds `entry` to the store's index (replacing the entry with the same name and version), then rewrites
+/// `index.json` atomically and re-signs it with `key`. An existing index must verify with `key`'s public
+/// half, so a store is never silently re-signed over content someone else published.
+pub fn publish(store_dir: &Path, entry: IndexEntry, key: &SigningKey) -> Result<(), ImageError> {
+    init_store(store_dir)?;
+    let store = store_dir.display().to_string();
+    check_relative_path(&entry.path, &store)?;
+    if !is_sha256_hex(&entry.sha256) {
+        return Err(ImageError::BadIndex {
+            store,
+            reason: format!(
+                "{} {} has sha256 {:?}, not 64 lowercase hex digits",
+                entry.name, entry.version, entry.sha256
+            ),
+        });
+    }
+    let blob = store_dir.join(&entry.path);
+    let blob_size =
+        fs::metadata(&blob).map_err(ImageError::io(format!("checking blob {}", blob.display())))?.len();
+    if blob_size != entry.compressed_size {
+        return Err(ImageError::SizeMismatch {
+            what: format!("blob {}", blob.display()),
+            expected: entry.compressed_size,
+            actual: blob_size,
+        });
+    }
+
+    // Serializes publishers on this store so one does not drop another's entry.
+    let lock_path = store_dir.join(".publish.lock");
+    let lock_file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(ImageError::io(format!("opening {}", lock_path.display())))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, errno)| ImageError::Io {
+        context: format!("locking {}", lock_path.display()),
+        source: io::Error::from(errno),
+    })?;
+
+    let index_path = store_dir.join("index.json");
+    let sig_path = store_dir.join("index.json.sig");
+    let mut index = match fs::read(&index_path) {
+        Ok(bytes) => {
+            let sig = match fs::read_to_string(&sig_path) {
+                Ok(sig) => sig,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ImageError::Unsigned { store }),
+                Err(source) => {
+                    return Err(ImageError::Io {
+                        context: format!("reading {}", sig_path.display()),
+                        source,
+                    });
+                }
+            };
+            sign::verify_named(&key.verifying_key(), &bytes, &sig, &format!("index of store {store}"))?;
+            Index::parse(&bytes, &store)?
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Index::new(),
+        Err(source) => {
+            return Err(ImageError::Io { context: format!("reading {}", index_path.display()), source });
+        }
+    };
+    index.upsert(entry);
+    index.validate(&store)?;
+
+    let bytes = index.to_bytes();
+    let signature = format!("{}\n", sign::sign(key, &bytes));
+    // Index first, then signature: a reader in between sees a bad signature and is refused, never an
+    // unverified index accepted.
+    write_atomic(store_dir, &index_path, &bytes)?;
+    write_atomic(store_dir, &sig_path, signature.as_bytes())?;
+    Ok(())
+}
+
+fn write_atomic(dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    let context = || format!("writing {}", dest.display());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".publish-")
+        .tempfile_in(dir)
+        .map_err(|source| ImageError::Io { context: context(), source })?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|source| ImageError::Io { context: context(), source })?;
+    // Stores are served to readers other than root: index and signature are world-readable.
+    fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|source| ImageError::Io { context: context(), source })?;
+    tmp.persist(dest).map_err(|e| ImageError::Io { context: context(), source: e.error })?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ImageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ImageError::io(format!("syncing directory {}", dir.display())))
+}
+
+/// Packs a root filesystem (a directory, or an uncompressed `.tar` file) as a zstd-compressed tar blob in
+/// `store_dir`, publishes it as `name` `version` signed with `key`, and returns the published entry.
+///
+/// From a directory, entries are written in sorted order with paths relative to it, keeping numeric
+/// owners, modes, mtimes, symlinks, hardlinks and fifos; device nodes and sockets are skipped with a warning
+/// (the guest's devtmpfs provides device nodes).
+pub fn pack_rootfs(
+    source: &Path,
+    store_dir: &Path,
+    name: &str,
+    version: &str,
+    kind: Kind,
+    key: &SigningKey,
+    level: i32,
+) -> Result<IndexEntry, ImageError> {
+    let meta = fs::metadata(source)
+        .map_err(ImageError::io(format!("reading rootfs source {}", source.display())))?;
+    let blob = BlobWriter::new(store_dir)?;
+    let zstd_context = || format!("setting up zstd compression for {}", source.display());
+    let mut encoder = zstd::Encoder::new(blob, level).map_err(ImageError::io(zstd_context()))?;
+    encoder.multithread(ZSTD_WORKERS).map_err(ImageError::io(zstd_context()))?;
+    encoder.include_checksum(true).map_err(ImageError::io(zstd_context()))?;
+    let mut counter = CountingWriter { inner: encoder, count: 0 };
+
+    if meta.is_dir() {
+        write_tree_tar(source, &mut counter)?;
+    } else {
+        check_tar_file(source)?;
+        let mut file = File::open(source).map_err(ImageError::io(format!("opening {}", source.display())))?;
+        io::copy(&mut file, &mut counter)
+            .map_err(ImageError::io(format!("compressing {}", source.display())))?;
+    }
+
+    let CountingWriter { inner: encoder, count: uncompressed_size } = counter;
+    let blob =
+        encoder.finish().map_err(ImageError::io(format!("finishing zstd stream of {}", source.display())))?;
+    let (sha256, compressed_size, path) = blob.finish()?;
+    let entry = IndexEntry {
+        name: name.to_string(),
+        version: version.to_string(),
+        kind,
+        format: Format::RootfsTar,
+        compression: Compression::Zstd,
+        compressed_size,
+        uncompressed_size,
+        sha256,
+        path,
+        arch: std::env::consts::ARCH.to_string(),
+        // Tree size plus a quarter for filesystem metadata and first-boot growth.
+        min_disk_mib: (uncompressed_size + uncompressed_size / 4).div_ceil(1 << 20).max(1),
+        notes: String::new(),
+    };
+    publish(store_dir, entry.clone(), key)?;
+    Ok(entry)
+}
+
+struct CountingWriter<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads every header of `path` so that a file that is not a plain tar archive is refused up front.
+fn check_tar_file(path: &Path) -> Result<(), ImageError> {
+    let bad = |reason: String| ImageError::BadSource { what: path.display().to_string(), reason };
+    let file = File::open(path).map_err(ImageError::io(format!("opening {}", path.display())))?;
+    let mut archive = tar::Archive::new(io::BufReader::new(file));
+    let mut entries = 0usize;
+    let iter = archive.entries().map_err(|e| bad(format!("not a tar archive ({e})")))?;
+    for entry in iter {
+        entry.map_err(|e| bad(format!("not a valid uncompressed tar archive ({e})")))?;
+        entries += 1;
+    }
+    if entries == 0 {
+        return Err(bad("the tar archive is empty".to_string()));
+    }
+    Ok(())
+}
+
+/// Writes the tree under `root` as a tar stream (sorted, relative paths, numeric owners).
+fn write_tree_tar<W: Write>(root: &Path, out: W) -> Result<(), ImageError> {
+    let mut paths = Vec::new();
+    collect_sorted(root, Path::new(""), &mut paths)?;
+
+    let mut builder = tar::Builder::new(out);
+    // (device, inode) of multiply-linked files already archived, and the archive path they went in as.
+    let mut first_links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    for rel in &paths {
+        let full = root.join(rel);
+        let context = || format!("archiving {}", full.display());
+        let meta = fs::symlink_metadata(&full).map_err(ImageError::io(context()))?;
+        let file_type = meta.file_type();
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        header.set_mode(meta.mode() & 0o7777);
+
+        if file_type.is_dir() || file_type.is_fifo() {
+            header.set_size(0);
+            builder.append_data(&mut header, rel, io::empty()).map_err(ImageError::io(context()))?;
+        } else if file_type.is_symlink() {
+            let target = fs::read_link(&full).map_err(ImageError::io(context()))?;
+            header.set_size(0);
+            builder.append_link(&mut header, rel, &target).map_err(ImageError::io(context()))?;
+        } else if file_type.is_file() {
+            if meta.nlink() > 1 {
+                if let Some(first) = first_links.get(&(meta.dev(), meta.ino())) {
+                    header.set_entry_type(tar::EntryType::Link);
+                    header.set_size(0);
+                    builder.append_link(&mut header, rel, first).map_err(ImageError::io(context()))?;
+                    continue;
+                }
+                first_links.insert((meta.dev(), meta.ino()), rel.clone());
+            }
+            let file = File::open(&full).map_err(ImageError::io(context()))?;
+            builder.append_data(&mut header, rel, file).map_err(ImageError::io(context()))?;
+        } else {
+            let kind = if file_type.is_socket() { "socket" } else { "device node" };
+            tracing::warn!(path = %full.display(), "skipping {kind}: rootfs images do not carry them");
+        }
+    }
+    builder.into_inner().map_err(ImageError::io(format!("finishing tar archive of {}", root.display())))?;
+    Ok(())
+}
+
+/// Depth-first list of every path under `dir` (relative to the walk root), parents before children,
+/// siblings in byte order of their names. Symlinks are listed, never followed.
+fn collect_sorted(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), ImageError> {
+    let dir = root.join(rel);
+    let mut names = fs::read_dir(&dir)
+        .and_then(|entries| entries.map(|e| e.map(|e| e.file_name())).collect::<io::Result<Vec<_>>>())
+        .map_err(ImageError::io(format!("listing {}", dir.display())))?;
+    names.sort_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
+    for name in names {
+        let child = rel.join(&name);
+        let is_dir = fs::symlink_metadata(root.join(&child))
+            .map_err(ImageError::io(format!("reading {}", root.join(&child).display())))?
+            .is_dir();
+        out.push(child.clone());
+        if is_dir {
+            collect_sorted(root, &child, out)?;
+        }
+    }
+    Ok(())
+}
