@@ -34,10 +34,15 @@ pub fn keygen(out: &Path) -> Result<VerifyingKey, ImageError> {
         .map_err(ImageError::io(format!("writing key file {}", out.display())))?;
 
     let pub_path = public_key_path(out);
-    let pub_line = format!("{}\n", BASE64.encode(verifying_key.as_bytes()));
+    let pub_line = format!("{}\n", encode_public(&verifying_key));
     std::fs::write(&pub_path, pub_line)
         .map_err(ImageError::io(format!("writing public key file {}", pub_path.display())))?;
     Ok(verifying_key)
+}
+
+/// The text form of a public key: one line of standard base64, as in `.pub` files and `--trusted-key`.
+pub fn encode_public(key: &VerifyingKey) -> String {
+    BASE64.encode(key.as_bytes())
 }
 
 /// `<key>.pub`, next to the private key.

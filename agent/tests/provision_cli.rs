@@ -1,0 +1,316 @@
+//! The agent CLI end to end on real files and loop devices, every disk checked by stock tools.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Loop, attach_range, blkid_tag, run, small_rootfs, try_run};
+use gridforge_proto::v1::{Error as ProtoError, ProvisionResult, error::Code};
+
+const MIB: u64 = 1 << 20;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gridforge-agent"))
+}
+
+/// A signed store with one small rootfs image, a key, a cache and a work dir.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let f = Self { dir: tempfile::tempdir().unwrap() };
+        let out = agent().args(["image", "keygen", "--out"]).arg(f.key()).output().unwrap();
+        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let rootfs = f.path("rootfs");
+        small_rootfs(&rootfs);
+        f.pack(&["--rootfs", rootfs.to_str().unwrap(), "--name", "tiny", "--version", "1"]);
+        f
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn key(&self) -> PathBuf {
+        self.path("signing.key")
+    }
+    fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+    fn pack(&self, args: &[&str]) {
+        let out = agent()
+            .args(["image", "pack", "--store"])
+            .arg(self.store())
+            .arg("--key")
+            .arg(self.key())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pack {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    /// Run `provision --json`; Ok(result) or Err(structured error).
+    fn provision(&self, spec: &str, disk: &Path) -> Result<ProvisionResult, ProtoError> {
+        let spec_path = self.path("spec.json");
+        std::fs::write(&spec_path, spec).unwrap();
+        let out = agent()
+            .arg("--json")
+            .arg("provision")
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--disk")
+            .arg(disk)
+            .arg("--store")
+            .arg(self.store())
+            .arg("--trusted-key")
+            .arg(self.path("signing.key.pub"))
+            .arg("--cache")
+            .arg(self.path("cache"))
+            .arg("--work-dir")
+            .arg(self.path("work"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default();
+        if out.status.success() {
+            Ok(serde_json::from_str(last).unwrap_or_else(|e| panic!("result line {last:?}: {e}")))
+        } else {
+            let v: serde_json::Value = serde_json::from_str(last)
+                .unwrap_or_else(|e| panic!("error line {last:?}: {e}; stderr {}", String::from_utf8_lossy(&out.stderr)));
+            Err(serde_json::from_value(v["error"].clone()).unwrap())
+        }
+    }
+}
+
+fn two_partition_spec(image: &str, disk_mib: u64, esp_mib: u64) -> String {
+    format!(
+        r#"{{"name":"web-1","image":{{"name":"{image}","version":"1"}},"disk":{{"size_mib":{disk_mib},"partitions":[
+        {{"label":"esp","role":"ESP","size_mib":{esp_mib},"filesystem":"VFAT"}},
+        {{"label":"root","role":"ROOT","filesystem":"EXT4"}}]}}}}"#
+    )
+}
+
+/// The checks a user would run on a provisioned two-partition disk.
+fn check_disk(disk: &str, file: &Path, res: &ProvisionResult) {
+    let v = run("sgdisk", &["-v", disk]);
+    assert!(v.contains("No problems found"), "sgdisk -v: {v}");
+    let mbr = run("sgdisk", &["-O", disk]);
+    assert!(mbr.contains("0xEE"), "protective MBR missing: {mbr}");
+    assert_eq!(res.partitions.len(), 2);
+    for p in &res.partitions {
+        assert_eq!(p.offset_bytes % MIB, 0, "partition {} not 1 MiB aligned", p.number);
+        let info = run("sgdisk", &["-i", &p.number.to_string(), disk]);
+        assert!(info.contains(&p.partition_guid.to_uppercase()), "{info}");
+        assert!(info.contains(&format!("'{}'", p.label)), "{info}");
+    }
+    assert_eq!(run("sgdisk", &["-p", disk]).contains(&res.disk_guid.to_uppercase()), true);
+    let esp = &res.partitions[0];
+    let root = &res.partitions[1];
+    let esp_dev = attach_range(file, esp.offset_bytes, esp.size_bytes);
+    let (ok, out, err) = try_run("fsck.vfat", &["-n", esp_dev.path()]);
+    assert!(ok, "fsck.vfat -n: {out}{err}");
+    assert_eq!(blkid_tag(esp_dev.path(), "TYPE"), "vfat");
+    assert_eq!(blkid_tag(esp_dev.path(), "UUID"), esp.fs_uuid);
+    assert_eq!(blkid_tag(esp_dev.path(), "LABEL"), esp.fs_label);
+    let root_dev = attach_range(file, root.offset_bytes, root.size_bytes);
+    run("e2fsck", &["-fn", root_dev.path()]);
+    assert_eq!(blkid_tag(root_dev.path(), "TYPE"), "ext4");
+    assert_eq!(blkid_tag(root_dev.path(), "UUID"), root.fs_uuid);
+    assert_eq!(blkid_tag(root_dev.path(), "LABEL"), "root");
+    let os = run("debugfs", &["-R", "cat /etc/os-release", root_dev.path()]);
+    assert_eq!(os, "ID=gridforge-test\n");
+    let fstab = run("debugfs", &["-R", "cat /etc/fstab", root_dev.path()]);
+    assert!(fstab.contains(&format!("UUID={} / ext4", root.fs_uuid)), "{fstab}");
+    assert!(fstab.contains(&format!("UUID={} /boot/efi vfat", esp.fs_uuid)), "{fstab}");
+    let stat = run("debugfs", &["-R", "stat /home/user", root_dev.path()]);
+    assert!(stat.contains("User:  1000") && stat.contains("Group:  1000"), "ownership kept: {stat}");
+    let stat = run("debugfs", &["-R", "stat /usr/bin/tool", root_dev.path()]);
+    assert!(stat.contains("Mode:  0755"), "mode kept: {stat}");
+    let link = run("debugfs", &["-R", "stat /bin", root_dev.path()]);
+    assert!(link.contains("Type: symlink") && link.contains("usr/bin"), "{link}");
+}
+
+#[test]
+fn rootfs_image_onto_file_with_512_byte_sectors() {
+    let f = Fixture::new();
+    let disk = f.path("disk.img");
+    let res = f.provision(&two_partition_spec("tiny", 256, 64), &disk).unwrap();
+    assert_eq!(res.sector_size, 512);
+    assert_eq!(res.disk_size_bytes, 256 * MIB);
+    check_disk(disk.to_str().unwrap(), &disk, &res);
+
+    // inspect reads back what provision reported.
+    let out = agent().args(["--json", "inspect", "--disk"]).arg(&disk).output().unwrap();
+    assert!(out.status.success());
+    let seen: ProvisionResult = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen.disk_guid, res.disk_guid);
+    for (a, b) in seen.partitions.iter().zip(&res.partitions) {
+        assert_eq!((&a.fs_uuid, &a.fs_label, &a.partition_guid), (&b.fs_uuid, &b.fs_label, &b.partition_guid));
+    }
+}
+
+#[test]
+fn rootfs_image_onto_loop_device_with_4096_byte_sectors() {
+    let f = Fixture::new();
+    let file = f.path("disk4k.img");
+    std::fs::File::create(&file).unwrap().set_len(640 * MIB).unwrap();
+    let lo = Loop::attach(&file, 4096);
+    assert_eq!(run("blockdev", &["--getss", lo.path()]).trim(), "4096");
+    // FAT32 with 4096-byte sectors needs about 257 MiB.
+    let res = f.provision(&two_partition_spec("tiny", 640, 300), &lo.dev).unwrap();
+    assert_eq!(res.sector_size, 4096);
+    check_disk(lo.path(), &file, &res);
+}
+
+/// A raw disk image: GPT with one ext4 partition holding a small tree.
+fn make_raw_disk(path: &Path, size_mib: u64, tree: &Path) {
+    std::fs::File::create(path).unwrap().set_len(size_mib * MIB).unwrap();
+    let p = path.to_str().unwrap();
+    run("sgdisk", &["-q", "-n", "1:2048:0", "-t", "1:8300", "-c", "1:root", p]);
+    let blocks = (size_mib * MIB - MIB - MIB) / 1024;
+    run(
+        "mke2fs",
+        &["-q", "-F", "-t", "ext4", "-d", tree.to_str().unwrap(), "-E", "offset=1048576", p, &format!("{blocks}k")],
+    );
+}
+
+#[test]
+fn raw_disk_image_is_written_byte_for_byte_and_grown_on_a_larger_target() {
+    let f = Fixture::new();
+    let raw = f.path("raw.img");
+    make_raw_disk(&raw, 64, &f.path("rootfs"));
+    f.pack(&["--raw-disk", raw.to_str().unwrap(), "--name", "appliance", "--version", "1"]);
+    let spec = |mib: u64| format!(r#"{{"name":"a","image":{{"name":"appliance","version":"1"}},"disk":{{"size_mib":{mib}}}}}"#);
+
+    let same = f.path("same.img");
+    f.provision(&spec(64), &same).unwrap();
+    assert!(std::fs::read(&same).unwrap() == std::fs::read(&raw).unwrap(), "written disk differs from the image");
+
+    let big = f.path("big.img");
+    let res = f.provision(&spec(160), &big).unwrap();
+    let v = run("sgdisk", &["-v", big.to_str().unwrap()]);
+    assert!(v.contains("No problems found"), "{v}");
+    let part = &res.partitions[0];
+    assert_eq!(part.offset_bytes, MIB);
+    assert!(part.size_bytes >= 150 * MIB, "last partition grown: {} MiB", part.size_bytes / MIB);
+    let dev = attach_range(&big, part.offset_bytes, part.size_bytes);
+    run("e2fsck", &["-fn", dev.path()]);
+    let sb = run("dumpe2fs", &["-h", dev.path()]);
+    let blocks: u64 = sb
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    let block_size: u64 = sb
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    assert!(blocks * block_size >= 150 * MIB, "ext4 grown to the partition: {} MiB", blocks * block_size / MIB);
+    assert_eq!(run("debugfs", &["-R", "cat /etc/os-release", dev.path()]), "ID=gridforge-test\n");
+
+    // Image larger than the target: refused before anything is written past the head.
+    let small = f.path("small.img");
+    let err = f.provision(&spec(32), &small).unwrap_err();
+    assert_eq!(err.code(), Code::Layout, "{err:?}");
+}
+
+/// A disk whose head is non-zero, to see the failure path zero it.
+fn dirty_disk(path: &Path, mib: u64) {
+    std::fs::write(path, vec![0x5Au8; (2 * MIB) as usize]).unwrap();
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(mib * MIB).unwrap();
+}
+
+fn head_is_zero(path: &Path) -> bool {
+    std::fs::read(path).unwrap()[..MIB as usize].iter().all(|&b| b == 0)
+}
+
+#[test]
+fn wrong_digest_is_reported_and_the_head_zeroed() {
+    let f = Fixture::new();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.store().join("index.json")).unwrap()).unwrap();
+    let blob = f.store().join(index["images"][0]["path"].as_str().unwrap());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&blob, bytes).unwrap();
+    let disk = f.path("disk.img");
+    dirty_disk(&disk, 256);
+    let err = f.provision(&two_partition_spec("tiny", 256, 64), &disk).unwrap_err();
+    assert_eq!(err.code(), Code::DigestMismatch, "{err:?}");
+    assert_eq!(err.step, "fetch");
+    let expected = index["images"][0]["sha256"].as_str().unwrap();
+    assert!(err.message.contains(expected), "names the expected digest: {}", err.message);
+    assert!(head_is_zero(&disk));
+    assert!(!f.path("cache").join("sha256").join(expected).exists(), "nothing cached");
+}
+
+#[test]
+fn untrusted_stores_and_unknown_images_are_refused() {
+    let f = Fixture::new();
+    let disk = f.path("disk.img");
+    let err = f.provision(&two_partition_spec("nope", 256, 64), &disk).unwrap_err();
+    assert_eq!(err.code(), Code::ImageNotFound, "{err:?}");
+    assert!(err.message.contains("tiny"), "lists what is available: {}", err.message);
+
+    // Signed by another key.
+    let other = f.path("other.key");
+    assert!(agent().args(["image", "keygen", "--out"]).arg(&other).output().unwrap().status.success());
+    std::fs::copy(f.path("other.key.pub"), f.path("signing.key.pub")).unwrap();
+    let err = f.provision(&two_partition_spec("tiny", 256, 64), &disk).unwrap_err();
+    assert_eq!(err.code(), Code::ImageUntrusted, "{err:?}");
+
+    // Unsigned.
+    std::fs::remove_file(f.store().join("index.json.sig")).unwrap();
+    let err = f.provision(&two_partition_spec("tiny", 256, 64), &disk).unwrap_err();
+    assert_eq!(err.code(), Code::ImageUntrusted, "{err:?}");
+}
+
+#[test]
+fn layouts_that_do_not_fit_or_make_no_sense_are_refused() {
+    let f = Fixture::new();
+    let disk = f.path("disk.img");
+    dirty_disk(&disk, 256);
+    let err = f.provision(&two_partition_spec("tiny", 256, 512), &disk).unwrap_err();
+    assert_eq!(err.code(), Code::Layout, "{err:?}");
+    assert!(err.message.contains("esp") || err.message.contains("MiB"), "{}", err.message);
+    assert!(head_is_zero(&disk), "a failed provision zeroes the head");
+
+    let zero = r#"{"name":"x","image":{"name":"tiny","version":"1"},"disk":{"size_mib":256,"partitions":[
+        {"label":"esp","role":"ESP","size_mib":0,"filesystem":"VFAT"},{"label":"root","role":"ROOT","filesystem":"EXT4"}]}}"#;
+    let err = f.provision(zero, &disk).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidSpec);
+    assert!(err.message.contains("disk.partitions[0].size_mib"), "{}", err.message);
+
+    let rest_first = r#"{"name":"x","image":{"name":"tiny","version":"1"},"disk":{"size_mib":256,"partitions":[
+        {"label":"root","role":"ROOT","filesystem":"EXT4"},{"label":"esp","role":"ESP","size_mib":64,"filesystem":"VFAT"}]}}"#;
+    let err = f.provision(rest_first, &disk).unwrap_err();
+    assert_eq!(err.code(), Code::Layout, "{err:?}");
+
+    let xfs = r#"{"name":"x","image":{"name":"tiny","version":"1"},"disk":{"size_mib":256,"partitions":[
+        {"label":"root","role":"ROOT","filesystem":"XFS"}]}}"#;
+    std::fs::write(f.path("xfs.json"), xfs).unwrap();
+    let out = agent()
+        .args(["provision", "--insecure-images", "--store", "x", "--spec"])
+        .arg(f.path("xfs.json"))
+        .arg("--disk")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("XFS"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn missing_or_unusable_targets_are_refused() {
+    let f = Fixture::new();
+    let no_size = r#"{"name":"x","image":{"name":"tiny","version":"1"},"disk":{"partitions":[
+        {"label":"root","role":"ROOT","filesystem":"EXT4"}]}}"#;
+    let err = f.provision(no_size, &f.path("absent.img")).unwrap_err();
+    assert_eq!(err.code(), Code::Target);
+    assert!(err.message.contains("absent.img"), "{}", err.message);
+
+    let err = f.provision(&two_partition_spec("tiny", 256, 64), f.dir.path()).unwrap_err();
+    assert_eq!(err.code(), Code::Target, "a directory is not a disk: {err:?}");
+}
