@@ -34,6 +34,9 @@ const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 /// Recognises ext2/3/4, FAT, swap and LUKS at the start of `[offset, offset + len)`; `None` for anything
 /// else (including an empty range).
 pub fn probe(disk: &File, offset: u64, len: u64) -> Result<Option<Probed>, FsError> {
+    if len == 0 {
+        return Ok(None);
+    }
     check_range(disk, offset, len)?;
     let mut head = vec![0u8; len.min(PROBE_BYTES) as usize];
     disk.read_exact_at(&mut head, offset)

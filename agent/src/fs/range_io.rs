@@ -16,8 +16,9 @@ pub struct RangeIo<'a> {
 }
 
 impl<'a> RangeIo<'a> {
+    /// A range running past the largest file offset is cut short there.
     pub fn new(file: &'a File, offset: u64, len: u64) -> Self {
-        RangeIo { file, offset, len, position: 0 }
+        RangeIo { file, offset, len: len.min(u64::MAX - offset), position: 0 }
     }
 
     /// Length of the range in bytes.

@@ -49,7 +49,7 @@ pub fn format(
         )));
     }
     let sector = u64::from(sector_size);
-    if offset % sector != 0 {
+    if !offset.is_multiple_of(sector) {
         return Err(FsError::Unsupported(format!(
             "FAT partition offset {offset} not aligned to {sector_size}-byte sectors"
         )));
@@ -83,19 +83,25 @@ pub fn format(
     let fs = fatfs::FileSystem::new(RangeIo::new(disk, offset, volume_len), FsOptions::new())
         .map_err(|source| FsError::io("opening the new FAT file system", source))?;
     if fs.fat_type() != FatType::Fat32 {
-        // fatfs silently falls back to FAT16 when the geometry does not give enough clusters.
-        return Err(FsError::TooSmall { what: "FAT32", needed: needed.max(len + sector), got: len });
+        // fatfs silently falls back to FAT16 when the geometry does not give enough clusters; the size
+        // check above is meant to rule that out.
+        return Err(FsError::Unsupported(format!(
+            "fatfs laid out {len} bytes as {:?} instead of FAT32",
+            fs.fat_type()
+        )));
     }
     if let Some(tree) = tree {
         copy_tree(tree, &fs.root_dir())?;
     }
+    // The FSInfo sector's free-cluster count starts out "unknown"; counting once makes fatfs record it.
+    fs.stats().map_err(|source| FsError::io("counting free FAT clusters", source))?;
     fs.unmount().map_err(|source| FsError::io("unmounting the new FAT file system", source))?;
     fix_directories(disk, offset, volume_len)?;
 
     Ok(FsInfo {
         kind: Filesystem::Vfat,
         uuid: volume_id_string(volume_id),
-        label: label.to_ascii_uppercase(),
+        label: label.trim_end().to_ascii_uppercase(),
     })
 }
 
