@@ -134,3 +134,19 @@ fn check_reports_a_damaged_file_system() {
     let err = ext4::check(&disk.path, MIB).unwrap_err();
     assert!(matches!(err, FsError::Tool { tool: "e2fsck", .. }), "{err}");
 }
+
+#[test]
+fn ext4_on_a_block_device_stays_inside_its_range() {
+    // mke2fs discards the blocks it formats; on a block device that must stay inside the range too.
+    let disk = sparse_disk(48 * MIB);
+    let (offset, len) = (MIB, 32 * MIB);
+    fill(&disk.file, 0, offset, 0x55);
+    fill(&disk.file, offset + len, 8 * MIB, 0xAA);
+    let whole = LoopDevice::attach(&disk.path, 0, None, 512);
+    let info = ext4::make(whole.path(), offset, len, None, Uuid::new_v4(), "blk").unwrap();
+    ext4::check(whole.path(), offset).unwrap();
+    assert_eq!(blkid(whole.path(), offset)["UUID"], info.uuid);
+    drop(whole);
+    assert_filled(&disk.file, 0, offset, 0x55, "bytes before the partition");
+    assert_filled(&disk.file, offset + len, 8 * MIB, 0xAA, "bytes after the partition");
+}

@@ -2,9 +2,9 @@
 //!
 //! fatfs 0.3.6 writes new directories in a shape `fsck.vfat` rejects: `create_dir` stores a long-name entry
 //! before each of `.` and `..` (so `.` is not the first slot), and on FAT32 it points `..` of a first-level
-//! directory at the root's cluster (2) where the FAT specification wants 0. [`format`] therefore rewrites
+//! directory at the root's cluster (2) where the FAT specification wants 0. [`format()`] therefore rewrites
 //! every directory after unmounting: `.` and `..` become the first two slots with the right clusters and the
-//! stray long-name entries are dropped (see [`fix_directories`]).
+//! stray long-name entries are dropped.
 
 use std::collections::HashSet;
 use std::fs::File;
