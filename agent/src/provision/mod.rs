@@ -209,7 +209,7 @@ fn write_raw(
         let part = table.partition(grown.number).expect("grown partition is in the table");
         let probe = fs::probe(target.file(), part.offset_bytes(), part.size_bytes())
             .map_err(|e| ProvisionError::new("format", Code::Io, e))?;
-        if probe.is_some_and(|p| p.kind == Filesystem::Ext4) {
+        if matches!(probe, Some(fs::Probed::Filesystem(FsInfo { kind: Filesystem::Ext4, .. }))) {
             progress.note("format", format!("growing ext4 on partition {}", grown.number));
             fs::ext4::grow(target.path(), part.offset_bytes(), part.size_bytes())
                 .map_err(|e| ProvisionError::new("format", Code::Tool, e))?;
@@ -266,7 +266,7 @@ fn build_from_rootfs(
             Filesystem::Vfat => {
                 let tree = (planned.role == Role::Esp).then(|| root.join("boot/efi")).filter(|p| p.is_dir());
                 Some(
-                    fs::vfat::format(target.file(), offset, len, &part.label, tree.as_deref(), target.sector_size())
+                    fs::vfat::format(target.file(), offset, len, target.sector_size(), &part.label, tree.as_deref())
                         .map_err(|e| ProvisionError::new("format", Code::Io, e))?,
                 )
             }
@@ -325,6 +325,7 @@ fn partition_result(
         size_bytes: planned.size_bytes(),
         fs_uuid: info.map(|i| i.uuid.clone()).unwrap_or_default(),
         fs_label: info.map(|i| i.label.clone()).unwrap_or_default(),
+        luks: false,
     }
 }
 
@@ -364,8 +365,15 @@ pub fn describe(target: &BlockTarget) -> Result<ProvisionResult, crate::Error> {
     let table = partition::read(target.file(), target.sector_size())?;
     let mut partitions = Vec::new();
     for p in &table.partitions {
-        let info = fs::probe(target.file(), p.offset_bytes(), p.size_bytes())?;
+        let (info, luks) = match fs::probe(target.file(), p.offset_bytes(), p.size_bytes())? {
+            Some(fs::Probed::Filesystem(info)) => (Some(info), false),
+            Some(fs::Probed::Luks { uuid, label, .. }) => {
+                (Some(FsInfo { kind: Filesystem::None, uuid, label }), true)
+            }
+            None => (None, false),
+        };
         partitions.push(PartitionResult {
+            luks,
             number: p.number,
             label: p.label.clone(),
             role: p.role.map(|r| r as i32).unwrap_or_default(),
