@@ -28,6 +28,8 @@ const ENTRY_LAST_LBA_OFFSET: usize = 40;
 ///
 /// Touches only LBA 0, the primary header and entry array (LBA 1 up to the first usable LBA) and the
 /// backup entry array and header at the end of the disk. The disk must be `plan.disk_size` bytes.
+/// The data is synced before returning; telling the kernel to re-read the partitions of a block
+/// device is left to the caller.
 pub fn write(disk: &File, plan: &GptPlan) -> Result<(), PartitionError> {
     let block_size = logical_block_size(plan.sector_size)?;
     let disk_size = disk_size(disk)?;
