@@ -5,4 +5,52 @@ pub mod block;
 pub mod fs;
 pub mod image;
 pub mod partition;
+pub mod pipeline;
 pub mod progress;
+pub mod provision;
+
+use gridforge_proto::v1::error::Code;
+
+/// Any engine error, for callers that handle them alike (the CLI, the job runner). Each module keeps its own
+/// typed error; this only wraps them and maps them to the contract's error codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Block(#[from] block::BlockError),
+    #[error(transparent)]
+    Layout(#[from] partition::LayoutError),
+    #[error(transparent)]
+    Partition(#[from] partition::PartitionError),
+    #[error(transparent)]
+    Fs(#[from] fs::FsError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
+}
+
+impl Error {
+    /// The contract's error code for this failure.
+    pub fn code(&self) -> Code {
+        use image::ImageError as I;
+        use pipeline::PipelineError as P;
+        match self {
+            Error::Block(_) => Code::Target,
+            Error::Layout(_) => Code::Layout,
+            Error::Partition(_) => Code::Io,
+            Error::Fs(fs::FsError::Tool { .. }) => Code::Tool,
+            Error::Fs(_) => Code::Io,
+            Error::Image(I::NotFound { .. }) => Code::ImageNotFound,
+            Error::Image(I::Unsigned { .. } | I::BadSignature { .. } | I::UnsafePath { .. }) => {
+                Code::ImageUntrusted
+            }
+            Error::Image(I::DigestMismatch { .. } | I::SizeMismatch { .. }) => Code::DigestMismatch,
+            Error::Image(I::BadIndex { .. } | I::BadIndexJson { .. } | I::BadSource { .. }) => Code::CorruptImage,
+            Error::Image(_) => Code::Io,
+            Error::Pipeline(P::DigestMismatch { .. }) => Code::DigestMismatch,
+            Error::Pipeline(P::TooLarge { .. }) => Code::Layout,
+            Error::Pipeline(P::Io { .. }) => Code::Io,
+            Error::Pipeline(_) => Code::CorruptImage,
+        }
+    }
+}

@@ -17,6 +17,12 @@ pub use store::{Store, Trust};
 /// Every failure of the image submodules. Messages name the store, file or blob concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    #[error("cannot pack raw disk {what}")]
+    RawDisk {
+        what: String,
+        #[source]
+        source: Box<crate::pipeline::PipelineError>,
+    },
     #[error("image {name} {version} not found in {store}; available: {}", list_or_none(available))]
     NotFound { store: String, name: String, version: String, available: Vec<String> },
 

@@ -241,6 +241,39 @@ pub fn pack_rootfs(
     Ok(entry)
 }
 
+/// Packs a raw disk image as independent zstd frames with a chunk manifest (see `pipeline::rawdisk`),
+/// publishes it as `name` `version` (kind os) signed with `key`, and returns the published entry.
+pub fn pack_raw_disk_image(
+    source: &Path,
+    store_dir: &Path,
+    name: &str,
+    version: &str,
+    key: &SigningKey,
+    level: i32,
+) -> Result<IndexEntry, ImageError> {
+    let mut blob = BlobWriter::new(store_dir)?;
+    let info = crate::pipeline::rawdisk::pack_raw_disk(source, &mut blob, level).map_err(|e| {
+        ImageError::RawDisk { what: source.display().to_string(), source: Box::new(e) }
+    })?;
+    let (sha256, compressed_size, path) = blob.finish()?;
+    let entry = IndexEntry {
+        name: name.to_string(),
+        version: version.to_string(),
+        kind: Kind::Os,
+        format: Format::RawDisk,
+        compression: Compression::Zstd,
+        compressed_size,
+        uncompressed_size: info.disk_size,
+        sha256,
+        path,
+        arch: std::env::consts::ARCH.to_string(),
+        min_disk_mib: info.disk_size.div_ceil(1 << 20),
+        notes: String::new(),
+    };
+    publish(store_dir, entry.clone(), key)?;
+    Ok(entry)
+}
+
 struct CountingWriter<W> {
     inner: W,
     count: u64,

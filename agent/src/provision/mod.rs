@@ -204,15 +204,12 @@ fn write_raw(
     let grown = partition::relocate_backup_and_grow_last(target.file(), target.sector_size())
         .map_err(|e| ProvisionError::new("partition", Code::Layout, e))?;
     if grown.grown() {
-        let table = partition::read(target.file(), target.sector_size())
-            .map_err(|e| ProvisionError::new("partition", Code::Layout, e))?;
-        let part = table.partition(grown.number).expect("grown partition is in the table");
-        let probe = fs::probe(target.file(), part.offset_bytes(), part.size_bytes())
-            .map_err(|e| ProvisionError::new("format", Code::Io, e))?;
+        let (offset, len) = (grown.offset_bytes(), grown.new_size_bytes());
+        let probe =
+            fs::probe(target.file(), offset, len).map_err(|e| ProvisionError::new("format", Code::Io, e))?;
         if matches!(probe, Some(fs::Probed::Filesystem(FsInfo { kind: Filesystem::Ext4, .. }))) {
-            progress.note("format", format!("growing ext4 on partition {}", grown.number));
-            fs::ext4::grow(target.path(), part.offset_bytes(), part.size_bytes())
-                .map_err(|e| ProvisionError::new("format", Code::Tool, e))?;
+            progress.note("format", format!("growing ext4 on partition {}", grown.partition_number));
+            fs::ext4::grow(target.path(), offset, len).map_err(|e| ProvisionError::new("format", Code::Tool, e))?;
         }
     }
     target.sync().map_err(|e| ProvisionError::new("write", Code::Io, e))?;
