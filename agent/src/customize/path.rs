@@ -174,15 +174,23 @@ impl<'a> Guest<'a> {
     /// `mkdir -p`: missing directories are created root-owned with `mode`; existing ones are left alone.
     pub fn mkdir_p(&self, guest: &str, mode: u32) -> Result<PathBuf, CustomizeError> {
         let host = self.path(guest)?;
-        let rel =
-            host.strip_prefix(self.root).map_err(|_| CustomizeError::Escape { path: guest.to_string() })?;
+        self.create_missing_dirs(&host, mode)?;
+        Ok(host)
+    }
+
+    /// Creates the missing directories of an already resolved host path, from the root down. Components
+    /// that were missing at resolution cannot be symlinks, and existing ones were checked to be directories.
+    fn create_missing_dirs(&self, host: &Path, mode: u32) -> Result<(), CustomizeError> {
+        let rel = host
+            .strip_prefix(self.root)
+            .map_err(|_| CustomizeError::Escape { path: host.display().to_string() })?;
         let mut cur = self.root.to_path_buf();
         for name in rel.components() {
             cur.push(name);
             match fs::symlink_metadata(&cur) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
-                    return Err(io_context(format!("creating directory {guest}"))(
+                    return Err(io_context(format!("creating directory {}", cur.display()))(
                         io::Error::from_raw_os_error(libc::ENOTDIR),
                     ));
                 }
@@ -195,24 +203,25 @@ impl<'a> Guest<'a> {
                     fs::set_permissions(&cur, fs::Permissions::from_mode(mode))
                         .map_err(io_context(format!("setting mode of {}", cur.display())))?;
                 }
-                Err(e) => return Err(io_context(format!("creating directory {guest}"))(e)),
+                Err(e) => return Err(io_context(format!("creating directory {}", cur.display()))(e)),
             }
         }
-        Ok(host)
+        Ok(())
     }
 
-    fn mkdir_parent(&self, guest: &str) -> Result<(), CustomizeError> {
-        if let Some(parent) = Path::new(guest).parent().and_then(Path::to_str) {
-            self.mkdir_p(parent, 0o755)?;
+    /// Creates the missing parents of a resolved host path (0755).
+    fn mkdir_host_parent(&self, host: &Path) -> Result<(), CustomizeError> {
+        match host.parent() {
+            Some(parent) if parent.starts_with(self.root) => self.create_missing_dirs(parent, 0o755),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Writes a regular file with exactly this content, mode and owner. A symlink at `guest` is replaced by
     /// the file (it is never written through); missing parents are created.
     pub fn write_file(&self, guest: &str, data: &[u8], perm: Perm) -> Result<(), CustomizeError> {
-        self.mkdir_parent(guest)?;
         let host = self.link_path(guest)?;
+        self.mkdir_host_parent(&host)?;
         match fs::symlink_metadata(&host) {
             Ok(m) if m.file_type().is_symlink() => {
                 fs::remove_file(&host).map_err(io_context(format!("replacing symlink {guest}")))?
@@ -234,8 +243,8 @@ impl<'a> Guest<'a> {
     /// Replaces the content of a file and keeps its mode and owner; a new file gets `new_perm`. A final
     /// symlink is followed inside the root.
     pub fn rewrite_file(&self, guest: &str, data: &[u8], new_perm: Perm) -> Result<(), CustomizeError> {
-        self.mkdir_parent(guest)?;
         let host = self.path(guest)?;
+        self.mkdir_host_parent(&host)?;
         let existed = host.exists();
         let mut f = open_nofollow(
             &host,
@@ -263,8 +272,8 @@ impl<'a> Guest<'a> {
 
     /// Creates (or replaces) a symlink at `guest` pointing to `target` (stored as given).
     pub fn symlink(&self, guest: &str, target: &str) -> Result<(), CustomizeError> {
-        self.mkdir_parent(guest)?;
         let host = self.link_path(guest)?;
+        self.mkdir_host_parent(&host)?;
         match fs::symlink_metadata(&host) {
             Ok(m) if m.is_dir() => {
                 return Err(io_context(format!("creating symlink {guest}"))(io::Error::from_raw_os_error(
