@@ -245,7 +245,7 @@ pub fn sha512_crypt(password: &str) -> Result<String, CustomizeError> {
     let salt: [u8; 12] = rand::rng().random();
     let hash = ShaCrypt::SHA512
         .hash_password_with_salt(password.as_bytes(), &salt)
-        .map_err(|e| CustomizeError::PasswordHash { reason: e.to_string() })?
+        .map_err(CustomizeError::PasswordHash)?
         .to_string();
     // The crate always writes the default "rounds=5000$"; glibc omits it and means the same.
     Ok(hash.replacen("$rounds=5000$", "$", 1))

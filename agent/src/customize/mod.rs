@@ -50,8 +50,8 @@ pub enum CustomizeError {
     NoKernel,
     #[error("no systemd-boot EFI binary found (searched {searched}); install systemd-boot-efi")]
     NoEfiBinary { searched: String },
-    #[error("hashing a password: {reason}")]
-    PasswordHash { reason: String },
+    #[error("hashing a password")]
+    PasswordHash(#[source] sha_crypt::password_hash::Error),
     #[error("{context}")]
     Io {
         context: String,
