@@ -7,8 +7,8 @@ use gridforge_proto::v1::User;
 use rand::RngExt;
 use sha_crypt::{PasswordHasher, ShaCrypt};
 
+use super::CustomizeError;
 use super::path::{Guest, Perm};
-use super::{Applied, CustomizeError};
 
 /// One colon-separated database: its lines kept verbatim except the ones edited.
 #[derive(Debug)]
@@ -266,7 +266,6 @@ pub(crate) fn password_field(hash: &str, plain: &str) -> Result<String, Customiz
 pub(crate) fn apply_passwords(
     guest: &Guest<'_>,
     c: &gridforge_proto::v1::Customization,
-    _applied: &mut Applied,
 ) -> Result<(), CustomizeError> {
     let has_root_change = !c.root_password_hash.is_empty() || !c.root_password.is_empty() || c.root_lock;
     if c.users.is_empty() && !has_root_change {

@@ -115,7 +115,7 @@ pub fn apply(root: &Path, c: &Customization, ctx: &Context) -> Result<Applied, C
         delete_glob(&guest, pattern, &mut applied)?;
     }
     firstboot::apply_firstboot(&guest, c)?;
-    accounts::apply_passwords(&guest, c, &mut applied)?;
+    accounts::apply_passwords(&guest, c)?;
     Ok(applied)
 }
 
