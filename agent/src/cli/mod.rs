@@ -96,6 +96,9 @@ struct ProvisionArgs {
     /// Scratch directory for the staging tree.
     #[arg(long, env = "GRIDFORGE_WORK_DIR", default_value = "/var/tmp/gridforge")]
     work_dir: PathBuf,
+    /// systemd-boot EFI binary for images that carry none [default: the host's, from systemd-boot-efi].
+    #[arg(long)]
+    efi_binary: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -158,6 +161,7 @@ fn run(command: Command, out: &Output) -> Result<()> {
                 disk: args.disk,
                 images: ImageSource { store: args.images.store, trust, cache_dir: args.images.cache },
                 work_dir: args.work_dir,
+                efi_binary: args.efi_binary,
             };
             let result = provision::provision(&req, &out.progress())?;
             out.provision_result(&result);

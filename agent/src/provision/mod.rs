@@ -12,6 +12,7 @@ use gridforge_proto::v1::{
     Filesystem, PartitionResult, ProvisionResult, VmSpec, error::Code, partition::Role,
 };
 
+use crate::customize;
 use crate::block::{BlockTarget, MIB, TargetOptions};
 use crate::fs::{self, FsInfo};
 use crate::image::index::{Format, IndexEntry};
@@ -72,10 +73,15 @@ pub struct ProvisionRequest {
     pub images: ImageSource,
     /// Directory for the staging tree (must keep ownership and modes: not a FAT or NFS mount).
     pub work_dir: PathBuf,
+    /// systemd-boot EFI binary for images that do not carry one (default: the host's systemd-boot-efi).
+    pub efi_binary: Option<PathBuf>,
 }
 
 pub fn provision(req: &ProvisionRequest, progress: &Progress) -> Result<ProvisionResult, ProvisionError> {
     spec::validate(&req.spec).map_err(|e| ProvisionError::new("validate", Code::InvalidSpec, e))?;
+    if let Some(c) = &req.spec.customize {
+        customize::validate(c).map_err(|e| ProvisionError::new("validate", Code::InvalidSpec, e))?;
+    }
     let disk_spec = req.spec.disk.clone().unwrap_or_default();
 
     progress.note("allocate", format!("opening {}", req.disk.display()));
@@ -241,11 +247,36 @@ fn build_from_rootfs(
             })?;
     }
 
+    let disk = req.spec.disk.as_ref().expect("validated");
+    let custom = req.spec.customize.clone().unwrap_or_default();
+    progress.note("build", "customizing the guest tree");
+    let applied = customize::apply(root, &custom, &customize::Context { vm_name: req.spec.name.clone() })
+        .map_err(customize_error)?;
+    for warning in &applied.warnings {
+        tracing::warn!("{warning}");
+        progress.note("build", format!("warning: {warning}"));
+    }
+    // The root file system's UUID is chosen now: the boot entry and fstab name it before mke2fs writes it.
+    let root_uuid = uuid::Uuid::new_v4();
+    let esp_tree = staging.path().with_extension("esp");
+    let _esp_cleanup = RemoveOnDrop(esp_tree.clone());
+    if plan.partitions.iter().any(|p| p.role == Role::Esp) {
+        std::fs::create_dir_all(&esp_tree).map_err(|e| ProvisionError::new("build", Code::Io, e))?;
+        let entry = customize::boot::install_boot(
+            root,
+            &esp_tree,
+            &root_uuid.to_string(),
+            &req.spec.kernel_args,
+            req.efi_binary.as_deref(),
+        )
+        .map_err(customize_error)?;
+        progress.note("build", format!("boot entry: {} {}", entry.kernel, entry.options));
+    }
+
     progress.note("partition", format!("writing GPT with {} partitions", plan.partitions.len()));
     target.zero_head().map_err(|e| ProvisionError::new("partition", Code::Io, e))?;
     partition::write(target.file(), plan).map_err(|e| ProvisionError::new("partition", Code::Io, e))?;
 
-    let disk = req.spec.disk.as_ref().expect("validated");
     let mut results: Vec<PartitionResult> = Vec::new();
     let mut root_index = None;
     // Everything but the root first: the root's fstab needs the other file systems' UUIDs.
@@ -261,9 +292,9 @@ fn build_from_rootfs(
                     .map_err(|e| ProvisionError::new("format", Code::Tool, e))?,
             ),
             Filesystem::Vfat => {
-                let tree = (planned.role == Role::Esp).then(|| root.join("boot/efi")).filter(|p| p.is_dir());
+                let tree = (planned.role == Role::Esp).then_some(esp_tree.as_path());
                 Some(
-                    fs::vfat::format(target.file(), offset, len, target.sector_size(), &part.label, tree.as_deref())
+                    fs::vfat::format(target.file(), offset, len, target.sector_size(), &part.label, tree)
                         .map_err(|e| ProvisionError::new("format", Code::Io, e))?,
                 )
             }
@@ -278,7 +309,6 @@ fn build_from_rootfs(
 
     let root_index = root_index.expect("validated: one ROOT partition");
     let planned = &plan.partitions[root_index];
-    let root_uuid = uuid::Uuid::new_v4();
     results[root_index].fs_uuid = root_uuid.to_string();
     write_fstab(root, disk, &results).map_err(|e| ProvisionError::new("build", Code::Io, e))?;
     progress.note("format", format!("writing ext4 root ({} MiB)", planned.size_bytes() / MIB));
@@ -326,6 +356,24 @@ fn partition_result(
     }
 }
 
+/// Removes a scratch directory when the provision ends, whichever way.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn customize_error(e: customize::CustomizeError) -> ProvisionError {
+    use customize::CustomizeError as C;
+    let code = match &e {
+        C::Io { .. } => Code::Io,
+        _ => Code::InvalidSpec,
+    };
+    ProvisionError::new("build", code, e)
+}
+
 /// `/etc/fstab` by UUID for every file system on the disk, and the mount points in the tree.
 fn write_fstab(
     root: &Path,
@@ -348,13 +396,17 @@ fn write_fstab(
         };
         let mount = line.split_whitespace().nth(1).unwrap_or("none");
         if mount.starts_with('/') {
-            std::fs::create_dir_all(root.join(mount.trim_start_matches('/')))?;
+            let dir = customize::resolve_in_root(root, mount).map_err(std::io::Error::other)?;
+            std::fs::create_dir_all(dir)?;
         }
         fstab.push_str(&line);
         fstab.push('\n');
     }
-    std::fs::create_dir_all(root.join("etc"))?;
-    std::fs::write(root.join("etc/fstab"), fstab)
+    let path = customize::resolve(root, "/etc/fstab", customize::FinalLink::Keep).map_err(std::io::Error::other)?;
+    if path.is_symlink() {
+        std::fs::remove_file(&path)?;
+    }
+    std::fs::write(path, fstab)
 }
 
 /// Read back what is on the disk: the GPT and each partition's file system.

@@ -65,6 +65,9 @@ pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {
             return Err(err(field("label"), "must not be empty"));
         }
     }
+    if spec.kernel_args.contains(['\n', '\r']) {
+        return Err(err("kernel_args", "must be one line"));
+    }
     let roots = disk.partitions.iter().filter(|p| p.role() == Role::Root).count();
     if !disk.partitions.is_empty() && roots != 1 {
         return Err(err("disk.partitions", format!("need exactly one ROOT partition, found {roots}")));
