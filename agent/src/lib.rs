@@ -5,4 +5,5 @@ pub mod block;
 pub mod fs;
 pub mod image;
 pub mod partition;
+pub mod pipeline;
 pub mod progress;
