@@ -17,7 +17,7 @@ use crate::block::BlockError;
 
 pub use rawdisk::{RawDiskInfo, RawWriteStats, pack_raw_disk, write_raw_disk};
 pub use stream::{Compression, HashingReader, LimitedReader, decoder, sniff};
-
+pub use unpack::{UnpackOptions, UnpackStats, unpack_rootfs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

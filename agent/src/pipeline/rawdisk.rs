@@ -167,8 +167,13 @@ pub fn pack_raw_disk(src: &Path, out: &mut impl Write, level: i32) -> Result<Raw
             let workers: Vec<_> = (0..WORKERS)
                 .map(|_| {
                     s.spawn(|| -> Result<Vec<(u64, Vec<u8>, bool)>, PipelineError> {
-                        let mut compressor = zstd::bulk::Compressor::new(level)
-                            .map_err(|source| PipelineError::Io { context: "creating zstd compressor".into(), source })?;
+                        let compressor_err =
+                            |source| PipelineError::Io { context: "creating zstd compressor".into(), source };
+                        let mut compressor = zstd::bulk::Compressor::new(level).map_err(compressor_err)?;
+                        // Per-frame checksums catch a corrupt chunk at decode time, before the blob digest can.
+                        compressor
+                            .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                            .map_err(compressor_err)?;
                         let mut buf = vec![0u8; CHUNK_SIZE as usize];
                         let mut out = Vec::new();
                         loop {
