@@ -27,14 +27,12 @@ fn main() -> anyhow::Result<()> {
         }
         ["write", blob, target, sha, rest @ ..] => {
             let create_size = rest.first().map(|s| s.parse()).transpose().context("target size")?;
-            let target = BlockTarget::open(Path::new(target), &TargetOptions { create_size, ..Default::default() })?;
+            let target =
+                BlockTarget::open(Path::new(target), &TargetOptions { create_size, ..Default::default() })?;
             let blob = File::open(blob).with_context(|| format!("opening {blob}"))?;
             let stats = write_raw_disk(blob, sha, &target, &Progress::none())?;
             let secs = start.elapsed().as_secs_f64();
-            println!(
-                "{stats:?} in {secs:.3} s ({:.0} MB/s of disk)",
-                stats.disk_size as f64 / secs / 1e6
-            );
+            println!("{stats:?} in {secs:.3} s ({:.0} MB/s of disk)", stats.disk_size as f64 / secs / 1e6);
         }
         _ => bail!("usage: write_raw pack DISK OUT [LEVEL] | write_raw write BLOB TARGET SHA256 [SIZE]"),
     }

@@ -78,7 +78,14 @@ fn path_traversal_and_symlink_escapes_are_refused() {
         ("symlink parent", vec![symlink("link", &outside_str), file("link/file", b"x")]),
         (
             "hard link out",
-            vec![Entry { name: "hl", kind: EntryType::Link, link: Some("../evil"), data: b"", mode: 0o644, uid: 0 }],
+            vec![Entry {
+                name: "hl",
+                kind: EntryType::Link,
+                link: Some("../evil"),
+                data: b"",
+                mode: 0o644,
+                uid: 0,
+            }],
         ),
     ];
     for (case, entries) in cases {
@@ -99,10 +106,31 @@ fn ownership_modes_symlinks_and_hard_links_are_kept() {
         Entry { name: "./", kind: EntryType::Directory, link: None, data: b"", mode: 0o755, uid: 0 },
         dir("usr/"),
         Entry { name: "usr/bin/", kind: EntryType::Directory, link: None, data: b"", mode: 0o750, uid: 1000 },
-        Entry { name: "usr/bin/tool", kind: EntryType::Regular, link: None, data: b"#!/bin/sh\n", mode: 0o755, uid: 1000 },
-        Entry { name: "usr/bin/suid", kind: EntryType::Regular, link: None, data: b"s", mode: 0o4755, uid: 0 },
+        Entry {
+            name: "usr/bin/tool",
+            kind: EntryType::Regular,
+            link: None,
+            data: b"#!/bin/sh\n",
+            mode: 0o755,
+            uid: 1000,
+        },
+        Entry {
+            name: "usr/bin/suid",
+            kind: EntryType::Regular,
+            link: None,
+            data: b"s",
+            mode: 0o4755,
+            uid: 0,
+        },
         symlink("etc/localtime", "/usr/share/zoneinfo/UTC"),
-        Entry { name: "usr/bin/tool2", kind: EntryType::Link, link: Some("usr/bin/tool"), data: b"", mode: 0, uid: 0 },
+        Entry {
+            name: "usr/bin/tool2",
+            kind: EntryType::Link,
+            link: Some("usr/bin/tool"),
+            data: b"",
+            mode: 0,
+            uid: 0,
+        },
     ]);
     let root = tmp.path().join("root");
     fs::create_dir(&root).unwrap();

@@ -113,7 +113,10 @@ impl Manifest {
         }
         let entries = &payload[MANIFEST_FIXED..];
         if entries.len() as u64 != count * MANIFEST_ENTRY as u64 {
-            return Err(corrupt(format!("manifest holds {} bytes of entries for {count} chunks", entries.len())));
+            return Err(corrupt(format!(
+                "manifest holds {} bytes of entries for {count} chunks",
+                entries.len()
+            )));
         }
         let max_frame = zstd_safe::compress_bound(chunk_size as usize) as u32;
         let chunks = entries
@@ -153,7 +156,8 @@ pub fn pack_raw_disk(src: &Path, out: &mut impl Write, level: i32) -> Result<Raw
         return Err(PipelineError::CorruptImage { reason: format!("{} is empty", src.display()) });
     }
     let count = disk_size.div_ceil(CHUNK_SIZE);
-    let spool_err = |context: &'static str| move |source| PipelineError::Io { context: context.into(), source };
+    let spool_err =
+        |context: &'static str| move |source| PipelineError::Io { context: context.into(), source };
     let mut spool = io::BufWriter::new(tempfile::tempfile().map_err(spool_err("creating pack spool file"))?);
     let mut chunks = Vec::with_capacity(count as usize);
     // Frame of a full all-zero chunk, compressed once and reused.
@@ -183,9 +187,11 @@ pub fn pack_raw_disk(src: &Path, out: &mut impl Write, level: i32) -> Result<Raw
                             }
                             let offset = i * CHUNK_SIZE;
                             let len = CHUNK_SIZE.min(disk_size - offset) as usize;
-                            disk.read_exact_at(&mut buf[..len], offset).map_err(|source| PipelineError::Io {
-                                context: format!("reading {} at offset {offset}", src.display()),
-                                source,
+                            disk.read_exact_at(&mut buf[..len], offset).map_err(|source| {
+                                PipelineError::Io {
+                                    context: format!("reading {} at offset {offset}", src.display()),
+                                    source,
+                                }
                             })?;
                             let data = &buf[..len];
                             let zero = is_zero(data);
@@ -278,7 +284,9 @@ impl<'a> DiskWriter<'a> {
     /// Clear the head before anything else is written, so an interrupted write never leaves a bootable mix.
     fn clear_head(&self) -> Result<(), PipelineError> {
         if self.zero_needed {
-            self.target.zero_range(0, self.head_len).map_err(PipelineError::target("zeroing the target's head"))?;
+            self.target
+                .zero_range(0, self.head_len)
+                .map_err(PipelineError::target("zeroing the target's head"))?;
         }
         Ok(())
     }
@@ -288,7 +296,8 @@ impl<'a> DiskWriter<'a> {
         let mut pos = 0;
         if offset < self.head_len {
             let n = ((self.head_len - offset) as usize).min(data.len());
-            self.head.lock().expect("head lock")[offset as usize..offset as usize + n].copy_from_slice(&data[..n]);
+            self.head.lock().expect("head lock")[offset as usize..offset as usize + n]
+                .copy_from_slice(&data[..n]);
             pos = n;
         }
         let len = data.len();
@@ -333,7 +342,9 @@ impl<'a> DiskWriter<'a> {
             return Ok(());
         }
         if self.zero_needed {
-            self.target.zero_range(offset, len).map_err(PipelineError::target("zeroing a zero run on the target"))?;
+            self.target
+                .zero_range(offset, len)
+                .map_err(PipelineError::target("zeroing a zero run on the target"))?;
         }
         self.skipped.fetch_add(len, Ordering::Relaxed);
         Ok(())
@@ -409,13 +420,15 @@ pub fn write_raw_disk(
 ) -> Result<RawWriteStats, PipelineError> {
     let mut input = BufReader::with_capacity(256 << 10, HashingReader::new(blob));
     let mut peek = Vec::with_capacity(32);
-    (&mut input).take(32).read_to_end(&mut peek).map_err(|e| PipelineError::from_io("reading the image", e))?;
+    (&mut input)
+        .take(32)
+        .read_to_end(&mut peek)
+        .map_err(|e| PipelineError::from_io("reading the image", e))?;
     if peek.is_empty() {
         return Err(PipelineError::CorruptImage { reason: "the image is empty".into() });
     }
-    let packed = peek.len() >= 16
-        && peek[..4] == SKIPPABLE_MAGIC.to_le_bytes()
-        && &peek[8..16] == MANIFEST_MAGIC;
+    let packed =
+        peek.len() >= 16 && peek[..4] == SKIPPABLE_MAGIC.to_le_bytes() && &peek[8..16] == MANIFEST_MAGIC;
     let expected = expected_sha256.to_ascii_lowercase();
     let result = if packed {
         write_packed(peek, input, &expected, target, progress)
@@ -483,7 +496,7 @@ fn write_packed<R: Read + Send>(
         for _ in 0..WORKERS {
             s.spawn(|| decode_worker(&jobs_rx, &spare_tx, chunk_size, &writer, &failure));
         }
-        let result = read_frames(&mut input, &manifest, &jobs_tx, &spare_rx, &writer, &failure);
+        let result = read_frames(&mut input, &manifest, &jobs_tx, &spare_rx, &failure);
         drop(jobs_tx);
         result
     });
@@ -513,7 +526,10 @@ fn finish(
     compressed_bytes: u64,
 ) -> Result<RawWriteStats, Outcome> {
     if actual != expected {
-        return Err(Outcome::Started(PipelineError::DigestMismatch { expected: expected.to_string(), actual }));
+        return Err(Outcome::Started(PipelineError::DigestMismatch {
+            expected: expected.to_string(),
+            actual,
+        }));
     }
     writer.write_head().map_err(Outcome::Started)?;
     writer.target.sync().map_err(|e| Outcome::Started(PipelineError::target("syncing the target")(e)))?;
@@ -533,7 +549,6 @@ fn read_frames(
     manifest: &Manifest,
     jobs: &SyncSender<Job>,
     spare: &Receiver<Vec<u8>>,
-    writer: &DiskWriter<'_>,
     failure: &Failure,
 ) -> Result<(), PipelineError> {
     let read_err = |e: io::Error| match e.kind() {
@@ -565,10 +580,10 @@ fn read_frames(
             };
             continue;
         }
-        if let Some((start, run)) = zero_run.take() {
-            if !send(Job::Zero { offset: start, len: run }) {
-                return Ok(());
-            }
+        if let Some((start, run)) = zero_run.take()
+            && !send(Job::Zero { offset: start, len: run })
+        {
+            return Ok(());
         }
         let mut frame = spare.try_recv().unwrap_or_default();
         frame.resize(chunk.frame_len as usize, 0);
@@ -584,7 +599,6 @@ fn read_frames(
     if !rest.is_empty() {
         return Err(PipelineError::TrailingData { what: "raw-disk image".into() });
     }
-    let _ = writer;
     Ok(())
 }
 
@@ -717,7 +731,9 @@ fn write_stream<R: Read + Send>(
     }
     let disk_size = decoded_total.load(Ordering::Relaxed) as u64;
     if disk_size == 0 {
-        return Err(Outcome::Started(PipelineError::CorruptImage { reason: "the image decodes to nothing".into() }));
+        return Err(Outcome::Started(PipelineError::CorruptImage {
+            reason: "the image decodes to nothing".into(),
+        }));
     }
     finish(&writer, expected, actual, disk_size, compressed_bytes)
 }

@@ -3,7 +3,7 @@
 //! its own thread.
 
 use std::io::{self, BufRead, Cursor, Read};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{Receiver, SyncSender};
 
 use sha2::{Digest, Sha256};
 use zstd_safe::{DCtx, InBuffer, OutBuffer};
@@ -318,10 +318,7 @@ impl Feeder {
     pub(crate) fn feed(self, blob: impl Read) -> (String, u64) {
         let mut hashing = HashingReader::new(blob);
         loop {
-            let mut piece = match self.recycle.try_recv() {
-                Ok(piece) => piece,
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => Vec::new(),
-            };
+            let mut piece = self.recycle.try_recv().unwrap_or_default();
             piece.resize(FEED_PIECE, 0);
             match hashing.read(&mut piece) {
                 Ok(0) => break,

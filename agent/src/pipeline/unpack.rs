@@ -83,7 +83,8 @@ pub fn unpack_rootfs(
 
 /// The entry path as plain relative components, or why it is unsafe.
 fn safe_relative(path: &Path) -> Result<PathBuf, PipelineError> {
-    let unsafe_path = |reason: &str| PipelineError::UnsafePath { path: path.to_path_buf(), reason: reason.into() };
+    let unsafe_path =
+        |reason: &str| PipelineError::UnsafePath { path: path.to_path_buf(), reason: reason.into() };
     let mut rel = PathBuf::new();
     for component in path.components() {
         match component {
@@ -120,7 +121,11 @@ struct Extractor<'a> {
 }
 
 impl Extractor<'_> {
-    fn run<R: Read>(mut self, archive: &mut tar::Archive<R>, stats: &mut UnpackStats) -> Result<(), PipelineError> {
+    fn run<R: Read>(
+        mut self,
+        archive: &mut tar::Archive<R>,
+        stats: &mut UnpackStats,
+    ) -> Result<(), PipelineError> {
         let read_err = |e| PipelineError::from_io("reading the rootfs archive", e);
         let mut last_report = 0;
         for entry in archive.entries().map_err(read_err)? {
@@ -138,7 +143,11 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, stats: &mut UnpackStats) -> Result<(), PipelineError> {
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        stats: &mut UnpackStats,
+    ) -> Result<(), PipelineError> {
         let read_err = |e| PipelineError::from_io("reading a rootfs archive entry header", e);
         let raw_path = entry.path().map_err(read_err)?.into_owned();
         let rel = safe_relative(&raw_path)?;
@@ -150,8 +159,10 @@ impl Extractor<'_> {
             gid: header.gid().map_err(read_err)? as u32,
             mtime: header.mtime().map_err(read_err)?,
         };
-        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink)
-        {
+        if matches!(
+            kind,
+            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
+        ) {
             return Ok(());
         }
         if rel.as_os_str().is_empty() {
@@ -189,7 +200,9 @@ impl Extractor<'_> {
                     .open(&dest)
                     .map_err(extract_err("creating file", &dest))?;
                 stats.bytes += io::copy(entry, &mut file).map_err(|e| match e.kind() {
-                    io::ErrorKind::UnexpectedEof => PipelineError::Truncated { what: "rootfs archive".into() },
+                    io::ErrorKind::UnexpectedEof => {
+                        PipelineError::Truncated { what: "rootfs archive".into() }
+                    }
                     _ => PipelineError::from_io(format!("extracting {}", raw_path.display()), e),
                 })?;
                 std::os::unix::fs::fchown(&file, Some(meta.uid), Some(meta.gid))
@@ -219,13 +232,20 @@ impl Extractor<'_> {
                 let link = entry.link_name().map_err(read_err)?.map(|l| l.into_owned()).unwrap_or_default();
                 let link_rel = safe_relative(&link)?;
                 if link_rel.as_os_str().is_empty() {
-                    return Err(PipelineError::UnsafePath { path: link, reason: "hard link to the root".into() });
+                    return Err(PipelineError::UnsafePath {
+                        path: link,
+                        reason: "hard link to the root".into(),
+                    });
                 }
                 self.check_parents(&link_rel, &link)?;
                 let source = self.root.join(&link_rel);
-                let source_meta = fs::symlink_metadata(&source).map_err(extract_err("finding hard link target", &source))?;
+                let source_meta = fs::symlink_metadata(&source)
+                    .map_err(extract_err("finding hard link target", &source))?;
                 if source_meta.is_dir() {
-                    return Err(PipelineError::UnsafePath { path: link, reason: "hard link to a directory".into() });
+                    return Err(PipelineError::UnsafePath {
+                        path: link,
+                        reason: "hard link to a directory".into(),
+                    });
                 }
                 if source == dest {
                     return Ok(());
@@ -279,7 +299,8 @@ impl Extractor<'_> {
     }
 
     fn walk_parents(&self, rel: &Path, raw: &Path, create: bool) -> Result<(), PipelineError> {
-        let unsafe_path = |reason: &str| PipelineError::UnsafePath { path: raw.to_path_buf(), reason: reason.into() };
+        let unsafe_path =
+            |reason: &str| PipelineError::UnsafePath { path: raw.to_path_buf(), reason: reason.into() };
         let mut dir = self.root.to_path_buf();
         let Some(parent) = rel.parent() else { return Ok(()) };
         for component in parent.components() {
@@ -296,8 +317,10 @@ impl Extractor<'_> {
     }
 
     fn set_owner_mode(&self, dir: &Path, meta: Meta) -> Result<(), PipelineError> {
-        std::os::unix::fs::lchown(dir, Some(meta.uid), Some(meta.gid)).map_err(extract_err("setting owner of", dir))?;
-        fs::set_permissions(dir, Permissions::from_mode(meta.mode)).map_err(extract_err("setting mode of", dir))
+        std::os::unix::fs::lchown(dir, Some(meta.uid), Some(meta.gid))
+            .map_err(extract_err("setting owner of", dir))?;
+        fs::set_permissions(dir, Permissions::from_mode(meta.mode))
+            .map_err(extract_err("setting mode of", dir))
     }
 }
 
@@ -349,9 +372,8 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) {
         return;
     };
     // SAFETY: both strings are NUL-terminated and live across the call; value points at value.len() bytes.
-    let rc = unsafe {
-        libc::lsetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
-    };
+    let rc =
+        unsafe { libc::lsetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
     if rc != 0 {
         let error = io::Error::last_os_error();
         tracing::warn!(path = %path.display(), xattr = name, %error, "could not set extended attribute");
