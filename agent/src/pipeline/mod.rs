@@ -1,0 +1,73 @@
+//! The image write path: verified, decompressed streams onto block targets (raw-disk images) and into staging
+//! directories (rootfs tarballs).
+//!
+//! Everything is built from small `Read` adapters in [`stream`] (hashing, format sniffing and decompression
+//! with trailing-data checks, byte limits). [`rawdisk`] defines the raw-disk image format (a zstd stream of
+//! independent per-chunk frames behind a manifest) and its parallel, sparse writer; [`unpack`] extracts a
+//! rootfs tarball without ever leaving the staging directory.
+
+pub mod rawdisk;
+pub mod stream;
+pub mod unpack;
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::block::BlockError;
+
+pub use rawdisk::{RawDiskInfo, RawWriteStats, pack_raw_disk, write_raw_disk};
+pub use stream::{Compression, HashingReader, LimitedReader, decoder, sniff};
+pub use unpack::{UnpackOptions, UnpackStats, unpack_rootfs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("image digest mismatch: expected sha256 {expected}, got {actual}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("image stream is truncated: {what} ended early")]
+    Truncated { what: String },
+    #[error("trailing data after the end of the {what} stream")]
+    TrailingData { what: String },
+    #[error("image is larger than the {limit} bytes allowed")]
+    TooLarge { limit: u64 },
+    #[error("corrupt raw-disk image: {reason}")]
+    CorruptImage { reason: String },
+    #[error("unsafe path {path} in archive: {reason}")]
+    UnsafePath { path: PathBuf, reason: String },
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{context}")]
+    Target {
+        context: String,
+        #[source]
+        source: BlockError,
+    },
+    #[error("{context} {path}")]
+    Extract {
+        context: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl PipelineError {
+    /// Map an I/O error from the adapter stack: faults raised by our own adapters (truncation, trailing data,
+    /// size limit, digest) come back as their typed variant, anything else is wrapped with `context`.
+    pub fn from_io(context: impl Into<String>, source: io::Error) -> Self {
+        if source.get_ref().is_some_and(|inner| inner.is::<stream::StreamFault>()) {
+            let inner = source.into_inner().expect("checked above");
+            let fault = inner.downcast::<stream::StreamFault>().expect("checked above");
+            return fault.into_pipeline_error();
+        }
+        Self::Io { context: context.into(), source }
+    }
+
+    pub(crate) fn target(context: impl Into<String>) -> impl FnOnce(BlockError) -> Self {
+        let context = context.into();
+        move |source| Self::Target { context, source }
+    }
+}
