@@ -46,7 +46,9 @@ impl Error {
                 Code::ImageUntrusted
             }
             Error::Image(I::DigestMismatch { .. } | I::SizeMismatch { .. }) => Code::DigestMismatch,
-            Error::Image(I::BadIndex { .. } | I::BadIndexJson { .. } | I::BadSource { .. }) => Code::CorruptImage,
+            Error::Image(I::BadIndex { .. } | I::BadIndexJson { .. } | I::BadSource { .. }) => {
+                Code::CorruptImage
+            }
             Error::Image(_) => Code::Io,
             Error::Pipeline(P::DigestMismatch { .. }) => Code::DigestMismatch,
             Error::Pipeline(P::TooLarge { .. }) => Code::Layout,

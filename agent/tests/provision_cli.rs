@@ -75,8 +75,9 @@ impl Fixture {
         if out.status.success() {
             Ok(serde_json::from_str(last).unwrap_or_else(|e| panic!("result line {last:?}: {e}")))
         } else {
-            let v: serde_json::Value = serde_json::from_str(last)
-                .unwrap_or_else(|e| panic!("error line {last:?}: {e}; stderr {}", String::from_utf8_lossy(&out.stderr)));
+            let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| {
+                panic!("error line {last:?}: {e}; stderr {}", String::from_utf8_lossy(&out.stderr))
+            });
             Err(serde_json::from_value(v["error"].clone()).unwrap())
         }
     }
@@ -103,7 +104,7 @@ fn check_disk(disk: &str, file: &Path, res: &ProvisionResult) {
         assert!(info.contains(&p.partition_guid.to_uppercase()), "{info}");
         assert!(info.contains(&format!("'{}'", p.label)), "{info}");
     }
-    assert_eq!(run("sgdisk", &["-p", disk]).contains(&res.disk_guid.to_uppercase()), true);
+    assert!(run("sgdisk", &["-p", disk]).contains(&res.disk_guid.to_uppercase()));
     let esp = &res.partitions[0];
     let root = &res.partitions[1];
     let esp_dev = attach_range(file, esp.offset_bytes, esp.size_bytes);
@@ -145,7 +146,10 @@ fn rootfs_image_onto_file_with_512_byte_sectors() {
     let seen: ProvisionResult = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen.disk_guid, res.disk_guid);
     for (a, b) in seen.partitions.iter().zip(&res.partitions) {
-        assert_eq!((&a.fs_uuid, &a.fs_label, &a.partition_guid), (&b.fs_uuid, &b.fs_label, &b.partition_guid));
+        assert_eq!(
+            (&a.fs_uuid, &a.fs_label, &a.partition_guid),
+            (&b.fs_uuid, &b.fs_label, &b.partition_guid)
+        );
     }
 }
 
@@ -166,11 +170,22 @@ fn rootfs_image_onto_loop_device_with_4096_byte_sectors() {
 fn make_raw_disk(path: &Path, size_mib: u64, tree: &Path) {
     std::fs::File::create(path).unwrap().set_len(size_mib * MIB).unwrap();
     let p = path.to_str().unwrap();
-    run("sgdisk", &["-q", "-n", "1:2048:0", "-t", "1:8300", "-c", "1:root", p]);
+    run("sgdisk", &["-o", "-n", "1:2048:0", "-t", "1:8300", "-c", "1:root", p]);
     let blocks = (size_mib * MIB - MIB - MIB) / 1024;
     run(
         "mke2fs",
-        &["-q", "-F", "-t", "ext4", "-d", tree.to_str().unwrap(), "-E", "offset=1048576", p, &format!("{blocks}k")],
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            tree.to_str().unwrap(),
+            "-E",
+            "offset=1048576",
+            p,
+            &format!("{blocks}k"),
+        ],
     );
 }
 
@@ -180,11 +195,16 @@ fn raw_disk_image_is_written_byte_for_byte_and_grown_on_a_larger_target() {
     let raw = f.path("raw.img");
     make_raw_disk(&raw, 64, &f.path("rootfs"));
     f.pack(&["--raw-disk", raw.to_str().unwrap(), "--name", "appliance", "--version", "1"]);
-    let spec = |mib: u64| format!(r#"{{"name":"a","image":{{"name":"appliance","version":"1"}},"disk":{{"size_mib":{mib}}}}}"#);
+    let spec = |mib: u64| {
+        format!(r#"{{"name":"a","image":{{"name":"appliance","version":"1"}},"disk":{{"size_mib":{mib}}}}}"#)
+    };
 
     let same = f.path("same.img");
     f.provision(&spec(64), &same).unwrap();
-    assert!(std::fs::read(&same).unwrap() == std::fs::read(&raw).unwrap(), "written disk differs from the image");
+    assert!(
+        std::fs::read(&same).unwrap() == std::fs::read(&raw).unwrap(),
+        "written disk differs from the image"
+    );
 
     let big = f.path("big.img");
     let res = f.provision(&spec(160), &big).unwrap();
@@ -196,17 +216,15 @@ fn raw_disk_image_is_written_byte_for_byte_and_grown_on_a_larger_target() {
     let dev = attach_range(&big, part.offset_bytes, part.size_bytes);
     run("e2fsck", &["-fn", dev.path()]);
     let sb = run("dumpe2fs", &["-h", dev.path()]);
-    let blocks: u64 = sb
-        .lines()
-        .find_map(|l| l.strip_prefix("Block count:"))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap();
-    let block_size: u64 = sb
-        .lines()
-        .find_map(|l| l.strip_prefix("Block size:"))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap();
-    assert!(blocks * block_size >= 150 * MIB, "ext4 grown to the partition: {} MiB", blocks * block_size / MIB);
+    let blocks: u64 =
+        sb.lines().find_map(|l| l.strip_prefix("Block count:")).map(|v| v.trim().parse().unwrap()).unwrap();
+    let block_size: u64 =
+        sb.lines().find_map(|l| l.strip_prefix("Block size:")).map(|v| v.trim().parse().unwrap()).unwrap();
+    assert!(
+        blocks * block_size >= 150 * MIB,
+        "ext4 grown to the partition: {} MiB",
+        blocks * block_size / MIB
+    );
     assert_eq!(run("debugfs", &["-R", "cat /etc/os-release", dev.path()]), "ID=gridforge-test\n");
 
     // Image larger than the target: refused before anything is written past the head.

@@ -32,6 +32,8 @@ pub enum BlockError {
     },
     #[error("target {0} is in use by another gridforge job or process")]
     Busy(PathBuf),
+    #[error("target {0} is in use by the system (mounted, active swap, or held by another device)")]
+    InUse(PathBuf),
     #[error("unsupported logical sector size {size} on {path} (512 or 4096)")]
     SectorSize { path: PathBuf, size: u32 },
     #[error("target {path} holds {size} bytes, which is not a whole number of {sector_size}-byte sectors")]
@@ -98,8 +100,7 @@ impl BlockTarget {
             oo.create(true);
         }
         if kind == TargetKind::BlockDevice && !opts.read_only {
-            // O_EXCL on a block device fails while the kernel has it in use (mounted, holders).
-            oo.custom_flags(libc::O_EXCL);
+            ensure_not_in_use(path)?;
         }
         let file = oo.open(path).map_err(|source| BlockError::Open { path: path.to_path_buf(), source })?;
         let lock =
@@ -167,9 +168,9 @@ impl BlockTarget {
 
     /// Write `buf` at `offset`. Uses O_DIRECT when buffer, offset and length are aligned, buffered I/O otherwise.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
-        let aligned = buf.as_ptr().addr() % DIRECT_ALIGN == 0
-            && offset % DIRECT_ALIGN as u64 == 0
-            && buf.len() % DIRECT_ALIGN == 0;
+        let aligned = buf.as_ptr().addr().is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && buf.len().is_multiple_of(DIRECT_ALIGN);
         let file = match &self.direct {
             Some(direct) if aligned => direct,
             _ => &*self.file,
@@ -192,7 +193,7 @@ impl BlockTarget {
         }
         let sector = u64::from(self.sector_size);
         let fast = match self.kind {
-            TargetKind::BlockDevice if offset % sector == 0 && len % sector == 0 => {
+            TargetKind::BlockDevice if offset.is_multiple_of(sector) && len.is_multiple_of(sector) => {
                 ioctl::zero_out(&*self.file, offset, len).is_ok()
             }
             TargetKind::File => nix::fcntl::fallocate(
@@ -232,6 +233,17 @@ impl BlockTarget {
             direct.sync_all().map_err(self.io_err("syncing"))?;
         }
         self.file.sync_all().map_err(self.io_err("syncing"))
+    }
+}
+
+/// O_EXCL on a block device fails while the kernel has it in use (mounted, swap, holders such as
+/// device-mapper or md). The probe handle is closed at once: the tools the agent runs on the device (mke2fs,
+/// resize2fs) open it exclusively themselves, and other gridforge jobs are kept out by the flock.
+fn ensure_not_in_use(path: &Path) -> Result<(), BlockError> {
+    match OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(BlockError::InUse(path.to_path_buf())),
+        Err(source) => Err(BlockError::Open { path: path.to_path_buf(), source }),
     }
 }
 

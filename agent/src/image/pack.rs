@@ -252,9 +252,8 @@ pub fn pack_raw_disk_image(
     level: i32,
 ) -> Result<IndexEntry, ImageError> {
     let mut blob = BlobWriter::new(store_dir)?;
-    let info = crate::pipeline::rawdisk::pack_raw_disk(source, &mut blob, level).map_err(|e| {
-        ImageError::RawDisk { what: source.display().to_string(), source: Box::new(e) }
-    })?;
+    let info = crate::pipeline::rawdisk::pack_raw_disk(source, &mut blob, level)
+        .map_err(|e| ImageError::RawDisk { what: source.display().to_string(), source: Box::new(e) })?;
     let (sha256, compressed_size, path) = blob.finish()?;
     let entry = IndexEntry {
         name: name.to_string(),

@@ -12,8 +12,8 @@ use gridforge_proto::v1::{
     Filesystem, PartitionResult, ProvisionResult, VmSpec, error::Code, partition::Role,
 };
 
-use crate::customize;
 use crate::block::{BlockTarget, MIB, TargetOptions};
+use crate::customize;
 use crate::fs::{self, FsInfo};
 use crate::image::index::{Format, IndexEntry};
 use crate::image::{Cache, Store, Trust};
@@ -139,7 +139,10 @@ fn provision_onto(
                     Code::InvalidSpec,
                     SpecError {
                         field: "disk.partitions".into(),
-                        reason: format!("image {} is a raw disk with its own partitions; leave this empty", os.name),
+                        reason: format!(
+                            "image {} is a raw disk with its own partitions; leave this empty",
+                            os.name
+                        ),
                     },
                 ));
             }
@@ -188,7 +191,11 @@ fn plan_layout(
 ) -> Result<GptPlan, ProvisionError> {
     let requests: Vec<PartitionRequest> = partitions
         .iter()
-        .map(|p| PartitionRequest { label: p.label.clone(), role: p.role(), size_bytes: p.size_mib.map(|m| m * MIB) })
+        .map(|p| PartitionRequest {
+            label: p.label.clone(),
+            role: p.role(),
+            size_bytes: p.size_mib.map(|m| m * MIB),
+        })
         .collect();
     partition::plan(&requests, target.size(), target.sector_size())
         .map_err(|e| ProvisionError::new("partition", Code::Layout, e))
@@ -215,7 +222,8 @@ fn write_raw(
             fs::probe(target.file(), offset, len).map_err(|e| ProvisionError::new("format", Code::Io, e))?;
         if matches!(probe, Some(fs::Probed::Filesystem(FsInfo { kind: Filesystem::Ext4, .. }))) {
             progress.note("format", format!("growing ext4 on partition {}", grown.partition_number));
-            fs::ext4::grow(target.path(), offset, len).map_err(|e| ProvisionError::new("format", Code::Tool, e))?;
+            fs::ext4::grow(target.path(), offset, len)
+                .map_err(|e| ProvisionError::new("format", Code::Tool, e))?;
         }
     }
     target.sync().map_err(|e| ProvisionError::new("write", Code::Io, e))?;
@@ -240,11 +248,17 @@ fn build_from_rootfs(
         progress.note("build", format!("unpacking {} {}", entry.name, entry.version));
         let file = File::open(blob).map_err(|e| ProvisionError::new("build", Code::Io, e))?;
         let opts = unpack::UnpackOptions::default();
-        unpack::unpack_rootfs(BufReader::with_capacity(MIB as usize, file), &entry.sha256, root, &opts, progress)
-            .map_err(|e| {
-                let e = crate::Error::from(e);
-                ProvisionError::new("build", e.code(), e)
-            })?;
+        unpack::unpack_rootfs(
+            BufReader::with_capacity(MIB as usize, file),
+            &entry.sha256,
+            root,
+            &opts,
+            progress,
+        )
+        .map_err(|e| {
+            let e = crate::Error::from(e);
+            ProvisionError::new("build", e.code(), e)
+        })?;
     }
 
     let disk = req.spec.disk.as_ref().expect("validated");
@@ -380,7 +394,9 @@ fn write_fstab(
     disk: &gridforge_proto::v1::DiskLayout,
     results: &[PartitionResult],
 ) -> std::io::Result<()> {
-    let mut fstab = String::from("# Written by gridforge at provisioning. <file system> <mount point> <type> <options> <dump> <pass>\n");
+    let mut fstab = String::from(
+        "# Written by gridforge at provisioning. <file system> <mount point> <type> <options> <dump> <pass>\n",
+    );
     for (part, res) in disk.partitions.iter().zip(results) {
         let line = match (part.role(), part.filesystem()) {
             (Role::Root, _) => format!("UUID={} / ext4 errors=remount-ro 0 1", res.fs_uuid),
@@ -402,7 +418,8 @@ fn write_fstab(
         fstab.push_str(&line);
         fstab.push('\n');
     }
-    let path = customize::resolve(root, "/etc/fstab", customize::FinalLink::Keep).map_err(std::io::Error::other)?;
+    let path =
+        customize::resolve(root, "/etc/fstab", customize::FinalLink::Keep).map_err(std::io::Error::other)?;
     if path.is_symlink() {
         std::fs::remove_file(&path)?;
     }

@@ -31,7 +31,8 @@ pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {
     }
     for (i, p) in disk.partitions.iter().enumerate() {
         let field = |name: &str| format!("disk.partitions[{i}].{name}");
-        let role = Role::try_from(p.role).map_err(|_| err(field("role"), format!("unknown value {}", p.role)))?;
+        let role =
+            Role::try_from(p.role).map_err(|_| err(field("role"), format!("unknown value {}", p.role)))?;
         let fs = Filesystem::try_from(p.filesystem)
             .map_err(|_| err(field("filesystem"), format!("unknown value {}", p.filesystem)))?;
         if role == Role::Unspecified {
@@ -54,12 +55,18 @@ pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {
             ));
         }
         if p.size_mib == Some(0) {
-            return Err(err(field("size_mib"), "must be greater than 0 (leave it out for the rest of the disk)"));
+            return Err(err(
+                field("size_mib"),
+                "must be greater than 0 (leave it out for the rest of the disk)",
+            ));
         }
         if !p.mount_point.is_empty()
             && (!p.mount_point.starts_with('/') || p.mount_point.split('/').any(|c| c == ".." || c == "."))
         {
-            return Err(err(field("mount_point"), format!("{:?} is not an absolute path without . or ..", p.mount_point)));
+            return Err(err(
+                field("mount_point"),
+                format!("{:?} is not an absolute path without . or ..", p.mount_point),
+            ));
         }
         if p.label.is_empty() {
             return Err(err(field("label"), "must not be empty"));

@@ -80,11 +80,17 @@ pub fn blkid_tag(dev: &str, tag: &str) -> String {
 /// A small root file system tree: a few files, a symlink, a directory owned by uid 1000.
 pub fn small_rootfs(dir: &Path) {
     use std::os::unix::fs::{PermissionsExt, symlink};
-    for d in ["etc", "usr/bin", "home/user", "boot/efi", "var/log"] {
+    for d in ["etc", "usr/bin", "home/user", "boot", "var/log"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
     std::fs::write(dir.join("etc/hostname"), "template\n").unwrap();
     std::fs::write(dir.join("etc/os-release"), "ID=gridforge-test\n").unwrap();
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
+    std::fs::write(dir.join("etc/shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
+    // Stand-ins for a kernel and initrd: enough for the boot entry, not for booting.
+    std::fs::write(dir.join("boot/vmlinuz-6.1.0-test"), "kernel").unwrap();
+    std::fs::write(dir.join("boot/initrd.img-6.1.0-test"), "initrd").unwrap();
     std::fs::write(dir.join("usr/bin/tool"), "#!/bin/sh\necho hi\n").unwrap();
     std::fs::set_permissions(dir.join("usr/bin/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::chown(dir.join("home/user"), Some(1000), Some(1000)).unwrap();
