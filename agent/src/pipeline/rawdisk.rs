@@ -45,9 +45,11 @@ const ZERO_BLOCK: usize = 4096;
 const MERGE_GAP: usize = 64 << 10;
 /// The held-back head of the disk.
 const HEAD_LEN: u64 = MIB;
-const WORKERS: usize = 2;
+/// Decode-and-write threads beside the reader. Three on two cores: while one waits in an O_DIRECT write,
+/// two decode (measured faster than two workers).
+const WORKERS: usize = 3;
 /// Decoded or compressed chunks in flight between the reader and the workers.
-const QUEUE_DEPTH: usize = 4;
+const QUEUE_DEPTH: usize = 6;
 const PROGRESS_EVERY: u64 = 64 * MIB;
 const STEP: &str = "write";
 
@@ -136,6 +138,10 @@ impl Manifest {
 
 /// Whether a block holds only zero bytes; compares eight bytes at a time so the loop vectorises.
 fn is_zero(block: &[u8]) -> bool {
+    // Data blocks almost always differ from zero in their first bytes: answer those without a full scan.
+    if block.iter().take(16).any(|&b| b != 0) {
+        return false;
+    }
     let mut words = block.chunks_exact(64);
     let any = words.by_ref().fold(0u64, |acc, w| {
         acc | w.chunks_exact(8).fold(0u64, |a, b| a | u64::from_ne_bytes(b.try_into().expect("8 bytes")))
@@ -144,7 +150,7 @@ fn is_zero(block: &[u8]) -> bool {
 }
 
 /// Pack the disk (regular file or block device) at `src` into a raw-disk image on `out` (see the module
-/// docs), compressing chunks on two threads at zstd `level`.
+/// docs), compressing chunks on worker threads at zstd `level`.
 pub fn pack_raw_disk(src: &Path, out: &mut impl Write, level: i32) -> Result<RawDiskInfo, PipelineError> {
     let src_err = |context: &str| {
         let context = format!("{context} {}", src.display());
@@ -409,7 +415,7 @@ impl Failure {
 }
 
 /// Write a raw-disk image read from `blob` onto `target`, verifying the blob's sha256 against
-/// `expected_sha256`. Accepts the packed format (manifest + per-chunk frames, decoded on two threads) and any
+/// `expected_sha256`. Accepts the packed format (manifest + per-chunk frames, decoded on worker threads) and any
 /// plain zstd, gzip or uncompressed raw disk (decoded sequentially). On any failure after writing began, the
 /// target's first MiB is zeroed.
 pub fn write_raw_disk(
