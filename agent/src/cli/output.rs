@@ -43,7 +43,7 @@ impl Output {
             let bar = Mutex::new((None::<ProgressBar>, ""));
             return Progress::new(move |ev: &ProgressEvent| {
                 let mut state = bar.lock().expect("progress lock");
-                if ev.bytes_total == 0 {
+                if !ev.message.is_empty() {
                     if let Some(b) = state.0.take() {
                         b.finish();
                     }
@@ -54,20 +54,22 @@ impl Output {
                     if let Some(b) = state.0.take() {
                         b.finish();
                     }
-                    let b = ProgressBar::new(ev.bytes_total);
-                    b.set_style(
-                        ProgressStyle::with_template(
+                    // A total of 0 means unknown (a stream being unpacked): a spinner with bytes.
+                    let (b, template) = if ev.bytes_total == 0 {
+                        (ProgressBar::no_length(), "{prefix:>9}  {spinner} {bytes} {bytes_per_sec}")
+                    } else {
+                        (
+                            ProgressBar::new(ev.bytes_total),
                             "{prefix:>9}  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
                         )
-                        .expect("template")
-                        .progress_chars("=> "),
-                    );
+                    };
+                    b.set_style(ProgressStyle::with_template(template).expect("template").progress_chars("=> "));
                     b.set_prefix(ev.step);
                     *state = (Some(b), ev.step);
                 }
                 if let Some(b) = &state.0 {
                     b.set_position(ev.bytes_done);
-                    if ev.bytes_done >= ev.bytes_total {
+                    if ev.bytes_total != 0 && ev.bytes_done >= ev.bytes_total {
                         b.finish();
                     }
                 }
@@ -77,20 +79,24 @@ impl Output {
         let last = Mutex::new((Instant::now() - Duration::from_secs(10), ""));
         Progress::new(move |ev: &ProgressEvent| {
             let mut last = last.lock().expect("progress lock");
-            if ev.bytes_total == 0 {
+            if !ev.message.is_empty() {
                 eprintln!("{}: {}", ev.step, ev.message);
                 return;
             }
-            let done = ev.bytes_done >= ev.bytes_total;
+            let done = ev.bytes_total != 0 && ev.bytes_done >= ev.bytes_total;
             if last.1 != ev.step || done || last.0.elapsed() >= Duration::from_secs(2) {
                 *last = (Instant::now(), ev.step);
-                eprintln!(
-                    "{}: {} / {} MiB ({}%)",
-                    ev.step,
-                    ev.bytes_done / MIB,
-                    ev.bytes_total / MIB,
-                    ev.bytes_done * 100 / ev.bytes_total.max(1)
-                );
+                if ev.bytes_total == 0 {
+                    eprintln!("{}: {} MiB", ev.step, ev.bytes_done / MIB);
+                } else {
+                    eprintln!(
+                        "{}: {} / {} MiB ({}%)",
+                        ev.step,
+                        ev.bytes_done / MIB,
+                        ev.bytes_total / MIB,
+                        ev.bytes_done * 100 / ev.bytes_total
+                    );
+                }
             }
         })
     }
