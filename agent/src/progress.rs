@@ -3,7 +3,8 @@
 use std::io::{self, Read};
 use std::sync::Arc;
 
-/// One progress report from a pipeline step.
+/// One progress report from a pipeline step. An event with a message marks a moment (start, end, a warning);
+/// byte progress comes with an empty message. `bytes_total` 0 means the total is not known (a stream).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgressEvent {
     /// Pipeline step: allocate, fetch, partition, build, format, encrypt, define, report.

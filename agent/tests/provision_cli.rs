@@ -332,3 +332,82 @@ fn missing_or_unusable_targets_are_refused() {
     let err = f.provision(&two_partition_spec("tiny", 256, 64), f.dir.path()).unwrap_err();
     assert_eq!(err.code(), Code::Target, "a directory is not a disk: {err:?}");
 }
+
+#[test]
+fn layers_are_overlaid_in_order_then_customization_and_deletes_apply() {
+    let f = Fixture::new();
+    let layer = f.path("layer");
+    std::fs::create_dir_all(layer.join("etc/app")).unwrap();
+    std::fs::create_dir_all(layer.join("usr/share/doc/app")).unwrap();
+    std::fs::write(layer.join("etc/app/app.conf"), "listen 80\n").unwrap();
+    std::fs::write(layer.join("etc/os-release"), "ID=layered\n").unwrap();
+    std::fs::write(layer.join("usr/share/doc/app/README"), "docs\n").unwrap();
+    f.pack(&["--rootfs", layer.to_str().unwrap(), "--name", "app", "--version", "2", "--kind", "layer"]);
+    let spec = r#"{"name":"app-1","image":{"name":"tiny","version":"1"},"layers":[{"name":"app","version":"2"}],
+        "disk":{"size_mib":128,"partitions":[{"label":"root","role":"ROOT","filesystem":"EXT4"}]},
+        "customize":{"hostname":"app-1","delete":["/usr/share/doc/*"],
+          "files":[{"path":"/etc/app/extra.conf","content":"x\n","mode":"0600"}]}}"#;
+    let disk = f.path("disk.img");
+    let res = f.provision(spec, &disk).unwrap();
+    assert_eq!(res.image_digests.len(), 2, "OS image and layer digests reported");
+    let root = &res.partitions[0];
+    let dev = attach_range(&disk, root.offset_bytes, root.size_bytes);
+    run("e2fsck", &["-fn", dev.path()]);
+    assert_eq!(run("debugfs", &["-R", "cat /etc/app/app.conf", dev.path()]), "listen 80\n");
+    assert_eq!(run("debugfs", &["-R", "cat /etc/os-release", dev.path()]), "ID=layered\n", "layer wins");
+    assert_eq!(run("debugfs", &["-R", "cat /usr/bin/tool", dev.path()]), "#!/bin/sh\necho hi\n", "OS kept");
+    assert_eq!(run("debugfs", &["-R", "cat /etc/hostname", dev.path()]), "app-1\n");
+    let stat = run("debugfs", &["-R", "stat /etc/app/extra.conf", dev.path()]);
+    assert!(stat.contains("Mode:  0600"), "{stat}");
+    let doc = try_run("debugfs", &["-R", "stat /usr/share/doc/app", dev.path()]);
+    assert!(doc.2.contains("not found") || doc.1.contains("not found"), "deleted after overlay: {doc:?}");
+}
+
+#[test]
+fn a_tar_escaping_the_root_is_refused_and_nothing_lands_outside() {
+    use std::io::Write;
+    let f = Fixture::new();
+    let outside = f.path("escaped");
+    // A tar whose entry climbs out of the staging directory, compressed and published with a valid digest.
+    let mut raw = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut raw);
+        let mut h = tar::Header::new_gnu();
+        let data = b"owned\n";
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        let name = format!("../../../../../../..{}", outside.display());
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        b.append(&h, &data[..]).unwrap();
+        b.finish().unwrap();
+    }
+    let mut enc = zstd::Encoder::new(Vec::new(), 3).unwrap();
+    enc.write_all(&raw).unwrap();
+    let blob = enc.finish().unwrap();
+    let (sha256, size, path) = gridforge_agent::image::pack::add_blob(&f.store(), &blob[..]).unwrap();
+    let key = gridforge_agent::image::sign::load_signing_key(&f.key()).unwrap();
+    let entry = gridforge_agent::image::IndexEntry {
+        name: "evil".into(),
+        version: "1".into(),
+        kind: gridforge_agent::image::Kind::Os,
+        format: gridforge_agent::image::Format::RootfsTar,
+        compression: gridforge_agent::image::Compression::Zstd,
+        compressed_size: size,
+        uncompressed_size: raw.len() as u64,
+        sha256,
+        path,
+        arch: "x86_64".into(),
+        min_disk_mib: 1,
+        notes: String::new(),
+    };
+    gridforge_agent::image::pack::publish(&f.store(), entry, &key).unwrap();
+    let disk = f.path("disk.img");
+    dirty_disk(&disk, 256);
+    let err = f.provision(&two_partition_spec("evil", 256, 64), &disk).unwrap_err();
+    assert_eq!(err.code(), Code::CorruptImage, "{err:?}");
+    assert!(err.message.contains(".."), "names the path: {}", err.message);
+    assert!(!outside.exists(), "nothing written outside the staging directory");
+    assert!(head_is_zero(&disk));
+}

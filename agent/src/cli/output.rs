@@ -63,7 +63,9 @@ impl Output {
                             "{prefix:>9}  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
                         )
                     };
-                    b.set_style(ProgressStyle::with_template(template).expect("template").progress_chars("=> "));
+                    b.set_style(
+                        ProgressStyle::with_template(template).expect("template").progress_chars("=> "),
+                    );
                     b.set_prefix(ev.step);
                     *state = (Some(b), ev.step);
                 }

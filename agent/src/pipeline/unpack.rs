@@ -134,7 +134,7 @@ impl Extractor<'_> {
             self.entry(&mut entry, stats)?;
             if stats.bytes - last_report >= PROGRESS_EVERY {
                 last_report = stats.bytes;
-                self.progress.report(STEP, stats.bytes, 0, "unpacking rootfs");
+                self.progress.report(STEP, stats.bytes, 0, "");
             }
         }
         for (dir, mtime) in self.dirs.iter().rev() {
