@@ -231,6 +231,7 @@ fn raw_disk_image_is_written_byte_for_byte_and_grown_on_a_larger_target() {
     let small = f.path("small.img");
     let err = f.provision(&spec(32), &small).unwrap_err();
     assert_eq!(err.code(), Code::Layout, "{err:?}");
+    assert!(!small.exists(), "a target file the failed provision created is removed");
 }
 
 /// A disk whose head is non-zero, to see the failure path zero it.

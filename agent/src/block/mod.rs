@@ -73,6 +73,7 @@ pub struct BlockTarget {
     size: u64,
     sector_size: u32,
     kind: TargetKind,
+    created: bool,
 }
 
 impl BlockTarget {
@@ -132,7 +133,8 @@ impl BlockTarget {
             return Err(BlockError::Unaligned { path: path.to_path_buf(), size, sector_size });
         }
         let direct = if opts.read_only { None } else { open_direct(path) };
-        Ok(Self { path: path.to_path_buf(), file, direct, size, sector_size, kind })
+        let created = meta.is_none();
+        Ok(Self { path: path.to_path_buf(), file, direct, size, sector_size, kind, created })
     }
 
     pub fn path(&self) -> &Path {
@@ -149,6 +151,11 @@ impl BlockTarget {
 
     pub fn kind(&self) -> TargetKind {
         self.kind
+    }
+
+    /// Whether this open created the (regular file) target.
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// The buffered file handle (for partition tables, file systems and other small structured writes).

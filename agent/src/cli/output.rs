@@ -10,6 +10,11 @@ use gridforge_agent::progress::{Progress, ProgressEvent};
 use gridforge_proto::v1::{Filesystem, JobEvent, ProvisionResult, partition::Role};
 use indicatif::{ProgressBar, ProgressStyle};
 
+fn now() -> pbjson_types::Timestamp {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    pbjson_types::Timestamp { seconds: t.as_secs() as i64, nanos: t.subsec_nanos() as i32 }
+}
+
 pub struct Output {
     json: bool,
 }
@@ -33,6 +38,7 @@ impl Output {
                     bytes_done: ev.bytes_done,
                     bytes_total: ev.bytes_total,
                     message: ev.message.clone(),
+                    time: Some(now()),
                     ..Default::default()
                 };
                 *seq += 1;
@@ -200,6 +206,9 @@ impl Output {
             eprintln!("error: {e:#}");
             if provision.is_some_and(|p| p.target_zeroed) {
                 eprintln!("the target's first MiB was zeroed: the disk will not boot half-written");
+            }
+            if provision.is_some_and(|p| p.target_removed) {
+                eprintln!("the target file this provision created was removed");
             }
         }
     }

@@ -33,13 +33,15 @@ pub struct ProvisionError {
     pub code: Code,
     /// The target's first MiB was zeroed after the failure.
     pub target_zeroed: bool,
+    /// The target was a file this provision created; it was removed after the failure.
+    pub target_removed: bool,
     #[source]
     pub source: BoxError,
 }
 
 impl ProvisionError {
     fn new(step: &'static str, code: Code, source: impl Into<BoxError>) -> Self {
-        Self { step, code, target_zeroed: false, source: source.into() }
+        Self { step, code, target_zeroed: false, target_removed: false, source: source.into() }
     }
 
     /// The structured error of the contract: code, step and the whole cause chain as the message.
@@ -113,9 +115,18 @@ pub fn provision(req: &ProvisionRequest, progress: &Progress) -> Result<Provisio
             Ok(res)
         }
         Err(mut e) => {
-            match target.zero_head() {
-                Ok(()) => e.target_zeroed = true,
-                Err(z) => tracing::error!(error = %z, "could not zero the head of the failed target"),
+            if target.created() {
+                // Nothing was there before: leave nothing behind.
+                drop(target);
+                match std::fs::remove_file(&req.disk) {
+                    Ok(()) => e.target_removed = true,
+                    Err(r) => tracing::error!(error = %r, "could not remove the failed target file"),
+                }
+            } else {
+                match target.zero_head() {
+                    Ok(()) => e.target_zeroed = true,
+                    Err(z) => tracing::error!(error = %z, "could not zero the head of the failed target"),
+                }
             }
             Err(e)
         }
