@@ -3,6 +3,7 @@
 
 mod common_vm;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -142,43 +143,69 @@ fn eventually(vm: &Vm, key: &SshKey, command: &str, timeout: Duration) -> String
     }
 }
 
-/// Checks shared by both guests; returns the machine-id.
-fn check_common(vm: &Vm, key: &SshKey, hostname: &str, root_uuid: &str) -> String {
-    assert_eq!(vm.ssh_ok(key, "ops", "hostname").trim(), hostname);
-    let id = vm.ssh_ok(key, "ops", "id ops");
+/// What both guests must show from inside, checked in one ssh session as ops (plus one root login); returns
+/// the guest's facts by name for the per-guest checks.
+fn check_common(vm: &Vm, key: &SshKey, hostname: &str, root_uuid: &str) -> BTreeMap<String, String> {
+    let commands = [
+        ("hostname", "hostname"),
+        ("id", "id ops"),
+        ("sudo", "sudo -n true && sudo -n whoami"),
+        ("motd_mode", "stat -c %a /etc/motd"),
+        ("motd", "sudo -n cat /etc/motd"),
+        ("firstboot", "test -e /var/lib/firstboot-ran"),
+        ("cmdline", "cat /proc/cmdline"),
+        ("root_uuid", "findmnt -no UUID /"),
+        ("root_options", "findmnt -no OPTIONS /"),
+        ("esp_fstype", "findmnt -no FSTYPE /boot/efi"),
+        ("machine_id", "cat /etc/machine-id"),
+        ("addr", "ip -4 -o addr show"),
+        ("route", "ip -4 route show default"),
+        ("resolv", "cat /etc/resolv.conf"),
+        ("failed", "systemctl --failed --no-legend --plain"),
+        ("state", "systemctl is-system-running"),
+    ];
+    let results = vm.run_all(key, "ops", &commands);
+    let get = |name: &str| -> String {
+        let r = &results[name];
+        assert!(
+            r.ok || name == "state" || name == "firstboot",
+            "{}: {name} failed in the guest: {}",
+            vm.name,
+            r.output
+        );
+        r.output.clone()
+    };
+    assert_eq!(get("hostname").trim(), hostname);
+    let id = get("id");
     assert!(id.contains("(sudo)"), "{}: ops is not in group sudo: {id}", vm.name);
-    vm.ssh_ok(key, "ops", "sudo -n true");
-    assert_eq!(vm.ssh_ok(key, "ops", "sudo -n whoami").trim(), "root");
-    assert_eq!(vm.ssh_ok(key, "ops", "stat -c %a /etc/motd").trim(), "640");
-    assert_eq!(vm.ssh_ok(key, "ops", "sudo -n cat /etc/motd"), "hello from gridforge\n");
-    eventually(vm, key, "test -e /var/lib/firstboot-ran", Duration::from_secs(60));
-
-    let cmdline = vm.ssh_ok(key, "ops", "cat /proc/cmdline");
+    assert_eq!(get("sudo").trim(), "root", "{}: passwordless sudo", vm.name);
+    assert_eq!(get("motd_mode").trim(), "640");
+    assert_eq!(get("motd"), "hello from gridforge\n");
+    if !results["firstboot"].ok {
+        // The first-boot unit may still be running when ssh comes up.
+        eventually(vm, key, "test -e /var/lib/firstboot-ran", Duration::from_secs(60));
+    }
+    let cmdline = get("cmdline");
     assert!(cmdline.contains(&format!("root=UUID={root_uuid}")), "{}: /proc/cmdline: {cmdline}", vm.name);
-    let mounted = vm.ssh_ok(key, "ops", "findmnt -no UUID /");
-    assert_eq!(mounted.trim(), root_uuid, "{}: file system mounted at /", vm.name);
-    let options = vm.ssh_ok(key, "ops", "findmnt -no OPTIONS /");
+    assert_eq!(get("root_uuid").trim(), root_uuid, "{}: file system mounted at /", vm.name);
+    let options = get("root_options");
     assert!(options.starts_with("rw"), "{}: / is not mounted read-write: {options}", vm.name);
-    let esp = vm.ssh_ok(key, "ops", "findmnt -no FSTYPE /boot/efi");
-    assert_eq!(esp.trim(), "vfat", "{}: ESP at /boot/efi", vm.name);
-
-    let machine_id = vm.ssh_ok(key, "ops", "cat /etc/machine-id").trim().to_string();
+    assert_eq!(get("esp_fstype").trim(), "vfat", "{}: ESP at /boot/efi", vm.name);
+    let machine_id = get("machine_id").trim().to_string();
     assert!(
         machine_id.len() == 32 && machine_id.chars().all(|c| c.is_ascii_hexdigit()),
         "{}: /etc/machine-id is {machine_id:?}",
         vm.name
     );
     assert_eq!(vm.ssh_ok(key, "root", "id -u").trim(), "0", "{}: root login with the key", vm.name);
-
-    let failed = vm.ssh_ok(key, "ops", "systemctl --failed --no-legend --plain");
-    let state = vm.ssh(key, "ops", "systemctl is-system-running");
+    let failed = get("failed");
     eprintln!(
         "{}: system state {}; failed units: {}",
         vm.name,
-        String::from_utf8_lossy(&state.stdout).trim(),
+        results["state"].output.trim(),
         if failed.trim().is_empty() { "none" } else { failed.trim() }
     );
-    machine_id
+    commands.iter().map(|(name, _)| (name.to_string(), results[*name].output.clone())).collect()
 }
 
 fn boot_and_login(vm: &mut Vm, key: &SshKey, hostname: &str) {
@@ -219,19 +246,19 @@ fn debian_guests_boot_and_are_customized() {
         let web1 = s.spawn(|| {
             let mut vm = Vm::boot("web-1", &disk1, "52:54:00:12:34:56", dir.path());
             boot_and_login(&mut vm, &key, "web-1");
-            let id = check_common(&vm, &key, "web-1", &uuid1);
-            let addr = vm.ssh_ok(&key, "ops", "ip -4 -o addr show");
+            let facts = check_common(&vm, &key, "web-1", &uuid1);
+            let addr = &facts["addr"];
             assert!(addr.contains("inet 10.0.2.15/24"), "web-1: static address missing: {addr}");
-            let route = vm.ssh_ok(&key, "ops", "ip -4 route show default");
+            let route = &facts["route"];
             assert!(route.contains("via 10.0.2.2"), "web-1: default route: {route}");
-            let resolv = vm.ssh_ok(&key, "ops", "cat /etc/resolv.conf");
+            let resolv = &facts["resolv"];
             assert!(resolv.contains("nameserver 10.0.2.3"), "web-1: resolv.conf: {resolv}");
-            id
+            facts["machine_id"].trim().to_string()
         });
         let web2 = s.spawn(|| {
             let mut vm = Vm::boot("web-2", &disk2, "52:54:00:12:34:57", dir.path());
             boot_and_login(&mut vm, &key, "web-2");
-            let id = check_common(&vm, &key, "web-2", &uuid2);
+            let facts = check_common(&vm, &key, "web-2", &uuid2);
             let addr = eventually(
                 &vm,
                 &key,
@@ -239,7 +266,7 @@ fn debian_guests_boot_and_are_customized() {
                 Duration::from_secs(30),
             );
             assert!(addr.contains("dynamic"), "web-2: address not from DHCP: {addr}");
-            id
+            facts["machine_id"].trim().to_string()
         });
         (
             web1.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),

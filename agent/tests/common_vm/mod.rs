@@ -5,6 +5,7 @@
 //! internal error" (which `accel=kvm:tcg` does not catch), so a short probe decides between KVM and TCG.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -97,6 +98,14 @@ fn pflash_args(vars: &Path) -> Vec<String> {
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("finding a free port").port()
+}
+
+/// The outcome of one command of [`Vm::run_all`].
+#[derive(Clone, Debug)]
+pub struct CommandResult {
+    pub ok: bool,
+    /// stdout and stderr, as the guest printed them.
+    pub output: String,
 }
 
 /// An ssh key pair made with ssh-keygen (ed25519, no passphrase).
@@ -233,6 +242,51 @@ impl Vm {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs several named commands in one ssh session (each ssh login costs seconds under TCG) and returns
+    /// each one's outcome by name; stderr is folded into the output.
+    pub fn run_all(
+        &self,
+        key: &SshKey,
+        user: &str,
+        commands: &[(&str, &str)],
+    ) -> BTreeMap<String, CommandResult> {
+        let mut script = String::new();
+        for (name, command) in commands {
+            script.push_str(&format!(
+                "echo '@@begin {name}'; ( {command} ) 2>&1; echo; echo \"@@end {name} $?\"\n"
+            ));
+        }
+        let out = self.ssh(key, user, &script);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut results = BTreeMap::new();
+        let mut current: Option<(String, String)> = None;
+        for line in stdout.lines() {
+            if let Some(name) = line.strip_prefix("@@begin ") {
+                current = Some((name.to_string(), String::new()));
+            } else if let Some(rest) = line.strip_prefix("@@end ")
+                && let Some((name, mut text)) = current.take()
+            {
+                // The `echo` before the end marker guarantees a line break; drop it again.
+                text.pop();
+                let ok = rest.rsplit(' ').next() == Some("0");
+                results.insert(name, CommandResult { ok, output: text });
+            } else if let Some((_, text)) = current.as_mut() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        for (name, _) in commands {
+            assert!(
+                results.contains_key(*name),
+                "{}: ssh {user}@guest gave no result for {name:?} ({}):\n{stdout}{}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        results
     }
 
     /// Retries ssh as `user` until `true` runs in the guest; panics with the last error on timeout.
