@@ -98,7 +98,7 @@ impl Store {
     }
 }
 
-fn spec(name: &str, key: &SshKey, network: serde_json::Value) -> serde_json::Value {
+fn spec(name: &str, key: &SshKey, network: serde_json::Value, firstboot: &[&str]) -> serde_json::Value {
     serde_json::json!({
         "name": name,
         "image": {"name": "debian-12-minimal", "version": "1"},
@@ -112,7 +112,7 @@ fn spec(name: &str, key: &SshKey, network: serde_json::Value) -> serde_json::Val
             "root_ssh_authorized_keys": [key.public],
             "network": [network],
             "files": [{"path": "/etc/motd", "content": "hello from gridforge\n", "mode": "0640"}],
-            "firstboot": ["touch /var/lib/firstboot-ran"]
+            "firstboot": firstboot
         }
     })
 }
@@ -230,13 +230,16 @@ fn debian_guests_boot_and_are_customized() {
         "gateway": "10.0.2.2", "dns": ["10.0.2.3"]});
     let disk1 = dir.path().join("web-1.img");
     let t = Instant::now();
-    let res1 = store.provision(&spec("web-1", &key, static_net), &disk1);
+    let res1 = store.provision(&spec("web-1", &key, static_net, &["touch /var/lib/firstboot-ran"]), &disk1);
     eprintln!("provision web-1: {:.1} s", t.elapsed().as_secs_f64());
 
     let dhcp_net = serde_json::json!({"match_mac": "52:54:00:12:34:57", "dhcp": true});
+    // First-boot commands run once the network is up: what they see of it is recorded and checked below.
+    let web2_firstboot =
+        ["touch /var/lib/firstboot-ran", "ip -4 -o addr show scope global > /var/lib/firstboot-network"];
     let disk2 = dir.path().join("web-2.img");
     let t = Instant::now();
-    let res2 = store.provision(&spec("web-2", &key, dhcp_net), &disk2);
+    let res2 = store.provision(&spec("web-2", &key, dhcp_net, &web2_firstboot), &disk2);
     eprintln!("provision web-2: {:.1} s", t.elapsed().as_secs_f64());
     let (uuid1, uuid2) = (root_uuid(&res1), root_uuid(&res2));
     assert_ne!(uuid1, uuid2, "two provisions gave the same root file system UUID");
@@ -266,6 +269,11 @@ fn debian_guests_boot_and_are_customized() {
                 Duration::from_secs(30),
             );
             assert!(addr.contains("dynamic"), "web-2: address not from DHCP: {addr}");
+            let seen = vm.ssh_ok(&key, "ops", "cat /var/lib/firstboot-network");
+            assert!(
+                seen.contains("inet 10.0.2."),
+                "web-2: the first-boot commands ran before DHCP configured the network: {seen:?}"
+            );
             facts["machine_id"].trim().to_string()
         });
         (

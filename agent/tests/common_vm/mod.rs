@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -147,7 +148,19 @@ impl Vm {
         let serial_log = dir.join(format!("{name}-serial.log"));
         let stderr_log = dir.join(format!("{name}-qemu.stderr"));
         let ssh_port = free_port();
-        let child = Command::new(QEMU)
+        let mut command = Command::new(QEMU);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It makes the kernel kill
+        // qemu when the spawning thread exits, so a test killed outright (where Drop never runs) leaves no
+        // guest behind; a Vm must therefore be used on the thread that booted it.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .args(["-machine", &format!("q35,accel={}", accel()), "-m", "1024", "-smp", "2"])
             .args(pflash_args(&vars))
             .arg("-drive")
