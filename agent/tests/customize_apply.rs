@@ -451,7 +451,8 @@ fn firstboot_unit_and_script() {
     let unit = t.read("/etc/systemd/system/gridforge-firstboot.service");
     for want in [
         "Type=oneshot",
-        "After=systemd-networkd.service",
+        // Wants= alone pulls the target in without waiting for it; commands such as apt-get need the network.
+        "After=network-online.target systemd-networkd.service",
         "Wants=network-online.target",
         &format!("ConditionPathExists=!{FIRSTBOOT_DONE}"),
         "ExecStart=/usr/local/libexec/gridforge-firstboot",

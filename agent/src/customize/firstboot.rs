@@ -17,7 +17,7 @@ pub fn firstboot_unit() -> String {
          [Unit]\n\
          Description=gridforge first-boot commands\n\
          Wants=network-online.target\n\
-         After=systemd-networkd.service\n\
+         After=network-online.target systemd-networkd.service\n\
          ConditionPathExists=!{FIRSTBOOT_DONE}\n\
          \n\
          [Service]\n\

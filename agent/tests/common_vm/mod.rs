@@ -1,0 +1,335 @@
+//! Booting provisioned disks in qemu (UEFI with OVMF) and talking to the guests over ssh, for end-to-end
+//! tests.
+//!
+//! KVM is tried once per test run: on some hosts /dev/kvm exists but every guest stops at once with "KVM
+//! internal error" (which `accel=kvm:tcg` does not catch), so a short probe decides between KVM and TCG.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const QEMU: &str = "qemu-system-x86_64";
+
+/// Panics with a clear message unless `tool` is an executable on PATH.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("{tool} is required for this test and is not on PATH; install {package} (scripts/deps)")
+    })
+}
+
+/// Panics with a clear message unless qemu, OVMF, ssh and ssh-keygen are all here.
+pub fn require_vm_tools() {
+    require_tool(QEMU, "qemu-system-x86");
+    require_tool("ssh", "openssh-client");
+    require_tool("ssh-keygen", "openssh-client");
+    for fw in [OVMF_CODE, OVMF_VARS] {
+        assert!(
+            Path::new(fw).is_file(),
+            "{fw} is required for this test and is missing; install ovmf (scripts/deps)"
+        );
+    }
+}
+
+/// The qemu accelerator to use, decided once per test run.
+pub fn accel() -> &'static str {
+    static ACCEL: OnceLock<&'static str> = OnceLock::new();
+    ACCEL.get_or_init(|| {
+        let accel = if kvm_works() { "kvm" } else { "tcg" };
+        eprintln!("qemu accelerator: {accel}");
+        accel
+    })
+}
+
+/// Starts OVMF under KVM with no disk for a few seconds: a usable KVM keeps running, a broken one reports
+/// "KVM internal error" (and pauses the guest) or exits.
+fn kvm_works() -> bool {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return false;
+    }
+    let dir = tempfile::tempdir().expect("creating a temp dir for the KVM probe");
+    let vars = dir.path().join("vars.fd");
+    std::fs::copy(OVMF_VARS, &vars).expect("copying OVMF vars for the KVM probe");
+    let stderr_path = dir.path().join("stderr");
+    let mut child = Command::new(QEMU)
+        .args(["-machine", "q35,accel=kvm", "-m", "256", "-display", "none", "-nic", "none"])
+        .args(pflash_args(&vars))
+        .args(["-serial", "null", "-monitor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr_path).expect("creating the KVM probe's stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{QEMU} could not run: {e}"));
+    let started = Instant::now();
+    let mut works = true;
+    while started.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(200));
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if stderr.contains("KVM internal error") || stderr.contains("failed to initialize kvm") {
+            works = false;
+            break;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            works = false;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    works
+}
+
+fn pflash_args(vars: &Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+        "-drive".into(),
+        format!("if=pflash,format=raw,file={}", vars.display()),
+    ]
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("finding a free port").port()
+}
+
+/// The outcome of one command of [`Vm::run_all`].
+#[derive(Clone, Debug)]
+pub struct CommandResult {
+    pub ok: bool,
+    /// stdout and stderr, as the guest printed them.
+    pub output: String,
+}
+
+/// An ssh key pair made with ssh-keygen (ed25519, no passphrase).
+pub struct SshKey {
+    pub private: PathBuf,
+    pub public: String,
+}
+
+impl SshKey {
+    pub fn generate(dir: &Path) -> Self {
+        let private = dir.join("id_ed25519");
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "gridforge-test", "-f"])
+            .arg(&private)
+            .output()
+            .unwrap_or_else(|e| panic!("ssh-keygen could not run: {e}"));
+        assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let public = std::fs::read_to_string(private.with_extension("pub")).expect("reading the public key");
+        Self { private, public: public.trim().to_string() }
+    }
+}
+
+/// A UEFI guest running in qemu from one raw disk, with its ssh port forwarded to the loopback interface.
+/// Killed on drop.
+pub struct Vm {
+    pub name: String,
+    pub ssh_port: u16,
+    pub serial_log: PathBuf,
+    stderr_log: PathBuf,
+    child: Child,
+    pub started: Instant,
+}
+
+impl Vm {
+    /// Boots `disk` with its NIC at `mac` (qemu user networking, 10.0.2.0/24); logs go to `dir`.
+    pub fn boot(name: &str, disk: &Path, mac: &str, dir: &Path) -> Self {
+        let vars = dir.join(format!("{name}-OVMF_VARS.fd"));
+        std::fs::copy(OVMF_VARS, &vars).unwrap_or_else(|e| panic!("copying {OVMF_VARS}: {e}"));
+        let serial_log = dir.join(format!("{name}-serial.log"));
+        let stderr_log = dir.join(format!("{name}-qemu.stderr"));
+        let ssh_port = free_port();
+        let mut command = Command::new(QEMU);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It makes the kernel kill
+        // qemu when the spawning thread exits, so a test killed outright (where Drop never runs) leaves no
+        // guest behind; a Vm must therefore be used on the thread that booted it.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .args(["-machine", &format!("q35,accel={}", accel()), "-m", "1024", "-smp", "2"])
+            .args(pflash_args(&vars))
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio", disk.display()))
+            .args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+            .arg("-serial")
+            .arg(format!("file:{}", serial_log.display()))
+            .args(["-display", "none", "-monitor", "none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr_log).expect("creating qemu's stderr log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{QEMU} could not run: {e}"));
+        Self { name: name.to_string(), ssh_port, serial_log, stderr_log, child, started: Instant::now() }
+    }
+
+    pub fn serial(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial_log).unwrap_or_default()).into_owned()
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let serial = self.serial();
+        let all: Vec<&str> = serial.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits until the serial console shows `text`; panics with the log's tail on timeout or if qemu exits.
+    pub fn wait_for_serial(&mut self, text: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.serial().contains(text) {
+                return self.started.elapsed();
+            }
+            if let Some(status) = self.child.try_wait().expect("polling qemu") {
+                panic!(
+                    "{}: qemu exited ({status}) before {text:?} appeared\nqemu stderr:\n{}\nserial log tail:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.stderr_log).unwrap_or_default(),
+                    self.tail(60)
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{}: {text:?} did not appear on the serial console within {timeout:?}\nqemu stderr:\n{}\n\
+                     last 60 lines of the serial log:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.stderr_log).unwrap_or_default(),
+                    self.tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Runs `command` in the guest as `user` over ssh.
+    pub fn ssh(&self, key: &SshKey, user: &str, command: &str) -> Output {
+        Command::new("ssh")
+            .arg("-i")
+            .arg(&key.private)
+            .args(["-p", &self.ssh_port.to_string()])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg(format!("{user}@127.0.0.1"))
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("ssh could not run: {e}"))
+    }
+
+    /// Runs `command` as `user` and returns its stdout; panics with its output if it fails.
+    pub fn ssh_ok(&self, key: &SshKey, user: &str, command: &str) -> String {
+        let out = self.ssh(key, user, command);
+        assert!(
+            out.status.success(),
+            "{}: ssh {user}@guest {command:?} failed ({}):\n{}{}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs several named commands in one ssh session (each ssh login costs seconds under TCG) and returns
+    /// each one's outcome by name; stderr is folded into the output.
+    pub fn run_all(
+        &self,
+        key: &SshKey,
+        user: &str,
+        commands: &[(&str, &str)],
+    ) -> BTreeMap<String, CommandResult> {
+        let mut script = String::new();
+        for (name, command) in commands {
+            script.push_str(&format!(
+                "echo '@@begin {name}'; ( {command} ) 2>&1; echo; echo \"@@end {name} $?\"\n"
+            ));
+        }
+        let out = self.ssh(key, user, &script);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut results = BTreeMap::new();
+        let mut current: Option<(String, String)> = None;
+        for line in stdout.lines() {
+            if let Some(name) = line.strip_prefix("@@begin ") {
+                current = Some((name.to_string(), String::new()));
+            } else if let Some(rest) = line.strip_prefix("@@end ")
+                && let Some((name, mut text)) = current.take()
+            {
+                // The `echo` before the end marker guarantees a line break; drop it again.
+                text.pop();
+                let ok = rest.rsplit(' ').next() == Some("0");
+                results.insert(name, CommandResult { ok, output: text });
+            } else if let Some((_, text)) = current.as_mut() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        for (name, _) in commands {
+            assert!(
+                results.contains_key(*name),
+                "{}: ssh {user}@guest gave no result for {name:?} ({}):\n{stdout}{}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        results
+    }
+
+    /// Retries ssh as `user` until `true` runs in the guest; panics with the last error on timeout.
+    pub fn wait_for_ssh(&mut self, key: &SshKey, user: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let out = self.ssh(key, user, "true");
+            if out.status.success() {
+                return self.started.elapsed();
+            }
+            if let Some(status) = self.child.try_wait().expect("polling qemu") {
+                panic!("{}: qemu exited ({status}) while waiting for ssh\n{}", self.name, self.tail(60));
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{}: ssh {user}@127.0.0.1:{} did not work within {timeout:?}: {}\nserial log tail:\n{}",
+                    self.name,
+                    self.ssh_port,
+                    String::from_utf8_lossy(&out.stderr),
+                    self.tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

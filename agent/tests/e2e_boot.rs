@@ -1,0 +1,285 @@
+//! End to end: a real Debian 12 image packed into a signed store, provisioned onto disk files by the CLI,
+//! booted in qemu with UEFI, and checked from inside the guests over ssh.
+
+mod common_vm;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common_vm::{SshKey, Vm};
+use gridforge_proto::v1::{ProvisionResult, partition::Role};
+
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(240);
+// First boot generates ssh host keys (RSA included), which takes a while under TCG on a busy host.
+const SSH_TIMEOUT: Duration = Duration::from_secs(150);
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gridforge-agent"))
+}
+
+/// The Debian rootfs tar: from GRIDFORGE_DEBIAN_ROOTFS, else built (or found cached) by scripts/build-image.
+fn debian_rootfs() -> PathBuf {
+    if let Some(p) = std::env::var_os("GRIDFORGE_DEBIAN_ROOTFS") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "GRIDFORGE_DEBIAN_ROOTFS={} is not a file", p.display());
+        return p;
+    }
+    let top = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let out = Command::new(top.join("scripts/build-image"))
+        .arg("debian-12-minimal")
+        .current_dir(top)
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/build-image: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/build-image debian-12-minimal failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn run_agent(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: gridforge-agent could not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    fn pack(dir: &Path, rootfs: &Path) -> Self {
+        let key = dir.join("signing.key");
+        run_agent(agent().args(["image", "keygen", "--out"]).arg(&key), "image keygen");
+        run_agent(
+            agent()
+                .args(["image", "pack", "--rootfs"])
+                .arg(rootfs)
+                .args(["--name", "debian-12-minimal", "--version", "1", "--store"])
+                .arg(dir.join("store"))
+                .arg("--key")
+                .arg(&key),
+            "image pack",
+        );
+        Self { dir: dir.to_path_buf() }
+    }
+
+    fn provision(&self, spec: &serde_json::Value, disk: &Path) -> ProvisionResult {
+        let name = spec["name"].as_str().unwrap();
+        let spec_path = self.dir.join(format!("{name}.json"));
+        std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
+        let stdout = run_agent(
+            agent()
+                .args(["--json", "provision", "--spec"])
+                .arg(&spec_path)
+                .arg("--disk")
+                .arg(disk)
+                .arg("--store")
+                .arg(self.dir.join("store"))
+                .arg("--trusted-key")
+                .arg(self.dir.join("signing.key.pub"))
+                .arg("--cache")
+                .arg(self.dir.join("cache"))
+                .arg("--work-dir")
+                .arg(self.dir.join("work")),
+            &format!("provision {name}"),
+        );
+        let last = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("provision result {last:?}: {e}"))
+    }
+}
+
+fn spec(name: &str, key: &SshKey, network: serde_json::Value, firstboot: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "image": {"name": "debian-12-minimal", "version": "1"},
+        "disk": {"size_mib": 3072, "partitions": [
+            {"label": "esp", "role": "ESP", "size_mib": 256, "filesystem": "VFAT"},
+            {"label": "root", "role": "ROOT", "filesystem": "EXT4"}
+        ]},
+        "customize": {
+            "hostname": name,
+            "users": [{"name": "ops", "groups": ["sudo"], "ssh_authorized_keys": [key.public], "sudo": true}],
+            "root_ssh_authorized_keys": [key.public],
+            "network": [network],
+            "files": [{"path": "/etc/motd", "content": "hello from gridforge\n", "mode": "0640"}],
+            "firstboot": firstboot
+        }
+    })
+}
+
+fn root_uuid(res: &ProvisionResult) -> String {
+    let root = res.partitions.iter().find(|p| p.role == Role::Root as i32).expect("a root partition");
+    assert!(!root.fs_uuid.is_empty(), "provision reported no root UUID: {res:?}");
+    root.fs_uuid.clone()
+}
+
+/// Retries `command` (as ops) until it succeeds; panics with its last output after `timeout`.
+fn eventually(vm: &Vm, key: &SshKey, command: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let out = vm.ssh(key, "ops", command);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "{}: {command:?} did not succeed within {timeout:?}: {}{}",
+                vm.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// What both guests must show from inside, checked in one ssh session as ops (plus one root login); returns
+/// the guest's facts by name for the per-guest checks.
+fn check_common(vm: &Vm, key: &SshKey, hostname: &str, root_uuid: &str) -> BTreeMap<String, String> {
+    let commands = [
+        ("hostname", "hostname"),
+        ("id", "id ops"),
+        ("sudo", "sudo -n true && sudo -n whoami"),
+        ("motd_mode", "stat -c %a /etc/motd"),
+        ("motd", "sudo -n cat /etc/motd"),
+        ("firstboot", "test -e /var/lib/firstboot-ran"),
+        ("cmdline", "cat /proc/cmdline"),
+        ("root_uuid", "findmnt -no UUID /"),
+        ("root_options", "findmnt -no OPTIONS /"),
+        ("esp_fstype", "findmnt -no FSTYPE /boot/efi"),
+        ("machine_id", "cat /etc/machine-id"),
+        ("addr", "ip -4 -o addr show"),
+        ("route", "ip -4 route show default"),
+        ("resolv", "cat /etc/resolv.conf"),
+        ("failed", "systemctl --failed --no-legend --plain"),
+        ("state", "systemctl is-system-running"),
+    ];
+    let results = vm.run_all(key, "ops", &commands);
+    let get = |name: &str| -> String {
+        let r = &results[name];
+        assert!(
+            r.ok || name == "state" || name == "firstboot",
+            "{}: {name} failed in the guest: {}",
+            vm.name,
+            r.output
+        );
+        r.output.clone()
+    };
+    assert_eq!(get("hostname").trim(), hostname);
+    let id = get("id");
+    assert!(id.contains("(sudo)"), "{}: ops is not in group sudo: {id}", vm.name);
+    assert_eq!(get("sudo").trim(), "root", "{}: passwordless sudo", vm.name);
+    assert_eq!(get("motd_mode").trim(), "640");
+    assert_eq!(get("motd"), "hello from gridforge\n");
+    if !results["firstboot"].ok {
+        // The first-boot unit may still be running when ssh comes up.
+        eventually(vm, key, "test -e /var/lib/firstboot-ran", Duration::from_secs(60));
+    }
+    let cmdline = get("cmdline");
+    assert!(cmdline.contains(&format!("root=UUID={root_uuid}")), "{}: /proc/cmdline: {cmdline}", vm.name);
+    assert_eq!(get("root_uuid").trim(), root_uuid, "{}: file system mounted at /", vm.name);
+    let options = get("root_options");
+    assert!(options.starts_with("rw"), "{}: / is not mounted read-write: {options}", vm.name);
+    assert_eq!(get("esp_fstype").trim(), "vfat", "{}: ESP at /boot/efi", vm.name);
+    let machine_id = get("machine_id").trim().to_string();
+    assert!(
+        machine_id.len() == 32 && machine_id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{}: /etc/machine-id is {machine_id:?}",
+        vm.name
+    );
+    assert_eq!(vm.ssh_ok(key, "root", "id -u").trim(), "0", "{}: root login with the key", vm.name);
+    let failed = get("failed");
+    eprintln!(
+        "{}: system state {}; failed units: {}",
+        vm.name,
+        results["state"].output.trim(),
+        if failed.trim().is_empty() { "none" } else { failed.trim() }
+    );
+    commands.iter().map(|(name, _)| (name.to_string(), results[*name].output.clone())).collect()
+}
+
+fn boot_and_login(vm: &mut Vm, key: &SshKey, hostname: &str) {
+    let login = vm.wait_for_serial(&format!("{hostname} login:"), LOGIN_TIMEOUT);
+    eprintln!("{}: boot to login prompt {:.1} s", vm.name, login.as_secs_f64());
+    let ssh = vm.wait_for_ssh(key, "ops", SSH_TIMEOUT);
+    eprintln!("{}: ssh up {:.1} s after start", vm.name, ssh.as_secs_f64());
+}
+
+#[test]
+fn debian_guests_boot_and_are_customized() {
+    common_vm::require_vm_tools();
+    let rootfs = debian_rootfs();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let key = SshKey::generate(dir.path());
+
+    let t = Instant::now();
+    let store = Store::pack(dir.path(), &rootfs);
+    eprintln!("pack: {:.1} s", t.elapsed().as_secs_f64());
+
+    let static_net = serde_json::json!({"match_mac": "52:54:00:12:34:56", "addresses": ["10.0.2.15/24"],
+        "gateway": "10.0.2.2", "dns": ["10.0.2.3"]});
+    let disk1 = dir.path().join("web-1.img");
+    let t = Instant::now();
+    let res1 = store.provision(&spec("web-1", &key, static_net, &["touch /var/lib/firstboot-ran"]), &disk1);
+    eprintln!("provision web-1: {:.1} s", t.elapsed().as_secs_f64());
+
+    let dhcp_net = serde_json::json!({"match_mac": "52:54:00:12:34:57", "dhcp": true});
+    // First-boot commands run once the network is up: what they see of it is recorded and checked below.
+    let web2_firstboot =
+        ["touch /var/lib/firstboot-ran", "ip -4 -o addr show scope global > /var/lib/firstboot-network"];
+    let disk2 = dir.path().join("web-2.img");
+    let t = Instant::now();
+    let res2 = store.provision(&spec("web-2", &key, dhcp_net, &web2_firstboot), &disk2);
+    eprintln!("provision web-2: {:.1} s", t.elapsed().as_secs_f64());
+    let (uuid1, uuid2) = (root_uuid(&res1), root_uuid(&res2));
+    assert_ne!(uuid1, uuid2, "two provisions gave the same root file system UUID");
+
+    common_vm::accel();
+    let (id1, id2) = std::thread::scope(|s| {
+        let web1 = s.spawn(|| {
+            let mut vm = Vm::boot("web-1", &disk1, "52:54:00:12:34:56", dir.path());
+            boot_and_login(&mut vm, &key, "web-1");
+            let facts = check_common(&vm, &key, "web-1", &uuid1);
+            let addr = &facts["addr"];
+            assert!(addr.contains("inet 10.0.2.15/24"), "web-1: static address missing: {addr}");
+            let route = &facts["route"];
+            assert!(route.contains("via 10.0.2.2"), "web-1: default route: {route}");
+            let resolv = &facts["resolv"];
+            assert!(resolv.contains("nameserver 10.0.2.3"), "web-1: resolv.conf: {resolv}");
+            facts["machine_id"].trim().to_string()
+        });
+        let web2 = s.spawn(|| {
+            let mut vm = Vm::boot("web-2", &disk2, "52:54:00:12:34:57", dir.path());
+            boot_and_login(&mut vm, &key, "web-2");
+            let facts = check_common(&vm, &key, "web-2", &uuid2);
+            let addr = eventually(
+                &vm,
+                &key,
+                "ip -4 -o addr show | grep 'inet 10\\.0\\.2\\.'",
+                Duration::from_secs(30),
+            );
+            assert!(addr.contains("dynamic"), "web-2: address not from DHCP: {addr}");
+            let seen = vm.ssh_ok(&key, "ops", "cat /var/lib/firstboot-network");
+            assert!(
+                seen.contains("inet 10.0.2."),
+                "web-2: the first-boot commands ran before DHCP configured the network: {seen:?}"
+            );
+            facts["machine_id"].trim().to_string()
+        });
+        (
+            web1.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            web2.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        )
+    });
+    assert_ne!(id1, id2, "both guests have machine-id {id1}");
+}
