@@ -20,3 +20,4 @@ chroot "$root" systemctl enable serial-getty@ttyS0.service >/dev/null 2>&1 || tr
 rm -f "$root"/etc/ssh/ssh_host_*
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 echo "debian" > "$root/etc/hostname"
+echo "LANG=C.UTF-8" > "$root/etc/default/locale"
