@@ -14,17 +14,8 @@ pub(crate) const MAGIC_PRIMARY: &[u8; 6] = b"LUKS\xba\xbe";
 pub(crate) const MAGIC_SECONDARY: &[u8; 6] = b"SKUL\xba\xbe";
 pub(crate) const BINARY_LEN: usize = 4096;
 /// The copy sizes cryptsetup accepts, and so the offsets where a secondary copy may sit.
-pub(crate) const HDR_SIZES: [u64; 9] = [
-    16 << 10,
-    32 << 10,
-    64 << 10,
-    128 << 10,
-    256 << 10,
-    512 << 10,
-    1 << 20,
-    2 << 20,
-    4 << 20,
-];
+pub(crate) const HDR_SIZES: [u64; 9] =
+    [16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20];
 
 const OFF_VERSION: usize = 6;
 const OFF_HDR_SIZE: usize = 8;
@@ -103,7 +94,8 @@ fn read_copy(dev: &File, at: u64, rel: u64, magic: &[u8; 6]) -> Result<Metadata,
     }
     let mut copy = bin;
     copy.resize(hdr_size as usize, 0);
-    dev.read_exact_at(&mut copy[BINARY_LEN..], at + BINARY_LEN as u64).map_err(|e| format!("reading: {e}"))?;
+    dev.read_exact_at(&mut copy[BINARY_LEN..], at + BINARY_LEN as u64)
+        .map_err(|e| format!("reading: {e}"))?;
     if checksum(&copy)[..] != copy[OFF_CSUM..OFF_CSUM + 32] {
         return Err("checksum mismatch".into());
     }

@@ -71,7 +71,9 @@ impl Kdf {
     /// Checks the parameters against what cryptsetup accepts.
     fn validate(&self) -> Result<(), CryptError> {
         let ok = match *self {
-            Kdf::Argon2id { t, m_kib, p } => t >= 4 && (32..=4 << 20).contains(&m_kib) && (1..=4).contains(&p),
+            Kdf::Argon2id { t, m_kib, p } => {
+                t >= 4 && (32..=4 << 20).contains(&m_kib) && (1..=4).contains(&p)
+            }
             Kdf::Pbkdf2 { iterations } => iterations >= 1000,
         };
         if ok {
@@ -228,8 +230,12 @@ fn bad(msg: impl Into<String>) -> CryptError {
     CryptError::BadMetadata(msg.into())
 }
 
-fn parse_map<T: for<'de> Deserialize<'de>>(json: &Value, section: &str) -> Result<BTreeMap<u32, T>, CryptError> {
-    let obj = json.get(section).and_then(Value::as_object).ok_or_else(|| bad(format!("no {section} object")))?;
+fn parse_map<T: for<'de> Deserialize<'de>>(
+    json: &Value,
+    section: &str,
+) -> Result<BTreeMap<u32, T>, CryptError> {
+    let obj =
+        json.get(section).and_then(Value::as_object).ok_or_else(|| bad(format!("no {section} object")))?;
     obj.iter()
         .map(|(id, v)| {
             let n: u32 = id.parse().map_err(|_| bad(format!("{section} id {id:?}")))?;
@@ -260,7 +266,10 @@ fn parse(json: &Value) -> Result<Parsed, CryptError> {
     let keyslots = parse_map::<KeyslotJson>(json, "keyslots")?;
     let mut segments = parse_map::<SegmentJson>(json, "segments")?;
     if segments.len() != 1 {
-        return Err(CryptError::Unsupported(format!("{} segments (interrupted reencryption?)", segments.len())));
+        return Err(CryptError::Unsupported(format!(
+            "{} segments (interrupted reencryption?)",
+            segments.len()
+        )));
     }
     let segment = segments.pop_first().expect("one segment").1;
     if segment.kind != "crypt" || segment.encryption != CIPHER {
@@ -290,12 +299,14 @@ impl KdfJson {
             KdfJson::Pbkdf2 { hash, iterations, salt } => {
                 pbkdf2_hash(hash, passphrase, &decode(salt, "keyslot salt")?, *iterations, &mut out)?
             }
-            KdfJson::Argon2i { time, memory, cpus, salt } | KdfJson::Argon2id { time, memory, cpus, salt } => {
+            KdfJson::Argon2i { time, memory, cpus, salt }
+            | KdfJson::Argon2id { time, memory, cpus, salt } => {
                 let algorithm = match self {
                     KdfJson::Argon2i { .. } => argon2::Algorithm::Argon2i,
                     _ => argon2::Algorithm::Argon2id,
                 };
-                let params = argon2::Params::new(*memory, *time, *cpus, Some(len)).map_err(CryptError::Argon2)?;
+                let params =
+                    argon2::Params::new(*memory, *time, *cpus, Some(len)).map_err(CryptError::Argon2)?;
                 argon2::Argon2::new(algorithm, argon2::Version::V0x13, params)
                     .hash_password_into(passphrase, &decode(salt, "keyslot salt")?, &mut out)
                     .map_err(CryptError::Argon2)?;
@@ -305,7 +316,13 @@ impl KdfJson {
     }
 }
 
-fn pbkdf2_hash(hash: &str, password: &[u8], salt: &[u8], rounds: u32, out: &mut [u8]) -> Result<(), CryptError> {
+fn pbkdf2_hash(
+    hash: &str,
+    password: &[u8],
+    salt: &[u8],
+    rounds: u32,
+    out: &mut [u8],
+) -> Result<(), CryptError> {
     match hash {
         "sha256" => pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, rounds, out),
         "sha512" => pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, rounds, out),
@@ -412,7 +429,13 @@ impl DigestJson {
         }
         let expected = decode(&self.digest, "digest")?;
         let mut computed = Zeroizing::new(vec![0u8; expected.len()]);
-        pbkdf2_hash(&self.hash, volume_key, &decode(&self.salt, "digest salt")?, self.iterations, &mut computed)?;
+        pbkdf2_hash(
+            &self.hash,
+            volume_key,
+            &decode(&self.salt, "digest salt")?,
+            self.iterations,
+            &mut computed,
+        )?;
         Ok(bool::from(computed.ct_eq(&expected)))
     }
 }
@@ -575,7 +598,9 @@ pub fn open(dev: &File, offset: u64, passphrase: &[u8]) -> Result<Volume, CryptE
     let payload_len = if segment.size == "dynamic" {
         let mut handle = dev;
         let end = handle.seek(SeekFrom::End(0)).map_err(CryptError::io("finding the device size"))?;
-        let len = end.checked_sub(offset + segment.offset).ok_or_else(|| bad("payload starts past the device end"))?;
+        let len = end
+            .checked_sub(offset + segment.offset)
+            .ok_or_else(|| bad("payload starts past the device end"))?;
         len / sector * sector
     } else {
         segment.size.parse().map_err(|_| bad(format!("segment size {:?}", segment.size)))?
@@ -652,7 +677,12 @@ impl Volume {
     /// in large aligned chunks. Call [`PayloadWriter::finish`] to write the tail.
     pub fn writer<'a>(&'a self, dev: &'a File, plain_offset: u64) -> Result<PayloadWriter<'a>, CryptError> {
         self.check_range(0, plain_offset)?;
-        Ok(PayloadWriter { volume: self, dev, next: plain_offset, buf: Zeroizing::new(Vec::with_capacity(IO_CHUNK)) })
+        Ok(PayloadWriter {
+            volume: self,
+            dev,
+            next: plain_offset,
+            buf: Zeroizing::new(Vec::with_capacity(IO_CHUNK)),
+        })
     }
 }
 
@@ -744,7 +774,8 @@ pub fn add_key(
     kdf.validate()?;
     let (mut meta, parsed) = read_parsed(dev, offset)?;
     let unlocked = unlock(dev, offset, &parsed, existing_passphrase)?;
-    let slot = (0..MAX_KEYSLOTS).find(|id| !parsed.keyslots.contains_key(id)).ok_or(CryptError::NoFreeKeyslot)?;
+    let slot =
+        (0..MAX_KEYSLOTS).find(|id| !parsed.keyslots.contains_key(id)).ok_or(CryptError::NoFreeKeyslot)?;
     let area_size = round_up(material_len(unlocked.volume_key.len(), STRIPES) as u64, AREA_ALIGN);
     let area_offset = allocate_area(&meta, &parsed, area_size)?;
     let keyslot = write_keyslot(dev, offset, area_offset, &unlocked.volume_key, new_passphrase, kdf)?;
@@ -877,7 +908,8 @@ pub fn dump(dev: &File, offset: u64) -> Result<LuksDump, CryptError> {
             priority: ks.priority,
         })
         .collect();
-    let segment_id = meta.json["segments"].as_object().and_then(|o| o.keys().next()?.parse().ok()).unwrap_or(0);
+    let segment_id =
+        meta.json["segments"].as_object().and_then(|o| o.keys().next()?.parse().ok()).unwrap_or(0);
     let s = &parsed.segment;
     let digests = parsed
         .digests
