@@ -64,7 +64,9 @@ sys.stdout.buffer.write(enc.update(sys.stdin.buffer.read()) + enc.finalize())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("python3 with the cryptography package (Debian python3-cryptography) is required for this test");
+        .expect(
+            "python3 with the cryptography package (Debian python3-cryptography) is required for this test",
+        );
     child.stdin.take().unwrap().write_all(data).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "OpenSSL {cipher} through python3-cryptography failed");
