@@ -80,9 +80,8 @@ struct LuksFormatArgs {
     #[arg(long, value_enum, default_value_t = KdfArg::Argon2id)]
     kdf: KdfArg,
     /// Payload sector size.
-    #[arg(long, default_value_t = 4096, value_parser = clap::builder::PossibleValuesParser::new(["512", "4096"])
-        .map(|s| s.parse::<usize>().expect("listed values are numbers")))]
-    sector_size: usize,
+    #[arg(long, default_value = "4096", value_parser = ["512", "4096"])]
+    sector_size: String,
     /// Volume label (up to 47 bytes).
     #[arg(long, default_value = "")]
     label: String,
@@ -296,7 +295,7 @@ fn luks(command: LuksCommand, json: bool) -> Result<()> {
             let len = end.checked_sub(v.offset).context("--offset is past the end of the disk")?;
             let opts = FormatOptions {
                 kdf: args.kdf.kdf(),
-                sector_size: args.sector_size,
+                sector_size: args.sector_size.parse().expect("clap allows only 512 or 4096"),
                 label: args.label,
                 uuid: args.uuid,
                 ..Default::default()
