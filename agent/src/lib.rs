@@ -2,6 +2,7 @@
 //! The CLI (and later the gRPC daemon) only translate requests into calls on this library.
 
 pub mod block;
+pub mod crypt;
 pub mod customize;
 pub mod fs;
 pub mod image;

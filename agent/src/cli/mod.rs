@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gridforge_agent::block::{BlockTarget, TargetOptions};
+use gridforge_agent::crypt::luks2::{self, FormatOptions, Kdf};
 use gridforge_agent::image::{self, Trust, index::Kind};
 use gridforge_agent::provision::{self, ImageSource, ProvisionRequest};
 use gridforge_proto::v1::VmSpec;
@@ -34,6 +35,91 @@ enum Command {
     Provision(ProvisionArgs),
     /// Show a disk's partition table and file systems (UUIDs and labels as blkid reports them).
     Inspect(InspectArgs),
+    /// Make and manage LUKS2 volumes (readable by cryptsetup) without device-mapper.
+    #[command(subcommand)]
+    Luks(LuksCommand),
+}
+
+#[derive(Subcommand)]
+enum LuksCommand {
+    /// Format a LUKS2 volume (aes-xts-plain64, 512-bit key) over the disk from --offset to its end.
+    Format(LuksFormatArgs),
+    /// Add a keyslot for --new-passphrase-file, unlocking with --passphrase-file.
+    AddKey(LuksAddKeyArgs),
+    /// Remove the keyslot that --passphrase-file opens (never the last one).
+    RemoveKey(LuksArgs),
+    /// Show the LUKS2 metadata (no secrets).
+    Dump(LuksVolumeArgs),
+    /// Check a passphrase; exits 1 if no keyslot opens with it.
+    CheckPassphrase(LuksArgs),
+}
+
+#[derive(Args)]
+struct LuksVolumeArgs {
+    /// The disk holding the volume: a block device or a regular file.
+    #[arg(long)]
+    disk: PathBuf,
+    /// Byte offset of the volume in the disk.
+    #[arg(long, default_value_t = 0)]
+    offset: u64,
+}
+
+#[derive(Args)]
+struct LuksArgs {
+    #[command(flatten)]
+    volume: LuksVolumeArgs,
+    /// File whose whole content is the passphrase (as cryptsetup --key-file reads it: a trailing newline counts).
+    #[arg(long)]
+    passphrase_file: PathBuf,
+}
+
+#[derive(Args)]
+struct LuksFormatArgs {
+    #[command(flatten)]
+    luks: LuksArgs,
+    #[arg(long, value_enum, default_value_t = KdfArg::Argon2id)]
+    kdf: KdfArg,
+    /// Payload sector size.
+    #[arg(long, default_value = "4096", value_parser = ["512", "4096"])]
+    sector_size: String,
+    /// Volume label (up to 47 bytes).
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Volume UUID [default: random].
+    #[arg(long)]
+    uuid: Option<uuid::Uuid>,
+}
+
+#[derive(Args)]
+struct LuksAddKeyArgs {
+    #[command(flatten)]
+    luks: LuksArgs,
+    /// File whose whole content is the new passphrase.
+    #[arg(long)]
+    new_passphrase_file: PathBuf,
+    #[arg(long, value_enum, default_value_t = KdfArg::Argon2id)]
+    kdf: KdfArg,
+}
+
+/// Keyslot key derivation presets.
+#[derive(Clone, Copy, ValueEnum)]
+enum KdfArg {
+    /// Argon2id, 256 MiB, 4 passes, 2 lanes.
+    Argon2id,
+    /// Argon2id, 32 MiB, 4 passes, 1 lane (tests only).
+    Argon2idFast,
+    /// PBKDF2-HMAC-SHA256, 1 000 000 iterations.
+    Pbkdf2,
+}
+
+impl KdfArg {
+    fn kdf(self) -> Kdf {
+        match self {
+            KdfArg::Argon2id => Kdf::ARGON2ID,
+            KdfArg::Argon2idFast => Kdf::ARGON2ID_FAST,
+            KdfArg::Pbkdf2 => Kdf::PBKDF2,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -130,7 +216,7 @@ struct InspectArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = Output::new(cli.json);
-    match run(cli.command, &out) {
+    match run(cli.command, &out, cli.json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             out.error(&e);
@@ -139,7 +225,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command, out: &Output) -> Result<()> {
+fn run(command: Command, out: &Output, json: bool) -> Result<()> {
     match command {
         Command::Image(ImageCommand::Keygen { out: path }) => {
             let public = image::sign::keygen(&path)?;
@@ -171,6 +257,93 @@ fn run(command: Command, out: &Output) -> Result<()> {
             let target = BlockTarget::open(&args.disk, &opts)?;
             let table = provision::describe(&target)?;
             out.inspect(&table);
+        }
+        Command::Luks(command) => luks(command, json)?,
+    }
+    Ok(())
+}
+
+fn read_passphrase(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading passphrase file {}", path.display()))?;
+    Ok(zeroize::Zeroizing::new(bytes))
+}
+
+fn open_disk(path: &std::path::Path, write: bool) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+fn print_result(json: bool, value: serde_json::Value, text: String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn luks(command: LuksCommand, json: bool) -> Result<()> {
+    use serde_json::json;
+    use std::io::{Seek, SeekFrom};
+    match command {
+        LuksCommand::Format(args) => {
+            let v = &args.luks.volume;
+            let mut dev = open_disk(&v.disk, true)?;
+            let end = dev.seek(SeekFrom::End(0)).with_context(|| format!("sizing {}", v.disk.display()))?;
+            let len = end.checked_sub(v.offset).context("--offset is past the end of the disk")?;
+            let opts = FormatOptions {
+                kdf: args.kdf.kdf(),
+                sector_size: args.sector_size.parse().expect("clap allows only 512 or 4096"),
+                label: args.label,
+                uuid: args.uuid,
+                ..Default::default()
+            };
+            let passphrase = read_passphrase(&args.luks.passphrase_file)?;
+            let info = luks2::format(&dev, v.offset, len, &passphrase, &opts)
+                .with_context(|| format!("formatting LUKS2 on {}", v.disk.display()))?;
+            let text = format!(
+                "formatted LUKS2 {} on {}: payload {} bytes at {}, {}-byte sectors",
+                info.uuid,
+                v.disk.display(),
+                info.payload_len,
+                info.payload_offset,
+                info.sector_size
+            );
+            print_result(json, serde_json::to_value(&info)?, text);
+        }
+        LuksCommand::AddKey(args) => {
+            let v = &args.luks.volume;
+            let dev = open_disk(&v.disk, true)?;
+            let existing = read_passphrase(&args.luks.passphrase_file)?;
+            let new = read_passphrase(&args.new_passphrase_file)?;
+            let slot = luks2::add_key(&dev, v.offset, &existing, &new, args.kdf.kdf())
+                .with_context(|| format!("adding a key to {}", v.disk.display()))?;
+            print_result(json, json!({ "keyslot": slot }), format!("added keyslot {slot}"));
+        }
+        LuksCommand::RemoveKey(args) => {
+            let v = &args.volume;
+            let dev = open_disk(&v.disk, true)?;
+            let passphrase = read_passphrase(&args.passphrase_file)?;
+            let slot = luks2::remove_key(&dev, v.offset, &passphrase)
+                .with_context(|| format!("removing a key from {}", v.disk.display()))?;
+            print_result(json, json!({ "removed_keyslot": slot }), format!("removed keyslot {slot}"));
+        }
+        LuksCommand::Dump(v) => {
+            let dev = open_disk(&v.disk, false)?;
+            let dump = luks2::dump(&dev, v.offset)
+                .with_context(|| format!("reading LUKS2 on {}", v.disk.display()))?;
+            let text = serde_json::to_string_pretty(&dump)?;
+            print_result(json, serde_json::to_value(&dump)?, text);
+        }
+        LuksCommand::CheckPassphrase(args) => {
+            let v = &args.volume;
+            let dev = open_disk(&v.disk, false)?;
+            let passphrase = read_passphrase(&args.passphrase_file)?;
+            let slot = luks2::check_passphrase(&dev, v.offset, &passphrase)
+                .with_context(|| format!("checking the passphrase of {}", v.disk.display()))?;
+            print_result(json, json!({ "keyslot": slot }), format!("passphrase opens keyslot {slot}"));
         }
     }
     Ok(())
