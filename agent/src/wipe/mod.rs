@@ -503,7 +503,7 @@ pub fn wipe(req: &WipeRequest, progress: &Progress, cancel: &CancelToken) -> Res
         format: report::FORMAT.into(),
         report_id: uuid::Uuid::new_v4().to_string(),
         device: report::DeviceRecord {
-            path: path.display().to_string(),
+            path: std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()).display().to_string(),
             kind: match target.kind() {
                 TargetKind::File => "file".into(),
                 TargetKind::BlockDevice => "block-device".into(),
@@ -663,8 +663,9 @@ impl PassContext<'_> {
             self.check_cancel(pass, offset)?;
             let len = (end - offset).min(ZERO_STEP);
             let result = match self.target.kind() {
-                TargetKind::BlockDevice => block::ioctl::zero_out(fd, offset, len)
-                    .map(|()| ("BLKZEROOUT (device write-zeroes)", None)),
+                TargetKind::BlockDevice => {
+                    device::zero_out(fd, offset, len).map(|()| ("BLKZEROOUT (device write-zeroes)", None))
+                }
                 TargetKind::File => zero_file_range(fd, offset, len),
             };
             match result {
@@ -695,7 +696,7 @@ impl PassContext<'_> {
         while offset < end {
             self.check_cancel(pass, offset)?;
             let len = (end - offset).min(ZERO_STEP);
-            block::ioctl::discard(self.target.file(), offset, len).map_err(|e| BlockError::Io {
+            device::discard(self.target.file(), offset, len).map_err(|e| BlockError::Io {
                 context: format!("discarding {len} bytes at offset {offset}"),
                 path: self.target.path().to_path_buf(),
                 source: e.into(),
@@ -704,6 +705,27 @@ impl PassContext<'_> {
             self.advance(len);
         }
         Ok(())
+    }
+}
+
+/// BLKZEROOUT and BLKDISCARD as <linux/fs.h> defines them: `_IO(0x12, 127)` and `_IO(0x12, 119)`, with no
+/// size in the request code (encoding one as `_IOW` yields a request the kernel rejects with EINVAL).
+mod device {
+    use std::os::fd::AsRawFd;
+
+    nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+    nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
+
+    /// Have the device write zeroes over `[offset, offset + len)` (multiples of the logical sector size).
+    pub fn zero_out(fd: &impl AsRawFd, offset: u64, len: u64) -> nix::Result<()> {
+        // SAFETY: BLKZEROOUT reads two u64 values through the pointer, which points at a live local array.
+        unsafe { blkzeroout(fd.as_raw_fd(), &[offset, len]) }.map(drop)
+    }
+
+    /// Discard `[offset, offset + len)`.
+    pub fn discard(fd: &impl AsRawFd, offset: u64, len: u64) -> nix::Result<()> {
+        // SAFETY: BLKDISCARD reads two u64 values through the pointer, which points at a live local array.
+        unsafe { blkdiscard(fd.as_raw_fd(), &[offset, len]) }.map(drop)
     }
 }
 
