@@ -51,7 +51,7 @@ fn random_on_a_loop_device_leaves_no_plaintext_and_sample_verifies() {
     assert_eq!(r.device.kind, "block-device");
     assert_eq!(r.device.logical_sector_size, 4096);
     assert_eq!(r.device.size_bytes, 32 * MIB);
-    assert!(r.verification.blocks_checked >= 32 / 10 + 1, "{:?}", r.verification);
+    assert!(r.verification.blocks_checked >= 4, "{:?}", r.verification);
     assert!(r.sanitization.prng.as_deref().unwrap().contains("ChaCha8"));
     let text = serde_json::to_string(r).unwrap();
     assert!(!text.contains("seed\":["), "the keystream key must not be in the report");
@@ -224,7 +224,7 @@ fn cancel_stops_early_and_resume_finishes_the_rest() {
     let req = WipeRequest::new(&disk, Method::ZeroWrite, Verify::Full);
     let err = wipe::wipe(&req, &progress, &cancel).unwrap_err();
     let WipeError::Cancelled { pass: 0, at } = err else { panic!("expected a cancellation, got {err:?}") };
-    assert!(at >= 8 * MIB && at < 32 * MIB, "{at}");
+    assert!((8 * MIB..32 * MIB).contains(&at), "{at}");
     let data = std::fs::read(&disk).unwrap();
     assert!(data[..at as usize].iter().all(|&b| b == 0), "everything before the offset is wiped");
     let tail_untouched =

@@ -832,19 +832,22 @@ fn verify_with(
         Verify::Sample { seed } => {
             let seed = seed.unwrap_or_else(rand::random);
             let blocks = sample_blocks(expected, &known, seed);
+            let pieces = |block: u64| {
+                let (b0, b1) = (block * SAMPLE_BLOCK, ((block + 1) * SAMPLE_BLOCK).min(expected.size));
+                known.iter().filter_map(move |&(s, e, pattern)| {
+                    let (p0, p1) = (s.max(b0), e.min(b1));
+                    (p0 < p1).then_some((p0, p1, pattern))
+                })
+            };
+            let total: u64 = blocks.iter().flat_map(|&b| pieces(b)).map(|(p0, p1, _)| p1 - p0).sum();
             let mut bytes_checked = 0;
             let mut buf = AlignedBuf::new(SAMPLE_BLOCK as usize);
             let mut want = AlignedBuf::new(SAMPLE_BLOCK as usize);
-            for (i, &block) in blocks.iter().enumerate() {
-                let (b0, b1) = (block * SAMPLE_BLOCK, ((block + 1) * SAMPLE_BLOCK).min(expected.size));
+            for &block in &blocks {
                 if cancel.is_cancelled() {
-                    return Err(WipeError::VerifyCancelled { at: b0 });
+                    return Err(WipeError::VerifyCancelled { at: block * SAMPLE_BLOCK });
                 }
-                for &(s, e, pattern) in &known {
-                    let (p0, p1) = (s.max(b0), e.min(b1));
-                    if p0 >= p1 {
-                        continue;
-                    }
+                for (p0, p1, pattern) in pieces(block) {
                     let len = (p1 - p0) as usize;
                     buf.set_len(len);
                     want.set_len(len);
@@ -855,7 +858,7 @@ fn verify_with(
                     }
                     bytes_checked += len as u64;
                 }
-                progress.report(STEP_VERIFY, i as u64 + 1, blocks.len() as u64, "");
+                progress.report(STEP_VERIFY, bytes_checked, total, "");
             }
             Ok(VerifySummary { sample_seed: Some(seed), blocks_checked: blocks.len() as u64, bytes_checked })
         }
