@@ -10,6 +10,7 @@ pub mod partition;
 pub mod pipeline;
 pub mod progress;
 pub mod provision;
+pub mod wipe;
 
 use gridforge_proto::v1::error::Code;
 

@@ -11,6 +11,7 @@ use gridforge_agent::block::{BlockTarget, TargetOptions};
 use gridforge_agent::crypt::luks2::{self, FormatOptions, Kdf};
 use gridforge_agent::image::{self, Trust, index::Kind};
 use gridforge_agent::provision::{self, ImageSource, ProvisionRequest};
+use gridforge_agent::wipe;
 use gridforge_proto::v1::VmSpec;
 
 use output::Output;
@@ -35,6 +36,11 @@ enum Command {
     Provision(ProvisionArgs),
     /// Show a disk's partition table and file systems (UUIDs and labels as blkid reports them).
     Inspect(InspectArgs),
+    /// Securely wipe a disk (NIST SP 800-88 Clear or Purge), verify it and write a signed wipe report.
+    Wipe(WipeArgs),
+    /// Check wipe reports.
+    #[command(subcommand)]
+    Report(ReportCommand),
     /// Make and manage LUKS2 volumes (readable by cryptsetup) without device-mapper.
     #[command(subcommand)]
     Luks(LuksCommand),
@@ -120,6 +126,63 @@ impl KdfArg {
             KdfArg::Pbkdf2 => Kdf::PBKDF2,
         }
     }
+}
+
+#[derive(Args)]
+struct WipeArgs {
+    /// Disk to wipe: a block device or a regular file.
+    #[arg(long)]
+    disk: PathBuf,
+    /// zero, zero-write, random, discard, crypto-erase, or passes:A,B (e.g. passes:random,zero).
+    #[arg(long, value_parser = wipe::Method::parse)]
+    method: wipe::Method,
+    /// Read back every byte (full), a seeded sample of at least 10% of the 1 MiB blocks, or nothing.
+    #[arg(long, value_enum, default_value_t = VerifyArg::Sample)]
+    verify: VerifyArg,
+    /// Where to write the signed report (JSON).
+    #[arg(long)]
+    report: PathBuf,
+    /// Signing key made by `image keygen`.
+    #[arg(long)]
+    signing_key: PathBuf,
+    /// Skip the safety checks (mounted, system root, holders, swap, pool).
+    #[arg(long)]
+    force: bool,
+    /// Allowed targets (repeatable): directories for files, device paths or `/dev/prefix*` for devices.
+    #[arg(long)]
+    pool: Vec<PathBuf>,
+    /// Who ordered the wipe [default: $SUDO_USER or $USER].
+    #[arg(long)]
+    operator: Option<String>,
+    /// Continue an interrupted wipe from this byte offset (as the cancelled run reported it). A random pass
+    /// continues with a new key; the bytes before the offset are then listed as unverified.
+    #[arg(long, default_value_t = 0)]
+    resume_from: u64,
+    /// The pass (0-based) the offset belongs to; earlier passes are not repeated.
+    #[arg(long, default_value_t = 0)]
+    resume_pass: usize,
+    /// Logical sector size of a regular file (block devices report their own).
+    #[arg(long)]
+    sector_size: Option<u32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VerifyArg {
+    Full,
+    Sample,
+    None,
+}
+
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// Check a wipe report's signature against a trusted key; exits 0 only for an intact, validly signed report.
+    Verify {
+        /// The report file.
+        file: PathBuf,
+        /// Trusted public key: base64, or a path to a .pub file.
+        #[arg(long)]
+        key: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -258,6 +321,20 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
             let table = provision::describe(&target)?;
             out.inspect(&table);
         }
+        Command::Wipe(args) => wipe_disk(args, out, json)?,
+        Command::Report(ReportCommand::Verify { file, key }) => {
+            let key = image::sign::parse_trusted_key(&key)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading report {}", file.display()))?;
+            let report = wipe::report::verify(&text, &key)
+                .with_context(|| format!("checking report {}", file.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("report serializes"));
+            } else {
+                println!("report {}: signature valid", file.display());
+                print_wipe_summary(&report);
+            }
+        }
         Command::Luks(command) => luks(command, json)?,
     }
     Ok(())
@@ -347,6 +424,76 @@ fn luks(command: LuksCommand, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn wipe_disk(args: WipeArgs, out: &Output, json: bool) -> Result<()> {
+    // Load the key first: a wipe without a way to certify it should not start.
+    let key = image::sign::load_signing_key(&args.signing_key)?;
+    if args.pool.is_empty() && !args.force {
+        eprintln!("warning: no wipe pool configured (--pool): any unmounted, unused target is allowed");
+    }
+    let req = wipe::WipeRequest {
+        path: args.disk,
+        method: args.method,
+        verify: match args.verify {
+            VerifyArg::Full => wipe::Verify::Full,
+            VerifyArg::Sample => wipe::Verify::Sample { seed: None },
+            VerifyArg::None => wipe::Verify::None,
+        },
+        policy: wipe::WipePolicy { pool: args.pool },
+        force: args.force,
+        resume: wipe::Resume { pass: args.resume_pass, offset: args.resume_from },
+        operator: args.operator.unwrap_or_else(wipe::default_operator),
+        file_sector_size: args.sector_size,
+    };
+    let cancel = wipe::CancelToken::new();
+    let outcome = wipe::wipe(&req, &out.progress(), &cancel)?;
+    let mut report = outcome.report;
+    wipe::report::sign(&mut report, &key);
+    std::fs::write(&args.report, report.to_pretty_json() + "\n")
+        .with_context(|| format!("writing report {}", args.report.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&report).expect("report serializes"));
+    } else {
+        print_wipe_summary(&report);
+        println!("report: {}", args.report.display());
+    }
+    if report.verification.result == "failed" {
+        bail!("verification failed: {}", report.errors.join("; "));
+    }
+    Ok(())
+}
+
+fn print_wipe_summary(r: &wipe::WipeReport) {
+    let d = &r.device;
+    println!(
+        "device {} ({}, model {}, serial {}): {} bytes, {}-byte sectors",
+        d.path, d.kind, d.model, d.serial, d.size_bytes, d.logical_sector_size
+    );
+    let s = &r.sanitization;
+    println!("method {} -> NIST {} ({})", s.method, s.nist_level, s.standard);
+    for p in &s.passes {
+        println!(
+            "  pass {}: {} [{}] via {}, {} bytes",
+            p.number, p.method, p.pattern, p.mechanism, p.bytes_written
+        );
+    }
+    let v = &r.verification;
+    println!(
+        "verification {}: {} ({} blocks, {} bytes checked{})",
+        v.method,
+        v.result,
+        v.blocks_checked,
+        v.bytes_checked,
+        v.sample_seed.map(|s| format!(", sample seed {s}")).unwrap_or_default()
+    );
+    println!(
+        "{} -> {} ({} ms), {} bytes written, operator {} on {}",
+        r.started, r.finished, r.duration_ms, r.bytes_written, r.operator, r.node.hostname
+    );
+    for e in &r.errors {
+        println!("error: {e}");
+    }
 }
 
 fn pack(args: PackArgs, out: &Output) -> Result<()> {
