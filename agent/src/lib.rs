@@ -30,6 +30,12 @@ pub enum Error {
     Image(#[from] image::ImageError),
     #[error(transparent)]
     Pipeline(#[from] pipeline::PipelineError),
+    #[error(transparent)]
+    Crypt(#[from] crypt::CryptError),
+    #[error(transparent)]
+    Customize(#[from] customize::CustomizeError),
+    #[error(transparent)]
+    Wipe(#[from] wipe::WipeError),
 }
 
 impl Error {
@@ -56,6 +62,13 @@ impl Error {
             Error::Pipeline(P::TooLarge { .. }) => Code::Layout,
             Error::Pipeline(P::Io { .. }) => Code::Io,
             Error::Pipeline(_) => Code::CorruptImage,
+            Error::Crypt(crypt::CryptError::Io { .. }) => Code::Io,
+            Error::Crypt(_) => Code::InvalidSpec,
+            Error::Customize(customize::CustomizeError::Io { .. }) => Code::Io,
+            Error::Customize(_) => Code::InvalidSpec,
+            Error::Wipe(wipe::WipeError::Cancelled { .. }) => Code::Cancelled,
+            Error::Wipe(wipe::WipeError::Refused { .. }) => Code::Target,
+            Error::Wipe(_) => Code::Io,
         }
     }
 }

@@ -69,3 +69,18 @@ fn block_device_reports_size_and_4096_sectors() {
     assert!(back[4096..8192].iter().all(|&b| b == 0));
     assert!(back[8192..].iter().all(|&b| b == 7));
 }
+
+#[test]
+fn blkzeroout_really_runs_on_a_loop_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, vec![0xEEu8; (4 * MIB) as usize]).unwrap();
+    let lo = Loop::attach(&path, 512);
+    let t = BlockTarget::open(&lo.dev, &TargetOptions::default()).unwrap();
+    gridforge_agent::block::ioctl::zero_out(t.file(), MIB, MIB).expect("BLKZEROOUT accepted by the kernel");
+    let mut back = vec![0u8; (3 * MIB) as usize];
+    t.read_at(&mut back, 0).unwrap();
+    assert!(back[..MIB as usize].iter().all(|&b| b == 0xEE));
+    assert!(back[MIB as usize..2 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(back[2 * MIB as usize..].iter().all(|&b| b == 0xEE));
+}

@@ -6,8 +6,9 @@ mod raw {
     // From <linux/fs.h>.
     nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
     nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
-    nix::ioctl_write_ptr!(blkzeroout, 0x12, 127, [u64; 2]);
-    nix::ioctl_write_ptr!(blkdiscard, 0x12, 119, [u64; 2]);
+    // Defined as _IO(0x12, 127) and _IO(0x12, 119) although they take a pointer to a u64 pair.
+    nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+    nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
 }
 
 /// Size of a block device in bytes.

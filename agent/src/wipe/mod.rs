@@ -664,7 +664,7 @@ impl PassContext<'_> {
             let len = (end - offset).min(ZERO_STEP);
             let result = match self.target.kind() {
                 TargetKind::BlockDevice => {
-                    device::zero_out(fd, offset, len).map(|()| ("BLKZEROOUT (device write-zeroes)", None))
+                    crate::block::ioctl::zero_out(fd, offset, len).map(|()| ("BLKZEROOUT (device write-zeroes)", None))
                 }
                 TargetKind::File => zero_file_range(fd, offset, len),
             };
@@ -696,7 +696,7 @@ impl PassContext<'_> {
         while offset < end {
             self.check_cancel(pass, offset)?;
             let len = (end - offset).min(ZERO_STEP);
-            device::discard(self.target.file(), offset, len).map_err(|e| BlockError::Io {
+            crate::block::ioctl::discard(self.target.file(), offset, len).map_err(|e| BlockError::Io {
                 context: format!("discarding {len} bytes at offset {offset}"),
                 path: self.target.path().to_path_buf(),
                 source: e.into(),
@@ -710,25 +710,6 @@ impl PassContext<'_> {
 
 /// BLKZEROOUT and BLKDISCARD as <linux/fs.h> defines them: `_IO(0x12, 127)` and `_IO(0x12, 119)`, with no
 /// size in the request code (encoding one as `_IOW` yields a request the kernel rejects with EINVAL).
-mod device {
-    use std::os::fd::AsRawFd;
-
-    nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
-    nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
-
-    /// Have the device write zeroes over `[offset, offset + len)` (multiples of the logical sector size).
-    pub fn zero_out(fd: &impl AsRawFd, offset: u64, len: u64) -> nix::Result<()> {
-        // SAFETY: BLKZEROOUT reads two u64 values through the pointer, which points at a live local array.
-        unsafe { blkzeroout(fd.as_raw_fd(), &[offset, len]) }.map(drop)
-    }
-
-    /// Discard `[offset, offset + len)`.
-    pub fn discard(fd: &impl AsRawFd, offset: u64, len: u64) -> nix::Result<()> {
-        // SAFETY: BLKDISCARD reads two u64 values through the pointer, which points at a live local array.
-        unsafe { blkdiscard(fd.as_raw_fd(), &[offset, len]) }.map(drop)
-    }
-}
-
 /// `fallocate` ZERO_RANGE, else PUNCH_HOLE; what was done and what it means.
 fn zero_file_range(fd: &File, offset: u64, len: u64) -> nix::Result<(&'static str, Option<&'static str>)> {
     use nix::fcntl::{FallocateFlags as F, fallocate};
