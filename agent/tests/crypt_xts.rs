@@ -59,7 +59,7 @@ key, tweak = bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2])
 enc = Cipher(algorithms.AES(key), modes.XTS(tweak)).encryptor()
 sys.stdout.buffer.write(enc.update(sys.stdin.buffer.read()) + enc.finalize())
 ";
-    let mut child = Command::new("python3")
+    let mut child = Command::new("/usr/bin/python3")
         .args(["-c", script, &hex::encode(key), &hex::encode(tweak)])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

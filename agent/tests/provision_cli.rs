@@ -412,3 +412,98 @@ fn a_tar_escaping_the_root_is_refused_and_nothing_lands_outside() {
     assert!(!outside.exists(), "nothing written outside the staging directory");
     assert!(head_is_zero(&disk));
 }
+
+/// Decrypt an aes-xts-plain64 payload with OpenSSL (through python3-cryptography), given the volume key from
+/// `cryptsetup luksDump --dump-volume-key`: IV = payload byte offset / 512, per encryption sector.
+fn decrypt_payload(cipher: &[u8], key_hex: &str, sector: usize) -> Vec<u8> {
+    use std::io::Write;
+    let script = "import sys
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+key, sector = bytes.fromhex(sys.argv[1]), int(sys.argv[2])
+data, out = sys.stdin.buffer.read(), bytearray()
+for off in range(0, len(data), sector):
+    d = Cipher(algorithms.AES(key), modes.XTS((off // 512).to_bytes(16, 'little'))).decryptor()
+    out += d.update(data[off:off + sector]) + d.finalize()
+sys.stdout.buffer.write(out)
+";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script, key_hex, &sector.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with python3-cryptography is required for this test");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = cipher.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data).unwrap());
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn encrypted_data_partition_opens_with_stock_cryptsetup_and_decrypts_to_ext4() {
+    let f = Fixture::new();
+    std::fs::write(f.path("pass"), "tenant secret\n").unwrap();
+    let spec = format!(
+        r#"{{"name":"vault","image":{{"name":"tiny","version":"1"}},"disk":{{"size_mib":160,"partitions":[
+        {{"label":"root","role":"ROOT","size_mib":64,"filesystem":"EXT4"}},
+        {{"label":"secure","role":"DATA","filesystem":"EXT4","mount_point":"/srv/data",
+          "encryption":{{"passphrase_file":"{}","kdf":"argon2id-fast","sector_size":4096}}}}]}}}}"#,
+        f.path("pass").display()
+    );
+    let disk = f.path("disk.img");
+    let res = f.provision(&spec, &disk).unwrap();
+    let data = &res.partitions[1];
+    assert!(data.luks && !data.luks_uuid.is_empty(), "{data:?}");
+    // The partition region, copied out: cryptsetup's dump may touch a writable image.
+    let all = std::fs::read(&disk).unwrap();
+    let region = &all[data.offset_bytes as usize..(data.offset_bytes + data.size_bytes) as usize];
+    let vol = f.path("volume.img");
+    std::fs::write(&vol, region).unwrap();
+    let v = vol.to_str().unwrap();
+    run("cryptsetup", &["isLuks", v]);
+    let dump = run("cryptsetup", &["luksDump", v]);
+    assert!(dump.contains(&data.luks_uuid), "{dump}");
+    assert!(dump.contains("sector: 4096"), "{dump}");
+    // The passphrase file's trailing newline is not part of the passphrase.
+    std::fs::write(f.path("key"), "tenant secret").unwrap();
+    std::fs::write(f.path("wrong"), "tenant secreT").unwrap();
+    let key = f.path("key");
+    run("cryptsetup", &["open", "--test-passphrase", "--key-file", key.to_str().unwrap(), v]);
+    let (ok, _, _) = try_run(
+        "cryptsetup",
+        &["open", "--test-passphrase", "--key-file", f.path("wrong").to_str().unwrap(), v],
+    );
+    assert!(!ok, "a wrong passphrase must be rejected");
+    let dumped = run(
+        "cryptsetup",
+        &["luksDump", "--dump-volume-key", "--batch-mode", "--key-file", key.to_str().unwrap(), v],
+    );
+    let key_hex: String = dumped
+        .split("MK dump:")
+        .nth(1)
+        .expect("volume key in the dump")
+        .split_whitespace()
+        .take_while(|w| w.len() == 2 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    assert_eq!(key_hex.len(), 128, "{dumped}");
+    let payload_offset = 16 * MIB as usize;
+    let plain = decrypt_payload(&region[payload_offset..], &key_hex, 4096);
+    let plain_path = f.path("plain.img");
+    std::fs::write(&plain_path, &plain).unwrap();
+    let p = plain_path.to_str().unwrap();
+    run("e2fsck", &["-fn", p]);
+    assert_eq!(blkid_tag(p, "TYPE"), "ext4");
+    assert_eq!(blkid_tag(p, "UUID"), data.fs_uuid);
+    assert_eq!(blkid_tag(p, "LABEL"), "secure");
+
+    // The guest knows the volume but never the key.
+    let root = &res.partitions[0];
+    let dev = attach_range(&disk, root.offset_bytes, root.size_bytes);
+    let crypttab = run("debugfs", &["-R", "cat /etc/crypttab", dev.path()]);
+    assert!(crypttab.contains(&format!("secure UUID={} none luks,noauto", data.luks_uuid)), "{crypttab}");
+    let fstab = run("debugfs", &["-R", "cat /etc/fstab", dev.path()]);
+    assert!(fstab.contains("/dev/mapper/secure /srv/data ext4 noauto,nofail"), "{fstab}");
+    assert!(!all.windows(13).any(|w| w == b"tenant secret"), "the passphrase is nowhere on the disk");
+}

@@ -2,6 +2,7 @@
 //! and write file systems, report. On any failure after the disk was touched its first MiB is zeroed, so a
 //! half-written disk can never boot, and the error names the step and the cause.
 
+mod encrypted;
 pub mod spec;
 
 use std::fs::File;
@@ -307,29 +308,31 @@ fn build_from_rootfs(
     // Everything but the root first: the root's fstab needs the other file systems' UUIDs.
     for (planned, part) in plan.partitions.iter().zip(&disk.partitions) {
         let (offset, len) = (planned.offset_bytes(), planned.size_bytes());
-        let fs_info = match part.filesystem() {
-            Filesystem::Ext4 if planned.role == Role::Root => {
-                root_index = Some(results.len());
-                None
+        if planned.role == Role::Root {
+            root_index = Some(results.len());
+            results.push(partition_result(planned, part.filesystem(), None));
+            continue;
+        }
+        let tree = (planned.role == Role::Esp).then_some(esp_tree.as_path());
+        let result = match &part.encryption {
+            Some(enc) => {
+                progress.note(
+                    "encrypt",
+                    format!("LUKS2 volume on partition {} ({})", planned.number, part.label),
+                );
+                let (info, luks) = encrypted::make(target, offset, len, part, enc, tree, &req.work_dir)?;
+                let mut r = partition_result(planned, part.filesystem(), info.as_ref());
+                r.luks = true;
+                r.luks_uuid = luks.uuid;
+                r
             }
-            Filesystem::Ext4 => Some(
-                fs::ext4::make(target.path(), offset, len, None, uuid::Uuid::new_v4(), &part.label)
-                    .map_err(|e| ProvisionError::new("format", Code::Tool, e))?,
-            ),
-            Filesystem::Vfat => {
-                let tree = (planned.role == Role::Esp).then_some(esp_tree.as_path());
-                Some(
-                    fs::vfat::format(target.file(), offset, len, target.sector_size(), &part.label, tree)
-                        .map_err(|e| ProvisionError::new("format", Code::Io, e))?,
-                )
+            None => {
+                let info =
+                    make_fs(target.path(), target.file(), offset, len, target.sector_size(), part, tree)?;
+                partition_result(planned, part.filesystem(), info.as_ref())
             }
-            Filesystem::Swap => Some(
-                fs::swap::make(target.file(), offset, len, uuid::Uuid::new_v4(), &part.label)
-                    .map_err(|e| ProvisionError::new("format", Code::Io, e))?,
-            ),
-            Filesystem::None | Filesystem::Unspecified => None,
         };
-        results.push(partition_result(planned, part.filesystem(), fs_info.as_ref()));
+        results.push(result);
     }
 
     let root_index = root_index.expect("validated: one ROOT partition");
@@ -359,6 +362,28 @@ fn build_from_rootfs(
     })
 }
 
+/// Make the partition's file system in `[offset, offset + len)` of `file` (at `path`, for mke2fs).
+fn make_fs(
+    path: &Path,
+    file: &File,
+    offset: u64,
+    len: u64,
+    sector_size: u32,
+    part: &gridforge_proto::v1::Partition,
+    tree: Option<&Path>,
+) -> Result<Option<FsInfo>, ProvisionError> {
+    let info = match part.filesystem() {
+        Filesystem::Ext4 => fs::ext4::make(path, offset, len, tree, uuid::Uuid::new_v4(), &part.label),
+        Filesystem::Vfat => fs::vfat::format(file, offset, len, sector_size, &part.label, tree),
+        Filesystem::Swap => fs::swap::make(file, offset, len, uuid::Uuid::new_v4(), &part.label),
+        Filesystem::None | Filesystem::Unspecified => return Ok(None),
+    };
+    info.map(Some).map_err(|e| {
+        let e = crate::Error::from(e);
+        ProvisionError::new("format", e.code(), e)
+    })
+}
+
 fn partition_result(
     planned: &partition::PlannedPartition,
     filesystem: Filesystem,
@@ -378,6 +403,7 @@ fn partition_result(
         fs_uuid: info.map(|i| i.uuid.clone()).unwrap_or_default(),
         fs_label: info.map(|i| i.label.clone()).unwrap_or_default(),
         luks: false,
+        luks_uuid: String::new(),
     }
 }
 
@@ -408,16 +434,25 @@ fn write_fstab(
     let mut fstab = String::from(
         "# Written by gridforge at provisioning. <file system> <mount point> <type> <options> <dump> <pass>\n",
     );
+    let mut crypttab = String::new();
     for (part, res) in disk.partitions.iter().zip(results) {
+        if res.luks {
+            // Unlocked by the tenant (the key is never on the disk): listed, not opened at boot.
+            crypttab.push_str(&format!("{} UUID={} none luks,noauto\n", part.label, res.luks_uuid));
+        }
+        let source =
+            if res.luks { format!("/dev/mapper/{}", part.label) } else { format!("UUID={}", res.fs_uuid) };
+        let data_opts = if res.luks { "noauto,nofail 0 0" } else { "defaults 0 2" };
         let line = match (part.role(), part.filesystem()) {
-            (Role::Root, _) => format!("UUID={} / ext4 errors=remount-ro 0 1", res.fs_uuid),
-            (Role::Esp, _) => format!("UUID={} /boot/efi vfat umask=0077 0 2", res.fs_uuid),
-            (Role::Swap, _) => format!("UUID={} none swap sw 0 0", res.fs_uuid),
+            (Role::Root, _) => format!("{source} / ext4 errors=remount-ro 0 1"),
+            (Role::Esp, _) => format!("{source} /boot/efi vfat umask=0077 0 2"),
+            (Role::Swap, _) if res.luks => format!("{source} none swap sw,noauto,nofail 0 0"),
+            (Role::Swap, _) => format!("{source} none swap sw 0 0"),
             (Role::Data, Filesystem::Ext4) if !part.mount_point.is_empty() => {
-                format!("UUID={} {} ext4 defaults 0 2", res.fs_uuid, part.mount_point)
+                format!("{source} {} ext4 {data_opts}", part.mount_point)
             }
             (Role::Data, Filesystem::Vfat) if !part.mount_point.is_empty() => {
-                format!("UUID={} {} vfat defaults 0 2", res.fs_uuid, part.mount_point)
+                format!("{source} {} vfat {data_opts}", part.mount_point)
             }
             _ => continue,
         };
@@ -429,12 +464,20 @@ fn write_fstab(
         fstab.push_str(&line);
         fstab.push('\n');
     }
+    if !crypttab.is_empty() {
+        write_guest_file(root, "/etc/crypttab", &format!("# <name> <device> <key> <options>\n{crypttab}"))?;
+    }
+    write_guest_file(root, "/etc/fstab", &fstab)
+}
+
+/// Replace a guest file (never writing through a symlink that the image put there).
+fn write_guest_file(root: &Path, guest_path: &str, content: &str) -> std::io::Result<()> {
     let path =
-        customize::resolve(root, "/etc/fstab", customize::FinalLink::Keep).map_err(std::io::Error::other)?;
+        customize::resolve(root, guest_path, customize::FinalLink::Keep).map_err(std::io::Error::other)?;
     if path.is_symlink() {
         std::fs::remove_file(&path)?;
     }
-    std::fs::write(path, fstab)
+    std::fs::write(path, content)
 }
 
 /// Read back what is on the disk: the GPT and each partition's file system.
@@ -443,14 +486,15 @@ pub fn describe(target: &BlockTarget) -> Result<ProvisionResult, crate::Error> {
     let mut partitions = Vec::new();
     for p in &table.partitions {
         let (info, luks) = match fs::probe(target.file(), p.offset_bytes(), p.size_bytes())? {
-            Some(fs::Probed::Filesystem(info)) => (Some(info), false),
+            Some(fs::Probed::Filesystem(info)) => (Some(info), None),
             Some(fs::Probed::Luks { uuid, label, .. }) => {
-                (Some(FsInfo { kind: Filesystem::None, uuid, label }), true)
+                (Some(FsInfo { kind: Filesystem::None, uuid: String::new(), label }), Some(uuid))
             }
-            None => (None, false),
+            None => (None, None),
         };
         partitions.push(PartitionResult {
-            luks,
+            luks: luks.is_some(),
+            luks_uuid: luks.unwrap_or_default(),
             number: p.number,
             label: p.label.clone(),
             role: p.role.map(|r| r as i32).unwrap_or_default(),

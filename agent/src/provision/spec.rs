@@ -68,6 +68,32 @@ pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {
                 format!("{:?} is not an absolute path without . or ..", p.mount_point),
             ));
         }
+        if let Some(enc) = &p.encryption {
+            if matches!(role, Role::Root | Role::Esp) {
+                return Err(err(
+                    field("encryption"),
+                    format!(
+                        "a {} partition cannot be encrypted: the guest's firmware or initramfs would have to unlock it",
+                        role.as_str_name()
+                    ),
+                ));
+            }
+            if enc.passphrase.is_empty() == enc.passphrase_file.is_empty() {
+                return Err(err(field("encryption"), "give exactly one of passphrase_file and passphrase"));
+            }
+            if !enc.kdf.is_empty() && crate::crypt::luks2::Kdf::preset(&enc.kdf).is_none() {
+                return Err(err(
+                    field("encryption.kdf"),
+                    format!("{:?} is not argon2id, argon2id-fast or pbkdf2", enc.kdf),
+                ));
+            }
+            if !matches!(enc.sector_size, 0 | 512 | 4096) {
+                return Err(err(
+                    field("encryption.sector_size"),
+                    format!("{} is not 512 or 4096", enc.sector_size),
+                ));
+            }
+        }
         if p.label.is_empty() {
             return Err(err(field("label"), "must not be empty"));
         }

@@ -663,9 +663,8 @@ impl PassContext<'_> {
             self.check_cancel(pass, offset)?;
             let len = (end - offset).min(ZERO_STEP);
             let result = match self.target.kind() {
-                TargetKind::BlockDevice => {
-                    crate::block::ioctl::zero_out(fd, offset, len).map(|()| ("BLKZEROOUT (device write-zeroes)", None))
-                }
+                TargetKind::BlockDevice => crate::block::ioctl::zero_out(fd, offset, len)
+                    .map(|()| ("BLKZEROOUT (device write-zeroes)", None)),
                 TargetKind::File => zero_file_range(fd, offset, len),
             };
             match result {
