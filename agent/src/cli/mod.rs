@@ -447,7 +447,13 @@ fn wipe_disk(args: WipeArgs, out: &Output, json: bool) -> Result<()> {
         file_sector_size: args.sector_size,
     };
     let cancel = wipe::CancelToken::new();
-    let outcome = wipe::wipe(&req, &out.progress(), &cancel)?;
+    cancel_on_interrupt(cancel.clone());
+    let outcome = match wipe::wipe(&req, &out.progress(), &cancel) {
+        Err(wipe::WipeError::Cancelled { pass, at }) => bail!(
+            "wipe interrupted in pass {pass} at byte {at}; continue with --resume-pass {pass} --resume-from {at}"
+        ),
+        other => other?,
+    };
     let mut report = outcome.report;
     wipe::report::sign(&mut report, &key);
     std::fs::write(&args.report, report.to_pretty_json() + "\n")
@@ -462,6 +468,30 @@ fn wipe_disk(args: WipeArgs, out: &Output, json: bool) -> Result<()> {
         bail!("verification failed: {}", report.errors.join("; "));
     }
     Ok(())
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM stop a long job at its next safe point instead of killing it mid-write.
+fn cancel_on_interrupt(token: wipe::CancelToken) {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(SigHandler::Handler(on_interrupt), SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        if let Err(e) = unsafe { sigaction(signal, &action) } {
+            eprintln!("warning: cannot handle {signal}: {e}");
+        }
+    }
+    std::thread::spawn(move || {
+        while !INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        token.cancel();
+    });
 }
 
 fn print_wipe_summary(r: &wipe::WipeReport) {
