@@ -507,3 +507,36 @@ fn encrypted_data_partition_opens_with_stock_cryptsetup_and_decrypts_to_ext4() {
     assert!(fstab.contains("/dev/mapper/secure /srv/data ext4 noauto,nofail"), "{fstab}");
     assert!(!all.windows(13).any(|w| w == b"tenant secret"), "the passphrase is nowhere on the disk");
 }
+
+#[test]
+fn boot_layout_without_a_kernel_and_bad_customization_are_refused() {
+    let f = Fixture::new();
+    let rootfs = f.path("nokernel");
+    small_rootfs(&rootfs);
+    for k in ["boot/vmlinuz-6.1.0-test", "boot/initrd.img-6.1.0-test"] {
+        std::fs::remove_file(rootfs.join(k)).unwrap();
+    }
+    f.pack(&["--rootfs", rootfs.to_str().unwrap(), "--name", "nokernel", "--version", "1"]);
+    let disk = f.path("disk.img");
+    dirty_disk(&disk, 256);
+    let err = f.provision(&two_partition_spec("nokernel", 256, 64), &disk).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidSpec, "{err:?}");
+    assert!(err.message.contains("kernel"), "{}", err.message);
+    assert!(head_is_zero(&disk), "nothing bootable left behind");
+
+    let bad_host = r#"{"name":"x","image":{"name":"tiny","version":"1"},"disk":{"size_mib":256,"partitions":[
+        {"label":"root","role":"ROOT","filesystem":"EXT4"}]},"customize":{"hostname":"-bad_host-"}}"#;
+    let err = f.provision(bad_host, &disk).unwrap_err();
+    assert_eq!((err.code(), err.step.as_str()), (Code::InvalidSpec, "validate"), "{err:?}");
+    assert!(err.message.contains("customize.hostname"), "{}", err.message);
+    let bad_key = r#"{"name":"x","image":{"name":"tiny","version":"1"},"disk":{"size_mib":256,"partitions":[
+        {"label":"root","role":"ROOT","filesystem":"EXT4"}]},
+        "customize":{"users":[{"name":"ops","ssh_authorized_keys":["ssh-ed25519 not-base64 x"]}]}}"#;
+    let err = f.provision(bad_key, &disk).unwrap_err();
+    assert!(err.message.contains("customize.users[0].ssh_authorized_keys[0]"), "{}", err.message);
+    let bad_net = r#"{"name":"x","image":{"name":"tiny","version":"1"},"disk":{"size_mib":256,"partitions":[
+        {"label":"root","role":"ROOT","filesystem":"EXT4"}]},
+        "customize":{"network":[{"addresses":["10.0.2.300/24"]}]}}"#;
+    let err = f.provision(bad_net, &disk).unwrap_err();
+    assert!(err.message.contains("customize.network[0].addresses[0]"), "{}", err.message);
+}
