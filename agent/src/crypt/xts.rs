@@ -111,7 +111,15 @@ impl Xts {
         let blocks_per_sector = sector_size / BLOCK_LEN;
         // A sector larger than a batch is processed as one batch of its own.
         let sectors_per_batch = (BATCH_LEN / sector_size).max(1);
-        let mut tweaks = vec![0u128; BATCH_BLOCKS.max(blocks_per_sector)];
+        // Tweaks for one batch, on the stack: this runs once per sector write, an allocation per call shows.
+        let mut stack_tweaks = [0u128; BATCH_BLOCKS];
+        let mut heap_tweaks = Vec::new();
+        let tweaks: &mut [u128] = if blocks_per_sector <= BATCH_BLOCKS {
+            &mut stack_tweaks
+        } else {
+            heap_tweaks.resize(blocks_per_sector, 0);
+            &mut heap_tweaks
+        };
         let mut sector_tweaks = [Block::default(); MAX_SECTORS_PER_BATCH];
         let mut iv = first_iv;
         for batch in buf.chunks_mut(sectors_per_batch * sector_size) {
