@@ -278,6 +278,16 @@ struct InspectArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Engine log lines (e.g. "O_DIRECT refused; using buffered I/O") go to stderr; RUST_LOG adjusts the level.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .init();
     let out = Output::new(cli.json);
     match run(cli.command, &out, cli.json) {
         Ok(()) => ExitCode::SUCCESS,
