@@ -1,10 +1,11 @@
 //! Probing ranges: LUKS made by cryptsetup, nothing, and a range overwritten by another kind.
 
+mod common;
 mod fs_support;
 
 use std::fs;
 
-use fs_support::{LoopDevice, MIB, run_ok, sparse_disk};
+use fs_support::{LoopDevice, MIB, sparse_disk};
 use gridforge_agent::fs::{Probed, probe, swap, vfat};
 use gridforge_proto::v1::Filesystem;
 use uuid::Uuid;
@@ -16,29 +17,10 @@ fn probe_reads_luks2_made_by_cryptsetup() {
     fs::write(&key, "passphrase").unwrap();
     let device = LoopDevice::attach(&disk.path, MIB, Some(32 * MIB), 512);
     let uuid = Uuid::new_v4().to_string();
-    run_ok(
-        "cryptsetup",
-        &[
-            "luksFormat",
-            "--batch-mode",
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "argon2id",
-            "--pbkdf-memory",
-            "32768",
-            "--pbkdf-force-iterations",
-            "4",
-            "--pbkdf-parallel",
-            "1",
-            "--uuid",
-            &uuid,
-            "--label",
-            "crypt-root",
-            "--key-file",
-            key.to_str().unwrap(),
-            device.path_str(),
-        ],
+    common::luks_format_fast(
+        device.path_str(),
+        key.to_str().unwrap(),
+        &["--uuid", &uuid, "--label", "crypt-root"],
     );
     drop(device);
     assert_eq!(

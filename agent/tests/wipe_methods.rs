@@ -118,26 +118,7 @@ fn crypto_erase_destroys_a_luks2_volume() {
     std::fs::write(&keyfile, "correct horse battery staple").unwrap();
     planted_file(&disk, 32 * MIB);
     let (d, k) = (disk.to_str().unwrap(), keyfile.to_str().unwrap());
-    common::run(
-        "cryptsetup",
-        &[
-            "luksFormat",
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "argon2id",
-            "--pbkdf-memory",
-            "32768",
-            "--pbkdf-force-iterations",
-            "4",
-            "--pbkdf-parallel",
-            "1",
-            "--batch-mode",
-            "--key-file",
-            k,
-            d,
-        ],
-    );
+    common::luks_format_fast(d, k, &[]);
     common::run("cryptsetup", &["isLuks", d]);
     common::run("cryptsetup", &["open", "--test-passphrase", "--key-file", k, d]);
 

@@ -96,3 +96,26 @@ pub fn small_rootfs(dir: &Path) {
     std::os::unix::fs::chown(dir.join("home/user"), Some(1000), Some(1000)).unwrap();
     symlink("usr/bin", dir.join("bin")).unwrap();
 }
+
+/// Stock `cryptsetup luksFormat` (LUKS2) with the cheap Argon2id settings cryptsetup's own tests use.
+pub fn luks_format_fast(device: &str, keyfile: &str, extra: &[&str]) {
+    let mut args = vec![
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "argon2id",
+        "--pbkdf-memory",
+        "32768",
+        "--pbkdf-force-iterations",
+        "4",
+        "--pbkdf-parallel",
+        "1",
+        "--key-file",
+        keyfile,
+    ];
+    args.extend_from_slice(extra);
+    args.push(device);
+    run("cryptsetup", &args);
+}
