@@ -45,7 +45,7 @@ fn decrypt_with_cryptsetup(dir: &Path, image: &Path, key_file: &Path, sector_siz
         "--key-file",
         s(key_file),
     ];
-    args.extend_from_slice(FAST_PBKDF_ARGS);
+    args.extend_from_slice(common::CRYPTSETUP_FAST_KDF);
     args.push(s(&data_file));
     cryptsetup(&args);
     cryptsetup(&[
@@ -165,7 +165,7 @@ fn cryptsetup_added_key_opens_here_and_keys_are_removed_on_both_sides() {
     let new = write_key(dir.path(), "new", b"new passphrase");
     luks2::format(&dev, 0, len, b"old passphrase", &options(Kdf::ARGON2ID_FAST, 4096, "")).unwrap();
     let mut args = vec!["luksAddKey", "--batch-mode", "--key-file", s(&old)];
-    args.extend_from_slice(FAST_PBKDF_ARGS);
+    args.extend_from_slice(common::CRYPTSETUP_FAST_KDF);
     args.extend_from_slice(&[s(&image), s(&new)]);
     cryptsetup(&args);
     let original = luks2::open(&dev, 0, b"old passphrase").unwrap();
@@ -187,7 +187,7 @@ fn cryptsetup_format(image: &Path, key: &Path, sector_size: usize) {
     let ss = sector_size.to_string();
     let mut args =
         vec!["luksFormat", "--type", "luks2", "--batch-mode", "--sector-size", &ss, "--key-file", s(key)];
-    args.extend_from_slice(FAST_PBKDF_ARGS);
+    args.extend_from_slice(common::CRYPTSETUP_FAST_KDF);
     args.push(s(image));
     cryptsetup(&args);
 }
@@ -274,7 +274,7 @@ fn read_cryptsetup_encrypted(sector_size: usize) {
         "--key-file",
         s(&key),
     ];
-    args.extend_from_slice(FAST_PBKDF_ARGS);
+    args.extend_from_slice(common::CRYPTSETUP_FAST_KDF);
     args.push(s(&image));
     cryptsetup(&args);
 

@@ -398,7 +398,12 @@ fn luks(command: LuksCommand, json: bool) -> Result<()> {
                 info.payload_offset,
                 info.sector_size
             );
-            print_result(json, serde_json::to_value(&info)?, text);
+            let value = serde_json::json!({
+                "uuid": info.uuid, "label": info.label, "keyslot": info.keyslot,
+                "payload_offset": info.payload_offset, "payload_len": info.payload_len,
+                "sector_size": info.sector_size,
+            });
+            print_result(json, value, text);
         }
         LuksCommand::AddKey(args) => {
             let v = &args.luks.volume;

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 
 use super::{ProvisionError, make_fs};
 use crate::block::{BlockTarget, MIB};
-use crate::crypt::luks2::{self, FormatOptions, Kdf, LuksInfo};
+use crate::crypt::luks2::{self, FormatOptions, Kdf};
 use crate::fs::FsInfo;
 
 /// The passphrase of an encryption setting: inline, or a file's content without one trailing newline.
@@ -39,7 +39,7 @@ pub(super) fn make(
     enc: &Encryption,
     tree: Option<&Path>,
     work_dir: &Path,
-) -> Result<(Option<FsInfo>, LuksInfo), ProvisionError> {
+) -> Result<(Option<FsInfo>, String), ProvisionError> {
     let io = |e: std::io::Error| ProvisionError::new("encrypt", Code::Io, e);
     let crypt = |e: crate::crypt::CryptError| {
         let e = crate::Error::from(e);
@@ -52,14 +52,13 @@ pub(super) fn make(
         label: if enc.label.is_empty() { part.label.clone() } else { enc.label.clone() },
         ..FormatOptions::default()
     };
-    let info = luks2::format(target.file(), offset, len, &pass, &opts).map_err(crypt)?;
-    let volume = luks2::open(target.file(), offset, &pass).map_err(crypt)?;
+    let volume = luks2::format(target.file(), offset, len, &pass, &opts).map_err(crypt)?;
     drop(pass);
 
     // The plaintext file system, built in a sparse scratch file of the payload's size.
     let scratch = tempfile::Builder::new().prefix("plain-").tempfile_in(work_dir).map_err(io)?;
-    scratch.as_file().set_len(info.payload_len).map_err(io)?;
-    let fs_info = make_fs(scratch.path(), scratch.as_file(), 0, info.payload_len, 512, part, tree)?;
+    scratch.as_file().set_len(volume.payload_len).map_err(io)?;
+    let fs_info = make_fs(scratch.path(), scratch.as_file(), 0, volume.payload_len, 512, part, tree)?;
 
     // Every payload byte is written, holes included, so the whole volume decrypts to the file system.
     let mut plain = File::open(scratch.path()).map_err(io)?;
@@ -73,5 +72,5 @@ pub(super) fn make(
         writer.write_all(&buf[..n]).map_err(io)?;
     }
     writer.finish().map_err(crypt)?;
-    Ok((fs_info, info))
+    Ok((fs_info, volume.uuid.clone()))
 }

@@ -320,10 +320,10 @@ fn build_from_rootfs(
                     "encrypt",
                     format!("LUKS2 volume on partition {} ({})", planned.number, part.label),
                 );
-                let (info, luks) = encrypted::make(target, offset, len, part, enc, tree, &req.work_dir)?;
+                let (info, luks_uuid) = encrypted::make(target, offset, len, part, enc, tree, &req.work_dir)?;
                 let mut r = partition_result(planned, part.filesystem(), info.as_ref());
                 r.luks = true;
-                r.luks_uuid = luks.uuid;
+                r.luks_uuid = luks_uuid;
                 r
             }
             None => {

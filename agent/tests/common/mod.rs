@@ -97,24 +97,22 @@ pub fn small_rootfs(dir: &Path) {
     symlink("usr/bin", dir.join("bin")).unwrap();
 }
 
-/// Stock `cryptsetup luksFormat` (LUKS2) with the cheap Argon2id settings cryptsetup's own tests use.
+/// Cheap Argon2id for stock cryptsetup, as cryptsetup's own tests use it.
+pub const CRYPTSETUP_FAST_KDF: &[&str] = &[
+    "--pbkdf",
+    "argon2id",
+    "--pbkdf-memory",
+    "32768",
+    "--pbkdf-force-iterations",
+    "4",
+    "--pbkdf-parallel",
+    "1",
+];
+
+/// Stock `cryptsetup luksFormat` (LUKS2) with [`CRYPTSETUP_FAST_KDF`].
 pub fn luks_format_fast(device: &str, keyfile: &str, extra: &[&str]) {
-    let mut args = vec![
-        "luksFormat",
-        "--batch-mode",
-        "--type",
-        "luks2",
-        "--pbkdf",
-        "argon2id",
-        "--pbkdf-memory",
-        "32768",
-        "--pbkdf-force-iterations",
-        "4",
-        "--pbkdf-parallel",
-        "1",
-        "--key-file",
-        keyfile,
-    ];
+    let mut args = vec!["luksFormat", "--batch-mode", "--type", "luks2", "--key-file", keyfile];
+    args.extend_from_slice(CRYPTSETUP_FAST_KDF);
     args.extend_from_slice(extra);
     args.push(device);
     run("cryptsetup", &args);

@@ -7,18 +7,6 @@ use std::process::{Command, Output};
 
 use gridforge_agent::crypt::luks2::{FormatOptions, Kdf};
 
-/// Cheap Argon2id, as cryptsetup's tests use it.
-pub const FAST_PBKDF_ARGS: &[&str] = &[
-    "--pbkdf",
-    "argon2id",
-    "--pbkdf-memory",
-    "32768",
-    "--pbkdf-force-iterations",
-    "4",
-    "--pbkdf-parallel",
-    "1",
-];
-
 /// A cheap PBKDF2 keyslot for tests.
 pub const TEST_PBKDF2: Kdf = Kdf::Pbkdf2 { iterations: 10_000 };
 

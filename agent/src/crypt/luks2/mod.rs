@@ -113,18 +113,6 @@ impl Default for FormatOptions {
     }
 }
 
-/// A freshly formatted volume.
-#[derive(Debug, Clone, Serialize)]
-pub struct LuksInfo {
-    pub uuid: String,
-    pub label: String,
-    pub keyslot: u32,
-    /// Absolute offset of the payload in the device.
-    pub payload_offset: u64,
-    pub payload_len: u64,
-    pub sector_size: usize,
-}
-
 /// Decimal-string encoding of 64-bit numbers, as LUKS2 JSON stores them.
 mod decimal {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
@@ -480,14 +468,14 @@ fn read_parsed(dev: &File, offset: u64) -> Result<(Metadata, Parsed), CryptError
 
 /// Formats the region `offset..offset + len` of `dev` as a LUKS2 volume with one keyslot for `passphrase` and a
 /// random 512-bit aes-xts-plain64 volume key. The header and keyslot areas are zeroed first; the payload is not
-/// touched.
+/// touched. Returns the volume, unlocked with its new key.
 pub fn format(
     dev: &File,
     offset: u64,
     len: u64,
     passphrase: &[u8],
     opts: &FormatOptions,
-) -> Result<LuksInfo, CryptError> {
+) -> Result<Volume, CryptError> {
     opts.kdf.validate()?;
     let sector = opts.sector_size;
     if sector != 512 && sector != 4096 {
@@ -550,13 +538,17 @@ pub fn format(
         }),
     };
     header::write(dev, offset, &meta)?;
-    Ok(LuksInfo {
+    // The new volume comes back unlocked: the caller writes its payload without deriving the key again.
+    Ok(Volume {
         uuid,
         label: opts.label.clone(),
         keyslot: 0,
         payload_offset: offset + data_offset,
         payload_len: len - data_offset,
         sector_size: sector,
+        iv_tweak: 0,
+        xts: Xts::new(&volume_key).map_err(CryptError::XtsKey)?,
+        volume_key,
     })
 }
 
