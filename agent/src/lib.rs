@@ -1,11 +1,14 @@
 //! The gridforge agent engine: everything that turns an image and a layout into a guest disk.
-//! The CLI (and later the gRPC daemon) only translate requests into calls on this library.
+//! The CLI and the gRPC daemon only translate requests into calls on this library.
 
 pub mod block;
+pub mod config;
 pub mod crypt;
 pub mod customize;
 pub mod fs;
+pub mod hypervisor;
 pub mod image;
+pub mod node;
 pub mod partition;
 pub mod pipeline;
 pub mod progress;

@@ -1,0 +1,224 @@
+//! The daemon's configuration: one TOML file (default `/etc/gridforge/agent.toml`). Every setting has a
+//! default suited to a node; `docs/agent-config.toml` is the annotated reference.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default location of the configuration file.
+pub const DEFAULT_PATH: &str = "/etc/gridforge/agent.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {reason}")]
+    Invalid { path: PathBuf, field: &'static str, reason: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Node name reported in diagnostics and wipe reports (default: the host name).
+    pub node_name: String,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; empty disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Journal and per-job state (`journal.redb`, wipe signing key, NVRAM copies, console logs).
+    pub state_dir: PathBuf,
+    /// Content-addressed image blob cache.
+    pub cache_dir: PathBuf,
+    /// Staging trees for provisions (must keep ownership and modes: not FAT or NFS).
+    pub work_dir: PathBuf,
+    pub tls: TlsConfig,
+    pub images: ImagesConfig,
+    pub libvirt: LibvirtConfig,
+    pub jobs: JobsConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// CA whose certificates clients must present (the coordinator's CA).
+    pub ca: PathBuf,
+    /// The agent's certificate chain and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Serve plaintext gRPC without client authentication. Local development only.
+    pub insecure: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Image store: a directory or http(s):// base URL holding index.json and index.json.sig.
+    pub store: String,
+    /// Trusted ed25519 public key of the store (base64, or a path to a .pub file).
+    pub trusted_key: String,
+    /// Accept unsigned indexes. Development only.
+    pub insecure_images: bool,
+    /// Writable directory store that Snapshot jobs publish to (empty: snapshots are refused).
+    pub snapshot_store: PathBuf,
+    /// ed25519 signing key for the snapshot store's index (as `gridforge-agent image keygen` writes it).
+    pub snapshot_signing_key: PathBuf,
+    /// systemd-boot EFI binary for images that do not carry one.
+    pub efi_binary: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// libvirt connection URI; empty disables the hypervisor (disk-only node, e.g. a utility VM).
+    pub uri: String,
+    /// Storage pool for guest disks (a dir pool, created if missing).
+    pub pool: String,
+    /// Directory of the pool when the agent creates it.
+    pub pool_path: PathBuf,
+    /// Domain type: "auto" (kvm when a KVM guest actually runs, else qemu/TCG), "kvm" or "qemu".
+    pub domain_type: String,
+    /// OVMF firmware code and the NVRAM template copied per VM.
+    pub ovmf_code: PathBuf,
+    pub ovmf_vars: PathBuf,
+    /// Emulator binary for domains.
+    pub emulator: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs doing disk I/O at once (Provision, Wipe, Resize, Snapshot, Delete); others wait queued.
+    pub max_io_jobs: usize,
+    /// Finished jobs are kept in the journal this long, then forgotten.
+    pub retention_hours: u64,
+    /// Block devices or files outside the pool that jobs may target, e.g. ["/dev/vdb"].
+    pub devices: Vec<PathBuf>,
+    /// Wipe method of Delete jobs and of Wipe jobs that name none.
+    pub default_wipe_method: String,
+    /// ed25519 key that signs wipe reports (created on first use).
+    pub report_signing_key: PathBuf,
+    /// Largest accepted request in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let state_dir = PathBuf::from("/var/lib/gridforge-agent");
+        Self {
+            node_name: host_name(),
+            listen: "0.0.0.0:7443".parse().expect("valid address"),
+            metrics_listen: Some("127.0.0.1:9464".parse().expect("valid address")),
+            cache_dir: PathBuf::from("/var/cache/gridforge-agent"),
+            work_dir: state_dir.join("work"),
+            tls: TlsConfig::default(),
+            images: ImagesConfig::default(),
+            libvirt: LibvirtConfig::default(),
+            jobs: JobsConfig {
+                report_signing_key: state_dir.join("report-signing.key"),
+                ..Default::default()
+            },
+            state_dir,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            ca: PathBuf::from("/etc/gridforge/tls/ca.pem"),
+            cert: PathBuf::from("/etc/gridforge/tls/agent.pem"),
+            key: PathBuf::from("/etc/gridforge/tls/agent.key"),
+            insecure: false,
+        }
+    }
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            store: String::new(),
+            trusted_key: String::new(),
+            insecure_images: false,
+            snapshot_store: PathBuf::new(),
+            snapshot_signing_key: PathBuf::new(),
+            efi_binary: None,
+        }
+    }
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        Self {
+            uri: "qemu:///system".to_string(),
+            pool: "gridforge".to_string(),
+            pool_path: PathBuf::from("/var/lib/gridforge-agent/pool"),
+            domain_type: "auto".to_string(),
+            ovmf_code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+            ovmf_vars: PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd"),
+            emulator: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            max_io_jobs: 4,
+            retention_hours: 168,
+            devices: Vec::new(),
+            default_wipe_method: "zero".to_string(),
+            report_signing_key: PathBuf::from("/var/lib/gridforge-agent/report-signing.key"),
+            max_request_bytes: 4 << 20,
+        }
+    }
+}
+
+impl Config {
+    /// Read and check a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse configuration text; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            reason: reason.to_string(),
+        };
+        if cfg.jobs.max_io_jobs == 0 {
+            return Err(invalid("jobs.max_io_jobs", "must be at least 1"));
+        }
+        if !matches!(cfg.libvirt.domain_type.as_str(), "auto" | "kvm" | "qemu") {
+            return Err(invalid("libvirt.domain_type", "must be \"auto\", \"kvm\" or \"qemu\""));
+        }
+        if cfg.images.store.is_empty() && !cfg.images.trusted_key.is_empty() {
+            return Err(invalid("images.trusted_key", "set without images.store"));
+        }
+        if !cfg.images.store.is_empty() && cfg.images.trusted_key.is_empty() && !cfg.images.insecure_images {
+            return Err(invalid("images.trusted_key", "required for a store unless insecure_images = true"));
+        }
+        for d in &cfg.jobs.devices {
+            if !d.is_absolute() {
+                return Err(invalid("jobs.devices", &format!("{} is not an absolute path", d.display())));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The redb job journal.
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir.join("journal.redb")
+    }
+}
+
+fn host_name() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}

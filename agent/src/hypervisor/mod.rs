@@ -1,0 +1,157 @@
+//! The hypervisor behind a trait: storage pool volumes for guest disks and domains built from a `VmSpec`.
+//! The libvirt implementation (`libvirt` module, the `virt` crate) is the real one; jobs only see the trait.
+
+use std::path::PathBuf;
+
+/// What a domain runs on: `Kvm` when a KVM guest actually runs on this node, else `Qemu` (TCG).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainType {
+    Kvm,
+    Qemu,
+}
+
+impl DomainType {
+    /// The libvirt `<domain type=…>` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// The hypervisor cannot be reached (libvirtd down, no URI configured).
+    #[error("hypervisor unavailable ({uri}): {reason}")]
+    Unavailable { uri: String, reason: String },
+    #[error("no domain named {0:?}")]
+    NoDomain(String),
+    #[error("no volume named {0:?} in pool {1:?}")]
+    NoVolume(String, String),
+    #[error("domain {name:?} is {state}: {what}")]
+    WrongState { name: String, state: String, what: &'static str },
+    #[error("invalid machine: {0}")]
+    Invalid(String),
+    /// libvirt refused an operation.
+    #[error("{op}: {message}")]
+    Libvirt { op: String, message: String },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+/// A pool volume: a guest disk the hypervisor manages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Volume {
+    pub name: String,
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    pub allocation_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    pub allocation_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// A NIC of a domain, resolved (MAC always set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicDef {
+    pub network: Option<String>,
+    pub bridge: Option<String>,
+    pub mac: String,
+    pub vlan: Option<u16>,
+}
+
+/// Everything needed to define a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainDef {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The guest disk (a pool volume's path or a block device).
+    pub disk: PathBuf,
+    pub nics: Vec<NicDef>,
+}
+
+/// Domain state names as the contract reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    Paused,
+    ShuttingDown,
+    Shutoff,
+    Crashed,
+    Suspended,
+    Other,
+}
+
+impl DomainState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::ShuttingDown => "shutting-down",
+            DomainState::Shutoff => "shutoff",
+            DomainState::Crashed => "crashed",
+            DomainState::Suspended => "suspended",
+            DomainState::Other => "other",
+        }
+    }
+}
+
+/// Cumulative counters of one domain; rates are computed by sampling twice.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DomainStats {
+    pub name: String,
+    pub state: String,
+    pub vcpus: u32,
+    /// Total guest CPU time in nanoseconds.
+    pub cpu_time_ns: u64,
+    pub memory_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+}
+
+/// The operations jobs, diagnostics and stats need from a hypervisor. Calls block; run them off the async
+/// runtime. Implementations reconnect by themselves when the hypervisor comes back.
+pub trait Hypervisor: Send + Sync {
+    /// The connection URI (for messages).
+    fn uri(&self) -> String;
+    /// Check the connection now; Ok with the domain type guests get.
+    fn ping(&self) -> Result<DomainType, HypervisorError>;
+
+    /// The storage pool for guest disks (created and started if missing).
+    fn pool(&self) -> Result<PoolInfo, HypervisorError>;
+    /// Create a sparse raw volume; an existing volume of that name is an error.
+    fn create_volume(&self, name: &str, capacity_bytes: u64) -> Result<Volume, HypervisorError>;
+    fn volume(&self, name: &str) -> Result<Option<Volume>, HypervisorError>;
+    /// Grow a volume to `capacity_bytes` (never shrinks).
+    fn resize_volume(&self, name: &str, capacity_bytes: u64) -> Result<Volume, HypervisorError>;
+    fn delete_volume(&self, name: &str) -> Result<(), HypervisorError>;
+
+    /// Define (or redefine) a persistent domain; copies the NVRAM template on first definition.
+    fn define(&self, def: &DomainDef) -> Result<(), HypervisorError>;
+    fn start(&self, name: &str) -> Result<(), HypervisorError>;
+    /// ACPI shutdown request; returns at once.
+    fn shutdown(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Immediate power off.
+    fn destroy(&self, name: &str) -> Result<(), HypervisorError>;
+    fn reboot(&self, name: &str) -> Result<(), HypervisorError>;
+    fn suspend(&self, name: &str) -> Result<(), HypervisorError>;
+    fn resume(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Remove the definition and the per-VM NVRAM; the domain must be shut off.
+    fn undefine(&self, name: &str) -> Result<(), HypervisorError>;
+    /// None when no such domain exists.
+    fn state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError>;
+    /// The disk path of a defined domain.
+    fn domain_disk(&self, name: &str) -> Result<PathBuf, HypervisorError>;
+    /// Stats of every domain.
+    fn stats(&self) -> Result<Vec<DomainStats>, HypervisorError>;
+}

