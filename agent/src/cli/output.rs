@@ -11,8 +11,7 @@ use gridforge_proto::v1::{Filesystem, JobEvent, ProvisionResult, partition::Role
 use indicatif::{ProgressBar, ProgressStyle};
 
 fn now() -> pbjson_types::Timestamp {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    pbjson_types::Timestamp { seconds: t.as_secs() as i64, nanos: t.subsec_nanos() as i32 }
+    gridforge_agent::node::timestamp(std::time::SystemTime::now())
 }
 
 pub struct Output {
