@@ -3,6 +3,14 @@
 
 use std::path::PathBuf;
 
+pub mod detect;
+pub mod libvirt;
+pub mod xml;
+
+pub use detect::detect_domain_type;
+pub use libvirt::Libvirt;
+pub use xml::domain_xml;
+
 /// What a domain runs on: `Kvm` when a KVM guest actually runs on this node, else `Qemu` (TCG).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DomainType {
