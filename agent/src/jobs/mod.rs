@@ -155,6 +155,8 @@ struct State {
     holders: HashMap<String, String>,
     stopping: bool,
     metrics: Metrics,
+    /// Job threads not yet joined.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 struct Entry {
@@ -472,6 +474,7 @@ impl JobEngine {
             }
             st = inner.finished.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
+        let still_running = !st.running.is_empty();
         for id in st.running.clone() {
             let Some(entry) = st.jobs.get(&id) else { continue };
             let (kind, target) = (entry.job.kind(), entry.job.target.clone());
@@ -489,9 +492,17 @@ impl JobEngine {
                 inner.conclude(&mut st, &id, JobState::Interrupted, Outcome::Error(failure)),
             ));
         }
+        // Threads of jobs that ended are joined, so that they no longer hold the engine (and its journal)
+        // once the caller drops it; one still stuck in a blocking call is left behind.
+        let threads: Vec<_> = std::mem::take(&mut st.threads);
         drop(st);
         for (id, done) in concluded {
             inner.after_conclude(&id, done);
+        }
+        for t in threads {
+            if t.is_finished() || !still_running {
+                let _ = t.join();
+            }
         }
         if let Err(e) = inner.journal.flush() {
             tracing::error!("{e}");
@@ -676,6 +687,7 @@ impl Inner {
         self.emit(st, id, "start", 0, 0, "running".into(), JobState::Unspecified);
         let inner = self.clone();
         let job_id = id.to_string();
+        st.threads.retain(|t| !t.is_finished());
         let spawned = std::thread::Builder::new().name(format!("job-{id}")).spawn(move || {
             let progress = {
                 let inner = Arc::downgrade(&inner);
@@ -693,15 +705,17 @@ impl Inner {
                 });
             inner.finish(&job_id, result);
         });
-        if let Err(e) = spawned {
-            let failure = JobFailure {
-                code: Code::Internal as i32,
-                step: String::new(),
-                message: format!("cannot start a job thread: {e}"),
-            };
-            let done = self.conclude(st, id, JobState::Failed, Outcome::Error(failure));
-            // The journal flush waits outside the lock; here the log simply stays in memory.
-            let _ = done;
+        match spawned {
+            Ok(handle) => st.threads.push(handle),
+            Err(e) => {
+                let failure = JobFailure {
+                    code: Code::Internal as i32,
+                    step: String::new(),
+                    message: format!("cannot start a job thread: {e}"),
+                };
+                // The journal is flushed by the next job's end or by shutdown; the log stays in memory.
+                let Concluded(_) = self.conclude(st, id, JobState::Failed, Outcome::Error(failure));
+            }
         }
     }
 
