@@ -8,11 +8,13 @@ pub mod customize;
 pub mod fs;
 pub mod hypervisor;
 pub mod image;
+pub mod jobs;
 pub mod node;
 pub mod partition;
 pub mod pipeline;
 pub mod progress;
 pub mod provision;
+pub mod server;
 pub mod wipe;
 
 use gridforge_proto::v1::error::Code;

@@ -321,6 +321,7 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
                 images: ImageSource { store: args.images.store, trust, cache_dir: args.images.cache },
                 work_dir: args.work_dir,
                 efi_binary: args.efi_binary,
+                cancel: None,
             };
             let result = provision::provision(&req, &out.progress())?;
             out.provision_result(&result);

@@ -21,6 +21,7 @@ use crate::image::{Cache, Store, Trust};
 use crate::partition::{self, GptPlan, PartitionRequest};
 use crate::pipeline::{rawdisk, unpack};
 use crate::progress::Progress;
+use crate::wipe::CancelToken;
 
 pub use spec::SpecError;
 
@@ -78,6 +79,19 @@ pub struct ProvisionRequest {
     pub work_dir: PathBuf,
     /// systemd-boot EFI binary for images that do not carry one (default: the host's systemd-boot-efi).
     pub efi_binary: Option<PathBuf>,
+    /// Checked between steps: once cancelled, the provision stops at the next one with code CANCELLED (and
+    /// the target's head zeroed, like any failure).
+    pub cancel: Option<CancelToken>,
+}
+
+impl ProvisionRequest {
+    /// A safe point: fail with CANCELLED in `step` if the request was cancelled.
+    fn checkpoint(&self, step: &'static str) -> Result<(), ProvisionError> {
+        match &self.cancel {
+            Some(c) if c.is_cancelled() => Err(ProvisionError::new(step, Code::Cancelled, "cancelled")),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub fn provision(req: &ProvisionRequest, progress: &Progress) -> Result<ProvisionResult, ProvisionError> {
@@ -86,6 +100,7 @@ pub fn provision(req: &ProvisionRequest, progress: &Progress) -> Result<Provisio
         customize::validate(c).map_err(|e| ProvisionError::new("validate", Code::InvalidSpec, e))?;
     }
     let disk_spec = req.spec.disk.clone().unwrap_or_default();
+    req.checkpoint("allocate")?;
 
     progress.note("allocate", format!("opening {}", req.disk.display()));
     let opts = TargetOptions {
@@ -141,6 +156,7 @@ fn provision_onto(
     progress: &Progress,
 ) -> Result<ProvisionResult, ProvisionError> {
     let (store, entries) = resolve_images(&req.spec, &req.images)?;
+    req.checkpoint("fetch")?;
     let os = &entries[0];
     let plan = match os.format {
         Format::RootfsTar => Some(plan_layout(&disk_spec.partitions, target)?),
@@ -172,6 +188,7 @@ fn provision_onto(
     let mut blobs = Vec::with_capacity(entries.len());
     for entry in &entries {
         blobs.push(cache.fetch(&store, entry, progress).map_err(|e| fetch_error(e.into()))?);
+        req.checkpoint("fetch")?;
     }
     let mut result = match plan {
         None => write_raw(target, os, &blobs[0], progress)?,
@@ -257,6 +274,7 @@ fn build_from_rootfs(
         .map_err(|e| ProvisionError::new("build", Code::Io, e))?;
     let root = staging.path();
     for (entry, blob) in entries.iter().zip(blobs) {
+        req.checkpoint("build")?;
         progress.note("build", format!("unpacking {} {}", entry.name, entry.version));
         let file = File::open(blob).map_err(|e| ProvisionError::new("build", Code::Io, e))?;
         let opts = unpack::UnpackOptions::default();
@@ -275,6 +293,7 @@ fn build_from_rootfs(
 
     let disk = req.spec.disk.as_ref().expect("validated");
     let custom = req.spec.customize.clone().unwrap_or_default();
+    req.checkpoint("build")?;
     progress.note("build", "customizing the guest tree");
     let applied = customize::apply(root, &custom, &customize::Context { vm_name: req.spec.name.clone() })
         .map_err(customize_error)?;
@@ -299,6 +318,7 @@ fn build_from_rootfs(
         progress.note("build", format!("boot entry: {} {}", entry.kernel, entry.options));
     }
 
+    req.checkpoint("partition")?;
     progress.note("partition", format!("writing GPT with {} partitions", plan.partitions.len()));
     target.zero_head().map_err(|e| ProvisionError::new("partition", Code::Io, e))?;
     partition::write(target.file(), plan).map_err(|e| ProvisionError::new("partition", Code::Io, e))?;
@@ -307,6 +327,7 @@ fn build_from_rootfs(
     let mut root_index = None;
     // Everything but the root first: the root's fstab needs the other file systems' UUIDs.
     for (planned, part) in plan.partitions.iter().zip(&disk.partitions) {
+        req.checkpoint("format")?;
         let (offset, len) = (planned.offset_bytes(), planned.size_bytes());
         if planned.role == Role::Root {
             root_index = Some(results.len());
@@ -339,6 +360,7 @@ fn build_from_rootfs(
     let planned = &plan.partitions[root_index];
     results[root_index].fs_uuid = root_uuid.to_string();
     write_fstab(root, disk, &results).map_err(|e| ProvisionError::new("build", Code::Io, e))?;
+    req.checkpoint("format")?;
     progress.note("format", format!("writing ext4 root ({} MiB)", planned.size_bytes() / MIB));
     let info = fs::ext4::make(
         target.path(),

@@ -1,0 +1,427 @@
+//! Submission checks: every request is validated and its target resolved before it is queued, so a bad
+//! request fails at once with the field named, and two jobs never hold one disk or domain.
+
+use std::path::{Component, Path, PathBuf};
+
+use gridforge_proto::v1::{
+    DiskTarget, JobKind, Machine, SubmitJobRequest, VmSpec, control_job::Action, disk_target,
+    submit_job_request::Job as JobReq,
+};
+use zeroize::Zeroize;
+
+use super::SubmitError;
+use crate::block::MIB;
+use crate::hypervisor::{Hypervisor, HypervisorError, NicDef};
+use crate::wipe;
+
+/// A resolved disk target.
+#[derive(Clone, Debug)]
+pub(crate) enum Target {
+    /// A pool volume; `exists` is false when a Provision is to create it.
+    Volume { name: String, path: PathBuf, exists: bool },
+    /// A block device or file allowed by `jobs.devices`.
+    Device(PathBuf),
+}
+
+impl Target {
+    pub(crate) fn path(&self) -> &Path {
+        match self {
+            Target::Volume { path, .. } | Target::Device(path) => path,
+        }
+    }
+
+    pub(crate) fn volume_name(&self) -> Option<&str> {
+        match self {
+            Target::Volume { name, .. } => Some(name),
+            Target::Device(_) => None,
+        }
+    }
+}
+
+/// What a job does, fully resolved. Holds the request's secrets (in a Provision spec) until dropped.
+pub(crate) enum Work {
+    Provision { spec: VmSpec, target: Target, domain: Option<DomainPlan> },
+    Wipe { target: Target, method: wipe::Method, verify: wipe::Verify, operator: String },
+    Control { domain: String, action: Action, grace_seconds: u32 },
+    Delete { domain: String, target: Target, method: wipe::Method, operator: String },
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if let Work::Provision { spec, .. } = self {
+            scrub_spec(spec);
+        }
+    }
+}
+
+/// The domain a Provision defines (its disk is the provisioned target).
+#[derive(Clone, Debug)]
+pub(crate) struct DomainPlan {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub nics: Vec<NicDef>,
+    pub start: bool,
+}
+
+pub(crate) struct Prepared {
+    pub kind: JobKind,
+    pub target: Option<PathBuf>,
+    pub domain: Option<String>,
+    pub work: Work,
+}
+
+impl Prepared {
+    /// Whether the job takes one of the `max_io_jobs` slots.
+    pub(crate) fn is_io(&self) -> bool {
+        self.kind != JobKind::Control
+    }
+}
+
+/// Settings submissions are checked against.
+pub(crate) struct Checks<'a> {
+    pub hypervisor: Option<&'a dyn Hypervisor>,
+    pub devices: &'a [PathBuf],
+    pub image_store_configured: bool,
+    pub default_wipe_method: &'a str,
+}
+
+pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SubmitError {
+    SubmitError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// Check the idempotency key: 1-128 printable ASCII characters.
+pub(crate) fn check_key(key: &str) -> Result<(), SubmitError> {
+    if key.is_empty() {
+        return Err(invalid("idempotency_key", "required (1-128 printable ASCII characters)"));
+    }
+    if key.len() > 128 || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(invalid("idempotency_key", "must be 1-128 printable ASCII characters"));
+    }
+    Ok(())
+}
+
+pub(crate) fn prepare(
+    req: &SubmitJobRequest,
+    client: &str,
+    checks: &Checks<'_>,
+) -> Result<Prepared, SubmitError> {
+    let job = req.job.as_ref().ok_or_else(|| {
+        invalid("job", "required: one of provision, wipe, control, resize, snapshot, delete")
+    })?;
+    match job {
+        JobReq::Provision(p) => {
+            let spec = p.spec.as_ref().ok_or_else(|| invalid("provision.spec", "required"))?;
+            validate_spec(spec)?;
+            if !checks.image_store_configured {
+                return Err(SubmitError::Precondition(
+                    "provision: this agent has no image store configured (images.store)".into(),
+                ));
+            }
+            let default_target =
+                DiskTarget { target: Some(disk_target::Target::Volume(format!("{}.raw", spec.name))) };
+            let target = resolve_target(
+                Some(p.target.as_ref().unwrap_or(&default_target)),
+                "provision.target",
+                true,
+                checks,
+            )?;
+            let size_mib = spec.disk.as_ref().map_or(0, |d| d.size_mib);
+            if let Target::Volume { exists: false, .. } = &target
+                && size_mib == 0
+            {
+                return Err(invalid("provision.spec.disk.size_mib", "required for a new volume"));
+            }
+            let domain = match &spec.machine {
+                Some(machine) => {
+                    hypervisor(checks, "provision.spec.machine")?;
+                    Some(domain_plan(&spec.name, machine)?)
+                }
+                None => None,
+            };
+            Ok(Prepared {
+                kind: JobKind::Provision,
+                target: Some(target.path().to_path_buf()),
+                domain: domain.as_ref().map(|d| d.name.clone()),
+                work: Work::Provision { spec: spec.clone(), target, domain },
+            })
+        }
+        JobReq::Wipe(w) => {
+            let target = resolve_target(w.target.as_ref(), "wipe.target", false, checks)?;
+            let method = parse_method(&w.method, "wipe.method", checks)?;
+            let verify = match w.verify.as_str() {
+                "" | "sample" => wipe::Verify::Sample { seed: None },
+                "full" => wipe::Verify::Full,
+                "none" => wipe::Verify::None,
+                other => {
+                    return Err(invalid("wipe.verify", format!("{other:?} is not none, sample or full")));
+                }
+            };
+            let operator = if w.operator.is_empty() { client.to_string() } else { w.operator.clone() };
+            Ok(Prepared {
+                kind: JobKind::Wipe,
+                target: Some(target.path().to_path_buf()),
+                domain: None,
+                work: Work::Wipe { target, method, verify, operator },
+            })
+        }
+        JobReq::Control(c) => {
+            check_domain_name(&c.domain, "control.domain")?;
+            let action =
+                Action::try_from(c.action).ok().filter(|a| *a != Action::Unspecified).ok_or_else(|| {
+                    invalid("control.action", "required: START, STOP, REBOOT, SUSPEND, RESUME or DESTROY")
+                })?;
+            hypervisor(checks, "control")?;
+            Ok(Prepared {
+                kind: JobKind::Control,
+                target: None,
+                domain: Some(c.domain.clone()),
+                work: Work::Control { domain: c.domain.clone(), action, grace_seconds: c.grace_seconds },
+            })
+        }
+        JobReq::Delete(d) => {
+            check_domain_name(&d.domain, "delete.domain")?;
+            let hv = hypervisor(checks, "delete")?;
+            let method = parse_method(&d.wipe_method, "delete.wipe_method", checks)?;
+            let target = match &d.target {
+                Some(t) => resolve_target(Some(t), "delete.target", false, checks)?,
+                None => domain_disk(hv, &d.domain)?,
+            };
+            Ok(Prepared {
+                kind: JobKind::Delete,
+                target: Some(target.path().to_path_buf()),
+                domain: Some(d.domain.clone()),
+                work: Work::Delete { domain: d.domain.clone(), target, method, operator: client.to_string() },
+            })
+        }
+        JobReq::Resize(_) => Err(SubmitError::Unsupported("resize")),
+        JobReq::Snapshot(_) => Err(SubmitError::Unsupported("snapshot")),
+    }
+}
+
+/// The spec checks the engine runs again at provision time, with field paths from the request's root.
+fn validate_spec(spec: &VmSpec) -> Result<(), SubmitError> {
+    crate::provision::spec::validate(spec)
+        .map_err(|e| invalid(format!("provision.spec.{}", e.field), e.reason))?;
+    if let Some(c) = &spec.customize {
+        crate::customize::validate(c).map_err(|e| match e {
+            crate::customize::CustomizeError::Invalid { field, reason } => {
+                invalid(format!("provision.spec.{field}"), reason)
+            }
+            other => invalid("provision.spec.customize", other.to_string()),
+        })?;
+    }
+    Ok(())
+}
+
+fn parse_method(text: &str, field: &str, checks: &Checks<'_>) -> Result<wipe::Method, SubmitError> {
+    let text = if text.is_empty() { checks.default_wipe_method } else { text };
+    wipe::Method::parse(text).map_err(|reason| invalid(field, reason))
+}
+
+fn hypervisor<'a>(checks: &Checks<'a>, what: &str) -> Result<&'a dyn Hypervisor, SubmitError> {
+    checks.hypervisor.ok_or_else(|| {
+        SubmitError::Unavailable(format!("{what}: no hypervisor is configured on this agent (libvirt.uri)"))
+    })
+}
+
+fn hypervisor_error(what: &str, e: HypervisorError) -> SubmitError {
+    match e {
+        HypervisorError::NoDomain(_) | HypervisorError::NoVolume(..) => {
+            SubmitError::NotFound(format!("{what}: {e}"))
+        }
+        e => SubmitError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+fn check_domain_name(name: &str, field: &str) -> Result<(), SubmitError> {
+    if name.is_empty() {
+        return Err(invalid(field, "required"));
+    }
+    if name.len() > 255 || name.contains(['/', '\0']) || name.chars().any(char::is_control) {
+        return Err(invalid(field, format!("{name:?} is not a valid domain name")));
+    }
+    Ok(())
+}
+
+/// A volume name: one path component, no hidden or special names.
+fn check_volume_name(name: &str, field: &str) -> Result<(), SubmitError> {
+    if name.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if name.len() > 255 || name.contains(['/', '\0']) || name.starts_with('.') {
+        return Err(invalid(
+            field,
+            format!("{name:?} is not a valid volume name (one file name, not hidden)"),
+        ));
+    }
+    Ok(())
+}
+
+/// The disk of a defined domain, as a volume when it lies in the pool.
+fn domain_disk(hv: &dyn Hypervisor, domain: &str) -> Result<Target, SubmitError> {
+    let what = format!("delete.domain {domain:?}");
+    let disk = hv.domain_disk(domain).map_err(|e| hypervisor_error(&what, e))?;
+    let disk = std::fs::canonicalize(&disk).unwrap_or(disk);
+    let pool = hv.pool().map_err(|e| hypervisor_error(&what, e))?;
+    let pool_dir = std::fs::canonicalize(&pool.path).unwrap_or(pool.path);
+    if disk.parent() == Some(pool_dir.as_path())
+        && let Some(name) = disk.file_name().and_then(|n| n.to_str())
+        && let Ok(Some(_)) = hv.volume(name)
+    {
+        return Ok(Target::Volume { name: name.to_string(), path: disk, exists: true });
+    }
+    Ok(Target::Device(disk))
+}
+
+/// Resolve a target to its canonical path. `create`: a missing volume or file is one the job creates.
+fn resolve_target(
+    target: Option<&DiskTarget>,
+    field: &str,
+    create: bool,
+    checks: &Checks<'_>,
+) -> Result<Target, SubmitError> {
+    match target.and_then(|t| t.target.as_ref()) {
+        None => Err(invalid(field, "required: a volume or a device")),
+        Some(disk_target::Target::Volume(name)) => {
+            let field = format!("{field}.volume");
+            check_volume_name(name, &field)?;
+            let hv = hypervisor(checks, &field)?;
+            match hv.volume(name).map_err(|e| hypervisor_error(&field, e))? {
+                Some(v) => {
+                    let path = std::fs::canonicalize(&v.path).unwrap_or(v.path);
+                    Ok(Target::Volume { name: name.clone(), path, exists: true })
+                }
+                None if create => {
+                    let pool = hv.pool().map_err(|e| hypervisor_error(&field, e))?;
+                    let dir = std::fs::canonicalize(&pool.path).unwrap_or(pool.path);
+                    Ok(Target::Volume { name: name.clone(), path: dir.join(name), exists: false })
+                }
+                None => Err(SubmitError::NotFound(format!("{field}: no volume named {name:?} in the pool"))),
+            }
+        }
+        Some(disk_target::Target::Device(device)) => {
+            let field = format!("{field}.device");
+            let path = Path::new(device);
+            if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
+                return Err(invalid(field, format!("{device:?} is not an absolute path without ..")));
+            }
+            let canonical = match std::fs::canonicalize(path) {
+                Ok(p) => p,
+                Err(_) if create => {
+                    // A file the provision creates: its directory must exist.
+                    let parent = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
+                    match (parent, path.file_name()) {
+                        (Some(dir), Some(name)) => dir.join(name),
+                        _ => {
+                            return Err(SubmitError::NotFound(format!(
+                                "{field}: the directory of {device} does not exist"
+                            )));
+                        }
+                    }
+                }
+                Err(_) => return Err(SubmitError::NotFound(format!("{field}: {device} does not exist"))),
+            };
+            if !device_allowed(checks.devices, &canonical) {
+                return Err(invalid(
+                    field,
+                    format!("{device} is not allowed on this agent (not listed in jobs.devices)"),
+                ));
+            }
+            Ok(Target::Device(canonical))
+        }
+    }
+}
+
+/// An entry of `jobs.devices` allows that device or file, or, when it is a directory, files beneath it.
+fn device_allowed(devices: &[PathBuf], canonical: &Path) -> bool {
+    devices.iter().any(|entry| {
+        let entry = std::fs::canonicalize(entry).unwrap_or_else(|_| entry.clone());
+        if entry.is_dir() { canonical.starts_with(&entry) && canonical != entry } else { entry == canonical }
+    })
+}
+
+fn domain_plan(name: &str, machine: &Machine) -> Result<DomainPlan, SubmitError> {
+    let mut nics = Vec::new();
+    for (i, nic) in machine.nics.iter().enumerate() {
+        let field = |f: &str| format!("provision.spec.machine.nics[{i}].{f}");
+        use gridforge_proto::v1::nic::Attach;
+        let (network, bridge) = match &nic.attach {
+            Some(Attach::Network(n)) if !n.is_empty() => (Some(n.clone()), None),
+            Some(Attach::Bridge(b)) if !b.is_empty() => (None, Some(b.clone())),
+            _ => return Err(invalid(field("attach"), "required: a network or a bridge name")),
+        };
+        let mac = if nic.mac.is_empty() {
+            generated_mac(name, i)
+        } else if is_mac(&nic.mac) {
+            nic.mac.to_ascii_lowercase()
+        } else {
+            return Err(invalid(
+                field("mac"),
+                format!("{:?} is not a MAC address aa:bb:cc:dd:ee:ff", nic.mac),
+            ));
+        };
+        let vlan = match nic.vlan {
+            0 => None,
+            v @ 1..=4094 => Some(v as u16),
+            v => {
+                return Err(invalid(field("vlan"), format!("{v} is not a VLAN tag (1-4094, or 0 for none)")));
+            }
+        };
+        nics.push(NicDef { network, bridge, mac, vlan });
+    }
+    Ok(DomainPlan {
+        name: name.to_string(),
+        vcpus: if machine.vcpus == 0 { 1 } else { machine.vcpus },
+        memory_mib: if machine.memory_mib == 0 { 1024 } else { machine.memory_mib },
+        nics,
+        start: machine.start,
+    })
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A locally administered MAC in QEMU's 52:54:00 range, stable for a VM name and NIC index.
+pub(crate) fn generated_mac(vm: &str, index: usize) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{vm}/{index}").as_bytes());
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", digest[0], digest[1], digest[2])
+}
+
+/// Wipe every secret from a spec in place: LUKS passphrases, root and user passwords (plain or hashed).
+pub(crate) fn scrub_spec(spec: &mut VmSpec) {
+    if let Some(disk) = &mut spec.disk {
+        for p in &mut disk.partitions {
+            if let Some(enc) = &mut p.encryption {
+                enc.passphrase.zeroize();
+            }
+        }
+    }
+    if let Some(c) = &mut spec.customize {
+        c.root_password.zeroize();
+        c.root_password_hash.zeroize();
+        for u in &mut c.users {
+            u.password.zeroize();
+            u.password_hash.zeroize();
+        }
+    }
+}
+
+/// The request as journaled and reported: every secret removed.
+pub(crate) fn without_secrets(req: &SubmitJobRequest) -> SubmitJobRequest {
+    let mut copy = req.clone();
+    if let Some(JobReq::Provision(p)) = &mut copy.job
+        && let Some(spec) = &mut p.spec
+    {
+        scrub_spec(spec);
+    }
+    copy
+}
+
+/// Bytes of a new volume for a spec.
+pub(crate) fn volume_size(spec: &VmSpec) -> u64 {
+    spec.disk.as_ref().map_or(0, |d| d.size_mib) * MIB
+}

@@ -1,0 +1,323 @@
+//! Running one job of each kind on the engine's functions. Every function here blocks; the engine runs it on
+//! the job's own thread.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gridforge_proto::v1::{
+    ControlResult, Error as JobFailure, VmSpec, WipeResult, control_job::Action, error::Code, job::Outcome,
+};
+
+use super::request::{DomainPlan, Target, Work, scrub_spec, volume_size};
+use super::{Inner, make_safe};
+use crate::hypervisor::{DomainDef, DomainState, Hypervisor, HypervisorError};
+use crate::image::Trust;
+use crate::progress::Progress;
+use crate::provision::{self, ImageSource, ProvisionRequest};
+use crate::wipe::{self, CancelToken};
+
+/// Default time a STOP waits for the guest to power off before it is destroyed.
+const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(60);
+const STOP_POLL: Duration = Duration::from_millis(250);
+
+/// A job's failure before it is put into the contract's form.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: Code,
+    /// The step it failed in; None: the job's current step.
+    step: Option<String>,
+    message: String,
+}
+
+impl Failure {
+    pub(crate) fn new(code: Code, message: impl Into<String>) -> Self {
+        Self { code, step: None, message: message.into() }
+    }
+
+    fn at(step: &str, code: Code, message: impl Into<String>) -> Self {
+        Self { code, step: Some(step.to_string()), message: message.into() }
+    }
+
+    fn hypervisor(step: &str, e: HypervisorError) -> Self {
+        let code = match e {
+            HypervisorError::NoDomain(_) | HypervisorError::NoVolume(..) => Code::NotFound,
+            _ => Code::Hypervisor,
+        };
+        Self::at(step, code, e.to_string())
+    }
+
+    pub(crate) fn into_proto(self, current_step: &str) -> JobFailure {
+        JobFailure {
+            code: self.code as i32,
+            step: self.step.unwrap_or_else(|| current_step.to_string()),
+            message: self.message,
+        }
+    }
+}
+
+/// An error and its causes as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
+}
+
+pub(crate) struct JobContext<'a> {
+    pub inner: &'a Arc<Inner>,
+    pub id: &'a str,
+    pub progress: Progress,
+    pub cancel: CancelToken,
+}
+
+impl JobContext<'_> {
+    fn hypervisor(&self) -> Result<&dyn Hypervisor, Failure> {
+        self.inner.hypervisor.as_deref().ok_or_else(|| {
+            Failure::new(Code::Hypervisor, "no hypervisor is configured on this agent (libvirt.uri)")
+        })
+    }
+
+    /// A safe point: stop here if the job was cancelled.
+    fn checkpoint(&self, step: &str) -> Result<(), Failure> {
+        if self.cancel.is_cancelled() { Err(Failure::at(step, Code::Cancelled, "cancelled")) } else { Ok(()) }
+    }
+}
+
+pub(crate) fn run(ctx: &JobContext<'_>, work: Work) -> Result<Outcome, Failure> {
+    tracing::info!(job = ctx.id, "job started");
+    match &work {
+        Work::Provision { spec, target, domain } => provision(ctx, spec, target, domain.as_ref()),
+        Work::Wipe { target, method, verify, operator } => {
+            wipe_target(ctx, target.path(), method, *verify, operator).map(Outcome::Wipe)
+        }
+        Work::Control { domain, action, grace_seconds } => control(ctx, domain, *action, *grace_seconds),
+        Work::Delete { domain, target, method, operator } => delete(ctx, domain, target, method, operator),
+    }
+}
+
+fn provision(
+    ctx: &JobContext<'_>,
+    spec: &VmSpec,
+    target: &Target,
+    domain: Option<&DomainPlan>,
+) -> Result<Outcome, Failure> {
+    let images = &ctx.inner.config.images;
+    let trust = if !images.trusted_key.is_empty() {
+        let key = crate::image::sign::parse_trusted_key(&images.trusted_key)
+            .map_err(|e| Failure::at("fetch", Code::ImageUntrusted, chain(&e)))?;
+        Trust::Key(key)
+    } else if images.insecure_images {
+        Trust::Insecure
+    } else {
+        return Err(Failure::at(
+            "fetch",
+            Code::ImageUntrusted,
+            "no trusted key configured (images.trusted_key)",
+        ));
+    };
+    let created_volume = match target {
+        Target::Volume { name, exists: false, .. } => {
+            let hv = ctx.hypervisor()?;
+            ctx.progress.note("allocate", format!("creating volume {name} in the pool"));
+            hv.create_volume(name, volume_size(spec)).map_err(|e| Failure::hypervisor("allocate", e))?;
+            Some(name.as_str())
+        }
+        _ => None,
+    };
+    let result = provision_onto(ctx, spec, target.path(), trust, domain);
+    if result.is_err()
+        && let Some(name) = created_volume
+        && let Some(hv) = ctx.inner.hypervisor.as_deref()
+    {
+        // The volume exists only for this provision: nothing half-written stays behind.
+        if let Err(e) = hv.delete_volume(name) {
+            tracing::error!(job = ctx.id, volume = name, "cannot delete the failed provision's volume: {e}");
+        }
+    }
+    result
+}
+
+fn provision_onto(
+    ctx: &JobContext<'_>,
+    spec: &VmSpec,
+    disk: &Path,
+    trust: Trust,
+    domain: Option<&DomainPlan>,
+) -> Result<Outcome, Failure> {
+    let config = &ctx.inner.config;
+    let mut req = ProvisionRequest {
+        spec: spec.clone(),
+        disk: disk.to_path_buf(),
+        images: ImageSource {
+            store: config.images.store.clone(),
+            trust,
+            cache_dir: config.cache_dir.clone(),
+        },
+        work_dir: config.work_dir.clone(),
+        efi_binary: config.images.efi_binary.clone(),
+        cancel: Some(ctx.cancel.clone()),
+    };
+    let result = provision::provision(&req, &ctx.progress);
+    scrub_spec(&mut req.spec);
+    let result = result.map_err(|e| {
+        let p = e.to_proto();
+        Failure { code: p.code(), step: Some(p.step), message: p.message }
+    })?;
+    if let Some(d) = domain {
+        let defined = define_domain(ctx, d, disk);
+        if let Err(e) = defined {
+            // A disk whose domain could not be made is not handed over: leave it unbootable.
+            if let Err(z) = make_safe(disk) {
+                tracing::error!(job = ctx.id, "cannot zero the head of {}: {z}", disk.display());
+            }
+            return Err(e);
+        }
+    }
+    Ok(Outcome::Provision(result))
+}
+
+fn define_domain(ctx: &JobContext<'_>, d: &DomainPlan, disk: &Path) -> Result<(), Failure> {
+    ctx.checkpoint("define")?;
+    let hv = ctx.hypervisor()?;
+    ctx.progress.note("define", format!("defining domain {}", d.name));
+    let def = DomainDef {
+        name: d.name.clone(),
+        vcpus: d.vcpus,
+        memory_mib: d.memory_mib,
+        disk: disk.to_path_buf(),
+        nics: d.nics.clone(),
+    };
+    hv.define(&def).map_err(|e| Failure::hypervisor("define", e))?;
+    if d.start {
+        ctx.progress.note("define", format!("starting domain {}", d.name));
+        hv.start(&d.name).map_err(|e| Failure::hypervisor("define", e))?;
+    }
+    Ok(())
+}
+
+/// Wipe, verify and sign. The engine checked at submission that the target is a pool volume or an allowed
+/// device, so the wipe's own pool check is not repeated; its safety checks (mounted, in use, root) apply.
+fn wipe_target(
+    ctx: &JobContext<'_>,
+    path: &Path,
+    method: &wipe::Method,
+    verify: wipe::Verify,
+    operator: &str,
+) -> Result<WipeResult, Failure> {
+    // Load (or create) the key first: a wipe that cannot be certified should not start.
+    let key = ctx.inner.signing_key().map_err(|e| Failure::at("wipe", Code::Io, chain(&e)))?;
+    let req = wipe::WipeRequest {
+        path: path.to_path_buf(),
+        method: method.clone(),
+        verify,
+        policy: wipe::WipePolicy::default(),
+        force: false,
+        resume: wipe::Resume::default(),
+        operator: operator.to_string(),
+        file_sector_size: None,
+    };
+    let outcome = wipe::wipe(&req, &ctx.progress, &ctx.cancel).map_err(|e| {
+        let e = crate::Error::from(e);
+        Failure::new(e.code(), chain(&e))
+    })?;
+    ctx.progress.note("report", "signing the wipe report");
+    let verified = outcome.verified();
+    let mut report = outcome.report;
+    wipe::report::sign(&mut report, &key);
+    if report.verification.result == "failed" {
+        return Err(Failure::at(
+            "verify",
+            Code::Io,
+            format!("verification failed: {}", report.errors.join("; ")),
+        ));
+    }
+    Ok(WipeResult { report_json: report.to_pretty_json(), verified, bytes: report.bytes_written })
+}
+
+fn control(
+    ctx: &JobContext<'_>,
+    domain: &str,
+    action: Action,
+    grace_seconds: u32,
+) -> Result<Outcome, Failure> {
+    let hv = ctx.hypervisor()?;
+    let step = "control";
+    ctx.progress.note(step, format!("{} {domain}", action.as_str_name().to_ascii_lowercase()));
+    let hv_err = |e| Failure::hypervisor(step, e);
+    match action {
+        Action::Start => hv.start(domain).map_err(hv_err)?,
+        Action::Stop => {
+            let grace = match grace_seconds {
+                0 => DEFAULT_STOP_GRACE,
+                s => Duration::from_secs(s.into()),
+            };
+            stop(ctx, hv, domain, grace)?
+        }
+        Action::Reboot => hv.reboot(domain).map_err(hv_err)?,
+        Action::Suspend => hv.suspend(domain).map_err(hv_err)?,
+        Action::Resume => hv.resume(domain).map_err(hv_err)?,
+        Action::Destroy => hv.destroy(domain).map_err(hv_err)?,
+        Action::Unspecified => return Err(Failure::at(step, Code::InvalidSpec, "no action given")),
+    }
+    let state = hv.state(domain).map_err(hv_err)?.map_or("undefined", DomainState::as_str);
+    Ok(Outcome::Control(ControlResult { domain: domain.to_string(), state: state.to_string() }))
+}
+
+/// ACPI shutdown, then wait for the guest to power off; after `grace` it is destroyed.
+fn stop(ctx: &JobContext<'_>, hv: &dyn Hypervisor, domain: &str, grace: Duration) -> Result<(), Failure> {
+    let step = "control";
+    let hv_err = |e| Failure::hypervisor(step, e);
+    let off = |s: Option<DomainState>| matches!(s, None | Some(DomainState::Shutoff));
+    if off(hv.state(domain).map_err(hv_err)?) {
+        return Ok(());
+    }
+    hv.shutdown(domain).map_err(hv_err)?;
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if off(hv.state(domain).map_err(hv_err)?) {
+            return Ok(());
+        }
+        ctx.checkpoint(step)?;
+        std::thread::sleep(STOP_POLL);
+    }
+    if off(hv.state(domain).map_err(hv_err)?) {
+        return Ok(());
+    }
+    ctx.progress
+        .note(step, format!("{domain} did not power off within {} s; destroying it", grace.as_secs()));
+    hv.destroy(domain).map_err(hv_err)
+}
+
+fn delete(
+    ctx: &JobContext<'_>,
+    domain: &str,
+    target: &Target,
+    method: &wipe::Method,
+    operator: &str,
+) -> Result<Outcome, Failure> {
+    let hv = ctx.hypervisor()?;
+    match hv.state(domain).map_err(|e| Failure::hypervisor("stop", e))? {
+        None => ctx.progress.note("undefine", format!("domain {domain} is not defined (already undefined)")),
+        Some(state) => {
+            if state != DomainState::Shutoff {
+                ctx.progress.note("stop", format!("powering off {domain} ({})", state.as_str()));
+                hv.destroy(domain).map_err(|e| Failure::hypervisor("stop", e))?;
+            }
+            ctx.checkpoint("undefine")?;
+            ctx.progress.note("undefine", format!("undefining {domain}"));
+            hv.undefine(domain).map_err(|e| Failure::hypervisor("undefine", e))?;
+        }
+    }
+    ctx.checkpoint("wipe")?;
+    let result = wipe_target(ctx, target.path(), method, wipe::Verify::Sample { seed: None }, operator)?;
+    if let Some(name) = target.volume_name() {
+        ctx.progress.note("free", format!("deleting volume {name}"));
+        hv.delete_volume(name).map_err(|e| Failure::hypervisor("free", e))?;
+    }
+    Ok(Outcome::Wipe(result))
+}

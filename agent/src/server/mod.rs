@@ -1,0 +1,184 @@
+//! The gRPC `Agent` service: translates requests into job engine calls and engine errors into statuses.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gridforge_proto::v1::agent_server::{Agent, AgentServer};
+use gridforge_proto::v1::{
+    CancelJobRequest, DiagnosticsReport, DiagnosticsRequest, GetJobRequest, Job, JobEvent, ListJobsRequest,
+    ListJobsResponse, NodeStatsReport, NodeStatsRequest, SubmitJobRequest, WatchJobRequest,
+};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::jobs::{CancelError, JobEngine, SubmitError, WatchError};
+use crate::node::{self, NodeContext};
+
+/// Caller name for requests without a client certificate (plaintext, local development).
+pub const LOCAL_CLIENT: &str = "local";
+/// NodeStats sampling window when the request gives none, and the longest allowed.
+const DEFAULT_SAMPLE_MS: u32 = 500;
+const MAX_SAMPLE_MS: u32 = 10_000;
+
+/// The `Agent` service over a job engine and the node's context.
+pub struct AgentService {
+    engine: JobEngine,
+    node: Arc<NodeContext>,
+}
+
+impl AgentService {
+    pub fn new(engine: JobEngine, node: Arc<NodeContext>) -> Self {
+        Self { engine, node }
+    }
+}
+
+/// The tonic server for `svc`, refusing requests larger than `jobs.max_request_bytes`.
+pub fn agent_server(svc: AgentService, config: &Config) -> AgentServer<AgentService> {
+    AgentServer::new(svc).max_decoding_message_size(config.jobs.max_request_bytes)
+}
+
+impl From<SubmitError> for Status {
+    fn from(e: SubmitError) -> Status {
+        let message = e.to_string();
+        match e {
+            SubmitError::Invalid { .. } => Status::invalid_argument(message),
+            SubmitError::Busy { .. } | SubmitError::Precondition(_) => Status::failed_precondition(message),
+            SubmitError::NotFound(_) => Status::not_found(message),
+            SubmitError::Unavailable(_) | SubmitError::ShuttingDown => Status::unavailable(message),
+            SubmitError::Unsupported(_) => Status::unimplemented(message),
+            SubmitError::Journal(_) => Status::internal(error_chain(&e)),
+        }
+    }
+}
+
+impl From<CancelError> for Status {
+    fn from(e: CancelError) -> Status {
+        match e {
+            CancelError::NotFound(_) => Status::not_found(e.to_string()),
+            CancelError::Finished { .. } => Status::failed_precondition(e.to_string()),
+        }
+    }
+}
+
+impl From<WatchError> for Status {
+    fn from(e: WatchError) -> Status {
+        match e {
+            WatchError::NotFound(_) => Status::not_found(e.to_string()),
+            WatchError::Journal(_) => Status::internal(error_chain(&e)),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
+}
+
+fn require_job_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() { Err(Status::invalid_argument("job_id: required")) } else { Ok(()) }
+}
+
+/// The caller's name: the common name of its client certificate, or [`LOCAL_CLIENT`] without TLS.
+fn client_name<T>(request: &Request<T>) -> String {
+    let Some(certs) = request.peer_certs() else { return LOCAL_CLIENT.to_string() };
+    let Some(cert) = certs.first() else { return LOCAL_CLIENT.to_string() };
+    match x509_parser::parse_x509_certificate(cert.as_ref()) {
+        Ok((_, cert)) => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| cert.subject().to_string()),
+        Err(_) => "unknown client".to_string(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("request handler failed: {e}")))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
+        let client = client_name(&request);
+        let req = request.into_inner();
+        let engine = self.engine.clone();
+        // Submission may ask the hypervisor about volumes and domains: off the async threads.
+        let job = blocking(move || engine.submit(req, &client)).await??;
+        Ok(Response::new(job))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        require_job_id(&req.job_id)?;
+        let rx = self.engine.watch(&req.job_id, req.from_seq)?;
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        let req = request.into_inner();
+        require_job_id(&req.job_id)?;
+        Ok(Response::new(self.engine.cancel(&req.job_id)?))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let req = request.into_inner();
+        require_job_id(&req.job_id)?;
+        self.engine
+            .get(&req.job_id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no job {:?}", req.job_id)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(ListJobsResponse { jobs: self.engine.list(&req) }))
+    }
+
+    async fn diagnostics(
+        &self,
+        _request: Request<DiagnosticsRequest>,
+    ) -> Result<Response<DiagnosticsReport>, Status> {
+        let (engine, node) = (self.engine.clone(), self.node.clone());
+        let report =
+            blocking(move || node::diagnostics(&node, &engine.list(&ListJobsRequest::default()))).await?;
+        Ok(Response::new(report))
+    }
+
+    async fn node_stats(
+        &self,
+        request: Request<NodeStatsRequest>,
+    ) -> Result<Response<NodeStatsReport>, Status> {
+        let sample_ms = match request.into_inner().sample_ms {
+            0 => DEFAULT_SAMPLE_MS,
+            ms if ms > MAX_SAMPLE_MS => {
+                return Err(Status::invalid_argument(format!(
+                    "sample_ms: {ms} is more than {MAX_SAMPLE_MS}"
+                )));
+            }
+            ms => ms,
+        };
+        let node = self.node.clone();
+        let report =
+            blocking(move || node::node_stats(&node, Duration::from_millis(sample_ms.into()))).await?;
+        Ok(Response::new(report))
+    }
+}
