@@ -75,12 +75,12 @@ fn notifies_systemd_ready_watchdog_and_stopping() {
 }
 
 #[test]
-fn no_watchdog_pings_without_watchdog_usec() {
+fn no_watchdog_pings_when_the_watchdog_is_for_another_process() {
     let node = Node::new("");
     let sock_path = node.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let mut daemon = node.start_with(|cmd| {
-        cmd.env("NOTIFY_SOCKET", &sock_path);
+        cmd.env("NOTIFY_SOCKET", &sock_path).env("WATCHDOG_USEC", "200000").env("WATCHDOG_PID", "1");
     });
     let got = receive_until(&sock, "READY=1", Duration::from_secs(20));
     assert!(has(&got, "READY=1"), "{got:?}");

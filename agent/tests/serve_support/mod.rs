@@ -86,8 +86,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// `extra` is appended to the `[jobs]` table.
+    /// A disk-only node (no libvirt); `jobs_extra` is appended to the `[jobs]` table.
     pub fn new(jobs_extra: &str) -> Node {
+        Node::with_libvirt("", jobs_extra)
+    }
+
+    /// A node whose `libvirt.uri` is `uri`.
+    pub fn with_libvirt(uri: &str, jobs_extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(&dir.path().join("pki"));
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -109,7 +114,7 @@ cert = "{cert}"
 key = "{key}"
 
 [libvirt]
-uri = ""
+uri = "{uri}"
 
 [jobs]
 devices = ["{root}/disks"]
