@@ -11,26 +11,7 @@ use gridforge_proto::v1::{
 use serve_support::*;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-
-async fn health(node: &Node, service: &str) -> ServingStatus {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(node.pki.ca()).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(node.pki.cert("ops")).unwrap(),
-            std::fs::read(node.pki.key("ops")).unwrap(),
-        ));
-    let channel =
-        Endpoint::from_shared(node.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
-    let resp = HealthClient::new(channel)
-        .check(HealthCheckRequest { service: service.to_string() })
-        .await
-        .unwrap_or_else(|e| panic!("health check of {service:?}: {e:?}"))
-        .into_inner();
-    resp.status()
-}
 
 /// The services the reflection service lists (as `grpcurl list` shows them).
 async fn reflected_services(node: &Node) -> Vec<String> {
