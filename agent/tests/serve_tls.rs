@@ -13,34 +13,52 @@ use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// The services the reflection service lists (as `grpcurl list` shows them).
-async fn reflected_services(node: &Node) -> Vec<String> {
+/// One reflection request and its answer, as `grpcurl list` and `grpcurl describe` send them.
+async fn reflect(
+    node: &Node,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let tls = node.pki.client("ops");
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(node.pki.ca()).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(node.pki.cert("ops")).unwrap(),
-            std::fs::read(node.pki.key("ops")).unwrap(),
-        ));
+        .ca_certificate(Certificate::from_pem(std::fs::read(&tls.ca).unwrap()))
+        .identity(Identity::from_pem(std::fs::read(&tls.cert).unwrap(), std::fs::read(&tls.key).unwrap()));
     let channel =
         Endpoint::from_shared(node.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
     let mut stream = ServerReflectionClient::new(channel)
         .server_reflection_info(tokio_stream::iter(vec![req]))
         .await
         .expect("reflection")
         .into_inner();
     let resp = stream.message().await.unwrap().expect("a reflection response");
-    match resp.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
+    resp.message_response.expect("a reflection answer")
+}
+
+/// The services the reflection service lists (as `grpcurl list` shows them).
+async fn reflected_services(node: &Node) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    match reflect(node, MessageRequest::ListServices(String::new())).await {
+        MessageResponse::ListServicesResponse(list) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection response: {other:?}"),
+    }
+}
+
+/// The names of the files (the one defining `symbol` and what it imports) reflection serves for it, as
+/// `grpcurl describe` needs them.
+async fn reflected_files(node: &Node, symbol: &str) -> Vec<String> {
+    use prost::Message;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    match reflect(node, MessageRequest::FileContainingSymbol(symbol.to_string())).await {
+        MessageResponse::FileDescriptorResponse(files) => files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+            .flat_map(|f| std::iter::once(f.name().to_string()).chain(f.dependency))
+            .collect(),
         other => panic!("unexpected reflection response: {other:?}"),
     }
 }
@@ -67,6 +85,10 @@ async fn mtls_wipe_job_health_reflection_and_metrics() {
     let services = reflected_services(&node).await;
     assert!(services.iter().any(|s| s == "gridforge.v1.Agent"), "{services:?}");
     assert!(services.iter().any(|s| s == "grpc.health.v1.Health"), "{services:?}");
+    let files = reflected_files(&node, "gridforge.v1.Agent").await;
+    assert!(files.iter().any(|f| f == "gridforge/v1/agent.proto"), "{files:?}");
+    let imports = reflected_files(&node, "google.protobuf.Timestamp").await;
+    assert!(imports.iter().any(|f| f == "google/protobuf/timestamp.proto"), "imports resolve: {imports:?}");
 
     let mut client = node.client().await;
     let job = client.submit_job(wipe_request("wipe-one", &disk, "zero-write")).await.unwrap().into_inner();
