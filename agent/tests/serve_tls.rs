@@ -347,3 +347,25 @@ async fn with_libvirt_down_the_daemon_serves_and_hypervisor_jobs_are_unavailable
     assert_eq!(watch_to_end(&mut client, &job.id).await.last().unwrap().state(), JobState::Succeeded);
     assert!(daemon.log_text().contains("libvirt is not reachable"), "{}", daemon.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insecure_mode_serves_plaintext_with_a_loud_warning() {
+    let node = Node::new("");
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, text.replace("[tls]\n", "[tls]\ninsecure = true\n")).unwrap();
+    let daemon = node.start();
+    let endpoint = format!("http://{}", node.grpc);
+    let mut client = gridforge_agent::client::connect(&endpoint, None).await.expect("plaintext connect");
+    let disk = node.sparse_disk("p.img", MIB);
+    let job = client.submit_job(wipe_request("plain", &disk, "zero")).await.unwrap().into_inner();
+    assert_eq!(watch_to_end(&mut client, &job.id).await.last().unwrap().state(), JobState::Succeeded);
+    let job = get(&mut client, &job.id).await;
+    let Some(Outcome::Wipe(result)) = &job.outcome else { panic!("{job:?}") };
+    let report: serde_json::Value = serde_json::from_str(&result.report_json).unwrap();
+    assert_eq!(report["operator"], "local", "no certificate, no name: {report}");
+    let log = daemon.log_text();
+    assert!(log.contains("\"level\":\"WARN\"") && log.contains("TLS IS DISABLED"), "{log}");
+    let out = agent(&["job", "list", "--insecure", "--server", &node.grpc.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&job.id), "{out:?}");
+}
