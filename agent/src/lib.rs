@@ -62,7 +62,11 @@ impl Error {
             Error::Image(I::BadIndex { .. } | I::BadIndexJson { .. } | I::BadSource { .. }) => {
                 Code::CorruptImage
             }
+            Error::Image(I::Exists { .. }) => Code::InvalidSpec,
+            Error::Image(I::Disk(_)) => Code::Target,
+            Error::Image(I::Cancelled) => Code::Cancelled,
             Error::Image(_) => Code::Io,
+            Error::Pipeline(P::Cancelled) => Code::Cancelled,
             Error::Pipeline(P::DigestMismatch { .. }) => Code::DigestMismatch,
             Error::Pipeline(P::TooLarge { .. }) => Code::Layout,
             Error::Pipeline(P::Io { .. }) => Code::Io,

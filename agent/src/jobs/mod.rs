@@ -333,6 +333,8 @@ impl JobEngine {
             devices: &config.jobs.devices,
             image_store_configured: !config.images.store.is_empty(),
             default_wipe_method: &config.jobs.default_wipe_method,
+            snapshot_store: &config.images.snapshot_store,
+            snapshot_signing_key: &config.images.snapshot_signing_key,
         };
         let prepared = request::prepare(&req, client, &checks)?;
         self.inner.enqueue(&req, prepared)
@@ -588,7 +590,7 @@ impl Inner {
             },
         );
         self.journal.put_job(&job);
-        self.emit(&mut st, &id, "queue", 0, 0, "queued".into(), JobState::Unspecified);
+        self.emit(&mut st, &id, "queue", (0, 0), "queued".into(), JobState::Unspecified);
         st.queue.push_back(id.clone());
         drop(st);
         if let Err(e) = self.journal.flush() {
@@ -611,14 +613,13 @@ impl Inner {
         Ok(st.jobs.get(&id).map(|e| e.job.clone()).unwrap_or(job))
     }
 
-    /// Append an event to the job's log and the journal.
+    /// Append an event to the job's log and the journal; `bytes` is (done, total) of the step.
     fn emit(
         &self,
         st: &mut State,
         id: &str,
         step: &str,
-        bytes_done: u64,
-        bytes_total: u64,
+        (bytes_done, bytes_total): (u64, u64),
         message: String,
         state: JobState,
     ) {
@@ -649,7 +650,7 @@ impl Inner {
             }
             s => s.to_string(),
         };
-        self.emit(&mut st, id, &step, 0, 0, message.to_string(), JobState::Unspecified);
+        self.emit(&mut st, id, &step, (0, 0), message.to_string(), JobState::Unspecified);
     }
 
     /// Start queued jobs while I/O slots are free (Control jobs need none).
@@ -684,7 +685,7 @@ impl Inner {
             st.running_io += 1;
         }
         st.running.insert(id.to_string());
-        self.emit(st, id, "start", 0, 0, "running".into(), JobState::Unspecified);
+        self.emit(st, id, "start", (0, 0), "running".into(), JobState::Unspecified);
         let inner = self.clone();
         let job_id = id.to_string();
         st.threads.retain(|t| !t.is_finished());
@@ -760,8 +761,7 @@ impl Inner {
                 &mut st,
                 id,
                 ev.step,
-                ev.bytes_done,
-                ev.bytes_total,
+                (ev.bytes_done, ev.bytes_total),
                 ev.message.clone(),
                 JobState::Unspecified,
             );
@@ -848,7 +848,7 @@ impl Inner {
             }
         }
         st.metrics.observe(kind, live.started.map(|t| t.elapsed()), written);
-        self.emit(st, id, &step, 0, 0, message, state);
+        self.emit(st, id, &step, (0, 0), message, state);
         self.finished.notify_all();
         Concluded(true)
     }
