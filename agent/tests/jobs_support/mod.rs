@@ -57,13 +57,15 @@ impl Node {
 
 /// A config whose every path lies under `dir`, without a hypervisor or TLS.
 pub fn config_in(dir: &Path) -> Config {
-    let mut config = Config::default();
-    config.state_dir = dir.join("state");
-    config.cache_dir = dir.join("cache");
-    config.work_dir = dir.join("work");
+    let mut config = Config {
+        state_dir: dir.join("state"),
+        cache_dir: dir.join("cache"),
+        work_dir: dir.join("work"),
+        metrics_listen: None,
+        ..Default::default()
+    };
     config.libvirt.uri = String::new();
     config.tls.insecure = true;
-    config.metrics_listen = None;
     config.jobs.devices = vec![dir.join("disks")];
     config.jobs.report_signing_key = dir.join("state/report-signing.key");
     config
@@ -71,10 +73,15 @@ pub fn config_in(dir: &Path) -> Config {
 
 /// Serve `engine` on 127.0.0.1 (plaintext) and return a connected client.
 pub async fn serve(engine: JobEngine, config: &Config) -> (AgentClient<Channel>, SocketAddr) {
+    serve_node(engine, NodeContext { config: config.clone(), hypervisor: None }).await
+}
+
+/// Serve `engine` on 127.0.0.1 (plaintext) with `node` (e.g. with a hypervisor) for diagnostics and stats.
+pub async fn serve_node(engine: JobEngine, node: NodeContext) -> (AgentClient<Channel>, SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let node = Arc::new(NodeContext { config: config.clone(), hypervisor: None });
-    let svc = agent_server(AgentService::new(engine, node), config);
+    let config = node.config.clone();
+    let svc = agent_server(AgentService::new(engine, Arc::new(node)), &config);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(svc)
