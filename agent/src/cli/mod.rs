@@ -1,5 +1,6 @@
 //! Command-line adapter over the agent engine.
 
+mod diagnose;
 mod output;
 
 use std::path::PathBuf;
@@ -44,6 +45,9 @@ enum Command {
     /// Make and manage LUKS2 volumes (readable by cryptsetup) without device-mapper.
     #[command(subcommand)]
     Luks(LuksCommand),
+    /// Check the node (libvirt, KVM, CPU, memory, devices, pool, cache, TLS certificate, clock, state, jobs);
+    /// one line per check: OK, WARN or FAIL and why. Exits 1 when any check fails.
+    Diagnose(diagnose::DiagnoseArgs),
 }
 
 #[derive(Subcommand)]
@@ -347,6 +351,7 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
             }
         }
         Command::Luks(command) => luks(command, json)?,
+        Command::Diagnose(args) => diagnose::run(&args, json)?,
     }
     Ok(())
 }

@@ -134,6 +134,8 @@ pub trait Hypervisor: Send + Sync {
     fn uri(&self) -> String;
     /// Check the connection now; Ok with the domain type guests get.
     fn ping(&self) -> Result<DomainType, HypervisorError>;
+    /// Library and hypervisor versions, e.g. "libvirt 9.0.0, QEMU 7.2.0".
+    fn version(&self) -> Result<String, HypervisorError>;
 
     /// The storage pool for guest disks (created and started if missing).
     fn pool(&self) -> Result<PoolInfo, HypervisorError>;

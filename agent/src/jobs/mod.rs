@@ -249,6 +249,12 @@ fn make_safe(path: &Path) -> Result<(), String> {
     }
 }
 
+/// The jobs in `config`'s journal, read without opening the engine: beside a running agent, or while none
+/// runs (`gridforge-agent diagnose`).
+pub fn read_journal(config: &Config) -> Result<Vec<Job>, JobError> {
+    journal::read_jobs_shared(&config.journal_path())
+}
+
 impl JobEngine {
     /// Open (create) the journal at `config.journal_path()`. Jobs found queued or running are recorded
     /// INTERRUPTED (a running one's target gets its first MiB zeroed); finished jobs past
