@@ -76,10 +76,15 @@ pub fn config_in(dir: &Path) -> Config {
 
 /// Serve `engine` on 127.0.0.1 (plaintext) and return a connected client.
 pub async fn serve(engine: JobEngine, config: &Config) -> (AgentClient<Channel>, SocketAddr) {
+    serve_node(engine, NodeContext { config: config.clone(), hypervisor: None }).await
+}
+
+/// Serve `engine` on 127.0.0.1 (plaintext) with `node` (e.g. with a hypervisor) for diagnostics and stats.
+pub async fn serve_node(engine: JobEngine, node: NodeContext) -> (AgentClient<Channel>, SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let node = Arc::new(NodeContext { config: config.clone(), hypervisor: None });
-    let svc = agent_server(AgentService::new(engine, node), config);
+    let config = node.config.clone();
+    let svc = agent_server(AgentService::new(engine, Arc::new(node)), &config);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(svc)
