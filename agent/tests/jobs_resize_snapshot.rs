@@ -198,7 +198,7 @@ async fn resize_grows_disk_table_partition_and_ext4() {
     // The last partition ends on a 1 MiB boundary within 1 MiB of the disk's end (the backup GPT follows).
     assert_eq!((last + 1) % 2048, 0, "end aligned: {last}");
     let end = (last + 1) * 512;
-    assert!(end >= 95 * MIB && end <= 96 * MIB - 33 * 512, "ends at {end}");
+    assert!((95 * MIB..=96 * MIB - 33 * 512).contains(&end), "ends at {end}");
     assert_eq!(result.partition_size_bytes, (last - first + 1) * 512);
     assert_eq!(partition_guid(p, 2), guid_before, "partition identity kept");
 
@@ -484,4 +484,45 @@ fn grow_disk_on_a_block_device_with_4096_byte_sectors() {
     run("e2fsck", &["-fn", dev.path()]);
     assert_eq!(ext4_bytes(dev.path()), grown.filesystem_size_bytes);
     assert!(grown.filesystem_size_bytes > 60 * MIB);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resize_and_snapshot_refuse_the_disk_of_a_running_domain() {
+    use gridforge_agent::config::LibvirtConfig;
+    use gridforge_agent::hypervisor::{DomainDef, Hypervisor, Libvirt};
+    let site = Site::new();
+    let disk = site.node.sparse_disk("busy.img", 32 * MIB);
+    // libvirt's in-process test driver: the domain "runs" without a VM.
+    let cfg = LibvirtConfig {
+        uri: "test:///default".into(),
+        pool: "default-pool".into(),
+        domain_type: "qemu".into(),
+        ..Default::default()
+    };
+    let hv = std::sync::Arc::new(Libvirt::new(&cfg, &site.node.dir.path().join("libvirt")));
+    let def =
+        DomainDef { name: "busy-vm".into(), vcpus: 1, memory_mib: 256, disk: disk.clone(), nics: Vec::new() };
+    hv.define(&def).unwrap();
+    hv.start("busy-vm").unwrap();
+    let engine = gridforge_agent::jobs::JobEngine::open(
+        &site.node.config,
+        Some(hv.clone() as std::sync::Arc<dyn Hypervisor>),
+    )
+    .unwrap();
+    let (mut client, _) = serve(engine, &site.node.config).await;
+
+    for req in [resize_request("resize-busy", &disk, 64), snapshot_request("snap-busy", &disk, "busy", "1")] {
+        let err = client.submit_job(req).await.unwrap_err();
+        assert_eq!(err.code(), Status::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("domain busy-vm is running"), "{}", err.message());
+    }
+
+    // Shut off, the same disk can be captured.
+    hv.destroy("busy-vm").unwrap();
+    let done = run_job(&mut client, snapshot_request("snap-idle", &disk, "idle", "1")).await;
+    let Some(Outcome::Snapshot(result)) = &done.outcome else {
+        panic!("no snapshot outcome: {:?}", done.outcome)
+    };
+    assert_eq!(result.size_bytes, 32 * MIB);
+    hv.undefine("busy-vm").unwrap();
 }
