@@ -214,9 +214,31 @@ fn is_final(state: JobState) -> bool {
     !matches!(state, JobState::Queued | JobState::Running | JobState::Unspecified)
 }
 
-/// Kinds that write to their target (made safe when interrupted).
-fn writes_target(kind: JobKind) -> bool {
-    matches!(kind, JobKind::Provision | JobKind::Wipe | JobKind::Resize | JobKind::Delete)
+/// Kinds whose half-done target holds nothing worth keeping (made safe when interrupted by zeroing its head).
+/// A Resize is not among them: its disk holds the tenant's data, which an interrupted grow keeps.
+fn discards_target(kind: JobKind) -> bool {
+    matches!(kind, JobKind::Provision | JobKind::Wipe | JobKind::Delete)
+}
+
+/// Make an interrupted job's target safe and say what was done, for the job's final message.
+fn secure_interrupted(kind: JobKind, target: &str) -> String {
+    if target.is_empty() {
+        return String::new();
+    }
+    if kind == JobKind::Resize {
+        return "; the disk keeps its data: check its last file system (e2fsck -f) and resubmit the resize"
+            .to_string();
+    }
+    if !discards_target(kind) {
+        return String::new();
+    }
+    match make_safe(Path::new(target)) {
+        Ok(()) => "; the target's first MiB was zeroed".to_string(),
+        Err(e) => {
+            tracing::error!(target, "cannot make the target safe: {e}");
+            format!("; zeroing the target's first MiB failed: {e}")
+        }
+    }
 }
 
 fn new_job_id() -> String {
@@ -269,14 +291,8 @@ impl JobEngine {
                 let was_running = job.state() == JobState::Running;
                 let mut message = "the agent restarted while the job was ".to_string();
                 message.push_str(if was_running { "running" } else { "queued" });
-                if was_running && writes_target(job.kind()) && !job.target.is_empty() {
-                    match make_safe(Path::new(&job.target)) {
-                        Ok(()) => message.push_str("; the target's first MiB was zeroed"),
-                        Err(e) => {
-                            tracing::error!(job = %job.id, "cannot make the target safe: {e}");
-                            message.push_str(&format!("; zeroing the target's first MiB failed: {e}"));
-                        }
-                    }
+                if was_running {
+                    message.push_str(&secure_interrupted(job.kind(), &job.target));
                 }
                 let step = job.steps.last().map(|s| s.name.clone()).unwrap_or_default();
                 interrupt_steps(&mut job.steps);
@@ -503,12 +519,7 @@ impl JobEngine {
             let Some(entry) = st.jobs.get(&id) else { continue };
             let (kind, target) = (entry.job.kind(), entry.job.target.clone());
             let mut message = "the agent stopped while the job was running".to_string();
-            if writes_target(kind) && !target.is_empty() {
-                match make_safe(Path::new(&target)) {
-                    Ok(()) => message.push_str("; the target's first MiB was zeroed"),
-                    Err(e) => message.push_str(&format!("; zeroing the target's first MiB failed: {e}")),
-                }
-            }
+            message.push_str(&secure_interrupted(kind, &target));
             let step = entry.job.steps.last().map(|s| s.name.clone()).unwrap_or_default();
             let failure = JobFailure { code: Code::Interrupted as i32, step, message };
             concluded.push((
