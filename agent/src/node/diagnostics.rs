@@ -161,7 +161,8 @@ impl LibvirtFacts {
                 format!("/dev/kvm opens but libvirt.domain_type = \"qemu\": {TCG}"),
             ),
             (Some(Ok(DomainType::Qemu)), Ok(_)) => {
-                check("kvm", Status::Warn, format!("/dev/kvm opens but a KVM guest does not run here: {TCG}"))
+                let why = crate::hypervisor::kvm_probe_failure().unwrap_or("a KVM guest does not run here");
+                check("kvm", Status::Warn, format!("/dev/kvm opens but {why}: {TCG}"))
             }
             (Some(Err(_)), Ok(_)) => check("kvm", Status::Ok, "/dev/kvm opens"),
         }
@@ -247,18 +248,13 @@ fn block_devices_check(devices: &[std::path::PathBuf]) -> Check {
                 failed = true;
                 format!("{shown}: {e}")
             }
-            Ok(m) if m.file_type().is_block_device() => {
-                match std::fs::File::open(path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|f| crate::block::ioctl::size_bytes(&f).map_err(|e| e.to_string()))
-                {
-                    Ok(size) => format!("{shown} {}", human(size)),
-                    Err(e) => {
-                        failed = true;
-                        format!("{shown}: cannot read its size: {e}")
-                    }
+            Ok(m) if m.file_type().is_block_device() => match block_device_size(&m) {
+                Ok(size) => format!("{shown} {}", human(size)),
+                Err(e) => {
+                    failed = true;
+                    format!("{shown}: {e}")
                 }
-            }
+            },
             Ok(m) if m.is_file() => format!("{shown} file {}", human(m.len())),
             Ok(m) if m.is_dir() => {
                 let files = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
@@ -272,6 +268,16 @@ fn block_devices_check(devices: &[std::path::PathBuf]) -> Check {
         parts.push(part);
     }
     check("block-devices", if failed { Status::Fail } else { Status::Ok }, parts.join("; "))
+}
+
+/// A block device's size from sysfs, which needs no access to the device itself.
+fn block_device_size(meta: &std::fs::Metadata) -> Result<u64, String> {
+    use std::os::unix::fs::MetadataExt;
+    let (major, minor) = (nix::sys::stat::major(meta.rdev()), nix::sys::stat::minor(meta.rdev()));
+    let path = format!("/sys/dev/block/{major}:{minor}/size");
+    let sectors = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    // sysfs counts 512-byte units whatever the logical sector size.
+    sectors.trim().parse::<u64>().map(|s| s * 512).map_err(|e| format!("{path}: {e}"))
 }
 
 /// Bytes of the regular files under `dir` (not following symlinks).
