@@ -281,7 +281,8 @@ async fn node_stats_cover_cpu_memory_a_busy_loop_device_file_systems_and_vms() {
     let vm = stats.vms.iter().find(|v| v.name == "test").expect("the test driver's domain \"test\"");
     assert_eq!(vm.state, "running");
     assert!(vm.vcpus >= 1 && vm.memory_bytes > 0, "{vm:?}");
-    assert!(vm.cpu_cores >= 0.0, "{vm:?}");
+    // The test driver reports the wall clock as the domain's CPU time: one core busy over the window.
+    assert!((0.8..=1.2).contains(&vm.cpu_cores), "{vm:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

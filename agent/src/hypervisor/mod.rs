@@ -7,7 +7,7 @@ pub mod detect;
 pub mod libvirt;
 pub mod xml;
 
-pub use detect::detect_domain_type;
+pub use detect::{detect_domain_type, kvm_probe_failure};
 pub use libvirt::Libvirt;
 pub use xml::domain_xml;
 

@@ -41,7 +41,7 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
             Status::Ok,
             format!("gridforge-agent {} on {}", env!("CARGO_PKG_VERSION"), ctx.config.node_name),
         ),
-        libvirt.connection_check(ctx),
+        libvirt.connection_check(),
         libvirt.hypervisor_check(),
         libvirt.kvm_check(ctx),
         cpu_check(),
@@ -58,10 +58,7 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         node: ctx.config.node_name.clone(),
         time: Some(timestamp(SystemTime::now())),
-        hypervisor_kind: match &libvirt.kind {
-            Some(Ok(kind)) => kind.as_str().to_string(),
-            _ => String::new(),
-        },
+        hypervisor_kind: libvirt.kind().map(|k| k.as_str().to_string()).unwrap_or_default(),
         checks,
     }
 }
@@ -91,109 +88,124 @@ fn space_text(s: Space) -> String {
     format!("{} free of {}", human(s.free), human(s.total))
 }
 
-/// What libvirt answered, asked once for all the checks that need it. `None`: no hypervisor configured.
-struct LibvirtFacts {
-    uri: String,
-    version: Option<Result<String, HypervisorError>>,
-    kind: Option<Result<DomainType, HypervisorError>>,
-    pool: Option<Result<PoolInfo, HypervisorError>>,
+/// What libvirt answered, asked once for all the checks that need it.
+enum LibvirtFacts {
+    /// No URI configured: a disk-only node.
+    Disabled,
+    /// A URI is configured but the agent was started without a hypervisor.
+    NotOpened { uri: String },
+    /// The connection failed; nothing else was asked.
+    Unreachable { uri: String, error: HypervisorError },
+    Connected {
+        uri: String,
+        version: String,
+        kind: Result<DomainType, HypervisorError>,
+        pool: Result<PoolInfo, HypervisorError>,
+    },
 }
 
 impl LibvirtFacts {
     fn gather(ctx: &NodeContext) -> LibvirtFacts {
-        let uri = ctx.config.libvirt.uri.clone();
         let Some(hv) = &ctx.hypervisor else {
-            return LibvirtFacts { uri, version: None, kind: None, pool: None };
+            let uri = ctx.config.libvirt.uri.clone();
+            return if uri.is_empty() { LibvirtFacts::Disabled } else { LibvirtFacts::NotOpened { uri } };
         };
-        let version = hv.version();
-        // Once the connection failed, asking again only repeats the error.
-        let (kind, pool) = match &version {
-            Ok(_) => (hv.ping(), hv.pool()),
-            Err(e) => (Err(unreachable(e)), Err(unreachable(e))),
-        };
-        LibvirtFacts { uri: hv.uri(), version: Some(version), kind: Some(kind), pool: Some(pool) }
+        match hv.version() {
+            Ok(version) => {
+                LibvirtFacts::Connected { uri: hv.uri(), version, kind: hv.ping(), pool: hv.pool() }
+            }
+            Err(error) => LibvirtFacts::Unreachable { uri: hv.uri(), error },
+        }
     }
 
-    fn connection_check(&self, ctx: &NodeContext) -> Check {
-        match &self.version {
-            None if self.uri.is_empty() => check("libvirt", Status::Ok, "disabled (disk-only node)"),
-            None => check(
+    fn kind(&self) -> Option<DomainType> {
+        match self {
+            LibvirtFacts::Connected { kind: Ok(kind), .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    fn connection_check(&self) -> Check {
+        match self {
+            LibvirtFacts::Disabled => check("libvirt", Status::Ok, "disabled (disk-only node)"),
+            LibvirtFacts::NotOpened { uri } => check(
                 "libvirt",
                 Status::Fail,
-                format!("{} is configured but the agent runs without a hypervisor", self.uri),
+                format!("{uri} is configured but the agent runs without a hypervisor"),
             ),
-            Some(Ok(version)) => {
-                check("libvirt", Status::Ok, format!("connected to {} ({version})", self.uri))
+            LibvirtFacts::Connected { uri, version, .. } => {
+                check("libvirt", Status::Ok, format!("connected to {uri} ({version})"))
             }
-            Some(Err(HypervisorError::Unavailable { reason, .. })) => {
-                check("libvirt", Status::Fail, format!("cannot reach {}: {reason}", self.uri))
+            LibvirtFacts::Unreachable { uri, error: HypervisorError::Unavailable { reason, .. } } => {
+                check("libvirt", Status::Fail, format!("cannot reach {uri}: {reason}"))
             }
-            Some(Err(e)) => check("libvirt", Status::Fail, format!("{}: {e}", ctx.config.libvirt.uri)),
+            LibvirtFacts::Unreachable { uri, error } => {
+                check("libvirt", Status::Fail, format!("{uri}: {error}"))
+            }
         }
     }
 
     fn hypervisor_check(&self) -> Check {
-        match &self.kind {
-            None => check("hypervisor", Status::Ok, "none (disk-only node)"),
-            Some(Ok(DomainType::Kvm)) => {
+        match self {
+            LibvirtFacts::Disabled => check("hypervisor", Status::Ok, "none (disk-only node)"),
+            LibvirtFacts::NotOpened { .. } | LibvirtFacts::Unreachable { .. } => {
+                check("hypervisor", Status::Warn, "unknown while libvirt is unreachable")
+            }
+            LibvirtFacts::Connected { kind: Ok(DomainType::Kvm), .. } => {
                 check("hypervisor", Status::Ok, "kvm: guests run on hardware virtualization")
             }
-            Some(Ok(DomainType::Qemu)) => {
+            LibvirtFacts::Connected { kind: Ok(DomainType::Qemu), .. } => {
                 check("hypervisor", Status::Ok, "qemu: guests run under TCG emulation")
             }
-            Some(Err(_)) => check("hypervisor", Status::Warn, "unknown while libvirt is unreachable"),
+            LibvirtFacts::Connected { kind: Err(e), .. } => check("hypervisor", Status::Fail, e.to_string()),
         }
     }
 
     fn kvm_check(&self, ctx: &NodeContext) -> Check {
         const TCG: &str = "guests run under TCG emulation (slow)";
         let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
-        match (&self.kind, dev) {
-            (None, Ok(_)) => check("kvm", Status::Ok, "/dev/kvm opens (not used: disk-only node)"),
-            (None, Err(e)) => check("kvm", Status::Ok, format!("not needed (disk-only node); /dev/kvm: {e}")),
-            (_, Err(e)) => check("kvm", Status::Warn, format!("cannot open /dev/kvm ({e}): {TCG}")),
-            (Some(Ok(DomainType::Kvm)), Ok(_)) => {
+        match (self, self.kind(), dev) {
+            (LibvirtFacts::Disabled, _, Ok(_)) => {
+                check("kvm", Status::Ok, "/dev/kvm opens (not used: disk-only node)")
+            }
+            (LibvirtFacts::Disabled, _, Err(e)) => {
+                check("kvm", Status::Ok, format!("not needed (disk-only node); /dev/kvm: {e}"))
+            }
+            (_, _, Err(e)) => check("kvm", Status::Warn, format!("cannot open /dev/kvm ({e}): {TCG}")),
+            (_, Some(DomainType::Kvm), Ok(_)) => {
                 check("kvm", Status::Ok, "/dev/kvm opens and KVM guests run")
             }
-            (Some(Ok(DomainType::Qemu)), Ok(_)) if ctx.config.libvirt.domain_type == "qemu" => check(
+            (_, Some(DomainType::Qemu), Ok(_)) if ctx.config.libvirt.domain_type == "qemu" => check(
                 "kvm",
                 Status::Warn,
                 format!("/dev/kvm opens but libvirt.domain_type = \"qemu\": {TCG}"),
             ),
-            (Some(Ok(DomainType::Qemu)), Ok(_)) => {
-                check("kvm", Status::Warn, format!("/dev/kvm opens but a KVM guest does not run here: {TCG}"))
+            (_, Some(DomainType::Qemu), Ok(_)) => {
+                let why = crate::hypervisor::kvm_probe_failure().unwrap_or("a KVM guest does not run here");
+                check("kvm", Status::Warn, format!("/dev/kvm opens but {why}: {TCG}"))
             }
-            (Some(Err(_)), Ok(_)) => check("kvm", Status::Ok, "/dev/kvm opens"),
+            (_, None, Ok(_)) => check("kvm", Status::Ok, "/dev/kvm opens"),
         }
     }
 
     fn pool_check(&self) -> Check {
-        match &self.pool {
-            None => check("pool", Status::Ok, "none (disk-only node)"),
-            Some(Err(HypervisorError::Unavailable { .. })) => {
-                check("pool", Status::Warn, "not checked: libvirt is unreachable")
+        let pool = match self {
+            LibvirtFacts::Disabled => return check("pool", Status::Ok, "none (disk-only node)"),
+            LibvirtFacts::NotOpened { .. } | LibvirtFacts::Unreachable { .. } => {
+                return check("pool", Status::Warn, "not checked: libvirt is unreachable");
             }
-            Some(Err(e)) => check("pool", Status::Fail, e.to_string()),
-            Some(Ok(pool)) => {
-                let s = Space { total: pool.capacity_bytes, free: pool.available_bytes };
-                let text = format!("{} at {}: {}", pool.name, pool.path.display(), space_text(s));
-                if space_is_low(s) {
-                    check("pool", Status::Warn, format!("{text} (low)"))
-                } else {
-                    check("pool", Status::Ok, text)
-                }
+            LibvirtFacts::Connected { pool: Err(e), .. } => {
+                return check("pool", Status::Fail, e.to_string());
             }
+            LibvirtFacts::Connected { pool: Ok(pool), .. } => pool,
+        };
+        let s = Space { total: pool.capacity_bytes, free: pool.available_bytes };
+        let text = format!("{} at {}: {}", pool.name, pool.path.display(), space_text(s));
+        if space_is_low(s) {
+            check("pool", Status::Warn, format!("{text} (low)"))
+        } else {
+            check("pool", Status::Ok, text)
         }
-    }
-}
-
-/// The error that stands for a later call not made because the connection already failed.
-fn unreachable(e: &HypervisorError) -> HypervisorError {
-    match e {
-        HypervisorError::Unavailable { uri, reason } => {
-            HypervisorError::Unavailable { uri: uri.clone(), reason: reason.clone() }
-        }
-        other => HypervisorError::Libvirt { op: "libvirt".into(), message: other.to_string() },
     }
 }
 
@@ -247,18 +259,13 @@ fn block_devices_check(devices: &[std::path::PathBuf]) -> Check {
                 failed = true;
                 format!("{shown}: {e}")
             }
-            Ok(m) if m.file_type().is_block_device() => {
-                match std::fs::File::open(path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|f| crate::block::ioctl::size_bytes(&f).map_err(|e| e.to_string()))
-                {
-                    Ok(size) => format!("{shown} {}", human(size)),
-                    Err(e) => {
-                        failed = true;
-                        format!("{shown}: cannot read its size: {e}")
-                    }
+            Ok(m) if m.file_type().is_block_device() => match block_device_size(&m) {
+                Ok(size) => format!("{shown} {}", human(size)),
+                Err(e) => {
+                    failed = true;
+                    format!("{shown}: {e}")
                 }
-            }
+            },
             Ok(m) if m.is_file() => format!("{shown} file {}", human(m.len())),
             Ok(m) if m.is_dir() => {
                 let files = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
@@ -272,6 +279,16 @@ fn block_devices_check(devices: &[std::path::PathBuf]) -> Check {
         parts.push(part);
     }
     check("block-devices", if failed { Status::Fail } else { Status::Ok }, parts.join("; "))
+}
+
+/// A block device's size from sysfs, which needs no access to the device itself.
+fn block_device_size(meta: &std::fs::Metadata) -> Result<u64, String> {
+    use std::os::unix::fs::MetadataExt;
+    let (major, minor) = (nix::sys::stat::major(meta.rdev()), nix::sys::stat::minor(meta.rdev()));
+    let path = format!("/sys/dev/block/{major}:{minor}/size");
+    let sectors = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    // sysfs counts 512-byte units whatever the logical sector size.
+    sectors.trim().parse::<u64>().map(|s| s * 512).map_err(|e| format!("{path}: {e}"))
 }
 
 /// Bytes of the regular files under `dir` (not following symlinks).
@@ -349,9 +366,8 @@ fn tls_check(tls: &crate::config::TlsConfig) -> Check {
 fn clock_check() -> Check {
     // SAFETY: `timex` is a plain C struct of integers, for which all-zero bytes are a valid value.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
-    // With `modes` 0 adjtimex only reads the kernel's clock state; `tx` is a valid, exclusive pointer for the
-    // duration of the call.
-    // SAFETY: see above; the kernel writes only within the struct.
+    // SAFETY: with `modes` 0 adjtimex only reads the kernel's clock state into `tx`, a live, exclusively
+    // borrowed struct of the type it expects.
     let state = unsafe { libc::adjtimex(&mut tx) };
     if state == -1 {
         return check(
