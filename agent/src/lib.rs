@@ -2,9 +2,11 @@
 //! The CLI and the gRPC daemon only translate requests into calls on this library.
 
 pub mod block;
+pub mod client;
 pub mod config;
 pub mod crypt;
 pub mod customize;
+pub mod daemon;
 pub mod fs;
 pub mod hypervisor;
 pub mod image;
@@ -12,9 +14,11 @@ pub mod jobs;
 pub mod node;
 pub mod partition;
 pub mod pipeline;
+pub mod pki;
 pub mod progress;
 pub mod provision;
 pub mod server;
+pub mod tls;
 pub mod wipe;
 
 use gridforge_proto::v1::error::Code;

@@ -1,6 +1,9 @@
 //! Command-line adapter over the agent engine.
 
+mod job;
 mod output;
+mod pki;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +47,13 @@ enum Command {
     /// Make and manage LUKS2 volumes (readable by cryptsetup) without device-mapper.
     #[command(subcommand)]
     Luks(LuksCommand),
+    /// Run the node daemon: gRPC jobs over mutual TLS, health, reflection, Prometheus metrics, systemd notify.
+    Serve(serve::ServeArgs),
+    /// Submit, follow, show, list and cancel an agent's jobs over gRPC.
+    Job(job::JobArgs),
+    /// Make a CA and certificates for the agents' mutual TLS.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 #[derive(Subcommand)]
@@ -278,6 +288,13 @@ struct InspectArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = match cli.command {
+        // The daemon logs structured lines of its own, errors included.
+        Command::Serve(args) => {
+            return if serve::run(args).is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
+        command => command,
+    };
     // Engine log lines (e.g. "O_DIRECT refused; using buffered I/O") go to stderr; RUST_LOG adjusts the level.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -289,7 +306,7 @@ pub fn main() -> ExitCode {
         .without_time()
         .init();
     let out = Output::new(cli.json);
-    match run(cli.command, &out, cli.json) {
+    match run(command, &out, cli.json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             out.error(&e);
@@ -347,6 +364,9 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
             }
         }
         Command::Luks(command) => luks(command, json)?,
+        Command::Serve(_) => unreachable!("serve is dispatched before logging is set up"),
+        Command::Job(args) => job::run(args, json)?,
+        Command::Pki(command) => pki::run(command, json)?,
     }
     Ok(())
 }

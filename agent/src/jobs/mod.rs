@@ -441,6 +441,22 @@ impl JobEngine {
         Ok(rx)
     }
 
+    /// Stop accepting and starting jobs, and wait up to `grace` for the running ones to end by themselves.
+    /// Returns whether none runs any more; [`JobEngine::shutdown`] then settles the queued and running ones.
+    pub fn drain(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        let mut st = lock(&self.inner.state);
+        st.stopping = true;
+        while !st.running.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self.inner.finished.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
+    }
+
     /// Stop accepting jobs; queued jobs are recorded INTERRUPTED, running ones are cancelled at their next
     /// safe point and waited for up to `grace`; whatever still runs then is recorded INTERRUPTED with its
     /// target made safe.
