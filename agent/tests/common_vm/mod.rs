@@ -261,6 +261,10 @@ impl Vm {
         if self.serial_conn.is_none() {
             let conn = UnixStream::connect(&socket)
                 .unwrap_or_else(|e| panic!("{}: connecting to {}: {e}", self.name, socket.display()));
+            // qemu also sends the console output to a connected client; unread, it would fill the socket
+            // and stall the guest's serial port. The log file has it all anyway.
+            let mut drain = conn.try_clone().expect("cloning the serial socket");
+            std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
             self.serial_conn = Some(conn);
         }
         let conn = self.serial_conn.as_mut().unwrap();
