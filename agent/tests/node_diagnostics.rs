@@ -397,8 +397,28 @@ async fn diagnose_command_prints_json_and_exits_1_on_a_failed_check() {
     let tls = find(&report, "tls");
     assert_eq!(tls.status(), Status::Fail, "{tls:?}");
     assert!(tls.reason.contains("expired"), "{tls:?}");
+}
 
-    let (code, _, stderr) = diagnose(&node.dir.path().join("missing.toml"), false);
+#[test]
+fn diagnose_command_points_at_the_rpc_when_the_journal_is_held_exclusively() {
+    let node = Node::new();
+    std::fs::create_dir_all(&node.config.state_dir).unwrap();
+    // A writer that does not share the file (as an agent of an older version holds it).
+    let _held = redb::Database::create(node.config.journal_path()).unwrap();
+    let config_file = write_config(node.dir.path(), &node.config);
+    let (code, stdout, stderr) = diagnose(&config_file, true);
+    assert_eq!(code, Some(0), "{stdout} {stderr}");
+    let report: DiagnosticsReport = serde_json::from_str(stdout.trim()).unwrap();
+    let jobs = find(&report, "jobs");
+    assert_eq!(jobs.status(), Status::Warn, "{jobs:?}");
+    assert!(jobs.reason.contains(&node.config.journal_path().display().to_string()), "{jobs:?}");
+    assert!(jobs.reason.contains("Diagnostics RPC"), "{jobs:?}");
+}
+
+#[test]
+fn diagnose_command_fails_on_a_missing_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = diagnose(&dir.path().join("missing.toml"), false);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("missing.toml"), "{stderr}");
 }
