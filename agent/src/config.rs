@@ -27,6 +27,7 @@ pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
     /// Prometheus `/metrics` listen address; empty disables it.
+    #[serde(deserialize_with = "empty_is_none")]
     pub metrics_listen: Option<SocketAddr>,
     /// Journal and per-job state (`journal.redb`, wipe signing key, NVRAM copies, console logs).
     pub state_dir: PathBuf,
@@ -102,6 +103,9 @@ pub struct JobsConfig {
     pub report_signing_key: PathBuf,
     /// Largest accepted request in bytes.
     pub max_request_bytes: usize,
+    /// On stop (SIGTERM), how long running jobs may go on to finish before they are cancelled at a safe
+    /// point and recorded INTERRUPTED.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for Config {
@@ -172,6 +176,7 @@ impl Default for JobsConfig {
             default_wipe_method: "zero".to_string(),
             report_signing_key: PathBuf::from("/var/lib/gridforge-agent/report-signing.key"),
             max_request_bytes: 4 << 20,
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -217,6 +222,12 @@ impl Config {
     pub fn journal_path(&self) -> PathBuf {
         self.state_dir.join("journal.redb")
     }
+}
+
+/// An address, or none for an empty string.
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() { Ok(None) } else { text.parse().map(Some).map_err(serde::de::Error::custom) }
 }
 
 fn host_name() -> String {

@@ -2,9 +2,11 @@
 //! The CLI and the gRPC daemon only translate requests into calls on this library.
 
 pub mod block;
+pub mod client;
 pub mod config;
 pub mod crypt;
 pub mod customize;
+pub mod daemon;
 pub mod fs;
 pub mod hypervisor;
 pub mod image;
@@ -12,9 +14,11 @@ pub mod jobs;
 pub mod node;
 pub mod partition;
 pub mod pipeline;
+pub mod pki;
 pub mod progress;
 pub mod provision;
 pub mod server;
+pub mod tls;
 pub mod wipe;
 
 use gridforge_proto::v1::error::Code;
@@ -62,10 +66,24 @@ impl Error {
             Error::Image(I::BadIndex { .. } | I::BadIndexJson { .. } | I::BadSource { .. }) => {
                 Code::CorruptImage
             }
+            Error::Image(I::Exists { .. }) => Code::InvalidSpec,
+            Error::Image(I::Disk(_)) => Code::Target,
+            Error::Image(I::Cancelled) => Code::Cancelled,
             Error::Image(_) => Code::Io,
+            Error::Pipeline(P::Cancelled) => Code::Cancelled,
             Error::Pipeline(P::DigestMismatch { .. }) => Code::DigestMismatch,
             Error::Pipeline(P::TooLarge { .. }) => Code::Layout,
             Error::Pipeline(P::Io { .. }) => Code::Io,
+            Error::Pipeline(P::Target { .. }) => Code::Target,
+            // Writing a file of the archive failed on our side (permission, space), not because of its bytes.
+            Error::Pipeline(P::Extract { source, .. })
+                if !matches!(
+                    source.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Code::Io
+            }
             Error::Pipeline(_) => Code::CorruptImage,
             Error::Crypt(crypt::CryptError::Io { .. }) => Code::Io,
             Error::Crypt(_) => Code::InvalidSpec,

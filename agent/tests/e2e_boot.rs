@@ -21,23 +21,7 @@ fn agent() -> Command {
 
 /// The Debian rootfs tar: from GRIDFORGE_DEBIAN_ROOTFS, else built (or found cached) by scripts/build-image.
 fn debian_rootfs() -> PathBuf {
-    if let Some(p) = std::env::var_os("GRIDFORGE_DEBIAN_ROOTFS") {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "GRIDFORGE_DEBIAN_ROOTFS={} is not a file", p.display());
-        return p;
-    }
-    let top = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-    let out = Command::new(top.join("scripts/build-image"))
-        .arg("debian-12-minimal")
-        .current_dir(top)
-        .output()
-        .unwrap_or_else(|e| panic!("running scripts/build-image: {e}"));
-    assert!(
-        out.status.success(),
-        "scripts/build-image debian-12-minimal failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    common_vm::image_rootfs("debian-12-minimal", "GRIDFORGE_DEBIAN_ROOTFS")
 }
 
 fn run_agent(cmd: &mut Command, what: &str) -> String {

@@ -1,7 +1,10 @@
 //! Command-line adapter over the agent engine.
 
 mod diagnose;
+mod job;
 mod output;
+mod pki;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +51,13 @@ enum Command {
     /// Check the node (libvirt, KVM, CPU, memory, devices, pool, cache, TLS certificate, clock, state, jobs);
     /// one line per check: OK, WARN or FAIL and why. Exits 1 when any check fails.
     Diagnose(diagnose::DiagnoseArgs),
+    /// Run the node daemon: gRPC jobs over mutual TLS, health, reflection, Prometheus metrics, systemd notify.
+    Serve(serve::ServeArgs),
+    /// Submit, follow, show, list and cancel an agent's jobs over gRPC.
+    Job(job::JobArgs),
+    /// Make a CA and certificates for the agents' mutual TLS.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 #[derive(Subcommand)]
@@ -282,6 +292,13 @@ struct InspectArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = match cli.command {
+        // The daemon logs structured lines of its own, errors included.
+        Command::Serve(args) => {
+            return if serve::run(args).is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
+        command => command,
+    };
     // Engine log lines (e.g. "O_DIRECT refused; using buffered I/O") go to stderr; RUST_LOG adjusts the level.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -293,7 +310,7 @@ pub fn main() -> ExitCode {
         .without_time()
         .init();
     let out = Output::new(cli.json);
-    match run(cli.command, &out, cli.json) {
+    match run(command, &out, cli.json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             out.error(&e);
@@ -352,6 +369,9 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
         }
         Command::Luks(command) => luks(command, json)?,
         Command::Diagnose(args) => diagnose::run(&args, json)?,
+        Command::Serve(_) => unreachable!("serve is dispatched before logging is set up"),
+        Command::Job(args) => job::run(args, json)?,
+        Command::Pki(command) => pki::run(command, json)?,
     }
     Ok(())
 }

@@ -30,7 +30,7 @@ const SHARING: ConcurrencyMode = ConcurrencyMode::SingleWriter;
 const MAX_BATCH: usize = 4096;
 
 enum Op {
-    Job(Job),
+    Job(Box<Job>),
     Event(JobEvent),
     /// Forget these jobs: (id, idempotency key).
     Purge(Vec<(String, String)>),
@@ -119,7 +119,7 @@ impl Journal {
 
     /// Record (or replace) a job and its idempotency key.
     pub(crate) fn put_job(&self, job: &Job) {
-        self.send(Op::Job(job.clone()));
+        self.send(Op::Job(Box::new(job.clone())));
     }
 
     pub(crate) fn put_event(&self, event: &JobEvent) {

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Write;
 use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -37,6 +39,28 @@ pub fn require_vm_tools() {
             "{fw} is required for this test and is missing; install ovmf (scripts/deps)"
         );
     }
+}
+
+/// The rootfs tar of image recipe `recipe`: from the environment variable `env` (as scripts/test sets it),
+/// else built (or found cached) by `scripts/build-image`.
+pub fn image_rootfs(recipe: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "{env}={} is not a file", p.display());
+        return p;
+    }
+    let top = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let out = Command::new(top.join("scripts/build-image"))
+        .arg(recipe)
+        .current_dir(top)
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/build-image: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/build-image {recipe} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 /// The qemu accelerator to use, decided once per test run.
@@ -135,17 +159,44 @@ pub struct Vm {
     pub name: String,
     pub ssh_port: u16,
     pub serial_log: PathBuf,
+    serial_socket: Option<PathBuf>,
+    serial_conn: Option<UnixStream>,
     stderr_log: PathBuf,
     child: Child,
     pub started: Instant,
 }
 
+/// What a [`Vm`] gets besides its boot disk, its NIC and its ssh port forward.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    pub memory_mib: u32,
+    /// More raw disks, attached as virtio drives after the boot disk (vdb, vdc, ...).
+    pub extra_drives: Vec<PathBuf>,
+    /// More TCP ports forwarded from 127.0.0.1: (host port, guest port).
+    pub forwards: Vec<(u16, u16)>,
+    /// Serial console on a unix socket too, so that [`Vm::type_serial`] can type into it (the log file
+    /// still records everything).
+    pub serial_input: bool,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self { memory_mib: 1024, extra_drives: Vec::new(), forwards: Vec::new(), serial_input: false }
+    }
+}
+
 impl Vm {
     /// Boots `disk` with its NIC at `mac` (qemu user networking, 10.0.2.0/24); logs go to `dir`.
     pub fn boot(name: &str, disk: &Path, mac: &str, dir: &Path) -> Self {
+        Self::boot_with(name, disk, mac, dir, &VmOptions::default())
+    }
+
+    /// [`Vm::boot`] with more drives, forwards or a typeable console.
+    pub fn boot_with(name: &str, disk: &Path, mac: &str, dir: &Path, options: &VmOptions) -> Self {
         let vars = dir.join(format!("{name}-OVMF_VARS.fd"));
         std::fs::copy(OVMF_VARS, &vars).unwrap_or_else(|e| panic!("copying {OVMF_VARS}: {e}"));
         let serial_log = dir.join(format!("{name}-serial.log"));
+        let serial_socket = dir.join(format!("{name}-serial.sock"));
         let stderr_log = dir.join(format!("{name}-qemu.stderr"));
         let ssh_port = free_port();
         let mut command = Command::new(QEMU);
@@ -160,29 +211,87 @@ impl Vm {
                 Ok(())
             });
         }
-        let child = command
-            .args(["-machine", &format!("q35,accel={}", accel()), "-m", "1024", "-smp", "2"])
+        let mut netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22");
+        for (host, guest) in &options.forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        command
+            .args(["-machine", &format!("q35,accel={}", accel()), "-m", &options.memory_mib.to_string()])
+            .args(["-smp", "2"])
             .args(pflash_args(&vars))
             .arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio", disk.display()))
-            .args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")])
-            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-            .arg("-serial")
-            .arg(format!("file:{}", serial_log.display()))
+            .arg(format!("file={},format=raw,if=virtio", disk.display()));
+        for drive in &options.extra_drives {
+            command.arg("-drive").arg(format!("file={},format=raw,if=virtio", drive.display()));
+        }
+        command.args(["-netdev", &netdev]).args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")]);
+        if options.serial_input {
+            let _ = std::fs::remove_file(&serial_socket);
+            command.arg("-chardev").arg(format!(
+                "socket,id=serial0,path={},server=on,wait=off,logfile={}",
+                serial_socket.display(),
+                serial_log.display()
+            ));
+            command.args(["-serial", "chardev:serial0"]);
+        } else {
+            command.arg("-serial").arg(format!("file:{}", serial_log.display()));
+        }
+        let child = command
             .args(["-display", "none", "-monitor", "none"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr_log).expect("creating qemu's stderr log"))
             .spawn()
             .unwrap_or_else(|e| panic!("{QEMU} could not run: {e}"));
-        Self { name: name.to_string(), ssh_port, serial_log, stderr_log, child, started: Instant::now() }
+        Self {
+            name: name.to_string(),
+            ssh_port,
+            serial_log,
+            serial_socket: options.serial_input.then_some(serial_socket),
+            serial_conn: None,
+            stderr_log,
+            child,
+            started: Instant::now(),
+        }
+    }
+
+    /// Types `text` into the serial console (the VM must have been booted with `serial_input`).
+    pub fn type_serial(&mut self, text: &str) {
+        let socket = self.serial_socket.clone().expect("the VM was booted without serial_input");
+        if self.serial_conn.is_none() {
+            let conn = UnixStream::connect(&socket)
+                .unwrap_or_else(|e| panic!("{}: connecting to {}: {e}", self.name, socket.display()));
+            // qemu also sends the console output to a connected client; unread, it would fill the socket
+            // and stall the guest's serial port. The log file has it all anyway.
+            let mut drain = conn.try_clone().expect("cloning the serial socket");
+            std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
+            self.serial_conn = Some(conn);
+        }
+        let conn = self.serial_conn.as_mut().unwrap();
+        // A serial line takes input at its own pace: write slowly enough for the tty not to drop bytes.
+        for chunk in text.as_bytes().chunks(16) {
+            conn.write_all(chunk).unwrap_or_else(|e| panic!("typing into the serial console: {e}"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `timeout` for qemu to exit (e.g. after the guest powered off); false if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.child.try_wait().expect("polling qemu").is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
     }
 
     pub fn serial(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.serial_log).unwrap_or_default()).into_owned()
     }
 
-    fn tail(&self, lines: usize) -> String {
+    pub fn tail(&self, lines: usize) -> String {
         let serial = self.serial();
         let all: Vec<&str> = serial.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")

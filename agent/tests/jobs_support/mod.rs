@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use gridforge_agent::config::Config;
+use gridforge_agent::config::{Config, JobsConfig, LibvirtConfig, TlsConfig};
 use gridforge_agent::jobs::JobEngine;
 use gridforge_agent::node::NodeContext;
 use gridforge_agent::server::{AgentService, agent_server};
@@ -57,18 +57,21 @@ impl Node {
 
 /// A config whose every path lies under `dir`, without a hypervisor or TLS.
 pub fn config_in(dir: &Path) -> Config {
-    let mut config = Config {
+    let defaults = Config::default();
+    Config {
         state_dir: dir.join("state"),
         cache_dir: dir.join("cache"),
         work_dir: dir.join("work"),
         metrics_listen: None,
-        ..Default::default()
-    };
-    config.libvirt.uri = String::new();
-    config.tls.insecure = true;
-    config.jobs.devices = vec![dir.join("disks")];
-    config.jobs.report_signing_key = dir.join("state/report-signing.key");
-    config
+        libvirt: LibvirtConfig { uri: String::new(), ..defaults.libvirt },
+        tls: TlsConfig { insecure: true, ..defaults.tls },
+        jobs: JobsConfig {
+            devices: vec![dir.join("disks")],
+            report_signing_key: dir.join("state/report-signing.key"),
+            ..defaults.jobs
+        },
+        ..defaults
+    }
 }
 
 /// Serve `engine` on 127.0.0.1 (plaintext) and return a connected client.

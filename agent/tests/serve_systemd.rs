@@ -1,0 +1,102 @@
+//! The installed files: `systemd/gridforge-agent.service` passes `systemd-analyze verify` and keeps its
+//! contract, and `systemd/agent.toml` is a valid configuration equal to the built-in defaults it documents.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gridforge_agent::config::Config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gridforge-agent");
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+fn unit_text() -> String {
+    std::fs::read_to_string(repo_file("systemd/gridforge-agent.service")).unwrap()
+}
+
+/// `Key=value` lines of the unit (all values of a repeated key).
+fn values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines().filter_map(|l| l.strip_prefix(&format!("{key}="))).map(str::to_string).collect()
+}
+
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    let unit = unit_text();
+    let exec = "ExecStart=/usr/local/bin/gridforge-agent serve --config /etc/gridforge/agent.toml";
+    assert!(unit.lines().any(|l| l == exec), "ExecStart is the documented one");
+    // verify checks that the ExecStart binary exists: point it at the built one.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("gridforge-agent.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/gridforge-agent", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .env("SYSTEMD_LOG_LEVEL", "notice")
+        .output()
+        .expect("running systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Other units on the host (the dependencies named in After=) may be missing here; nothing may be said
+    // about this one.
+    let about_ours: Vec<&str> =
+        stderr.lines().chain(stdout.lines()).filter(|l| l.contains("gridforge-agent")).collect();
+    assert!(out.status.success(), "systemd-analyze verify failed:\n{stdout}\n{stderr}");
+    assert!(about_ours.is_empty(), "systemd-analyze verify warns about the unit:\n{}", about_ours.join("\n"));
+}
+
+#[test]
+fn unit_keeps_its_contract() {
+    let unit = unit_text();
+    for (key, want) in [
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
+        ("WatchdogSec", "30"),
+        ("Restart", "on-failure"),
+        ("StateDirectory", "gridforge-agent"),
+        ("CacheDirectory", "gridforge-agent"),
+        ("ConfigurationDirectory", "gridforge"),
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("ProtectHome", "yes"),
+        ("Wants", "network-online.target"),
+        ("After", "network-online.target libvirtd.service"),
+    ] {
+        assert_eq!(values(&unit, key), vec![want.to_string()], "{key}");
+    }
+    assert!(values(&unit, "RestrictSUIDSGID").is_empty(), "provisioning creates setuid files");
+    let rw = values(&unit, "ReadWritePaths").join(" ");
+    for p in ["/var/lib/gridforge-agent", "/var/cache/gridforge-agent"] {
+        assert!(rw.split_whitespace().any(|w| w == p), "{p} writable: {rw}");
+    }
+    let caps = values(&unit, "CapabilityBoundingSet").join(" ");
+    for cap in ["CAP_SYS_ADMIN", "CAP_CHOWN", "CAP_FOWNER", "CAP_FSETID", "CAP_DAC_OVERRIDE", "CAP_MKNOD"] {
+        assert!(caps.split_whitespace().any(|c| c == cap), "{cap} in {caps}");
+    }
+    let devices = values(&unit, "DeviceAllow").join(" ");
+    for d in ["block-loop", "block-virtblk", "block-sd", "block-blkext", "/dev/kvm", "/dev/loop-control"] {
+        assert!(devices.split_whitespace().any(|x| x == d), "{d} allowed: {devices}");
+    }
+    // The stop timeout leaves room for the default grace and the cancel wait.
+    let stop: u64 = values(&unit, "TimeoutStopSec")[0].parse().unwrap();
+    assert!(stop >= Config::default().jobs.shutdown_grace_secs + 20, "TimeoutStopSec={stop}");
+}
+
+#[test]
+fn installed_config_is_valid_and_matches_the_defaults() {
+    let path = repo_file("systemd/agent.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config = Config::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+    let defaults = Config::default();
+    // The file sets the defaults explicitly (minus node_name): it documents them.
+    assert_eq!(
+        format!("{:?}", Config { node_name: defaults.node_name.clone(), ..config }),
+        format!("{defaults:?}")
+    );
+    // And it configures mutual TLS.
+    let config = Config::parse(&text, &path).unwrap();
+    assert!(!config.tls.insecure);
+    assert_eq!(config.tls.ca, Path::new("/etc/gridforge/tls/ca.pem"));
+}
