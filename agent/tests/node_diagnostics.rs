@@ -3,6 +3,7 @@
 
 mod common;
 mod jobs_support;
+mod serve_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -397,8 +398,64 @@ async fn diagnose_command_prints_json_and_exits_1_on_a_failed_check() {
     let tls = find(&report, "tls");
     assert_eq!(tls.status(), Status::Fail, "{tls:?}");
     assert!(tls.reason.contains("expired"), "{tls:?}");
+}
 
-    let (code, _, stderr) = diagnose(&node.dir.path().join("missing.toml"), false);
+#[test]
+fn diagnose_command_points_at_the_rpc_when_the_journal_is_held_exclusively() {
+    let node = Node::new();
+    std::fs::create_dir_all(&node.config.state_dir).unwrap();
+    // A writer that does not share the file (as an agent of an older version holds it).
+    let _held = redb::Database::create(node.config.journal_path()).unwrap();
+    let config_file = write_config(node.dir.path(), &node.config);
+    let (code, stdout, stderr) = diagnose(&config_file, true);
+    assert_eq!(code, Some(0), "{stdout} {stderr}");
+    let report: DiagnosticsReport = serde_json::from_str(stdout.trim()).unwrap();
+    let jobs = find(&report, "jobs");
+    assert_eq!(jobs.status(), Status::Warn, "{jobs:?}");
+    assert!(jobs.reason.contains(&node.config.journal_path().display().to_string()), "{jobs:?}");
+    assert!(jobs.reason.contains("Diagnostics RPC"), "{jobs:?}");
+}
+
+#[test]
+fn diagnose_command_fails_on_a_missing_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = diagnose(&dir.path().join("missing.toml"), false);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("missing.toml"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diagnose_reads_the_journal_of_a_running_daemon_and_agrees_with_its_rpc() {
+    let node = serve_support::Node::new("");
+    let _daemon = node.start();
+    let mut client = node.client().await;
+    let disk = node.sparse_disk("plain.img", 4 * MIB);
+    let job = client
+        .submit_job(serve_support::wipe_request("doomed", &disk, "crypto-erase"))
+        .await
+        .unwrap()
+        .into_inner();
+    let events = serve_support::watch_to_end(&mut client, &job.id).await;
+    assert_eq!(events.last().unwrap().state(), JobState::Failed, "{events:?}");
+
+    let rpc = diagnostics(&mut client).await;
+    assert_eq!(names(&rpc), CHECKS);
+    assert_eq!(rpc.node, "test-node");
+    let rpc_tls = find(&rpc, "tls");
+    assert_ne!(rpc_tls.status(), Status::Fail, "the daemon serves with a certificate from pki: {rpc_tls:?}");
+    assert!(rpc_tls.reason.starts_with("certificate CN=agent"), "{rpc_tls:?}");
+
+    let (code, stdout, stderr) = diagnose(&node.config, true);
+    let cli: DiagnosticsReport =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?} (stderr {stderr})"));
+    assert_eq!(names(&cli), CHECKS);
+    let failed = cli.checks.iter().any(|c| c.status() == Status::Fail);
+    assert_eq!(code, Some(i32::from(failed)), "exit status 1 exactly when a check fails: {cli:#?}");
+    for name in ["libvirt", "tls", "jobs"] {
+        let (a, b) = (find(&rpc, name), find(&cli, name));
+        assert_eq!((a.status(), &a.reason), (b.status(), &b.reason), "{name}: the RPC and the command agree");
+    }
+    let jobs = find(&cli, "jobs");
+    assert_eq!(jobs.status(), Status::Warn, "{jobs:?}");
+    assert!(jobs.reason.contains(&format!("last: wipe job {} on ", job.id)), "{jobs:?}");
 }

@@ -362,28 +362,56 @@ fn tls_check(tls: &crate::config::TlsConfig) -> Check {
     }
 }
 
-/// What the kernel's NTP state says about the system clock.
-fn clock_check() -> Check {
+/// The kernel's NTP view of the system clock, as adjtimex reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ClockState {
+    synchronized: bool,
+    est_error_us: i64,
+    max_error_us: i64,
+}
+
+/// systemd-timesyncd creates this once it has synchronized the clock.
+const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
+
+fn read_clock_state() -> std::io::Result<ClockState> {
     // SAFETY: `timex` is a plain C struct of integers, for which all-zero bytes are a valid value.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
     // SAFETY: with `modes` 0 adjtimex only reads the kernel's clock state into `tx`, a live, exclusively
     // borrowed struct of the type it expects.
     let state = unsafe { libc::adjtimex(&mut tx) };
     if state == -1 {
-        return check(
-            "clock",
-            Status::Warn,
-            format!("cannot read the clock state: {}", std::io::Error::last_os_error()),
-        );
+        return Err(std::io::Error::last_os_error());
     }
-    if state == libc::TIME_ERROR || tx.status & libc::STA_UNSYNC != 0 {
-        check("clock", Status::Warn, "not synchronized (no NTP service has set the clock)")
-    } else {
-        check(
+    Ok(ClockState {
+        synchronized: state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0,
+        est_error_us: tx.esterror,
+        max_error_us: tx.maxerror,
+    })
+}
+
+fn clock_check() -> Check {
+    clock_verdict(read_clock_state(), Path::new(TIMESYNC_FLAG).exists())
+}
+
+/// The kernel's state decides; where it cannot be read (a service whose system call filter denies `@clock`,
+/// as `ProtectClock=` does, cannot call adjtimex at all) systemd-timesyncd's flag file stands in.
+fn clock_verdict(state: std::io::Result<ClockState>, timesync_flag: bool) -> Check {
+    match state {
+        Ok(s) if s.synchronized => check(
             "clock",
             Status::Ok,
-            format!("synchronized (estimated error {} µs, max {} µs)", tx.esterror, tx.maxerror),
-        )
+            format!("synchronized (estimated error {} µs, max {} µs)", s.est_error_us, s.max_error_us),
+        ),
+        Ok(_) => check("clock", Status::Warn, "not synchronized (no NTP service has set the clock)"),
+        Err(_) if timesync_flag => check("clock", Status::Ok, "synchronized (systemd-timesyncd)"),
+        Err(e) => check(
+            "clock",
+            Status::Warn,
+            format!(
+                "unknown: cannot read the kernel clock state ({e}); `gridforge-agent diagnose` run as root \
+                 reads it"
+            ),
+        ),
     }
 }
 
@@ -455,6 +483,26 @@ fn jobs_check(jobs: JobList<'_>, now: SystemTime) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_state_decides_and_the_timesyncd_flag_stands_in_when_it_cannot_be_read() {
+        let synced = ClockState { synchronized: true, est_error_us: 12, max_error_us: 340 };
+        let c = clock_verdict(Ok(synced), false);
+        assert_eq!(
+            (c.status(), c.reason.as_str()),
+            (Status::Ok, "synchronized (estimated error 12 µs, max 340 µs)")
+        );
+        let unsynced = ClockState { synchronized: false, ..synced };
+        assert_eq!(clock_verdict(Ok(unsynced), true).status(), Status::Warn, "the kernel's answer wins");
+        let denied = || Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(clock_verdict(denied(), true).status(), Status::Ok);
+        let c = clock_verdict(denied(), false);
+        assert_eq!(c.status(), Status::Warn);
+        assert!(
+            c.reason.starts_with("unknown: cannot read the kernel clock state (Operation not permitted"),
+            "{c:?}"
+        );
+    }
 
     #[test]
     fn human_sizes() {

@@ -181,7 +181,8 @@ fn parse_diskstats(text: &str) -> Vec<DiskCounters> {
                 write_sectors: n(9),
                 io_ticks_ms: n(12),
             };
-            let whole = Path::new("/sys/block").join(name).exists();
+            // sysfs spells a '/' in a device name (cciss/c0d0) as '!'.
+            let whole = Path::new("/sys/block").join(name.replace('/', "!")).exists();
             let idle_forever = d.reads == 0 && d.writes == 0;
             (whole && !name.starts_with("ram") && !idle_forever).then_some(d)
         })
