@@ -2,6 +2,7 @@
 //!   1. WIPES wipe jobs on 1 MiB file targets, all submitted at once: throughput and submit-to-done latency;
 //!   2. PROVISIONS provisions of debian-12-minimal onto 3 GiB file targets, one after another and then all at
 //!      once: total times and their ratio.
+//!
 //! Used by `bench/agent-jobs`.
 //!
 //! ```text
