@@ -160,7 +160,6 @@ pub struct Vm {
     pub ssh_port: u16,
     pub serial_log: PathBuf,
     serial_socket: Option<PathBuf>,
-    serial_conn: Option<UnixStream>,
     stderr_log: PathBuf,
     child: Child,
     pub started: Instant,
@@ -248,31 +247,25 @@ impl Vm {
             ssh_port,
             serial_log,
             serial_socket: options.serial_input.then_some(serial_socket),
-            serial_conn: None,
             stderr_log,
             child,
             started: Instant::now(),
         }
     }
 
-    /// Types `text` into the serial console (the VM must have been booted with `serial_input`).
+    /// Types `text` into the serial console (the VM must have been booted with `serial_input`). Connects
+    /// for the typing only: while a client is connected qemu also sends it the console output, and a client
+    /// that stays connected is one more way for the guest's serial port to stall. The log file has it all.
     pub fn type_serial(&mut self, text: &str) {
         let socket = self.serial_socket.clone().expect("the VM was booted without serial_input");
-        if self.serial_conn.is_none() {
-            let conn = UnixStream::connect(&socket)
-                .unwrap_or_else(|e| panic!("{}: connecting to {}: {e}", self.name, socket.display()));
-            // qemu also sends the console output to a connected client; unread, it would fill the socket
-            // and stall the guest's serial port. The log file has it all anyway.
-            let mut drain = conn.try_clone().expect("cloning the serial socket");
-            std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
-            self.serial_conn = Some(conn);
-        }
-        let conn = self.serial_conn.as_mut().unwrap();
+        let mut conn = UnixStream::connect(&socket)
+            .unwrap_or_else(|e| panic!("{}: connecting to {}: {e}", self.name, socket.display()));
         // A serial line takes input at its own pace: write slowly enough for the tty not to drop bytes.
         for chunk in text.as_bytes().chunks(16) {
             conn.write_all(chunk).unwrap_or_else(|e| panic!("typing into the serial console: {e}"));
             std::thread::sleep(Duration::from_millis(20));
         }
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     /// Waits up to `timeout` for qemu to exit (e.g. after the guest powered off); false if it still runs.
