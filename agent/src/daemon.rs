@@ -403,13 +403,16 @@ mod systemd {
         send(&[NotifyState::Watchdog]);
     }
 
-    /// Half of `WATCHDOG_USEC` when systemd expects pings from this process.
+    /// Half of `WATCHDOG_USEC` when systemd expects pings from this process. As sd_watchdog_enabled(3):
+    /// `WATCHDOG_PID`, when set, must be this process.
     pub fn watchdog_interval() -> Option<Duration> {
-        let mut usec = 0;
-        if std::env::var_os("NOTIFY_SOCKET").is_some() && sd_notify::watchdog_enabled(false, &mut usec) {
-            Some(Duration::from_micros(usec / 2).max(Duration::from_millis(10)))
-        } else {
-            None
+        std::env::var_os("NOTIFY_SOCKET")?;
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|u| *u > 0)?;
+        if let Ok(pid) = std::env::var("WATCHDOG_PID")
+            && pid.parse::<u32>().ok() != Some(std::process::id())
+        {
+            return None;
         }
+        Some(Duration::from_micros(usec / 2).max(Duration::from_millis(10)))
     }
 }

@@ -66,10 +66,24 @@ impl Error {
             Error::Image(I::BadIndex { .. } | I::BadIndexJson { .. } | I::BadSource { .. }) => {
                 Code::CorruptImage
             }
+            Error::Image(I::Exists { .. }) => Code::InvalidSpec,
+            Error::Image(I::Disk(_)) => Code::Target,
+            Error::Image(I::Cancelled) => Code::Cancelled,
             Error::Image(_) => Code::Io,
+            Error::Pipeline(P::Cancelled) => Code::Cancelled,
             Error::Pipeline(P::DigestMismatch { .. }) => Code::DigestMismatch,
             Error::Pipeline(P::TooLarge { .. }) => Code::Layout,
             Error::Pipeline(P::Io { .. }) => Code::Io,
+            Error::Pipeline(P::Target { .. }) => Code::Target,
+            // Writing a file of the archive failed on our side (permission, space), not because of its bytes.
+            Error::Pipeline(P::Extract { source, .. })
+                if !matches!(
+                    source.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Code::Io
+            }
             Error::Pipeline(_) => Code::CorruptImage,
             Error::Crypt(crypt::CryptError::Io { .. }) => Code::Io,
             Error::Crypt(_) => Code::InvalidSpec,

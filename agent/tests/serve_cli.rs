@@ -152,7 +152,7 @@ fn job_commands_submit_watch_get_list_and_cancel() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["id"], id.as_str());
-    assert_eq!(job["state"], "JOB_STATE_SUCCEEDED", "{job}");
+    assert_eq!(job["state"], "SUCCEEDED", "{job}");
     let report: serde_json::Value =
         serde_json::from_str(job["wipe"]["reportJson"].as_str().unwrap()).unwrap();
     assert_eq!(report["operator"], "ops");
@@ -160,7 +160,7 @@ fn job_commands_submit_watch_get_list_and_cancel() {
     let out = run(&["job", "get", &id]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("JOB_STATE_SUCCEEDED") && text.contains("operator ops"),
+        out.status.success() && text.contains("state:    SUCCEEDED") && text.contains("operator ops"),
         "{text}"
     );
 

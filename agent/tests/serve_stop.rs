@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 use serve_support::*;
 
 /// Grace given to running jobs in these tests (`jobs.shutdown_grace_secs`).
-const GRACE_SECS: u64 = 2;
+const GRACE_SECS: u64 = 3;
 
 /// Messages received on a notify socket until `until` is among them or `limit` passes.
 fn receive_until(sock: &UnixDatagram, until: &str, limit: Duration) -> Vec<String> {
@@ -75,12 +75,12 @@ fn notifies_systemd_ready_watchdog_and_stopping() {
 }
 
 #[test]
-fn no_watchdog_pings_without_watchdog_usec() {
+fn no_watchdog_pings_when_the_watchdog_is_for_another_process() {
     let node = Node::new("");
     let sock_path = node.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let mut daemon = node.start_with(|cmd| {
-        cmd.env("NOTIFY_SOCKET", &sock_path);
+        cmd.env("NOTIFY_SOCKET", &sock_path).env("WATCHDOG_USEC", "200000").env("WATCHDOG_PID", "1");
     });
     let got = receive_until(&sock, "READY=1", Duration::from_secs(20));
     assert!(has(&got, "READY=1"), "{got:?}");
@@ -112,17 +112,26 @@ async fn sigterm_interrupts_a_long_wipe_safely_and_the_journal_survives() {
     });
 
     daemon.signal(Signal::SIGTERM);
-    let (status, took) = tokio::task::spawn_blocking(move || {
-        let r = daemon.wait_exit(Duration::from_secs(GRACE_SECS + 30));
-        (r, daemon)
+    let stopping = Instant::now();
+    // While the running job has its grace, the agent answers NOT_SERVING and refuses new jobs.
+    while health(&node, "").await == ServingStatus::Serving {
+        assert!(stopping.elapsed() < Duration::from_secs(GRACE_SECS), "still SERVING after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(health(&node, "gridforge.v1.Agent").await, ServingStatus::NotServing);
+    let err = client.submit_job(wipe_request("late", &small, "zero")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("shutting down"), "{}", err.message());
+    assert_eq!(get(&mut client, &long.id).await.state(), JobState::Running, "the running job goes on");
+
+    let ((status, _), daemon) = tokio::task::spawn_blocking(move || {
+        let exit = daemon.wait_exit(Duration::from_secs(GRACE_SECS + 30));
+        (exit, daemon)
     })
     .await
-    .map(|((status, took), daemon)| {
-        assert!(status.success(), "exit status {status}\n{}", daemon.log_text());
-        (status, took)
-    })
     .unwrap();
-    assert!(status.success());
+    let took = stopping.elapsed();
+    assert!(status.success(), "exit status {status}\n{}", daemon.log_text());
     assert!(
         took < Duration::from_secs(GRACE_SECS + 8),
         "stopping took {took:?} with a grace of {GRACE_SECS} s"

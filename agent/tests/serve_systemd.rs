@@ -100,3 +100,16 @@ fn installed_config_is_valid_and_matches_the_defaults() {
     assert!(!config.tls.insecure);
     assert_eq!(config.tls.ca, Path::new("/etc/gridforge/tls/ca.pem"));
 }
+
+#[test]
+fn metrics_can_be_disabled_and_the_stop_grace_set() {
+    let path = Path::new("agent.toml");
+    let config = Config::parse("metrics_listen = \"\"\n[jobs]\nshutdown_grace_secs = 5\n", path).unwrap();
+    assert_eq!(config.metrics_listen, None);
+    assert_eq!(config.jobs.shutdown_grace_secs, 5);
+    let config = Config::parse("metrics_listen = \"127.0.0.1:9100\"\n", path).unwrap();
+    assert_eq!(config.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+    assert_eq!(config.jobs.shutdown_grace_secs, 30);
+    let err = Config::parse("metrics_listen = \"nowhere\"\n", path).unwrap_err().to_string();
+    assert!(err.contains("metrics_listen"), "{err}");
+}

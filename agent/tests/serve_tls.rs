@@ -5,61 +5,60 @@
 mod serve_support;
 
 use gridforge_proto::v1::{
-    CancelJobRequest, GetJobRequest, JobState, ProvisionJob, SubmitJobRequest, WatchJobRequest, job::Outcome,
-    submit_job_request,
+    CancelJobRequest, ControlJob, DeleteJob, GetJobRequest, JobState, ProvisionJob, SubmitJobRequest,
+    WatchJobRequest, control_job, job::Outcome, submit_job_request,
 };
 use serve_support::*;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
-async fn health(node: &Node, service: &str) -> ServingStatus {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(node.pki.ca()).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(node.pki.cert("ops")).unwrap(),
-            std::fs::read(node.pki.key("ops")).unwrap(),
-        ));
-    let channel =
-        Endpoint::from_shared(node.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
-    let resp = HealthClient::new(channel)
-        .check(HealthCheckRequest { service: service.to_string() })
-        .await
-        .unwrap_or_else(|e| panic!("health check of {service:?}: {e:?}"))
-        .into_inner();
-    resp.status()
-}
-
-/// The services the reflection service lists (as `grpcurl list` shows them).
-async fn reflected_services(node: &Node) -> Vec<String> {
+/// One reflection request and its answer, as `grpcurl list` and `grpcurl describe` send them.
+async fn reflect(
+    node: &Node,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let tls = node.pki.client("ops");
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(node.pki.ca()).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(node.pki.cert("ops")).unwrap(),
-            std::fs::read(node.pki.key("ops")).unwrap(),
-        ));
+        .ca_certificate(Certificate::from_pem(std::fs::read(&tls.ca).unwrap()))
+        .identity(Identity::from_pem(std::fs::read(&tls.cert).unwrap(), std::fs::read(&tls.key).unwrap()));
     let channel =
         Endpoint::from_shared(node.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
     let mut stream = ServerReflectionClient::new(channel)
         .server_reflection_info(tokio_stream::iter(vec![req]))
         .await
         .expect("reflection")
         .into_inner();
     let resp = stream.message().await.unwrap().expect("a reflection response");
-    match resp.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
+    resp.message_response.expect("a reflection answer")
+}
+
+/// The services the reflection service lists (as `grpcurl list` shows them).
+async fn reflected_services(node: &Node) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    match reflect(node, MessageRequest::ListServices(String::new())).await {
+        MessageResponse::ListServicesResponse(list) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection response: {other:?}"),
+    }
+}
+
+/// The names of the files (the one defining `symbol` and what it imports) reflection serves for it, as
+/// `grpcurl describe` needs them.
+async fn reflected_files(node: &Node, symbol: &str) -> Vec<String> {
+    use prost::Message;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    match reflect(node, MessageRequest::FileContainingSymbol(symbol.to_string())).await {
+        MessageResponse::FileDescriptorResponse(files) => files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+            .flat_map(|f| std::iter::once(f.name().to_string()).chain(f.dependency))
+            .collect(),
         other => panic!("unexpected reflection response: {other:?}"),
     }
 }
@@ -86,6 +85,10 @@ async fn mtls_wipe_job_health_reflection_and_metrics() {
     let services = reflected_services(&node).await;
     assert!(services.iter().any(|s| s == "gridforge.v1.Agent"), "{services:?}");
     assert!(services.iter().any(|s| s == "grpc.health.v1.Health"), "{services:?}");
+    let files = reflected_files(&node, "gridforge.v1.Agent").await;
+    assert!(files.iter().any(|f| f == "gridforge/v1/agent.proto"), "{files:?}");
+    let imports = reflected_files(&node, "google.protobuf.Timestamp").await;
+    assert!(imports.iter().any(|f| f == "google/protobuf/timestamp.proto"), "imports resolve: {imports:?}");
 
     let mut client = node.client().await;
     let job = client.submit_job(wipe_request("wipe-one", &disk, "zero-write")).await.unwrap().into_inner();
@@ -100,7 +103,6 @@ async fn mtls_wipe_job_health_reflection_and_metrics() {
     let Some(Outcome::Wipe(result)) = &job.outcome else { panic!("no wipe result: {job:?}") };
     let report: serde_json::Value = serde_json::from_str(&result.report_json).unwrap();
     assert_eq!(report["operator"], "ops", "{report}");
-    assert_eq!(report["node"]["hostname"], "test-node", "{report}");
     let report_file = node.dir.path().join("report.json");
     std::fs::write(&report_file, &result.report_json).unwrap();
     let public = node.dir.path().join("state/report-signing.key.pub");
@@ -175,23 +177,31 @@ async fn clients_without_a_trusted_certificate_are_refused() {
     let text = gridforge_agent::client::error_chain(err.as_ref());
     assert!(!text.contains("NotFound"), "refused before any call is served: {text}");
 
-    // The same refusal as openssl sees it: with the foreign certificate the server aborts the handshake.
-    let out = std::process::Command::new("openssl")
-        .args(["s_client", "-connect", &node.grpc.to_string(), "-CAfile"])
-        .arg(node.pki.ca())
-        .arg("-cert")
-        .arg(other_pki.cert("ops"))
-        .arg("-key")
-        .arg(other_pki.key("ops"))
-        .args(["-alpn", "h2", "-verify_return_error"])
-        .stdin(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("alert") || text.contains("unknown ca") || text.contains("bad certificate"),
-        "openssl s_client with a foreign certificate:\n{text}"
-    );
+    // The same refusals as openssl sees them: the server ends the handshake with an alert.
+    let s_client = |cert: Option<(&std::path::Path, &std::path::Path)>| {
+        let mut cmd = std::process::Command::new("timeout");
+        cmd.args([
+            "20",
+            "openssl",
+            "s_client",
+            "-connect",
+            &node.grpc.to_string(),
+            "-alpn",
+            "h2",
+            "-ign_eof",
+        ])
+        .arg("-CAfile")
+        .arg(node.pki.ca());
+        if let Some((cert, key)) = cert {
+            cmd.arg("-cert").arg(cert).arg("-key").arg(key);
+        }
+        let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout)
+    };
+    let text = s_client(None);
+    assert!(text.contains("alert certificate required"), "openssl s_client without a certificate:\n{text}");
+    let text = s_client(Some((&other_pki.cert("ops"), &other_pki.key("ops"))));
+    assert!(text.contains("SSL alert number"), "openssl s_client with a foreign certificate:\n{text}");
 
     // Plaintext gRPC gets nothing either.
     let plain = gridforge_agent::client::connect(&format!("http://{}", node.grpc), None).await;
@@ -295,4 +305,67 @@ fn missing_or_broken_certificates_stop_the_daemon_with_the_file_named() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(node2.pki.cert("agent").to_str().unwrap()), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_libvirt_down_the_daemon_serves_and_hypervisor_jobs_are_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("qemu+unix:///system?socket={}/no-libvirtd.sock", dir.path().display());
+    let node = Node::with_libvirt(&uri, "");
+    let daemon = node.start();
+    let mut client = node.client().await;
+    assert_eq!(health(&node, "gridforge.v1.Agent").await, ServingStatus::Serving);
+
+    // A Delete needs the domain's disk at submission: refused UNAVAILABLE, naming the connection.
+    let delete = SubmitJobRequest {
+        idempotency_key: "delete-vm".into(),
+        job: Some(submit_job_request::Job::Delete(DeleteJob { domain: "vm1".into(), ..Default::default() })),
+    };
+    let err = client.submit_job(delete).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("no-libvirtd.sock"), "names the connection: {}", err.message());
+
+    // A Control job is queued, and fails with the hypervisor unavailable.
+    let control = SubmitJobRequest {
+        idempotency_key: "start-vm".into(),
+        job: Some(submit_job_request::Job::Control(ControlJob {
+            domain: "vm1".into(),
+            action: control_job::Action::Start as i32,
+            ..Default::default()
+        })),
+    };
+    let job = client.submit_job(control).await.unwrap().into_inner();
+    assert_eq!(watch_to_end(&mut client, &job.id).await.last().unwrap().state(), JobState::Failed);
+    let job = get(&mut client, &job.id).await;
+    let Some(Outcome::Error(e)) = &job.outcome else { panic!("{job:?}") };
+    assert_eq!(e.code(), gridforge_proto::v1::error::Code::Hypervisor, "{e:?}");
+    assert!(e.message.contains("unavailable"), "{e:?}");
+
+    // Disk jobs still run.
+    let disk = node.sparse_disk("d.img", MIB);
+    let job = client.submit_job(wipe_request("disk", &disk, "zero")).await.unwrap().into_inner();
+    assert_eq!(watch_to_end(&mut client, &job.id).await.last().unwrap().state(), JobState::Succeeded);
+    assert!(daemon.log_text().contains("libvirt is not reachable"), "{}", daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insecure_mode_serves_plaintext_with_a_loud_warning() {
+    let node = Node::new("");
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, text.replace("[tls]\n", "[tls]\ninsecure = true\n")).unwrap();
+    let daemon = node.start();
+    let endpoint = format!("http://{}", node.grpc);
+    let mut client = gridforge_agent::client::connect(&endpoint, None).await.expect("plaintext connect");
+    let disk = node.sparse_disk("p.img", MIB);
+    let job = client.submit_job(wipe_request("plain", &disk, "zero")).await.unwrap().into_inner();
+    assert_eq!(watch_to_end(&mut client, &job.id).await.last().unwrap().state(), JobState::Succeeded);
+    let job = get(&mut client, &job.id).await;
+    let Some(Outcome::Wipe(result)) = &job.outcome else { panic!("{job:?}") };
+    let report: serde_json::Value = serde_json::from_str(&result.report_json).unwrap();
+    assert_eq!(report["operator"], "local", "no certificate, no name: {report}");
+    let log = daemon.log_text();
+    assert!(log.contains("\"level\":\"WARN\"") && log.contains("TLS IS DISABLED"), "{log}");
+    let out = agent(&["job", "list", "--insecure", "--server", &node.grpc.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&job.id), "{out:?}");
 }

@@ -1,5 +1,6 @@
 //! Command-line adapter over the agent engine.
 
+mod diagnose;
 mod job;
 mod output;
 mod pki;
@@ -47,6 +48,9 @@ enum Command {
     /// Make and manage LUKS2 volumes (readable by cryptsetup) without device-mapper.
     #[command(subcommand)]
     Luks(LuksCommand),
+    /// Check the node (libvirt, KVM, CPU, memory, devices, pool, cache, TLS certificate, clock, state, jobs);
+    /// one line per check: OK, WARN or FAIL and why. Exits 1 when any check fails.
+    Diagnose(diagnose::DiagnoseArgs),
     /// Run the node daemon: gRPC jobs over mutual TLS, health, reflection, Prometheus metrics, systemd notify.
     Serve(serve::ServeArgs),
     /// Submit, follow, show, list and cancel an agent's jobs over gRPC.
@@ -364,6 +368,7 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
             }
         }
         Command::Luks(command) => luks(command, json)?,
+        Command::Diagnose(args) => diagnose::run(&args, json)?,
         Command::Serve(_) => unreachable!("serve is dispatched before logging is set up"),
         Command::Job(args) => job::run(args, json)?,
         Command::Pki(command) => pki::run(command, json)?,

@@ -97,6 +97,14 @@ pub fn check(disk_path: &Path, offset: u64) -> Result<(), FsError> {
     Ok(())
 }
 
+/// Checks the ext file system at `offset` and fixes only what is safe to fix unattended (`e2fsck -f -p`);
+/// anything that needs a decision is an error carrying e2fsck's report.
+pub fn preen(disk_path: &Path, offset: u64) -> Result<(), FsError> {
+    let target = offset_target(disk_path, offset)?;
+    run_tool("e2fsck", Command::new("e2fsck").arg("-fp").arg(target), |code| code == 0 || code == 1)?;
+    Ok(())
+}
+
 fn validate_label(label: &str) -> Result<(), FsError> {
     let reason = if label.len() > LABEL_MAX {
         "longer than 16 bytes"
@@ -172,7 +180,7 @@ impl Superblock {
     }
 }
 
-fn read_superblock(disk: &File, offset: u64) -> Result<Superblock, FsError> {
+pub(crate) fn read_superblock(disk: &File, offset: u64) -> Result<Superblock, FsError> {
     let mut raw = [0u8; SUPERBLOCK_LEN];
     disk.read_exact_at(&mut raw, offset + SUPERBLOCK_AT)
         .map_err(|source| FsError::io("reading the ext4 superblock", source))?;

@@ -25,11 +25,19 @@ pub fn detect_domain_type(cfg: &LibvirtConfig) -> DomainType {
                 Ok(()) => DomainType::Kvm,
                 Err(reason) => {
                     tracing::info!(%reason, "KVM is not usable, guests run under TCG (domain type qemu)");
+                    let _ = PROBE_FAILURE.set(reason);
                     DomainType::Qemu
                 }
             })
         }
     }
+}
+
+static PROBE_FAILURE: OnceLock<String> = OnceLock::new();
+
+/// Why the KVM probe of [`detect_domain_type`] failed in this process, if it ran and failed.
+pub fn kvm_probe_failure() -> Option<&'static str> {
+    PROBE_FAILURE.get().map(String::as_str)
 }
 
 /// Runs OVMF under KVM with no disk and no NIC for a few seconds. Ok when the guest is still running and
@@ -60,8 +68,11 @@ pub fn kvm_usable(emulator: &Path, ovmf_code: &Path, ovmf_vars: &Path) -> Result
     let failure = loop {
         std::thread::sleep(Duration::from_millis(200));
         let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        if log.contains("KVM internal error") || log.contains("failed to initialize kvm") {
-            break Some(format!("the probe guest failed: {}", first_line(&log)));
+        // qemu may print warnings first: name the line that says what failed.
+        let kvm_failure =
+            |l: &&str| l.contains("KVM internal error") || l.contains("failed to initialize kvm");
+        if let Some(line) = log.lines().find(kvm_failure) {
+            break Some(format!("the probe guest failed: {}", line.trim()));
         }
         match child.try_wait() {
             Ok(Some(status)) => {

@@ -250,6 +250,11 @@ impl Libvirt {
     }
 }
 
+/// libvirt encodes versions as major * 1_000_000 + minor * 1000 + release.
+fn dotted_version(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000)
+}
+
 /// libvirt reports an unsupported counter as -1.
 fn counter(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -294,6 +299,14 @@ impl Hypervisor for Libvirt {
         let conn = self.conn()?;
         conn.lib_version().map_err(|e| self.fail("ping", "libvirt", e))?;
         Ok(detect_domain_type(&self.cfg))
+    }
+
+    fn version(&self) -> Result<String, HypervisorError> {
+        let conn = self.conn()?;
+        let lib = conn.lib_version().map_err(|e| self.fail("read version of", "libvirt", e))?;
+        let driver = conn.driver_type().map_err(|e| self.fail("read driver type of", "libvirt", e))?;
+        let hyp = conn.hyp_version().map_err(|e| self.fail("read hypervisor version of", "libvirt", e))?;
+        Ok(format!("libvirt {}, {driver} {}", dotted_version(lib), dotted_version(hyp)))
     }
 
     fn pool(&self) -> Result<PoolInfo, HypervisorError> {

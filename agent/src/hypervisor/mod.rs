@@ -7,7 +7,7 @@ pub mod detect;
 pub mod libvirt;
 pub mod xml;
 
-pub use detect::detect_domain_type;
+pub use detect::{detect_domain_type, kvm_probe_failure};
 pub use libvirt::Libvirt;
 pub use xml::domain_xml;
 
@@ -134,6 +134,8 @@ pub trait Hypervisor: Send + Sync {
     fn uri(&self) -> String;
     /// Check the connection now; Ok with the domain type guests get.
     fn ping(&self) -> Result<DomainType, HypervisorError>;
+    /// Library and hypervisor versions, e.g. "libvirt 9.0.0, QEMU 7.2.0".
+    fn version(&self) -> Result<String, HypervisorError>;
 
     /// The storage pool for guest disks (created and started if missing).
     fn pool(&self) -> Result<PoolInfo, HypervisorError>;

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod index;
 pub mod pack;
 pub mod sign;
+pub mod snapshot;
 pub mod store;
 
 use std::io;
@@ -25,6 +26,15 @@ pub enum ImageError {
     },
     #[error("image {name} {version} not found in {store}; available: {}", list_or_none(available))]
     NotFound { store: String, name: String, version: String, available: Vec<String> },
+
+    #[error("image {name} {version} already exists in {store}")]
+    Exists { store: String, name: String, version: String },
+
+    #[error("cannot read disk")]
+    Disk(#[source] crate::block::BlockError),
+
+    #[error("cancelled")]
+    Cancelled,
 
     #[error("index of store {store} is not signed (no index.json.sig)")]
     Unsigned { store: String },

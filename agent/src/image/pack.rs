@@ -61,10 +61,17 @@ impl BlobWriter {
 
     /// Syncs and renames the blob into place; returns (sha256 hex, size, path relative to the index).
     pub fn finish(self) -> Result<(String, u64, String), ImageError> {
+        self.finish_added().map(|added| (added.sha256, added.size, added.path))
+    }
+
+    /// [`finish`](BlobWriter::finish), also telling whether the store already held a blob with these bytes
+    /// (so that a caller undoing its addition removes only a blob it added).
+    pub fn finish_added(self) -> Result<AddedBlob, ImageError> {
         let BlobWriter { store_dir, tmp, hasher, size } = self;
         let sha256 = hex::encode(hasher.finalize());
         let relative = format!("blobs/sha256/{sha256}");
         let dest = store_dir.join(&relative);
+        let existed = dest.exists();
         tmp.as_file().sync_all().map_err(ImageError::io(format!("syncing {}", tmp.path().display())))?;
         // Same digest means same bytes: replacing an existing blob is harmless.
         tmp.persist(&dest).map_err(|e| ImageError::Io {
@@ -72,8 +79,19 @@ impl BlobWriter {
             source: e.error,
         })?;
         sync_dir(&blobs_dir(&store_dir))?;
-        Ok((sha256, size, relative))
+        Ok(AddedBlob { sha256, size, path: relative, existed })
     }
+}
+
+/// A blob [`BlobWriter::finish_added`] put in a store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddedBlob {
+    pub sha256: String,
+    pub size: u64,
+    /// Path relative to the index.
+    pub path: String,
+    /// The store already held these bytes before.
+    pub existed: bool,
 }
 
 impl Write for BlobWriter {
@@ -93,6 +111,21 @@ impl Write for BlobWriter {
 /// `index.json` atomically and re-signs it with `key`. An existing index must verify with `key`'s public
 /// half, so a store is never silently re-signed over content someone else published.
 pub fn publish(store_dir: &Path, entry: IndexEntry, key: &SigningKey) -> Result<(), ImageError> {
+    publish_entry(store_dir, entry, key, true)
+}
+
+/// [`publish`], refusing (with [`ImageError::Exists`]) an entry whose name and version the index already
+/// holds.
+pub fn publish_new(store_dir: &Path, entry: IndexEntry, key: &SigningKey) -> Result<(), ImageError> {
+    publish_entry(store_dir, entry, key, false)
+}
+
+fn publish_entry(
+    store_dir: &Path,
+    entry: IndexEntry,
+    key: &SigningKey,
+    replace: bool,
+) -> Result<(), ImageError> {
     init_store(store_dir)?;
     let store = store_dir.display().to_string();
     check_relative_path(&entry.path, &store)?;
@@ -129,9 +162,28 @@ pub fn publish(store_dir: &Path, entry: IndexEntry, key: &SigningKey) -> Result<
         source: io::Error::from(errno),
     })?;
 
+    let mut index = read_index(store_dir, key)?;
+    if !replace && index.find(&entry.name, &entry.version).is_ok() {
+        return Err(ImageError::Exists { store, name: entry.name, version: entry.version });
+    }
+    index.upsert(entry);
+    index.validate(&store)?;
+
+    let bytes = index.to_bytes();
+    let signature = format!("{}\n", sign::sign(key, &bytes));
+    // Index first, then signature: a reader in between sees a bad signature and is refused, never an
+    // unverified index accepted.
+    write_atomic(store_dir, &store_dir.join("index.json"), &bytes)?;
+    write_atomic(store_dir, &store_dir.join("index.json.sig"), signature.as_bytes())?;
+    Ok(())
+}
+
+/// The store's index, which must verify with `key`'s public half; an empty one when the store has none yet.
+pub(crate) fn read_index(store_dir: &Path, key: &SigningKey) -> Result<Index, ImageError> {
+    let store = store_dir.display().to_string();
     let index_path = store_dir.join("index.json");
     let sig_path = store_dir.join("index.json.sig");
-    let mut index = match fs::read(&index_path) {
+    let index = match fs::read(&index_path) {
         Ok(bytes) => {
             let sig = match fs::read_to_string(&sig_path) {
                 Ok(sig) => sig,
@@ -151,16 +203,7 @@ pub fn publish(store_dir: &Path, entry: IndexEntry, key: &SigningKey) -> Result<
             return Err(ImageError::Io { context: format!("reading {}", index_path.display()), source });
         }
     };
-    index.upsert(entry);
-    index.validate(&store)?;
-
-    let bytes = index.to_bytes();
-    let signature = format!("{}\n", sign::sign(key, &bytes));
-    // Index first, then signature: a reader in between sees a bad signature and is refused, never an
-    // unverified index accepted.
-    write_atomic(store_dir, &index_path, &bytes)?;
-    write_atomic(store_dir, &sig_path, signature.as_bytes())?;
-    Ok(())
+    Ok(index)
 }
 
 fn write_atomic(dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), ImageError> {
@@ -255,7 +298,21 @@ pub fn pack_raw_disk_image(
     let info = crate::pipeline::rawdisk::pack_raw_disk(source, &mut blob, level)
         .map_err(|e| ImageError::RawDisk { what: source.display().to_string(), source: Box::new(e) })?;
     let (sha256, compressed_size, path) = blob.finish()?;
-    let entry = IndexEntry {
+    let entry = raw_disk_entry(name, version, &info, sha256, compressed_size, path);
+    publish(store_dir, entry.clone(), key)?;
+    Ok(entry)
+}
+
+/// The index entry of a packed raw disk (kind os; its minimum disk size is the disk's size).
+pub(crate) fn raw_disk_entry(
+    name: &str,
+    version: &str,
+    info: &crate::pipeline::RawDiskInfo,
+    sha256: String,
+    compressed_size: u64,
+    path: String,
+) -> IndexEntry {
+    IndexEntry {
         name: name.to_string(),
         version: version.to_string(),
         kind: Kind::Os,
@@ -268,9 +325,7 @@ pub fn pack_raw_disk_image(
         arch: std::env::consts::ARCH.to_string(),
         min_disk_mib: info.disk_size.div_ceil(1 << 20),
         notes: String::new(),
-    };
-    publish(store_dir, entry.clone(), key)?;
-    Ok(entry)
+    }
 }
 
 struct CountingWriter<W> {

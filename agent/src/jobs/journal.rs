@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use gridforge_proto::v1::{Job, JobEvent};
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Builder, ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::JobError;
 
@@ -22,11 +22,15 @@ const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempoten
 /// (job id, seq) -> encoded `JobEvent`.
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 
+/// One writer (the agent) while other processes (`gridforge-agent diagnose`) may read the journal at the same
+/// time; every handle must open it in this mode.
+const SHARING: ConcurrencyMode = ConcurrencyMode::SingleWriter;
+
 /// Writes batched into one transaction at most.
 const MAX_BATCH: usize = 4096;
 
 enum Op {
-    Job(Job),
+    Job(Box<Job>),
     Event(JobEvent),
     /// Forget these jobs: (id, idempotency key).
     Purge(Vec<(String, String)>),
@@ -47,7 +51,9 @@ fn journal_err(path: &Path, what: &str) -> impl FnOnce(redb::Error) -> JobError 
 
 impl Journal {
     pub(crate) fn open(path: &Path) -> Result<Journal, JobError> {
-        let db = Database::create(path)
+        let db = Builder::new()
+            .set_concurrency_mode(SHARING)
+            .create(path)
             .map_err(|source| JobError::Open { path: path.to_path_buf(), source: Box::new(source) })?;
         // Create the tables, so that read transactions find them even in a new journal.
         let init = || -> Result<(), redb::Error> {
@@ -71,26 +77,7 @@ impl Journal {
 
     /// Every job record, in no particular order.
     pub(crate) fn load_jobs(&self) -> Result<Vec<Job>, JobError> {
-        let read = || -> Result<Vec<Result<Job, String>>, redb::Error> {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(JOBS)?;
-            let mut jobs = Vec::new();
-            for row in table.iter()? {
-                let (id, bytes) = row?;
-                jobs.push(Job::decode(bytes.value()).map_err(|e| format!("job {}: {e}", id.value())));
-            }
-            Ok(jobs)
-        };
-        let rows = read().map_err(journal_err(&self.path, "reading jobs"))?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in rows {
-            match row {
-                Ok(job) => jobs.push(job),
-                // One damaged record must not keep the agent from starting: skip it loudly.
-                Err(e) => tracing::error!(journal = %self.path.display(), "skipping corrupt job record: {e}"),
-            }
-        }
-        Ok(jobs)
+        read_jobs(&*self.db, &self.path)
     }
 
     /// The job's journaled events from `from_seq` on.
@@ -132,7 +119,7 @@ impl Journal {
 
     /// Record (or replace) a job and its idempotency key.
     pub(crate) fn put_job(&self, job: &Job) {
-        self.send(Op::Job(job.clone()));
+        self.send(Op::Job(Box::new(job.clone())));
     }
 
     pub(crate) fn put_event(&self, event: &JobEvent) {
@@ -158,6 +145,38 @@ impl Journal {
             }),
         }
     }
+}
+
+/// Every job record of the journal at `path`, opened read-only beside the agent that may be writing it.
+pub(crate) fn read_jobs_shared(path: &Path) -> Result<Vec<Job>, JobError> {
+    let db = Builder::new()
+        .set_concurrency_mode(SHARING)
+        .open_read_only(path)
+        .map_err(|source| JobError::Open { path: path.to_path_buf(), source: Box::new(source) })?;
+    read_jobs(&db, path)
+}
+
+fn read_jobs(db: &impl ReadableDatabase, path: &Path) -> Result<Vec<Job>, JobError> {
+    let read = || -> Result<Vec<Result<Job, String>>, redb::Error> {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(JOBS)?;
+        let mut jobs = Vec::new();
+        for row in table.iter()? {
+            let (id, bytes) = row?;
+            jobs.push(Job::decode(bytes.value()).map_err(|e| format!("job {}: {e}", id.value())));
+        }
+        Ok(jobs)
+    };
+    let rows = read().map_err(journal_err(path, "reading jobs"))?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row {
+            Ok(job) => jobs.push(job),
+            // One damaged record must not keep the agent from starting: skip it loudly.
+            Err(e) => tracing::error!(journal = %path.display(), "skipping corrupt job record: {e}"),
+        }
+    }
+    Ok(jobs)
 }
 
 impl Drop for Journal {

@@ -214,9 +214,31 @@ fn is_final(state: JobState) -> bool {
     !matches!(state, JobState::Queued | JobState::Running | JobState::Unspecified)
 }
 
-/// Kinds that write to their target (made safe when interrupted).
-fn writes_target(kind: JobKind) -> bool {
-    matches!(kind, JobKind::Provision | JobKind::Wipe | JobKind::Resize | JobKind::Delete)
+/// Kinds whose half-done target holds nothing worth keeping (made safe when interrupted by zeroing its head).
+/// A Resize is not among them: its disk holds the tenant's data, which an interrupted grow keeps.
+fn discards_target(kind: JobKind) -> bool {
+    matches!(kind, JobKind::Provision | JobKind::Wipe | JobKind::Delete)
+}
+
+/// Make an interrupted job's target safe and say what was done, for the job's final message.
+fn secure_interrupted(kind: JobKind, target: &str) -> String {
+    if target.is_empty() {
+        return String::new();
+    }
+    if kind == JobKind::Resize {
+        return "; the disk keeps its data: check its last file system (e2fsck -f) and resubmit the resize"
+            .to_string();
+    }
+    if !discards_target(kind) {
+        return String::new();
+    }
+    match make_safe(Path::new(target)) {
+        Ok(()) => "; the target's first MiB was zeroed".to_string(),
+        Err(e) => {
+            tracing::error!(target, "cannot make the target safe: {e}");
+            format!("; zeroing the target's first MiB failed: {e}")
+        }
+    }
 }
 
 fn new_job_id() -> String {
@@ -249,6 +271,12 @@ fn make_safe(path: &Path) -> Result<(), String> {
     }
 }
 
+/// The jobs in `config`'s journal, read without opening the engine: beside a running agent, or while none
+/// runs (`gridforge-agent diagnose`).
+pub fn read_journal(config: &Config) -> Result<Vec<Job>, JobError> {
+    journal::read_jobs_shared(&config.journal_path())
+}
+
 impl JobEngine {
     /// Open (create) the journal at `config.journal_path()`. Jobs found queued or running are recorded
     /// INTERRUPTED (a running one's target gets its first MiB zeroed); finished jobs past
@@ -263,14 +291,8 @@ impl JobEngine {
                 let was_running = job.state() == JobState::Running;
                 let mut message = "the agent restarted while the job was ".to_string();
                 message.push_str(if was_running { "running" } else { "queued" });
-                if was_running && writes_target(job.kind()) && !job.target.is_empty() {
-                    match make_safe(Path::new(&job.target)) {
-                        Ok(()) => message.push_str("; the target's first MiB was zeroed"),
-                        Err(e) => {
-                            tracing::error!(job = %job.id, "cannot make the target safe: {e}");
-                            message.push_str(&format!("; zeroing the target's first MiB failed: {e}"));
-                        }
-                    }
+                if was_running {
+                    message.push_str(&secure_interrupted(job.kind(), &job.target));
                 }
                 let step = job.steps.last().map(|s| s.name.clone()).unwrap_or_default();
                 interrupt_steps(&mut job.steps);
@@ -333,6 +355,8 @@ impl JobEngine {
             devices: &config.jobs.devices,
             image_store_configured: !config.images.store.is_empty(),
             default_wipe_method: &config.jobs.default_wipe_method,
+            snapshot_store: &config.images.snapshot_store,
+            snapshot_signing_key: &config.images.snapshot_signing_key,
         };
         let prepared = request::prepare(&req, client, &checks)?;
         self.inner.enqueue(&req, prepared)
@@ -495,12 +519,7 @@ impl JobEngine {
             let Some(entry) = st.jobs.get(&id) else { continue };
             let (kind, target) = (entry.job.kind(), entry.job.target.clone());
             let mut message = "the agent stopped while the job was running".to_string();
-            if writes_target(kind) && !target.is_empty() {
-                match make_safe(Path::new(&target)) {
-                    Ok(()) => message.push_str("; the target's first MiB was zeroed"),
-                    Err(e) => message.push_str(&format!("; zeroing the target's first MiB failed: {e}")),
-                }
-            }
+            message.push_str(&secure_interrupted(kind, &target));
             let step = entry.job.steps.last().map(|s| s.name.clone()).unwrap_or_default();
             let failure = JobFailure { code: Code::Interrupted as i32, step, message };
             concluded.push((
@@ -604,7 +623,7 @@ impl Inner {
             },
         );
         self.journal.put_job(&job);
-        self.emit(&mut st, &id, "queue", 0, 0, "queued".into(), JobState::Unspecified);
+        self.emit(&mut st, &id, "queue", (0, 0), "queued".into(), JobState::Unspecified);
         st.queue.push_back(id.clone());
         drop(st);
         if let Err(e) = self.journal.flush() {
@@ -627,14 +646,13 @@ impl Inner {
         Ok(st.jobs.get(&id).map(|e| e.job.clone()).unwrap_or(job))
     }
 
-    /// Append an event to the job's log and the journal.
+    /// Append an event to the job's log and the journal; `bytes` is (done, total) of the step.
     fn emit(
         &self,
         st: &mut State,
         id: &str,
         step: &str,
-        bytes_done: u64,
-        bytes_total: u64,
+        (bytes_done, bytes_total): (u64, u64),
         message: String,
         state: JobState,
     ) {
@@ -665,7 +683,7 @@ impl Inner {
             }
             s => s.to_string(),
         };
-        self.emit(&mut st, id, &step, 0, 0, message.to_string(), JobState::Unspecified);
+        self.emit(&mut st, id, &step, (0, 0), message.to_string(), JobState::Unspecified);
     }
 
     /// Start queued jobs while I/O slots are free (Control jobs need none).
@@ -700,7 +718,7 @@ impl Inner {
             st.running_io += 1;
         }
         st.running.insert(id.to_string());
-        self.emit(st, id, "start", 0, 0, "running".into(), JobState::Unspecified);
+        self.emit(st, id, "start", (0, 0), "running".into(), JobState::Unspecified);
         let inner = self.clone();
         let job_id = id.to_string();
         st.threads.retain(|t| !t.is_finished());
@@ -776,8 +794,7 @@ impl Inner {
                 &mut st,
                 id,
                 ev.step,
-                ev.bytes_done,
-                ev.bytes_total,
+                (ev.bytes_done, ev.bytes_total),
                 ev.message.clone(),
                 JobState::Unspecified,
             );
@@ -864,7 +881,7 @@ impl Inner {
             }
         }
         st.metrics.observe(kind, live.started.map(|t| t.elapsed()), written);
-        self.emit(st, id, &step, 0, 0, message, state);
+        self.emit(st, id, &step, (0, 0), message, state);
         self.finished.notify_all();
         Concluded(true)
     }

@@ -11,7 +11,7 @@ use zeroize::Zeroize;
 
 use super::SubmitError;
 use crate::block::MIB;
-use crate::hypervisor::{Hypervisor, HypervisorError, NicDef};
+use crate::hypervisor::{DomainState, Hypervisor, HypervisorError, NicDef};
 use crate::wipe;
 
 /// A resolved disk target.
@@ -40,10 +40,12 @@ impl Target {
 
 /// What a job does, fully resolved. Holds the request's secrets (in a Provision spec) until dropped.
 pub(crate) enum Work {
-    Provision { spec: VmSpec, target: Target, domain: Option<DomainPlan> },
+    Provision { spec: Box<VmSpec>, target: Target, domain: Option<DomainPlan> },
     Wipe { target: Target, method: wipe::Method, verify: wipe::Verify, operator: String },
     Control { domain: String, action: Action, grace_seconds: u32 },
     Delete { domain: String, target: Target, method: wipe::Method, operator: String },
+    Resize { target: Target, size_bytes: u64 },
+    Snapshot { target: Target, name: String, version: String, notes: String },
 }
 
 impl Drop for Work {
@@ -84,6 +86,9 @@ pub(crate) struct Checks<'a> {
     pub devices: &'a [PathBuf],
     pub image_store_configured: bool,
     pub default_wipe_method: &'a str,
+    /// `images.snapshot_store` and `images.snapshot_signing_key` (empty: not configured).
+    pub snapshot_store: &'a Path,
+    pub snapshot_signing_key: &'a Path,
 }
 
 pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SubmitError {
@@ -143,7 +148,7 @@ pub(crate) fn prepare(
                 kind: JobKind::Provision,
                 target: Some(target.path().to_path_buf()),
                 domain: domain.as_ref().map(|d| d.name.clone()),
-                work: Work::Provision { spec: spec.clone(), target, domain },
+                work: Work::Provision { spec: Box::new(spec.clone()), target, domain },
             })
         }
         JobReq::Wipe(w) => {
@@ -194,9 +199,157 @@ pub(crate) fn prepare(
                 work: Work::Delete { domain: d.domain.clone(), target, method, operator: client.to_string() },
             })
         }
-        JobReq::Resize(_) => Err(SubmitError::Unsupported("resize")),
-        JobReq::Snapshot(_) => Err(SubmitError::Unsupported("snapshot")),
+        JobReq::Resize(r) => {
+            let target = resolve_target(r.target.as_ref(), "resize.target", false, checks)?;
+            let size_bytes = resize_size(r.size_mib, target.path())?;
+            check_not_in_use(checks, target.path(), "resize")?;
+            Ok(Prepared {
+                kind: JobKind::Resize,
+                target: Some(target.path().to_path_buf()),
+                domain: None,
+                work: Work::Resize { target, size_bytes },
+            })
+        }
+        JobReq::Snapshot(s) => {
+            for (field, text) in
+                [("snapshot.image_name", &s.image_name), ("snapshot.image_version", &s.image_version)]
+            {
+                if let Some(reason) = crate::image::snapshot::label_problem(text) {
+                    return Err(invalid(field, reason));
+                }
+            }
+            if checks.snapshot_store.as_os_str().is_empty() {
+                return Err(SubmitError::Precondition(
+                    "snapshot: this agent has no snapshot store configured (images.snapshot_store)".into(),
+                ));
+            }
+            if checks.snapshot_signing_key.as_os_str().is_empty() {
+                return Err(SubmitError::Precondition(
+                    "snapshot: this agent has no key to sign the snapshot store with (images.snapshot_signing_key)"
+                        .into(),
+                ));
+            }
+            let target = resolve_target(s.target.as_ref(), "snapshot.target", false, checks)?;
+            if snapshot_exists(checks.snapshot_store, &s.image_name, &s.image_version) {
+                return Err(invalid(
+                    "snapshot.image_version",
+                    format!(
+                        "{} {} already exists in the snapshot store {}",
+                        s.image_name,
+                        s.image_version,
+                        checks.snapshot_store.display()
+                    ),
+                ));
+            }
+            check_not_in_use(checks, target.path(), "snapshot")?;
+            Ok(Prepared {
+                kind: JobKind::Snapshot,
+                target: Some(target.path().to_path_buf()),
+                domain: None,
+                work: Work::Snapshot {
+                    target,
+                    name: s.image_name.clone(),
+                    version: s.image_version.clone(),
+                    notes: s.notes.clone(),
+                },
+            })
+        }
     }
+}
+
+/// The new size of a Resize in bytes: given, and larger than the disk is now. A block device cannot be grown
+/// here, so it must already hold the new size.
+fn resize_size(size_mib: u64, path: &Path) -> Result<u64, SubmitError> {
+    let field = "resize.size_mib";
+    if size_mib == 0 {
+        return Err(invalid(field, "required: the new disk size in MiB"));
+    }
+    let size_bytes = size_mib
+        .checked_mul(MIB)
+        .ok_or_else(|| invalid(field, format!("{size_mib} MiB is not a disk size")))?;
+    let (current, is_device) = disk_size(path).map_err(|e| {
+        SubmitError::NotFound(format!("resize.target: cannot read the size of {}: {e}", path.display()))
+    })?;
+    if is_device {
+        if size_bytes > current {
+            return Err(invalid(
+                field,
+                format!(
+                    "{size_mib} MiB is more than block device {} holds ({} MiB); grow the device first",
+                    path.display(),
+                    current / MIB
+                ),
+            ));
+        }
+    } else if size_bytes <= current {
+        return Err(invalid(
+            field,
+            format!(
+                "{size_mib} MiB is not larger than the disk's current {} MiB (disks only grow)",
+                current.div_ceil(MIB)
+            ),
+        ));
+    }
+    Ok(size_bytes)
+}
+
+/// Size in bytes of a regular file or block device, and whether it is a block device.
+fn disk_size(path: &Path) -> std::io::Result<(u64, bool)> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let mut file = std::fs::File::open(path)?;
+    let is_device = file.metadata()?.file_type().is_block_device();
+    Ok((file.seek(std::io::SeekFrom::End(0))?, is_device))
+}
+
+/// Whether the snapshot store's index already lists `name` `version` (a quick check at submission; the
+/// snapshot itself checks again against the verified index).
+fn snapshot_exists(store_dir: &Path, name: &str, version: &str) -> bool {
+    let store = store_dir.display().to_string();
+    std::fs::read(store_dir.join("index.json"))
+        .ok()
+        .and_then(|bytes| crate::image::Index::parse(&bytes, &store).ok())
+        .is_some_and(|index| index.find(name, version).is_ok())
+}
+
+fn check_not_in_use(checks: &Checks<'_>, disk: &Path, what: &str) -> Result<(), SubmitError> {
+    let Some(hv) = checks.hypervisor else { return Ok(()) };
+    match domain_using(hv, disk) {
+        Ok(None) => Ok(()),
+        Ok(Some((domain, state))) => Err(SubmitError::Precondition(format!(
+            "{what}: domain {domain} is {} on {}; stop it first",
+            state.as_str(),
+            disk.display()
+        ))),
+        Err(e) => Err(SubmitError::Unavailable(format!(
+            "{what}: cannot check which domains use {}: {e}",
+            disk.display()
+        ))),
+    }
+}
+
+/// A domain that is not shut off and has `disk` as its disk, with its state.
+pub(crate) fn domain_using(
+    hv: &dyn Hypervisor,
+    disk: &Path,
+) -> Result<Option<(String, DomainState)>, HypervisorError> {
+    let disk = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
+    for domain in hv.stats()? {
+        let state = match hv.state(&domain.name) {
+            Ok(Some(state)) if state != DomainState::Shutoff => state,
+            Ok(_) | Err(HypervisorError::NoDomain(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        let used = match hv.domain_disk(&domain.name) {
+            Ok(path) => std::fs::canonicalize(&path).unwrap_or(path),
+            Err(HypervisorError::NoDomain(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        if used == disk {
+            return Ok(Some((domain.name, state)));
+        }
+    }
+    Ok(None)
 }
 
 /// The spec checks the engine runs again at provision time, with field paths from the request's root.

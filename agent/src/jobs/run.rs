@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gridforge_proto::v1::{
-    ControlResult, Error as JobFailure, VmSpec, WipeResult, control_job::Action, error::Code, job::Outcome,
+    ControlResult, Error as JobFailure, ResizeResult, SnapshotResult, VmSpec, WipeResult,
+    control_job::Action, error::Code, job::Outcome,
 };
 
 use super::request::{DomainPlan, Target, Work, scrub_spec, volume_size};
 use super::{Inner, make_safe};
 use crate::hypervisor::{DomainDef, DomainState, Hypervisor, HypervisorError};
 use crate::image::Trust;
+use crate::image::snapshot::SnapshotRequest;
 use crate::progress::Progress;
+use crate::provision::resize::{DiskGrowth, ResizeError};
 use crate::provision::{self, ImageSource, ProvisionRequest};
 use crate::wipe::{self, CancelToken};
 
@@ -97,7 +100,83 @@ pub(crate) fn run(ctx: &JobContext<'_>, work: Work) -> Result<Outcome, Failure> 
         }
         Work::Control { domain, action, grace_seconds } => control(ctx, domain, *action, *grace_seconds),
         Work::Delete { domain, target, method, operator } => delete(ctx, domain, target, method, operator),
+        Work::Resize { target, size_bytes } => resize(ctx, target, *size_bytes).map(Outcome::Resize),
+        Work::Snapshot { target, name, version, notes } => {
+            snapshot(ctx, target.path(), name, version, notes).map(Outcome::Snapshot)
+        }
     }
+}
+
+/// Refuse to touch a disk that a domain not shut off uses (the domain may have started while the job was
+/// queued). Without a hypervisor there are no domains to ask about.
+fn check_disk_idle(ctx: &JobContext<'_>, disk: &Path) -> Result<(), Failure> {
+    let Some(hv) = ctx.inner.hypervisor.as_deref() else { return Ok(()) };
+    match super::request::domain_using(hv, disk) {
+        Ok(None) => Ok(()),
+        Ok(Some((domain, state))) => Err(Failure::at(
+            "check",
+            Code::Target,
+            format!("domain {domain} is {} on {}; stop it first", state.as_str(), disk.display()),
+        )),
+        Err(e) => Err(Failure::hypervisor("check", e)),
+    }
+}
+
+/// Grow a disk, its last partition and that partition's file system. Everything is checked before anything
+/// changes; a pool volume is grown by the hypervisor between the checks and the rest.
+fn resize(ctx: &JobContext<'_>, target: &Target, size_bytes: u64) -> Result<ResizeResult, Failure> {
+    let path = target.path();
+    check_disk_idle(ctx, path)?;
+    let fail = |step: &str, e: ResizeError| Failure::at(step, e.code(), chain(&e));
+    let growth = DiskGrowth::check(path, size_bytes, &ctx.progress).map_err(|e| fail("check", e))?;
+    ctx.checkpoint("resize")?;
+    if let Some(name) = target.volume_name() {
+        let hv = ctx.hypervisor()?;
+        ctx.progress
+            .note("resize", format!("growing volume {name} to {} MiB", size_bytes / crate::block::MIB));
+        hv.resize_volume(name, size_bytes).map_err(|e| Failure::hypervisor("resize", e))?;
+    }
+    let outcome = growth.apply(&ctx.progress).map_err(|e| fail("resize", e))?;
+    Ok(outcome.to_proto())
+}
+
+/// Capture a disk as a new signed raw-disk image in the snapshot store.
+fn snapshot(
+    ctx: &JobContext<'_>,
+    disk: &Path,
+    name: &str,
+    version: &str,
+    notes: &str,
+) -> Result<SnapshotResult, Failure> {
+    let images = &ctx.inner.config.images;
+    let image_err = |step: &str, e: crate::image::ImageError| {
+        let e = crate::Error::from(e);
+        Failure::at(step, e.code(), chain(&e))
+    };
+    // The key first: a snapshot that cannot be published should not read the whole disk.
+    let signing_key = crate::image::sign::load_signing_key(&images.snapshot_signing_key)
+        .map_err(|e| image_err("check", e))?;
+    check_disk_idle(ctx, disk)?;
+    ctx.checkpoint("read")?;
+    let req = SnapshotRequest {
+        disk: disk.to_path_buf(),
+        store_dir: images.snapshot_store.clone(),
+        name: name.to_string(),
+        version: version.to_string(),
+        notes: notes.to_string(),
+        signing_key,
+        level: crate::image::snapshot::DEFAULT_LEVEL,
+        cancel: Some(ctx.cancel.clone()),
+    };
+    crate::image::snapshot::capture(&req, &ctx.progress).map_err(|e| {
+        let step =
+            if matches!(e, crate::image::ImageError::RawDisk { .. } | crate::image::ImageError::Disk(_)) {
+                "read"
+            } else {
+                "publish"
+            };
+        image_err(step, e)
+    })
 }
 
 fn provision(

@@ -1,5 +1,8 @@
 //! What ops ask a node: diagnostics (checks with OK/WARN/FAIL and a one-line reason) and usage stats.
 
+pub mod diagnostics;
+pub mod stats;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -7,6 +10,8 @@ use gridforge_proto::v1::{DiagnosticsReport, Job, NodeStatsReport};
 
 use crate::config::Config;
 use crate::hypervisor::Hypervisor;
+
+pub use diagnostics::JobList;
 
 /// What diagnostics and stats look at: the configuration and the hypervisor, if one is configured.
 pub struct NodeContext {
@@ -22,24 +27,12 @@ impl std::fmt::Debug for NodeContext {
 
 /// The diagnostics report; `jobs` is the journal's current list (running and failed jobs are checked).
 pub fn diagnostics(ctx: &NodeContext, jobs: &[Job]) -> DiagnosticsReport {
-    let _ = jobs;
-    DiagnosticsReport {
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        node: ctx.config.node_name.clone(),
-        time: Some(timestamp(SystemTime::now())),
-        hypervisor_kind: String::new(),
-        checks: Vec::new(),
-    }
+    diagnostics::report(ctx, JobList::Known(jobs))
 }
 
 /// Node and VM usage sampled over `sample`.
 pub fn node_stats(ctx: &NodeContext, sample: Duration) -> NodeStatsReport {
-    let _ = ctx;
-    NodeStatsReport {
-        time: Some(timestamp(SystemTime::now())),
-        sample_ms: sample.as_millis() as u32,
-        ..Default::default()
-    }
+    stats::sample(ctx, sample)
 }
 
 /// A protobuf timestamp.

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use crate::block::BlockError;
 
-pub use rawdisk::{RawDiskInfo, RawWriteStats, pack_raw_disk, write_raw_disk};
+pub use rawdisk::{RawDiskInfo, RawWriteStats, pack_raw_disk, pack_raw_disk_with, write_raw_disk};
 pub use stream::{Compression, HashingReader, LimitedReader, decoder, sniff};
 pub use unpack::{UnpackOptions, UnpackStats, unpack_rootfs};
 
@@ -33,6 +33,8 @@ pub enum PipelineError {
     CorruptImage { reason: String },
     #[error("unsafe path {path} in archive: {reason}")]
     UnsafePath { path: PathBuf, reason: String },
+    #[error("cancelled")]
+    Cancelled,
     #[error("{context}")]
     Io {
         context: String,

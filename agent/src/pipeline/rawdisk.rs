@@ -28,6 +28,7 @@ use super::PipelineError;
 use super::stream::{self, HashingReader, LimitedReader};
 use crate::block::{AlignedBuf, BlockTarget, MIB, TargetKind};
 use crate::progress::Progress;
+use crate::wipe::CancelToken;
 
 /// Disk bytes per independent frame.
 pub const CHUNK_SIZE: u64 = 4 * MIB;
@@ -52,6 +53,8 @@ const WORKERS: usize = 3;
 const QUEUE_DEPTH: usize = 6;
 const PROGRESS_EVERY: u64 = 64 * MIB;
 const STEP: &str = "write";
+/// Step the packer reports reading the disk in.
+const PACK_STEP: &str = "read";
 
 /// What [`pack_raw_disk`] produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,6 +155,18 @@ fn is_zero(block: &[u8]) -> bool {
 /// Pack the disk (regular file or block device) at `src` into a raw-disk image on `out` (see the module
 /// docs), compressing chunks on worker threads at zstd `level`.
 pub fn pack_raw_disk(src: &Path, out: &mut impl Write, level: i32) -> Result<RawDiskInfo, PipelineError> {
+    pack_raw_disk_with(src, out, level, &Progress::none(), None)
+}
+
+/// [`pack_raw_disk`], reporting the bytes read in step `read` and stopping with [`PipelineError::Cancelled`]
+/// between batches of chunks once `cancel` is set (nothing is written to `out` before the whole disk is read).
+pub fn pack_raw_disk_with(
+    src: &Path,
+    out: &mut impl Write,
+    level: i32,
+    progress: &Progress,
+    cancel: Option<&CancelToken>,
+) -> Result<RawDiskInfo, PipelineError> {
     let src_err = |context: &str| {
         let context = format!("{context} {}", src.display());
         move |source| PipelineError::Io { context, source }
@@ -170,7 +185,11 @@ pub fn pack_raw_disk(src: &Path, out: &mut impl Write, level: i32) -> Result<Raw
     let zero_frame: OnceLock<Vec<u8>> = OnceLock::new();
     const BATCH: u64 = 16;
     let mut batch_start = 0;
+    progress.report(PACK_STEP, 0, disk_size, "reading the disk");
     while batch_start < count {
+        if cancel.is_some_and(CancelToken::is_cancelled) {
+            return Err(PipelineError::Cancelled);
+        }
         let batch_end = (batch_start + BATCH).min(count);
         let next = AtomicU64::new(batch_start);
         let mut done: Vec<(u64, Vec<u8>, bool)> = std::thread::scope(|s| {
@@ -234,6 +253,7 @@ pub fn pack_raw_disk(src: &Path, out: &mut impl Write, level: i32) -> Result<Raw
             chunks.push(ChunkEntry { frame_len: frame.len() as u32, zero });
         }
         batch_start = batch_end;
+        progress.report(PACK_STEP, (batch_end * CHUNK_SIZE).min(disk_size), disk_size, "");
     }
     let mut spool = spool.into_inner().map_err(|e| spool_err("writing pack spool file")(e.into_error()))?;
     spool.seek(SeekFrom::Start(0)).map_err(spool_err("rewinding pack spool file"))?;

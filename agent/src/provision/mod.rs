@@ -3,6 +3,7 @@
 //! half-written disk can never boot, and the error names the step and the cause.
 
 mod encrypted;
+pub mod resize;
 pub mod spec;
 
 use std::fs::File;

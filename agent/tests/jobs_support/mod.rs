@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use gridforge_agent::config::Config;
+use gridforge_agent::config::{Config, JobsConfig, LibvirtConfig, TlsConfig};
 use gridforge_agent::jobs::JobEngine;
 use gridforge_agent::node::NodeContext;
 use gridforge_agent::server::{AgentService, agent_server};
@@ -57,24 +57,34 @@ impl Node {
 
 /// A config whose every path lies under `dir`, without a hypervisor or TLS.
 pub fn config_in(dir: &Path) -> Config {
-    let mut config = Config::default();
-    config.state_dir = dir.join("state");
-    config.cache_dir = dir.join("cache");
-    config.work_dir = dir.join("work");
-    config.libvirt.uri = String::new();
-    config.tls.insecure = true;
-    config.metrics_listen = None;
-    config.jobs.devices = vec![dir.join("disks")];
-    config.jobs.report_signing_key = dir.join("state/report-signing.key");
-    config
+    let defaults = Config::default();
+    Config {
+        state_dir: dir.join("state"),
+        cache_dir: dir.join("cache"),
+        work_dir: dir.join("work"),
+        metrics_listen: None,
+        libvirt: LibvirtConfig { uri: String::new(), ..defaults.libvirt },
+        tls: TlsConfig { insecure: true, ..defaults.tls },
+        jobs: JobsConfig {
+            devices: vec![dir.join("disks")],
+            report_signing_key: dir.join("state/report-signing.key"),
+            ..defaults.jobs
+        },
+        ..defaults
+    }
 }
 
 /// Serve `engine` on 127.0.0.1 (plaintext) and return a connected client.
 pub async fn serve(engine: JobEngine, config: &Config) -> (AgentClient<Channel>, SocketAddr) {
+    serve_node(engine, NodeContext { config: config.clone(), hypervisor: None }).await
+}
+
+/// Serve `engine` on 127.0.0.1 (plaintext) with `node` (e.g. with a hypervisor) for diagnostics and stats.
+pub async fn serve_node(engine: JobEngine, node: NodeContext) -> (AgentClient<Channel>, SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let node = Arc::new(NodeContext { config: config.clone(), hypervisor: None });
-    let svc = agent_server(AgentService::new(engine, node), config);
+    let config = node.config.clone();
+    let svc = agent_server(AgentService::new(engine, Arc::new(node)), &config);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(svc)

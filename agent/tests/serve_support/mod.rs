@@ -14,7 +14,10 @@ use gridforge_proto::v1::{
     DiskTarget, GetJobRequest, Job, JobEvent, JobState, SubmitJobRequest, WatchJobRequest, WipeJob,
     disk_target, submit_job_request,
 };
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::HealthCheckRequest;
+pub use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 pub const MIB: u64 = 1 << 20;
 pub const BIN: &str = env!("CARGO_BIN_EXE_gridforge-agent");
@@ -86,8 +89,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// `extra` is appended to the `[jobs]` table.
+    /// A disk-only node (no libvirt); `jobs_extra` is appended to the `[jobs]` table.
     pub fn new(jobs_extra: &str) -> Node {
+        Node::with_libvirt("", jobs_extra)
+    }
+
+    /// A node whose `libvirt.uri` is `uri`.
+    pub fn with_libvirt(uri: &str, jobs_extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(&dir.path().join("pki"));
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -109,7 +117,7 @@ cert = "{cert}"
 key = "{key}"
 
 [libvirt]
-uri = ""
+uri = "{uri}"
 
 [jobs]
 devices = ["{root}/disks"]
@@ -178,6 +186,24 @@ report_signing_key = "{root}/state/report-signing.key"
         let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
         (head.lines().next().unwrap().to_string(), body.to_string())
     }
+}
+
+/// The `grpc.health.v1` status of `service` ("" for the whole server), over mTLS as `ops`.
+pub async fn health(node: &Node, service: &str) -> ServingStatus {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(node.pki.ca()).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(node.pki.cert("ops")).unwrap(),
+            std::fs::read(node.pki.key("ops")).unwrap(),
+        ));
+    let channel =
+        Endpoint::from_shared(node.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let resp = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: service.to_string() })
+        .await
+        .unwrap_or_else(|e| panic!("health check of {service:?}: {e:?}"))
+        .into_inner();
+    resp.status()
 }
 
 /// A running `gridforge-agent serve`; killed when dropped.

@@ -1,0 +1,472 @@
+//! The checks ops run on a node: each says OK, WARN or FAIL with a one-line reason. The daemon answers the
+//! `Diagnostics` RPC with them and `gridforge-agent diagnose` prints them.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use gridforge_proto::v1::{Check, DiagnosticsReport, Job, JobState, check::Status, job::Outcome};
+
+use super::stats::{self, Space};
+use super::{NodeContext, timestamp};
+use crate::hypervisor::{DomainType, HypervisorError, PoolInfo};
+
+/// A file system (pool, cache, state) with less free space than this fraction gets a warning...
+const LOW_FREE_FRACTION: f64 = 0.10;
+/// ...and so does one with less than this many bytes free.
+const LOW_FREE_BYTES: u64 = 1 << 30;
+/// Memory available below this fraction of the total gets a warning.
+const LOW_MEMORY_FRACTION: f64 = 0.10;
+/// A certificate expiring within this many days gets a warning.
+const CERT_WARN_DAYS: i64 = 30;
+/// Failed jobs this recent get a warning.
+const FAILED_JOBS_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// The 5-minute load average above this many times the core count gets a warning.
+const OVERLOAD_FACTOR: f64 = 2.0;
+
+/// Where the jobs check gets the job list from.
+#[derive(Debug)]
+pub enum JobList<'a> {
+    /// The list the running engine (or the journal) holds.
+    Known(&'a [Job]),
+    /// The list could not be read; the reason says why and what to do.
+    Unknown(String),
+}
+
+/// Every check, in a fixed order, and the hypervisor kind.
+pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
+    let libvirt = LibvirtFacts::gather(ctx);
+    let checks = vec![
+        check(
+            "agent",
+            Status::Ok,
+            format!("gridforge-agent {} on {}", env!("CARGO_PKG_VERSION"), ctx.config.node_name),
+        ),
+        libvirt.connection_check(),
+        libvirt.hypervisor_check(),
+        libvirt.kvm_check(ctx),
+        cpu_check(),
+        memory_check(),
+        block_devices_check(&ctx.config.jobs.devices),
+        libvirt.pool_check(),
+        image_cache_check(&ctx.config.cache_dir),
+        tls_check(&ctx.config.tls),
+        clock_check(),
+        state_dir_check(&ctx.config.state_dir),
+        jobs_check(jobs, SystemTime::now()),
+    ];
+    DiagnosticsReport {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        node: ctx.config.node_name.clone(),
+        time: Some(timestamp(SystemTime::now())),
+        hypervisor_kind: libvirt.kind().map(|k| k.as_str().to_string()).unwrap_or_default(),
+        checks,
+    }
+}
+
+fn check(name: &str, status: Status, reason: impl Into<String>) -> Check {
+    Check { name: name.to_string(), status: status as i32, reason: reason.into() }
+}
+
+/// Bytes for people: "1.5 GiB".
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// Whether `free` of `total` is low enough to warn about.
+fn space_is_low(s: Space) -> bool {
+    (s.free as f64) < s.total as f64 * LOW_FREE_FRACTION || s.free < LOW_FREE_BYTES
+}
+
+fn space_text(s: Space) -> String {
+    format!("{} free of {}", human(s.free), human(s.total))
+}
+
+/// What libvirt answered, asked once for all the checks that need it.
+enum LibvirtFacts {
+    /// No URI configured: a disk-only node.
+    Disabled,
+    /// A URI is configured but the agent was started without a hypervisor.
+    NotOpened { uri: String },
+    /// The connection failed; nothing else was asked.
+    Unreachable { uri: String, error: HypervisorError },
+    Connected {
+        uri: String,
+        version: String,
+        kind: Result<DomainType, HypervisorError>,
+        pool: Result<PoolInfo, HypervisorError>,
+    },
+}
+
+impl LibvirtFacts {
+    fn gather(ctx: &NodeContext) -> LibvirtFacts {
+        let Some(hv) = &ctx.hypervisor else {
+            let uri = ctx.config.libvirt.uri.clone();
+            return if uri.is_empty() { LibvirtFacts::Disabled } else { LibvirtFacts::NotOpened { uri } };
+        };
+        match hv.version() {
+            Ok(version) => {
+                LibvirtFacts::Connected { uri: hv.uri(), version, kind: hv.ping(), pool: hv.pool() }
+            }
+            Err(error) => LibvirtFacts::Unreachable { uri: hv.uri(), error },
+        }
+    }
+
+    fn kind(&self) -> Option<DomainType> {
+        match self {
+            LibvirtFacts::Connected { kind: Ok(kind), .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    fn connection_check(&self) -> Check {
+        match self {
+            LibvirtFacts::Disabled => check("libvirt", Status::Ok, "disabled (disk-only node)"),
+            LibvirtFacts::NotOpened { uri } => check(
+                "libvirt",
+                Status::Fail,
+                format!("{uri} is configured but the agent runs without a hypervisor"),
+            ),
+            LibvirtFacts::Connected { uri, version, .. } => {
+                check("libvirt", Status::Ok, format!("connected to {uri} ({version})"))
+            }
+            LibvirtFacts::Unreachable { uri, error: HypervisorError::Unavailable { reason, .. } } => {
+                check("libvirt", Status::Fail, format!("cannot reach {uri}: {reason}"))
+            }
+            LibvirtFacts::Unreachable { uri, error } => {
+                check("libvirt", Status::Fail, format!("{uri}: {error}"))
+            }
+        }
+    }
+
+    fn hypervisor_check(&self) -> Check {
+        match self {
+            LibvirtFacts::Disabled => check("hypervisor", Status::Ok, "none (disk-only node)"),
+            LibvirtFacts::NotOpened { .. } | LibvirtFacts::Unreachable { .. } => {
+                check("hypervisor", Status::Warn, "unknown while libvirt is unreachable")
+            }
+            LibvirtFacts::Connected { kind: Ok(DomainType::Kvm), .. } => {
+                check("hypervisor", Status::Ok, "kvm: guests run on hardware virtualization")
+            }
+            LibvirtFacts::Connected { kind: Ok(DomainType::Qemu), .. } => {
+                check("hypervisor", Status::Ok, "qemu: guests run under TCG emulation")
+            }
+            LibvirtFacts::Connected { kind: Err(e), .. } => check("hypervisor", Status::Fail, e.to_string()),
+        }
+    }
+
+    fn kvm_check(&self, ctx: &NodeContext) -> Check {
+        const TCG: &str = "guests run under TCG emulation (slow)";
+        let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+        match (self, self.kind(), dev) {
+            (LibvirtFacts::Disabled, _, Ok(_)) => {
+                check("kvm", Status::Ok, "/dev/kvm opens (not used: disk-only node)")
+            }
+            (LibvirtFacts::Disabled, _, Err(e)) => {
+                check("kvm", Status::Ok, format!("not needed (disk-only node); /dev/kvm: {e}"))
+            }
+            (_, _, Err(e)) => check("kvm", Status::Warn, format!("cannot open /dev/kvm ({e}): {TCG}")),
+            (_, Some(DomainType::Kvm), Ok(_)) => {
+                check("kvm", Status::Ok, "/dev/kvm opens and KVM guests run")
+            }
+            (_, Some(DomainType::Qemu), Ok(_)) if ctx.config.libvirt.domain_type == "qemu" => check(
+                "kvm",
+                Status::Warn,
+                format!("/dev/kvm opens but libvirt.domain_type = \"qemu\": {TCG}"),
+            ),
+            (_, Some(DomainType::Qemu), Ok(_)) => {
+                let why = crate::hypervisor::kvm_probe_failure().unwrap_or("a KVM guest does not run here");
+                check("kvm", Status::Warn, format!("/dev/kvm opens but {why}: {TCG}"))
+            }
+            (_, None, Ok(_)) => check("kvm", Status::Ok, "/dev/kvm opens"),
+        }
+    }
+
+    fn pool_check(&self) -> Check {
+        let pool = match self {
+            LibvirtFacts::Disabled => return check("pool", Status::Ok, "none (disk-only node)"),
+            LibvirtFacts::NotOpened { .. } | LibvirtFacts::Unreachable { .. } => {
+                return check("pool", Status::Warn, "not checked: libvirt is unreachable");
+            }
+            LibvirtFacts::Connected { pool: Err(e), .. } => {
+                return check("pool", Status::Fail, e.to_string());
+            }
+            LibvirtFacts::Connected { pool: Ok(pool), .. } => pool,
+        };
+        let s = Space { total: pool.capacity_bytes, free: pool.available_bytes };
+        let text = format!("{} at {}: {}", pool.name, pool.path.display(), space_text(s));
+        if space_is_low(s) {
+            check("pool", Status::Warn, format!("{text} (low)"))
+        } else {
+            check("pool", Status::Ok, text)
+        }
+    }
+}
+
+fn cpu_check() -> Check {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim()))
+        .unwrap_or("unknown model");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let loads: Vec<f64> = load.split_whitespace().take(3).filter_map(|v| v.parse().ok()).collect();
+    if cores == 0 || loads.len() < 3 {
+        return check("cpu", Status::Warn, "cannot read /proc/cpuinfo or /proc/loadavg");
+    }
+    let text = format!("{cores} cores, {model}, load {:.2} {:.2} {:.2}", loads[0], loads[1], loads[2]);
+    if loads[1] > cores as f64 * OVERLOAD_FACTOR {
+        check("cpu", Status::Warn, format!("{text} (overloaded)"))
+    } else {
+        check("cpu", Status::Ok, text)
+    }
+}
+
+fn memory_check() -> Check {
+    let m = match stats::read_meminfo() {
+        Ok(m) if m.total > 0 => m,
+        Ok(_) => return check("memory", Status::Warn, "/proc/meminfo has no MemTotal"),
+        Err(e) => return check("memory", Status::Warn, format!("cannot read /proc/meminfo: {e}")),
+    };
+    let fraction = m.available as f64 / m.total as f64;
+    let text = format!("{} available of {} ({:.0}%)", human(m.available), human(m.total), fraction * 100.0);
+    if fraction < LOW_MEMORY_FRACTION {
+        check("memory", Status::Warn, format!("{text} (low)"))
+    } else {
+        check("memory", Status::Ok, text)
+    }
+}
+
+/// Each configured device must be a block device, a file, or a directory of files.
+fn block_devices_check(devices: &[std::path::PathBuf]) -> Check {
+    use std::os::unix::fs::FileTypeExt;
+    if devices.is_empty() {
+        return check("block-devices", Status::Ok, "none configured (jobs use pool volumes only)");
+    }
+    let mut parts = Vec::new();
+    let mut failed = false;
+    for path in devices {
+        let shown = path.display();
+        let part = match std::fs::metadata(path) {
+            Err(e) => {
+                failed = true;
+                format!("{shown}: {e}")
+            }
+            Ok(m) if m.file_type().is_block_device() => match block_device_size(&m) {
+                Ok(size) => format!("{shown} {}", human(size)),
+                Err(e) => {
+                    failed = true;
+                    format!("{shown}: {e}")
+                }
+            },
+            Ok(m) if m.is_file() => format!("{shown} file {}", human(m.len())),
+            Ok(m) if m.is_dir() => {
+                let files = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
+                format!("{shown} directory ({files} entries)")
+            }
+            Ok(_) => {
+                failed = true;
+                format!("{shown}: not a block device, file or directory")
+            }
+        };
+        parts.push(part);
+    }
+    check("block-devices", if failed { Status::Fail } else { Status::Ok }, parts.join("; "))
+}
+
+/// A block device's size from sysfs, which needs no access to the device itself.
+fn block_device_size(meta: &std::fs::Metadata) -> Result<u64, String> {
+    use std::os::unix::fs::MetadataExt;
+    let (major, minor) = (nix::sys::stat::major(meta.rdev()), nix::sys::stat::minor(meta.rdev()));
+    let path = format!("/sys/dev/block/{major}:{minor}/size");
+    let sectors = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    // sysfs counts 512-byte units whatever the logical sector size.
+    sectors.trim().parse::<u64>().map(|s| s * 512).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Bytes of the regular files under `dir` (not following symlinks).
+fn dir_size(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let (mut bytes, mut files) = (0, 0);
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            let (b, f) = dir_size(&entry.path())?;
+            bytes += b;
+            files += f;
+        } else if ty.is_file() {
+            bytes += entry.metadata()?.len();
+            files += 1;
+        }
+    }
+    Ok((bytes, files))
+}
+
+fn image_cache_check(cache: &Path) -> Check {
+    if !cache.exists() {
+        return check("image-cache", Status::Ok, format!("{} is empty (not created yet)", cache.display()));
+    }
+    let (bytes, files) = match dir_size(cache) {
+        Ok(v) => v,
+        Err(e) => return check("image-cache", Status::Fail, format!("cannot read {}: {e}", cache.display())),
+    };
+    let used = format!("{} holds {} in {files} files", cache.display(), human(bytes));
+    match stats::space(cache) {
+        Ok(s) if space_is_low(s) => {
+            check("image-cache", Status::Warn, format!("{used}; {} (low)", space_text(s)))
+        }
+        Ok(s) => check("image-cache", Status::Ok, format!("{used}; {}", space_text(s))),
+        Err(e) => check("image-cache", Status::Warn, format!("{used}; free space unknown: {e}")),
+    }
+}
+
+fn tls_check(tls: &crate::config::TlsConfig) -> Check {
+    if tls.insecure {
+        return check("tls", Status::Warn, "plaintext gRPC (insecure = true)");
+    }
+    for (what, path) in [("key", &tls.key), ("CA", &tls.ca)] {
+        if let Err(e) = std::fs::File::open(path) {
+            return check("tls", Status::Fail, format!("cannot read the {what} {}: {e}", path.display()));
+        }
+    }
+    let pem = match std::fs::read(&tls.cert) {
+        Ok(p) => p,
+        Err(e) => return check("tls", Status::Fail, format!("cannot read {}: {e}", tls.cert.display())),
+    };
+    let (subject, not_after) = match x509_parser::pem::parse_x509_pem(&pem) {
+        Ok((_, pem)) => match pem.parse_x509() {
+            Ok(cert) => (cert.subject().to_string(), cert.validity().not_after),
+            Err(e) => {
+                return check("tls", Status::Fail, format!("{}: not a certificate: {e}", tls.cert.display()));
+            }
+        },
+        Err(e) => return check("tls", Status::Fail, format!("{}: not PEM: {e}", tls.cert.display())),
+    };
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let seconds_left = not_after.timestamp() - now;
+    let days = seconds_left.abs() / 86_400;
+    let expiry = not_after.to_rfc2822().unwrap_or_else(|_| not_after.to_string());
+    if seconds_left <= 0 {
+        check("tls", Status::Fail, format!("certificate {subject} expired {days} days ago ({expiry})"))
+    } else if days < CERT_WARN_DAYS {
+        check("tls", Status::Warn, format!("certificate {subject} expires in {days} days ({expiry})"))
+    } else {
+        check("tls", Status::Ok, format!("certificate {subject} valid for {days} more days ({expiry})"))
+    }
+}
+
+/// What the kernel's NTP state says about the system clock.
+fn clock_check() -> Check {
+    // SAFETY: `timex` is a plain C struct of integers, for which all-zero bytes are a valid value.
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    // SAFETY: with `modes` 0 adjtimex only reads the kernel's clock state into `tx`, a live, exclusively
+    // borrowed struct of the type it expects.
+    let state = unsafe { libc::adjtimex(&mut tx) };
+    if state == -1 {
+        return check(
+            "clock",
+            Status::Warn,
+            format!("cannot read the clock state: {}", std::io::Error::last_os_error()),
+        );
+    }
+    if state == libc::TIME_ERROR || tx.status & libc::STA_UNSYNC != 0 {
+        check("clock", Status::Warn, "not synchronized (no NTP service has set the clock)")
+    } else {
+        check(
+            "clock",
+            Status::Ok,
+            format!("synchronized (estimated error {} µs, max {} µs)", tx.esterror, tx.maxerror),
+        )
+    }
+}
+
+fn state_dir_check(dir: &Path) -> Check {
+    if !dir.exists() {
+        return check(
+            "state-dir",
+            Status::Warn,
+            format!("{} does not exist yet (the agent creates it when it starts)", dir.display()),
+        );
+    }
+    if let Err(e) = tempfile::Builder::new().prefix(".diagnose-").tempfile_in(dir) {
+        return check("state-dir", Status::Fail, format!("{} is not writable: {e}", dir.display()));
+    }
+    match stats::space(dir) {
+        Ok(s) if space_is_low(s) => {
+            check("state-dir", Status::Warn, format!("{} writable, {} (low)", dir.display(), space_text(s)))
+        }
+        Ok(s) => check("state-dir", Status::Ok, format!("{} writable, {}", dir.display(), space_text(s))),
+        Err(e) => {
+            check("state-dir", Status::Warn, format!("{} writable; free space unknown: {e}", dir.display()))
+        }
+    }
+}
+
+fn seconds(t: &Option<pbjson_types::Timestamp>) -> Option<i64> {
+    t.as_ref().map(|t| t.seconds)
+}
+
+fn jobs_check(jobs: JobList<'_>, now: SystemTime) -> Check {
+    let jobs = match jobs {
+        JobList::Known(jobs) => jobs,
+        JobList::Unknown(reason) => return check("jobs", Status::Warn, reason),
+    };
+    let count = |state: JobState| jobs.iter().filter(|j| j.state() == state).count();
+    let (running, queued) = (count(JobState::Running), count(JobState::Queued));
+    let since = now.checked_sub(FAILED_JOBS_WINDOW).unwrap_or(SystemTime::UNIX_EPOCH);
+    let since = since.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let failed: Vec<&Job> = jobs
+        .iter()
+        .filter(|j| matches!(j.state(), JobState::Failed | JobState::Interrupted))
+        .filter(|j| seconds(&j.finished).or(seconds(&j.created)).is_some_and(|t| t >= since))
+        .collect();
+    let text = format!("{running} running, {queued} queued");
+    let Some(last) = failed.iter().max_by_key(|j| seconds(&j.finished)).copied() else {
+        return check("jobs", Status::Ok, format!("{text}, none failed in the last 24 h"));
+    };
+    let interrupted = failed.iter().filter(|j| j.state() == JobState::Interrupted).count();
+    let message = match &last.outcome {
+        Some(Outcome::Error(e)) if !e.step.is_empty() => format!("{}: {}", e.step, e.message),
+        Some(Outcome::Error(e)) => e.message.clone(),
+        _ => "no error recorded".to_string(),
+    };
+    let kind = last.kind().as_str_name().to_lowercase();
+    let on = if last.target.is_empty() { &last.domain } else { &last.target };
+    check(
+        "jobs",
+        Status::Warn,
+        format!(
+            "{text}, {} failed and {interrupted} interrupted in the last 24 h; last: {kind} job {} on {on} {}: \
+             {message}",
+            failed.len() - interrupted,
+            last.id,
+            last.state().as_str_name().to_lowercase(),
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn low_space_is_a_fraction_or_an_absolute_floor() {
+        assert!(!space_is_low(Space { total: 100 << 30, free: 20 << 30 }));
+        assert!(space_is_low(Space { total: 100 << 30, free: 5 << 30 }));
+        assert!(space_is_low(Space { total: 2 << 30, free: 512 << 20 }));
+    }
+}
