@@ -120,6 +120,13 @@ fn build_image() -> UvmImage {
         return image;
     }
     std::fs::create_dir_all(&cache).unwrap();
+    // Disks made from an older binary or recipe are of no further use (4 GiB sparse each).
+    for entry in std::fs::read_dir(&cache).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.len() == 16 && name.chars().all(|c| c.is_ascii_hexdigit()) && name != key {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     // Built in a scratch directory and renamed into place, so an interrupted build is never used.
     let work = tempfile::tempdir_in(&cache).unwrap();
     let w = work.path();
