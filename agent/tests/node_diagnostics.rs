@@ -430,12 +430,8 @@ async fn diagnose_reads_the_journal_of_a_running_daemon_and_agrees_with_its_rpc(
     let _daemon = node.start();
     let mut client = node.client().await;
     let disk = node.sparse_disk("plain.img", 4 * MIB);
-    let job = client
-        .submit_job(serve_support::wipe_request("doomed", &disk, "crypto-erase"))
-        .await
-        .unwrap()
-        .into_inner();
-    let events = serve_support::watch_to_end(&mut client, &job.id).await;
+    let job = client.submit_job(wipe_request("doomed", &disk, "crypto-erase")).await.unwrap().into_inner();
+    let events = watch_to_end(&mut client, &job.id).await;
     assert_eq!(events.last().unwrap().state(), JobState::Failed, "{events:?}");
 
     let rpc = diagnostics(&mut client).await;

@@ -1,12 +1,14 @@
 //! The daemon's lifecycle as systemd sees it: READY=1 once listening, WATCHDOG=1 pings, STOPPING=1 and a
 //! graceful stop on SIGTERM that interrupts a long job safely; the journal survives into the next start.
 
+mod jobs_support;
 mod serve_support;
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use gridforge_proto::v1::{JobState, ListJobsRequest, job::Outcome};
+use jobs_support::{get, head, wait_for_progress, watch_to_end, wipe_request};
 use nix::sys::signal::Signal;
 use serve_support::*;
 

@@ -2,12 +2,14 @@
 //! end, health, reflection, metrics; clients without a trusted certificate refused; bad requests answered
 //! with clear statuses while the daemon keeps serving.
 
+mod jobs_support;
 mod serve_support;
 
 use gridforge_proto::v1::{
     CancelJobRequest, ControlJob, DeleteJob, GetJobRequest, JobState, ProvisionJob, SubmitJobRequest,
     WatchJobRequest, control_job, job::Outcome, submit_job_request,
 };
+use jobs_support::{get, head, wait_for_progress, watch_to_end, wipe_request};
 use serve_support::*;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};

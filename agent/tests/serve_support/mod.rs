@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use gridforge_agent::client::{ClientTls, connect};
 use gridforge_proto::v1::agent_client::AgentClient;
-use gridforge_proto::v1::{
-    DiskTarget, GetJobRequest, Job, JobEvent, JobState, SubmitJobRequest, WatchJobRequest, WipeJob,
-    disk_target, submit_job_request,
-};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::HealthCheckRequest;
 pub use tonic_health::pb::health_check_response::ServingStatus;
@@ -262,66 +258,4 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
-}
-
-pub fn device(path: &Path) -> Option<DiskTarget> {
-    Some(DiskTarget { target: Some(disk_target::Target::Device(path.display().to_string())) })
-}
-
-pub fn wipe_request(key: &str, path: &Path, method: &str) -> SubmitJobRequest {
-    SubmitJobRequest {
-        idempotency_key: key.to_string(),
-        job: Some(submit_job_request::Job::Wipe(WipeJob {
-            target: device(path),
-            method: method.to_string(),
-            verify: String::new(),
-            operator: String::new(),
-        })),
-    }
-}
-
-/// Every event of a job until its final one.
-pub async fn watch_to_end(client: &mut AgentClient<Channel>, id: &str) -> Vec<JobEvent> {
-    let mut stream = client
-        .watch_job(WatchJobRequest { job_id: id.to_string(), from_seq: 0 })
-        .await
-        .expect("WatchJob")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(ev) = stream.message().await.expect("WatchJob stream") {
-        events.push(ev);
-    }
-    assert_ne!(
-        events.last().map(|e| e.state),
-        Some(JobState::Unspecified as i32),
-        "no final event: {events:?}"
-    );
-    events
-}
-
-/// Watch until the job has written something.
-pub async fn wait_for_progress(client: &mut AgentClient<Channel>, id: &str) {
-    let mut stream = client
-        .watch_job(WatchJobRequest { job_id: id.to_string(), from_seq: 0 })
-        .await
-        .expect("WatchJob")
-        .into_inner();
-    while let Some(ev) = stream.message().await.expect("WatchJob stream") {
-        assert_eq!(ev.state, JobState::Unspecified as i32, "job ended before making progress: {ev:?}");
-        if ev.bytes_done > 0 {
-            return;
-        }
-    }
-    panic!("the event stream ended before any progress");
-}
-
-pub async fn get(client: &mut AgentClient<Channel>, id: &str) -> Job {
-    client.get_job(GetJobRequest { job_id: id.to_string() }).await.expect("GetJob").into_inner()
-}
-
-/// The first `len` bytes of a file.
-pub fn head(path: &Path, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    std::fs::File::open(path).unwrap().read_exact(&mut buf).unwrap();
-    buf
 }
