@@ -474,6 +474,13 @@ impl Hypervisor for Libvirt {
             })
     }
 
+    fn domains(&self) -> Result<Vec<String>, HypervisorError> {
+        let conn = self.conn()?;
+        let domains = conn.list_all_domains(0).map_err(|e| self.fail("list", "domains", e))?;
+        // A domain undefined while we read it has no name any more: it is simply left out.
+        Ok(domains.iter().filter_map(|d| d.name().ok()).collect())
+    }
+
     fn stats(&self) -> Result<Vec<DomainStats>, HypervisorError> {
         let conn = self.conn()?;
         let domains = conn.list_all_domains(0).map_err(|e| self.fail("list", "domains", e))?;

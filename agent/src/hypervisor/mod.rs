@@ -162,6 +162,8 @@ pub trait Hypervisor: Send + Sync {
     fn state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError>;
     /// The disk path of a defined domain.
     fn domain_disk(&self, name: &str) -> Result<PathBuf, HypervisorError>;
+    /// Names of every defined domain.
+    fn domains(&self) -> Result<Vec<String>, HypervisorError>;
     /// Stats of every domain.
     fn stats(&self) -> Result<Vec<DomainStats>, HypervisorError>;
 }

@@ -214,30 +214,26 @@ fn is_final(state: JobState) -> bool {
     !matches!(state, JobState::Queued | JobState::Running | JobState::Unspecified)
 }
 
-/// Kinds whose half-done target holds nothing worth keeping (made safe when interrupted by zeroing its head).
-/// A Resize is not among them: its disk holds the tenant's data, which an interrupted grow keeps.
-fn discards_target(kind: JobKind) -> bool {
-    matches!(kind, JobKind::Provision | JobKind::Wipe | JobKind::Delete)
-}
-
-/// Make an interrupted job's target safe and say what was done, for the job's final message.
+/// Make an interrupted job's target safe and say what was done, for the job's final message. Provision, Wipe
+/// and Delete targets hold nothing worth keeping half-done: their first MiB is zeroed. A Resize's disk holds
+/// the tenant's data, which an interrupted grow keeps; Control and Snapshot do not write to a disk.
 fn secure_interrupted(kind: JobKind, target: &str) -> String {
     if target.is_empty() {
         return String::new();
     }
-    if kind == JobKind::Resize {
-        return "; the disk keeps its data: check its last file system (e2fsck -f) and resubmit the resize"
-            .to_string();
-    }
-    if !discards_target(kind) {
-        return String::new();
-    }
-    match make_safe(Path::new(target)) {
-        Ok(()) => "; the target's first MiB was zeroed".to_string(),
-        Err(e) => {
-            tracing::error!(target, "cannot make the target safe: {e}");
-            format!("; zeroing the target's first MiB failed: {e}")
+    match kind {
+        JobKind::Provision | JobKind::Wipe | JobKind::Delete => match make_safe(Path::new(target)) {
+            Ok(()) => "; the target's first MiB was zeroed".to_string(),
+            Err(e) => {
+                tracing::error!(target, "cannot make the target safe: {e}");
+                format!("; zeroing the target's first MiB failed: {e}")
+            }
+        },
+        JobKind::Resize => {
+            "; the disk keeps its data: check its last file system (e2fsck -f) and resubmit the resize"
+                .to_string()
         }
+        _ => String::new(),
     }
 }
 

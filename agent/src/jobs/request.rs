@@ -334,19 +334,19 @@ pub(crate) fn domain_using(
     disk: &Path,
 ) -> Result<Option<(String, DomainState)>, HypervisorError> {
     let disk = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
-    for domain in hv.stats()? {
-        let state = match hv.state(&domain.name) {
+    for name in hv.domains()? {
+        let state = match hv.state(&name) {
             Ok(Some(state)) if state != DomainState::Shutoff => state,
             Ok(_) | Err(HypervisorError::NoDomain(_)) => continue,
             Err(e) => return Err(e),
         };
-        let used = match hv.domain_disk(&domain.name) {
+        let used = match hv.domain_disk(&name) {
             Ok(path) => std::fs::canonicalize(&path).unwrap_or(path),
             Err(HypervisorError::NoDomain(_)) => continue,
             Err(e) => return Err(e),
         };
         if used == disk {
-            return Ok(Some((domain.name, state)));
+            return Ok(Some((name, state)));
         }
     }
     Ok(None)
