@@ -67,20 +67,7 @@ fn endpoint_url(endpoint: &str, tls: bool) -> Result<String, ClientError> {
     }
 }
 
-/// An error with its causes, one after another: tonic's transport errors say little on their own.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.ends_with(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
-    }
-    message
-}
+pub use crate::error_chain;
 
 #[cfg(test)]
 mod tests {

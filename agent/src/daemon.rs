@@ -129,7 +129,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         builder = builder.tls_config(tls).map_err(|e| DaemonError::TlsSetup {
             cert: config.tls.cert.display().to_string(),
             key: config.tls.key.display().to_string(),
-            reason: crate::client::error_chain(&e),
+            reason: crate::error_chain(&e),
         })?;
     }
     let router = builder
@@ -186,7 +186,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             let _ = tokio::task::spawn_blocking(move || engine.shutdown(CANCEL_WAIT)).await;
             return Err(DaemonError::Serve(match result {
                 Ok(Ok(())) => "it stopped unexpectedly".to_string(),
-                Ok(Err(e)) => crate::client::error_chain(&e),
+                Ok(Err(e)) => crate::error_chain(&e),
                 Err(e) => e.to_string(),
             }));
         }
@@ -218,7 +218,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let _ = stop_tx.send(());
     match tokio::time::timeout(SERVER_STOP_WAIT, &mut server).await {
         Ok(Ok(Err(e))) => {
-            tracing::warn!("the gRPC server stopped with an error: {}", crate::client::error_chain(&e))
+            tracing::warn!("the gRPC server stopped with an error: {}", crate::error_chain(&e))
         }
         Ok(_) => {}
         Err(_) => {

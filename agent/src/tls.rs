@@ -4,7 +4,7 @@
 //! is reported by path before any socket is opened.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use x509_parser::pem::Pem;
@@ -79,28 +79,6 @@ pub fn read_private_key(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsE
         return Err(TlsError::UnsupportedKey { what, path: path.to_path_buf(), label: key.label.clone() });
     }
     Ok(bytes)
-}
-
-/// When the first certificate in a PEM file stops being valid.
-pub fn certificate_not_after(path: &Path) -> Result<SystemTime, TlsError> {
-    let what = "certificate";
-    let (_, blocks) = pem_blocks(what, path)?;
-    let pem = blocks.iter().find(|p| p.label == "CERTIFICATE").ok_or_else(|| TlsError::Missing {
-        what,
-        path: path.to_path_buf(),
-        expected: "CERTIFICATE",
-    })?;
-    let cert = pem.parse_x509().map_err(|e| TlsError::BadCertificate {
-        what,
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let secs = cert.validity().not_after.timestamp();
-    Ok(if secs >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    })
 }
 
 /// The server side of mutual TLS from the agent's `[tls]` settings: its certificate and key, and the CA

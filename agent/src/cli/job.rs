@@ -410,7 +410,7 @@ fn status(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
     move |s| {
         let mut message = format!("{what}: {:?}: {}", s.code(), s.message());
         if let Some(source) = std::error::Error::source(&s) {
-            message.push_str(&format!(" ({})", client::error_chain(source)));
+            message.push_str(&format!(" ({})", gridforge_agent::error_chain(source)));
         }
         anyhow::anyhow!(message)
     }

@@ -12,6 +12,7 @@ use gridforge_proto::v1::{
 
 use super::request::{DomainPlan, Target, Work, scrub_spec, volume_size};
 use super::{Inner, make_safe};
+use crate::error_chain;
 use crate::hypervisor::{DomainDef, DomainState, Hypervisor, HypervisorError};
 use crate::image::Trust;
 use crate::image::snapshot::SnapshotRequest;
@@ -57,18 +58,6 @@ impl Failure {
             message: self.message,
         }
     }
-}
-
-/// An error and its causes as one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
-    message
 }
 
 pub(crate) struct JobContext<'a> {
@@ -127,7 +116,7 @@ fn check_disk_idle(ctx: &JobContext<'_>, disk: &Path) -> Result<(), Failure> {
 fn resize(ctx: &JobContext<'_>, target: &Target, size_bytes: u64) -> Result<ResizeResult, Failure> {
     let path = target.path();
     check_disk_idle(ctx, path)?;
-    let fail = |step: &str, e: ResizeError| Failure::at(step, e.code(), chain(&e));
+    let fail = |step: &str, e: ResizeError| Failure::at(step, e.code(), error_chain(&e));
     let growth = DiskGrowth::check(path, size_bytes, &ctx.progress).map_err(|e| fail("check", e))?;
     ctx.checkpoint("resize")?;
     if let Some(name) = target.volume_name() {
@@ -151,7 +140,7 @@ fn snapshot(
     let images = &ctx.inner.config.images;
     let image_err = |step: &str, e: crate::image::ImageError| {
         let e = crate::Error::from(e);
-        Failure::at(step, e.code(), chain(&e))
+        Failure::at(step, e.code(), error_chain(&e))
     };
     // The key first: a snapshot that cannot be published should not read the whole disk.
     let signing_key = crate::image::sign::load_signing_key(&images.snapshot_signing_key)
@@ -188,7 +177,7 @@ fn provision(
     let images = &ctx.inner.config.images;
     let trust = if !images.trusted_key.is_empty() {
         let key = crate::image::sign::parse_trusted_key(&images.trusted_key)
-            .map_err(|e| Failure::at("fetch", Code::ImageUntrusted, chain(&e)))?;
+            .map_err(|e| Failure::at("fetch", Code::ImageUntrusted, error_chain(&e)))?;
         Trust::Key(key)
     } else if images.insecure_images {
         Trust::Insecure
@@ -289,7 +278,7 @@ fn wipe_target(
     operator: &str,
 ) -> Result<WipeResult, Failure> {
     // Load (or create) the key first: a wipe that cannot be certified should not start.
-    let key = ctx.inner.signing_key().map_err(|e| Failure::at("wipe", Code::Io, chain(&e)))?;
+    let key = ctx.inner.signing_key().map_err(|e| Failure::at("wipe", Code::Io, error_chain(&e)))?;
     let req = wipe::WipeRequest {
         path: path.to_path_buf(),
         method: method.clone(),
@@ -302,7 +291,7 @@ fn wipe_target(
     };
     let outcome = wipe::wipe(&req, &ctx.progress, &ctx.cancel).map_err(|e| {
         let e = crate::Error::from(e);
-        Failure::new(e.code(), chain(&e))
+        Failure::new(e.code(), error_chain(&e))
     })?;
     ctx.progress.note("report", "signing the wipe report");
     let verified = outcome.verified();

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
+use crate::error_chain;
 use crate::jobs::{CancelError, JobEngine, SubmitError, WatchError};
 use crate::node::{self, NodeContext};
 
@@ -70,17 +71,6 @@ impl From<WatchError> for Status {
             WatchError::Journal(_) => Status::internal(error_chain(&e)),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
-    message
 }
 
 fn require_job_id(id: &str) -> Result<(), Status> {
