@@ -120,6 +120,50 @@ fn pflash_args(vars: &Path) -> Vec<String> {
     ]
 }
 
+/// Held while an emulated guest runs. Every test that boots a guest (qemu directly or through libvirtd) takes
+/// it first, in every test binary and every checkout on the machine: two emulated guests on two cores starve
+/// each other until the guest kernels report soft lockups. An flock on one file, released on drop (and by
+/// the kernel when the process dies).
+pub struct EmulatorLock {
+    _file: File,
+}
+
+/// The lock file every test process on this machine shares.
+pub const EMULATOR_LOCK: &str = "/tmp/gridforge-emulated-guest.lock";
+
+impl EmulatorLock {
+    /// Blocks until no other test runs an emulated guest; says how long it waited when it did.
+    pub fn acquire(who: &str) -> Self {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(EMULATOR_LOCK)
+            .unwrap_or_else(|e| panic!("opening {EMULATOR_LOCK}: {e}"));
+        let start = Instant::now();
+        // SAFETY: flock(2) on a descriptor this function owns; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock {EMULATOR_LOCK}: {}", std::io::Error::last_os_error());
+        if start.elapsed() > Duration::from_secs(1) {
+            eprintln!("{who}: waited {:.0} s for another test's guest to finish", start.elapsed().as_secs_f64());
+        }
+        Self { _file: file }
+    }
+}
+
+/// Virtual CPUs for a test guest: one under TCG (each emulated vCPU takes a host core; the machines that run
+/// the tests have two), two with a working KVM.
+pub fn guest_vcpus() -> u32 {
+    if accel() == "kvm" { 2 } else { 1 }
+}
+
+/// How long a boot step may take: `typical` is the time measured for it under TCG on an idle two-core
+/// machine; a loaded machine or a slow CI runner gets three times that, plus a fixed margin.
+pub fn boot_timeout(typical: Duration) -> Duration {
+    typical * 3 + Duration::from_secs(30)
+}
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("finding a free port").port()
@@ -163,6 +207,9 @@ pub struct Vm {
     stderr_log: PathBuf,
     child: Child,
     pub started: Instant,
+    /// Dropped after the child is killed (field order): the next test's guest starts only once this one is
+    /// gone.
+    _lock: EmulatorLock,
 }
 
 /// What a [`Vm`] gets besides its boot disk, its NIC and its ssh port forward.
@@ -192,6 +239,7 @@ impl Vm {
 
     /// [`Vm::boot`] with more drives, forwards or a typeable console.
     pub fn boot_with(name: &str, disk: &Path, mac: &str, dir: &Path, options: &VmOptions) -> Self {
+        let lock = EmulatorLock::acquire(name);
         let vars = dir.join(format!("{name}-OVMF_VARS.fd"));
         std::fs::copy(OVMF_VARS, &vars).unwrap_or_else(|e| panic!("copying {OVMF_VARS}: {e}"));
         let serial_log = dir.join(format!("{name}-serial.log"));
@@ -216,7 +264,7 @@ impl Vm {
         }
         command
             .args(["-machine", &format!("q35,accel={}", accel()), "-m", &options.memory_mib.to_string()])
-            .args(["-smp", "2"])
+            .args(["-smp", &guest_vcpus().to_string()])
             .args(pflash_args(&vars))
             .arg("-drive")
             .arg(format!("file={},format=raw,if=virtio", disk.display()));
@@ -250,6 +298,7 @@ impl Vm {
             stderr_log,
             child,
             started: Instant::now(),
+            _lock: lock,
         }
     }
 
