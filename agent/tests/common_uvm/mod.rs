@@ -386,7 +386,8 @@ impl Uvm {
 
     /// Runs `command` in root's shell on the serial console and returns its output (stdout and stderr).
     pub fn shell(&mut self, command: &str, timeout: Duration) -> String {
-        self.vm.wait_for_serial("(automatic login)", Duration::from_secs(240));
+        // The console logs root in a few seconds before the agent answers (see `wait_for_agent`).
+        self.vm.wait_for_serial("(automatic login)", crate::common_vm::boot_timeout(Duration::from_secs(45)));
         self.shell_seq += 1;
         let n = self.shell_seq;
         // The markers are computed by the shell, so the echo of the typed line never matches them.
