@@ -5,7 +5,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use gridforge_agent::pipeline::{PipelineError, UnpackOptions, UnpackStats, unpack_rootfs};
-use gridforge_agent::progress::Progress;
+use gridforge_common::progress::Progress;
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use gridforge_agent::image::index::IndexEntry;
-use gridforge_agent::progress::{Progress, ProgressEvent};
+use gridforge_common::progress::{Progress, ProgressEvent};
 use gridforge_proto::v1::{Filesystem, JobEvent, ProvisionResult, partition::Role};
 use indicatif::{ProgressBar, ProgressStyle};
 

@@ -5,6 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gridforge_common::error_chain;
+use gridforge_common::progress::Progress;
 use gridforge_proto::v1::{
     ControlResult, Error as JobFailure, ResizeResult, SnapshotResult, VmSpec, WipeResult,
     control_job::Action, error::Code, job::Outcome,
@@ -12,11 +14,10 @@ use gridforge_proto::v1::{
 
 use super::request::{DomainPlan, Target, Work, scrub_spec, volume_size};
 use super::{Inner, make_safe};
-use crate::error_chain;
+
 use crate::hypervisor::{DomainDef, DomainState, Hypervisor, HypervisorError};
 use crate::image::Trust;
 use crate::image::snapshot::SnapshotRequest;
-use crate::progress::Progress;
 use crate::provision::resize::{DiskGrowth, ResizeError};
 use crate::provision::{self, ImageSource, ProvisionRequest};
 use crate::wipe::{self, CancelToken};

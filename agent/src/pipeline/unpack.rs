@@ -15,13 +15,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
+use gridforge_common::progress::Progress;
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use tar::EntryType;
 
 use super::PipelineError;
 use super::stream;
-use crate::progress::Progress;
 
 const STEP: &str = "build";
 const PROGRESS_EVERY: u64 = 64 << 20;

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
+use gridforge_common::progress::Progress;
 use gridforge_proto::v1::{
     Filesystem, PartitionResult, ProvisionResult, VmSpec, error::Code, partition::Role,
 };
@@ -21,7 +22,6 @@ use crate::image::index::{Format, IndexEntry};
 use crate::image::{Cache, Store, Trust};
 use crate::partition::{self, GptPlan, PartitionRequest};
 use crate::pipeline::{rawdisk, unpack};
-use crate::progress::Progress;
 use crate::wipe::CancelToken;
 
 pub use spec::SpecError;

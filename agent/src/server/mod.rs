@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gridforge_common::error_chain;
 use gridforge_proto::v1::agent_server::{Agent, AgentServer};
 use gridforge_proto::v1::{
     CancelJobRequest, DiagnosticsReport, DiagnosticsRequest, GetJobRequest, Job, JobEvent, ListJobsRequest,
@@ -14,7 +15,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
-use crate::error_chain;
 use crate::jobs::{CancelError, JobEngine, SubmitError, WatchError};
 use crate::node::{self, NodeContext};
 
