@@ -99,7 +99,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         tokio::task::spawn_blocking(move || match hv.ping() {
             Ok(kind) => tracing::info!(uri = %hv.uri(), domain_type = kind.as_str(), "libvirt reachable"),
             Err(e) => {
-                tracing::warn!(uri = %hv.uri(), "libvirt is not reachable now; hypervisor jobs fail UNAVAILABLE until it is: {e}")
+                tracing::warn!(uri = %hv.uri(), "libvirt is not reachable now; hypervisor jobs fail UNAVAILABLE until it is: {}", error_chain(&e))
             }
         });
     }

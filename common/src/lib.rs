@@ -10,8 +10,12 @@ pub mod tls;
 /// the line (an error that embeds its source in its own message, or a wrapper that repeats it) is left out,
 /// so every cause is printed once.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut cause = e.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// `message` followed by `cause` and its causes, by the rules of [`error_chain`]: for an error whose own
+/// text is not the one to show (a gRPC status: its message, not its debug-like Display).
+pub fn with_causes(mut message: String, mut cause: Option<&dyn std::error::Error>) -> String {
     while let Some(c) = cause {
         let text = c.to_string();
         if !text.is_empty() && !message.contains(&text) {

@@ -40,7 +40,7 @@ pub enum PkiError {
     BadName { name: String, reason: &'static str },
     #[error("--days must be at least 1")]
     BadDays,
-    #[error("cannot make the certificate: {0}")]
+    #[error("cannot make the certificate")]
     Generate(#[from] rcgen::Error),
 }
 

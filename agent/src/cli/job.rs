@@ -408,10 +408,8 @@ fn size(bytes: u64) -> String {
 /// A gRPC failure as an error naming what was being done, the status code and the server's message.
 fn status(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
     move |s| {
-        let mut message = format!("{what}: {:?}: {}", s.code(), s.message());
-        if let Some(source) = std::error::Error::source(&s) {
-            message.push_str(&format!(" ({})", gridforge_common::error_chain(source)));
-        }
-        anyhow::anyhow!(message)
+        // A transport failure carries its causes; the status message often already holds some of them.
+        let message = format!("{what}: {:?}: {}", s.code(), s.message());
+        anyhow::anyhow!(gridforge_common::with_causes(message, std::error::Error::source(&s)))
     }
 }

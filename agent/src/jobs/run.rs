@@ -49,7 +49,7 @@ impl Failure {
             HypervisorError::NoDomain(_) | HypervisorError::NoVolume(..) => Code::NotFound,
             _ => Code::Hypervisor,
         };
-        Self::at(step, code, e.to_string())
+        Self::at(step, code, error_chain(&e))
     }
 
     pub(crate) fn into_proto(self, current_step: &str) -> JobFailure {
@@ -205,7 +205,12 @@ fn provision(
     {
         // The volume exists only for this provision: nothing half-written stays behind.
         if let Err(e) = hv.delete_volume(name) {
-            tracing::error!(job = ctx.id, volume = name, "cannot delete the failed provision's volume: {e}");
+            tracing::error!(
+                job = ctx.id,
+                volume = name,
+                "cannot delete the failed provision's volume: {}",
+                error_chain(&e)
+            );
         }
     }
     result

@@ -43,14 +43,14 @@ pub fn agent_server(svc: AgentService, config: &Config) -> AgentServer<AgentServ
 
 impl From<SubmitError> for Status {
     fn from(e: SubmitError) -> Status {
-        let message = e.to_string();
+        let message = error_chain(&e);
         match e {
             SubmitError::Invalid { .. } => Status::invalid_argument(message),
             SubmitError::Busy { .. } | SubmitError::Precondition(_) => Status::failed_precondition(message),
             SubmitError::NotFound(_) => Status::not_found(message),
             SubmitError::Unavailable(_) | SubmitError::ShuttingDown => Status::unavailable(message),
             SubmitError::Unsupported(_) => Status::unimplemented(message),
-            SubmitError::Journal(_) => Status::internal(error_chain(&e)),
+            SubmitError::Journal(_) => Status::internal(message),
         }
     }
 }
