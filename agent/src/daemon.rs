@@ -36,8 +36,13 @@ const METRICS_MAX_REQUEST: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error(transparent)]
-    Tls(#[from] TlsError),
+    /// A file of the `[tls]` settings is missing or broken; `setting` names the key (`tls.cert`).
+    #[error("{setting}")]
+    Tls {
+        setting: &'static str,
+        #[source]
+        source: TlsError,
+    },
     #[error("cannot set up TLS with {cert} and {key}: {reason}")]
     TlsSetup { cert: String, key: String, reason: String },
     #[error(transparent)]
@@ -85,7 +90,13 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         );
         None
     } else {
-        Some(tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?)
+        let t = &config.tls;
+        Some(tls::server_config(&t.ca, &t.cert, &t.key).map_err(|source| {
+            let settings = [("tls.ca", &t.ca), ("tls.cert", &t.cert), ("tls.key", &t.key)];
+            let setting =
+                settings.into_iter().find(|(_, p)| p.as_path() == source.path()).map_or("tls", |s| s.0);
+            DaemonError::Tls { setting, source }
+        })?)
     };
 
     let hypervisor: Option<Arc<dyn Hypervisor>> = if config.libvirt.uri.is_empty() {

@@ -31,6 +31,19 @@ pub enum TlsError {
     UnsupportedKey { what: &'static str, path: PathBuf, label: String },
 }
 
+impl TlsError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            TlsError::Read { path, .. }
+            | TlsError::BadPem { path, .. }
+            | TlsError::Missing { path, .. }
+            | TlsError::BadCertificate { path, .. }
+            | TlsError::UnsupportedKey { path, .. } => path,
+        }
+    }
+}
+
 /// PEM blocks of a file, read and decoded; errors name the file by its role (`what`).
 fn pem_blocks(what: &'static str, path: &Path) -> Result<(Vec<u8>, Vec<Pem>), TlsError> {
     let bytes =
