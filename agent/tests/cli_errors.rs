@@ -106,6 +106,25 @@ fn every_cli_error_says_each_cause_once() {
     let (ca_pem, ops_pem, ops_key) =
         (format!("{pki}/ca.pem"), format!("{pki}/ops.pem"), format!("{pki}/ops.key"));
     let owned = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+    let provision = |spec: &str| {
+        owned(&["provision", "--spec", spec, "--disk", "d.img", "--store", "st", "--insecure-images"])
+    };
+    let pack = |rootfs: &str, key: &str| {
+        owned(&[
+            "image",
+            "pack",
+            "--rootfs",
+            rootfs,
+            "--name",
+            "a",
+            "--version",
+            "1",
+            "--store",
+            "st",
+            "--key",
+            key,
+        ])
+    };
 
     // (what is provoked, arguments, a text the message must hold)
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
@@ -114,63 +133,10 @@ fn every_cli_error_says_each_cause_once() {
         ("missing TLS files (serve)", owned(&["serve", "--config", "no-tls.toml"]), "tls.ca: cannot read"),
         ("missing config (diagnose)", owned(&["diagnose", "--config", "missing.toml"]), "missing.toml"),
         ("bad config (diagnose)", owned(&["diagnose", "--config", "bad.toml"]), "invalid type"),
-        (
-            "missing spec file",
-            owned(&[
-                "provision",
-                "--spec",
-                "missing.json",
-                "--disk",
-                "d.img",
-                "--store",
-                "st",
-                "--insecure-images",
-            ]),
-            "missing.json",
-        ),
-        (
-            "bad spec JSON",
-            owned(&[
-                "provision",
-                "--spec",
-                "bad.json",
-                "--disk",
-                "d.img",
-                "--store",
-                "st",
-                "--insecure-images",
-            ]),
-            "bad.json",
-        ),
-        (
-            "spec without an image",
-            owned(&[
-                "provision",
-                "--spec",
-                "no-image.json",
-                "--disk",
-                "d.img",
-                "--store",
-                "st",
-                "--insecure-images",
-            ]),
-            "image",
-        ),
-        (
-            "bad spec JSON (--json)",
-            owned(&[
-                "--json",
-                "provision",
-                "--spec",
-                "bad.json",
-                "--disk",
-                "d.img",
-                "--store",
-                "st",
-                "--insecure-images",
-            ]),
-            "bad.json",
-        ),
+        ("missing spec file", provision("missing.json"), "missing.json"),
+        ("bad spec JSON", provision("bad.json"), "bad.json"),
+        ("spec without an image", provision("no-image.json"), "image"),
+        ("bad spec JSON (--json)", [owned(&["--json"]), provision("bad.json")].concat(), "bad.json"),
         ("missing disk (inspect)", owned(&["inspect", "--disk", "missing.img"]), "missing.img"),
         (
             "missing disk (wipe)",
@@ -187,60 +153,9 @@ fn every_cli_error_says_each_cause_once() {
             ]),
             "missing.img",
         ),
-        (
-            "unreadable signing key",
-            owned(&[
-                "image",
-                "pack",
-                "--rootfs",
-                &rootfs,
-                "--name",
-                "a",
-                "--version",
-                "1",
-                "--store",
-                "st",
-                "--key",
-                "missing.key",
-            ]),
-            "missing.key",
-        ),
-        (
-            "signing key that is not one",
-            owned(&[
-                "image",
-                "pack",
-                "--rootfs",
-                &rootfs,
-                "--name",
-                "a",
-                "--version",
-                "1",
-                "--store",
-                "st",
-                "--key",
-                "garbage.pem",
-            ]),
-            "garbage.pem",
-        ),
-        (
-            "missing rootfs",
-            owned(&[
-                "image",
-                "pack",
-                "--rootfs",
-                "missing-dir",
-                "--name",
-                "a",
-                "--version",
-                "1",
-                "--store",
-                "st",
-                "--key",
-                &key,
-            ]),
-            "missing-dir",
-        ),
+        ("unreadable signing key", pack(&rootfs, "missing.key"), "missing.key"),
+        ("signing key that is not one", pack(&rootfs, "garbage.pem"), "garbage.pem"),
+        ("missing rootfs", pack("missing-dir", &key), "missing-dir"),
         (
             "missing report",
             owned(&["report", "verify", "missing-report.json", "--key", &format!("{key}.pub")]),
