@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use gridforge_agent::client::{ClientTls, connect};
+use gridforge_common::client::{ClientTls, connect};
 use gridforge_proto::v1::agent_client::AgentClient;
 use gridforge_proto::v1::{
     DiskTarget, JobState, ListJobsRequest, ProvisionJob, SubmitJobRequest, VmSpec, WatchJobRequest, WipeJob,

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use gridforge_agent::block::{BlockTarget, TargetOptions};
 use gridforge_agent::pipeline::{pack_raw_disk, write_raw_disk};
-use gridforge_agent::progress::Progress;
+use gridforge_common::progress::Progress;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

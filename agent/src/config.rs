@@ -11,8 +11,12 @@ pub const DEFAULT_PATH: &str = "/etc/gridforge/agent.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {field}: {reason}")]
@@ -192,7 +196,7 @@ impl Config {
     /// Parse configuration text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: parse_message(text, &e) })?;
         let invalid = |field, reason: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
             field,
@@ -221,6 +225,20 @@ impl Config {
     /// The redb job journal.
     pub fn journal_path(&self) -> PathBuf {
         self.state_dir.join("journal.redb")
+    }
+}
+
+/// A TOML error on one line, `line L, column C: message` (its own Display is a multi-line snippet).
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_string(),
     }
 }
 

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use gridforge_common::error_chain;
+use gridforge_common::tls::{self, TlsError};
 use gridforge_proto::v1::agent_server::AgentServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +24,6 @@ use crate::hypervisor::{Hypervisor, Libvirt};
 use crate::jobs::{JobEngine, JobError};
 use crate::node::NodeContext;
 use crate::server::{AgentService, agent_server};
-use crate::tls::{self, TlsError};
 
 /// After the grace period, how long cancelled jobs get to reach a safe point before they are recorded
 /// INTERRUPTED without it.
@@ -35,8 +36,13 @@ const METRICS_MAX_REQUEST: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error(transparent)]
-    Tls(#[from] TlsError),
+    /// A file of the `[tls]` settings is missing or broken; `setting` names the key (`tls.cert`).
+    #[error("{setting}")]
+    Tls {
+        setting: &'static str,
+        #[source]
+        source: TlsError,
+    },
     #[error("cannot set up TLS with {cert} and {key}: {reason}")]
     TlsSetup { cert: String, key: String, reason: String },
     #[error(transparent)]
@@ -84,7 +90,13 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         );
         None
     } else {
-        Some(tls::server_config(&config.tls)?)
+        let t = &config.tls;
+        Some(tls::server_config(&t.ca, &t.cert, &t.key).map_err(|source| {
+            let settings = [("tls.ca", &t.ca), ("tls.cert", &t.cert), ("tls.key", &t.key)];
+            let setting =
+                settings.into_iter().find(|(_, p)| p.as_path() == source.path()).map_or("tls", |s| s.0);
+            DaemonError::Tls { setting, source }
+        })?)
     };
 
     let hypervisor: Option<Arc<dyn Hypervisor>> = if config.libvirt.uri.is_empty() {
@@ -98,7 +110,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         tokio::task::spawn_blocking(move || match hv.ping() {
             Ok(kind) => tracing::info!(uri = %hv.uri(), domain_type = kind.as_str(), "libvirt reachable"),
             Err(e) => {
-                tracing::warn!(uri = %hv.uri(), "libvirt is not reachable now; hypervisor jobs fail UNAVAILABLE until it is: {e}")
+                tracing::warn!(uri = %hv.uri(), "libvirt is not reachable now; hypervisor jobs fail UNAVAILABLE until it is: {}", error_chain(&e))
             }
         });
     }
@@ -129,7 +141,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         builder = builder.tls_config(tls).map_err(|e| DaemonError::TlsSetup {
             cert: config.tls.cert.display().to_string(),
             key: config.tls.key.display().to_string(),
-            reason: crate::error_chain(&e),
+            reason: error_chain(&e),
         })?;
     }
     let router = builder
@@ -186,7 +198,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             let _ = tokio::task::spawn_blocking(move || engine.shutdown(CANCEL_WAIT)).await;
             return Err(DaemonError::Serve(match result {
                 Ok(Ok(())) => "it stopped unexpectedly".to_string(),
-                Ok(Err(e)) => crate::error_chain(&e),
+                Ok(Err(e)) => error_chain(&e),
                 Err(e) => e.to_string(),
             }));
         }
@@ -218,7 +230,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let _ = stop_tx.send(());
     match tokio::time::timeout(SERVER_STOP_WAIT, &mut server).await {
         Ok(Ok(Err(e))) => {
-            tracing::warn!("the gRPC server stopped with an error: {}", crate::error_chain(&e))
+            tracing::warn!("the gRPC server stopped with an error: {}", error_chain(&e))
         }
         Ok(_) => {}
         Err(_) => {

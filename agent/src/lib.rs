@@ -2,7 +2,6 @@
 //! The CLI and the gRPC daemon only translate requests into calls on this library.
 
 pub mod block;
-pub mod client;
 pub mod config;
 pub mod crypt;
 pub mod customize;
@@ -14,11 +13,8 @@ pub mod jobs;
 pub mod node;
 pub mod partition;
 pub mod pipeline;
-pub mod pki;
-pub mod progress;
 pub mod provision;
 pub mod server;
-pub mod tls;
 pub mod wipe;
 
 use gridforge_proto::v1::error::Code;
@@ -94,19 +90,4 @@ impl Error {
             Error::Wipe(_) => Code::Io,
         }
     }
-}
-
-/// An error and its causes as one line (a cause that only repeats the text before it is left out).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.ends_with(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
-    }
-    message
 }

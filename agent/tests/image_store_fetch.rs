@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier, Mutex};
 
 use gridforge_agent::image::{Cache, ImageError, Store, Trust};
-use gridforge_agent::progress::{Progress, ProgressEvent};
+use gridforge_common::progress::{Progress, ProgressEvent};
 use image_store_common::{FileServer, make_store};
 
 /// Every file in the cache's blob directory except lock files.

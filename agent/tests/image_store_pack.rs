@@ -4,6 +4,7 @@ mod image_store_common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use gridforge_agent::image::{Compression, Format, ImageError, Index, Kind, pack, sign};
@@ -79,7 +80,6 @@ fn packed_rootfs_is_a_valid_zstd_tar_with_owners_modes_and_links() {
         line("home/user/notes.txt")
     );
     assert!(line("home/user").starts_with("drwxr-xr-x 1000/1000 "), "{}", line("home/user"));
-    assert!(line("etc/initctl").starts_with("prw-r--r-- 0/0 "), "{}", line("etc/initctl"));
     assert!(line("etc/hostname.link").starts_with("hrw-r--r-- 0/0 "), "{}", line("etc/hostname.link"));
     assert!(line("etc/hostname.link").ends_with("link to etc/hostname"), "{}", line("etc/hostname.link"));
 
@@ -94,7 +94,6 @@ fn packed_rootfs_is_a_valid_zstd_tar_with_owners_modes_and_links() {
             "etc",
             "etc/hostname",
             "etc/hostname.link",
-            "etc/initctl",
             "home",
             "home/user",
             "home/user/notes.txt"
@@ -110,19 +109,129 @@ fn packed_rootfs_is_a_valid_zstd_tar_with_owners_modes_and_links() {
     assert_eq!(fs::read_link(out.join("bin/sh")).unwrap().to_str(), Some("tool"));
 }
 
+/// A rootfs with a device node of each kind and fifos, one of them under a path too long for a tar header.
+fn rootfs_with_special_files(root: &Path) -> String {
+    let deep = format!("var/{}/{}", "d".repeat(60), "e".repeat(60));
+    for dir in ["dev", "run/systemd", &deep] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    fs::write(root.join("dev/README"), b"devtmpfs provides these\n").unwrap();
+    fs::write(root.join(&deep).join("kept.txt"), b"a long path\n").unwrap();
+    run(Command::new("mknod").arg(root.join("dev/null")).args(["c", "1", "3"]));
+    run(Command::new("mknod").arg(root.join("dev/sda")).args(["b", "8", "0"]));
+    run(Command::new("mkfifo").arg(root.join("run/systemd/initctl")));
+    run(Command::new("mkfifo").arg(root.join(&deep).join("queue")));
+    deep
+}
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gridforge-agent"))
+}
+
 #[test]
-fn device_nodes_are_left_out_of_a_rootfs() {
+fn pack_leaves_device_nodes_and_fifos_out_with_one_summary_line() {
     let tmp = tempfile::tempdir().unwrap();
     let rootfs = tmp.path().join("rootfs");
-    fs::create_dir_all(rootfs.join("dev")).unwrap();
-    fs::write(rootfs.join("dev/README"), b"devtmpfs provides these\n").unwrap();
-    run(Command::new("mknod").arg(rootfs.join("dev/null")).args(["c", "1", "3"]));
+    let deep = rootfs_with_special_files(&rootfs);
+    let key = tmp.path().join("signing.key");
+    let out = agent().args(["image", "keygen", "--out"]).arg(&key).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The same tree as a directory, a GNU tar (long names as GNU members) and a POSIX tar (PAX records).
+    let gnu = tmp.path().join("gnu.tar");
+    let posix = tmp.path().join("posix.tar");
+    run(Command::new("tar").arg("--format=gnu").arg("-cf").arg(&gnu).arg("-C").arg(&rootfs).arg("."));
+    run(Command::new("tar").arg("--format=posix").arg("-cf").arg(&posix).arg("-C").arg(&rootfs).arg("."));
+    let special = ["dev/null", "dev/sda", "run/systemd/initctl", &format!("{deep}/queue")].map(String::from);
+
+    for (n, source) in [&rootfs, &gnu, &posix].into_iter().enumerate() {
+        let store = tmp.path().join(format!("store{n}"));
+        let out = agent()
+            .args(["--json", "image", "pack", "--name", "special", "--version", "1", "--rootfs"])
+            .arg(source)
+            .arg("--store")
+            .arg(&store)
+            .arg("--key")
+            .arg(&key)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", source.display());
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{}: one summary line and nothing else: {stderr}", source.display());
+        assert!(
+            lines[0].starts_with("left out 4 device nodes and fifos (/"),
+            "{}: {stderr}",
+            source.display()
+        );
+        assert!(lines[0].ends_with(", …)"), "three examples of four: {stderr}");
+        for example in
+            lines[0]["left out 4 device nodes and fifos (".len()..].trim_end_matches(", …)").split(", ")
+        {
+            assert!(special.iter().any(|s| example == format!("/{s}")), "{example:?} in {stderr}");
+        }
+
+        let entry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let blob = store.join(entry["path"].as_str().unwrap());
+        let tar_bytes = run_bytes(Command::new("zstd").arg("-dc").arg(&blob));
+        let listing = pipe_into(&tar_bytes, Command::new("tar").arg("-tf").arg("-"));
+        let names: Vec<&str> =
+            listing.lines().map(|l| l.trim_start_matches("./").trim_end_matches('/')).collect();
+        for s in &special {
+            assert!(!names.contains(&s.as_str()), "{}: {s} left in the blob: {names:?}", source.display());
+        }
+        for kept in ["dev/README", "run/systemd", &format!("{deep}/kept.txt")] {
+            assert!(names.contains(&kept), "{}: {kept} missing from the blob: {names:?}", source.display());
+        }
+        if source != &rootfs {
+            // Everything else goes in as it was: the archive lists as the source minus the special files.
+            let original = run(Command::new("tar").arg("-tf").arg(source));
+            let expected: Vec<&str> = original
+                .lines()
+                .map(|l| l.trim_start_matches("./").trim_end_matches('/'))
+                .filter(|n| !special.iter().any(|s| s == n))
+                .collect();
+            assert_eq!(names, expected, "{}", source.display());
+            let extracted = tmp.path().join(format!("extracted{n}"));
+            fs::create_dir(&extracted).unwrap();
+            pipe_into(&tar_bytes, Command::new("tar").arg("-xf").arg("-").arg("-C").arg(&extracted));
+            assert_eq!(fs::read(extracted.join(&deep).join("kept.txt")).unwrap(), b"a long path\n");
+        }
+    }
+
+    // Without special files, no line at all.
+    let tree = tmp.path().join("plain");
+    fs::create_dir_all(tree.join("etc")).unwrap();
+    fs::write(tree.join("etc/hostname"), b"x\n").unwrap();
+    let out = agent()
+        .args(["image", "pack", "--name", "plain", "--version", "1", "--rootfs"])
+        .arg(&tree)
+        .arg("--store")
+        .arg(tmp.path().join("store-plain"))
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
+
+#[test]
+fn pack_from_a_directory_reports_what_it_left_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = tmp.path().join("rootfs");
+    rootfs_with_special_files(&rootfs);
     let key = signing_key(tmp.path());
-    let entry =
+    let packed =
         pack::pack_rootfs(&rootfs, &tmp.path().join("store"), "dev", "1", Kind::Layer, &key, 1).unwrap();
-    let blob = tmp.path().join("store").join(&entry.path);
+    assert_eq!(packed.left_out.count, 4);
+    // Sorted tree order: the first three.
+    assert_eq!(packed.left_out.examples, ["/dev/null", "/dev/sda", "/run/systemd/initctl"]);
+    let blob = tmp.path().join("store").join(&packed.entry.path);
     let listing = run(Command::new("tar").arg("--zstd").arg("-tf").arg(&blob));
-    assert_eq!(listing.lines().collect::<Vec<_>>(), ["dev", "dev/README"]);
+    assert!(
+        !listing.contains("dev/null") && !listing.contains("initctl") && !listing.contains("queue"),
+        "{listing}"
+    );
 }
 
 #[test]
@@ -187,7 +296,7 @@ fn pack_from_a_tar_file_compresses_it_unchanged() {
     run(Command::new("tar").arg("-cf").arg(&tar_path).arg("-C").arg(&rootfs).arg("."));
     let key = signing_key(tmp.path());
     let store_dir = tmp.path().join("store");
-    let entry = pack::pack_rootfs(&tar_path, &store_dir, "fromtar", "1", Kind::Os, &key, 3).unwrap();
+    let entry = pack::pack_rootfs(&tar_path, &store_dir, "fromtar", "1", Kind::Os, &key, 3).unwrap().entry;
     let original = fs::read(&tar_path).unwrap();
     assert_eq!(entry.uncompressed_size, original.len() as u64);
     assert_eq!(run_bytes(Command::new("zstd").arg("-dc").arg(store_dir.join(&entry.path))), original);

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use common::{Loop, attach_range, run, try_run};
 use gridforge_agent::image::snapshot::{SnapshotRequest, capture};
 use gridforge_agent::image::{ImageError, Store, Trust, sign};
-use gridforge_agent::progress::Progress;
 use gridforge_agent::provision::resize::{ResizeError, grow_disk};
 use gridforge_agent::wipe::CancelToken;
+use gridforge_common::progress::Progress;
 use gridforge_proto::v1::{
     JobState, ProvisionJob, ResizeJob, SnapshotJob, SubmitJobRequest, VmSpec, error::Code, job::Outcome,
     submit_job_request::Job as JobReq,

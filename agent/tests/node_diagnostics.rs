@@ -39,6 +39,11 @@ const CHECKS: [&str; 13] = [
     "jobs",
 ];
 
+/// The checks of `gridforge-agent diagnose`: the configuration file first, then the daemon's.
+fn command_checks() -> Vec<&'static str> {
+    std::iter::once("config").chain(CHECKS).collect()
+}
+
 /// A node whose hypervisor is libvirt at `uri` (the test driver's pool `default-pool`, TCG domains).
 fn node_with_libvirt(uri: &str) -> Node {
     let mut node = Node::new();
@@ -364,8 +369,13 @@ async fn diagnose_command_prints_json_and_exits_1_on_a_failed_check() {
     let (code, stdout, stderr) = diagnose(&config_file, true);
     let report: DiagnosticsReport =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?} (stderr {stderr})"));
-    assert_eq!(names(&report), CHECKS);
+    assert_eq!(names(&report), command_checks());
     assert_eq!(report.node, "diag-node");
+    let config = find(&report, "config");
+    assert_eq!(
+        (config.status(), config.reason.clone()),
+        (Status::Ok, format!("loaded {}", config_file.display()))
+    );
     assert_eq!(report.hypervisor_kind, "qemu");
     assert!(report.checks.iter().all(|c| c.status() != Status::Fail), "{report:#?}");
     assert_eq!(code, Some(0), "no check failed: {stdout} {stderr}");
@@ -381,8 +391,8 @@ async fn diagnose_command_prints_json_and_exits_1_on_a_failed_check() {
     let (code, stdout, _) = diagnose(&config_file, false);
     assert_eq!(code, Some(0));
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), CHECKS.len(), "{stdout}");
-    for (line, name) in lines.iter().zip(CHECKS) {
+    assert_eq!(lines.len(), CHECKS.len() + 1, "{stdout}");
+    for (line, name) in lines.iter().zip(command_checks()) {
         let mut words = line.split_whitespace();
         assert!(matches!(words.next(), Some("OK" | "WARN" | "FAIL")), "{line}");
         assert_eq!(words.next(), Some(name), "{line}");
@@ -416,12 +426,74 @@ fn diagnose_command_points_at_the_rpc_when_the_journal_is_held_exclusively() {
     assert!(jobs.reason.contains("Diagnostics RPC"), "{jobs:?}");
 }
 
+/// Human output as (status, check, reason) per line.
+fn check_lines(stdout: &str) -> Vec<(&str, &str, &str)> {
+    stdout
+        .lines()
+        .map(|line| {
+            let (status, rest) = line.split_once(' ').unwrap_or_else(|| panic!("not a check line: {line:?}"));
+            let (name, reason) = rest.trim_start().split_once(' ').unwrap_or((rest.trim_start(), ""));
+            (status, name, reason.trim_start())
+        })
+        .collect()
+}
+
+/// Without a usable configuration the command still runs every check, on the defaults, fails the `config`
+/// check with the file and the cause, exits 1, and gives the whole report with `--json` too.
+fn assert_config_check_fails_and_the_rest_run(config: &Path, cause: &str) {
+    let (code, stdout, stderr) = diagnose(config, false);
+    assert_eq!(code, Some(1), "{stdout} {stderr}");
+    assert!(!stderr.contains("error:"), "the report is the output, not an error: {stderr}");
+    let lines = check_lines(&stdout);
+    assert_eq!(lines.iter().map(|l| l.1).collect::<Vec<_>>(), command_checks(), "{stdout}");
+    let (status, _, reason) = lines[0];
+    assert_eq!(status, "FAIL", "{stdout}");
+    assert!(reason.contains(&config.display().to_string()), "names the file: {reason}");
+    assert!(reason.contains(cause), "names the cause ({cause}): {reason}");
+    assert!(reason.ends_with("; the other checks use the defaults"), "{reason}");
+    let agent = lines[1];
+    assert_eq!(
+        (agent.0, agent.2),
+        ("OK", &*format!("gridforge-agent {} on {}", env!("CARGO_PKG_VERSION"), Config::default().node_name))
+    );
+    assert!(
+        lines.iter().any(|l| l.1 == "image-cache" && l.2.contains("/var/cache/gridforge-agent")),
+        "{stdout}"
+    );
+    assert!(lines.iter().any(|l| l.1 == "tls" && l.2.contains("/etc/gridforge/tls/")), "{stdout}");
+
+    let (code, stdout, stderr) = diagnose(config, true);
+    assert_eq!(code, Some(1), "{stdout} {stderr}");
+    let report: DiagnosticsReport =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?} (stderr {stderr})"));
+    assert_eq!(names(&report), command_checks());
+    let check = find(&report, "config");
+    assert_eq!((check.status(), check.reason.as_str()), (Status::Fail, reason), "same reason in JSON");
+}
+
 #[test]
-fn diagnose_command_fails_on_a_missing_config() {
+fn diagnose_command_without_a_config_file_runs_every_check_on_the_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, _, stderr) = diagnose(&dir.path().join("missing.toml"), false);
-    assert_eq!(code, Some(1));
-    assert!(stderr.contains("missing.toml"), "{stderr}");
+    let missing = dir.path().join("agent.toml");
+    assert_config_check_fails_and_the_rest_run(&missing, "No such file or directory (os error 2)");
+    // The cause is printed once.
+    let (_, stdout, _) = diagnose(&missing, false);
+    let first = format!(
+        "FAIL  config        cannot read {}: No such file or directory (os error 2); \
+         the other checks use the defaults",
+        missing.display()
+    );
+    assert_eq!(stdout.lines().next(), Some(first.as_str()), "{stdout}");
+}
+
+#[test]
+fn diagnose_command_with_a_config_that_does_not_parse_runs_every_check_on_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "node_name = \"broken\"\nlisten = 7443\n").unwrap();
+    assert_config_check_fails_and_the_rest_run(&config, "line 2, column 10: invalid type: integer `7443`");
+    std::fs::write(&config, "[tls]\ncert = \"/x.pem\"\nsurplus = true\n").unwrap();
+    assert_config_check_fails_and_the_rest_run(&config, "line 3, column 1: unknown field `surplus`");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -444,7 +516,7 @@ async fn diagnose_reads_the_journal_of_a_running_daemon_and_agrees_with_its_rpc(
     let (code, stdout, stderr) = diagnose(&node.config, true);
     let cli: DiagnosticsReport =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?} (stderr {stderr})"));
-    assert_eq!(names(&cli), CHECKS);
+    assert_eq!(names(&cli), command_checks());
     let failed = cli.checks.iter().any(|c| c.status() == Status::Fail);
     assert_eq!(code, Some(i32::from(failed)), "exit status 1 exactly when a check fails: {cli:#?}");
     for name in ["libvirt", "tls", "jobs"] {

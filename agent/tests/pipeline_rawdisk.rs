@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use common::{Loop, run};
 use gridforge_agent::block::{BlockTarget, MIB, TargetOptions};
 use gridforge_agent::pipeline::{PipelineError, RawWriteStats, pack_raw_disk, write_raw_disk};
-use gridforge_agent::progress::Progress;
+use gridforge_common::progress::Progress;
 use sha2::{Digest, Sha256};
 
 /// 64 MiB + 12 KiB: random and zero regions, whole zero chunks, fragmented blocks, a short last chunk.

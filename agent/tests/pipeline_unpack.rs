@@ -3,9 +3,10 @@
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use gridforge_agent::pipeline::{PipelineError, UnpackOptions, UnpackStats, unpack_rootfs};
-use gridforge_agent::progress::Progress;
+use gridforge_common::progress::Progress;
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
@@ -206,6 +207,105 @@ fn later_layers_replace_files_and_directories() {
     assert_eq!(fs::metadata(root.join("keep")).unwrap().permissions().mode() & 0o7777, 0o700);
 }
 
+/// Log lines written while `f` runs on this thread. One subscriber for the whole test binary (a scoped one
+/// misses events of callsites it did not see register), its lines told apart by thread.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOG: OnceLock<Buffer> = OnceLock::new();
+    let buffer = LOG.get_or_init(|| {
+        let buffer = Buffer(Arc::default());
+        let writer = buffer.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_thread_ids(true)
+            .with_max_level(tracing::Level::INFO)
+            .init();
+        buffer
+    });
+    let start = buffer.0.lock().unwrap().len();
+    let result = f();
+    // "ThreadId(2)" here, "ThreadId(02)" in the log.
+    let number = |id: &str| id.trim_start_matches("ThreadId(").trim_end_matches(')').parse::<u64>().ok();
+    let thread = number(&format!("{:?}", std::thread::current().id()));
+    let text = String::from_utf8(buffer.0.lock().unwrap()[start..].to_vec()).unwrap();
+    let mine: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w.starts_with("ThreadId(") && number(w) == thread))
+        .collect();
+    (result, mine.iter().map(|l| format!("{l}\n")).collect())
+}
+
+#[test]
+fn an_untrusted_image_with_device_nodes_warns_once_with_the_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    let header = |kind, mode, size| {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    };
+    let mut h = header(EntryType::Directory, 0o755, 0);
+    builder.append_data(&mut h, "dev", &b""[..]).unwrap();
+    for (name, kind, major, minor) in [
+        ("dev/null", EntryType::Char, 1, 3),
+        ("dev/zero", EntryType::Char, 1, 5),
+        ("dev/sda", EntryType::Block, 8, 0),
+        ("dev/loop0", EntryType::Block, 7, 0),
+        ("run/initctl", EntryType::Fifo, 0, 0),
+    ] {
+        let mut h = header(kind, 0o600, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        builder.append_data(&mut h, name, &b""[..]).unwrap();
+    }
+    let mut h = header(EntryType::Regular, 0o644, 3);
+    builder.append_data(&mut h, "etc/hostname", &b"vm\n"[..]).unwrap();
+    let blob = builder.into_inner().unwrap();
+
+    let root = tmp.path().join("untrusted");
+    fs::create_dir(&root).unwrap();
+    let (stats, log) = logged(|| unpack(&blob, &root, &UnpackOptions::default()).unwrap());
+    assert_eq!(stats.left_out.count, 5);
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 1, "one line for the image: {log}");
+    assert!(lines[0].trim_start().starts_with("WARN"), "{log}");
+    assert!(
+        lines[0].contains(
+            "left out 5 device nodes and fifos (/dev/null, /dev/zero, /dev/sda, …) of an untrusted image"
+        ),
+        "{log}"
+    );
+    assert!(lines[0].contains(&sha256(&blob)), "names the image by its digest: {log}");
+    assert_eq!(fs::read_dir(root.join("dev")).unwrap().count(), 0);
+    assert_eq!(fs::read(root.join("etc/hostname")).unwrap(), b"vm\n");
+
+    // A trusted image creates them, without a word.
+    let root = tmp.path().join("trusted");
+    fs::create_dir(&root).unwrap();
+    let (stats, log) = logged(|| unpack(&blob, &root, &UnpackOptions { allow_devices: true }).unwrap());
+    assert_eq!(stats.left_out.count, 0);
+    assert_eq!(log, "");
+    assert!(fs::symlink_metadata(root.join("dev/sda")).unwrap().file_type().is_block_device());
+    assert!(fs::symlink_metadata(root.join("run/initctl")).unwrap().file_type().is_fifo());
+}
+
 #[test]
 fn device_nodes_only_when_allowed() {
     let tmp = tempfile::tempdir().unwrap();
@@ -227,13 +327,13 @@ fn device_nodes_only_when_allowed() {
     let root = tmp.path().join("untrusted");
     fs::create_dir(&root).unwrap();
     let stats = unpack(&blob, &root, &UnpackOptions::default()).unwrap();
-    assert_eq!(stats.skipped_devices, 1);
+    assert_eq!(stats.left_out.count, 1);
     assert!(fs::symlink_metadata(root.join("dev/null")).is_err());
 
     let root = tmp.path().join("trusted");
     fs::create_dir(&root).unwrap();
     let stats = unpack(&blob, &root, &UnpackOptions { allow_devices: true }).unwrap();
-    assert_eq!(stats.skipped_devices, 0);
+    assert_eq!(stats.left_out.count, 0);
     let meta = fs::symlink_metadata(root.join("dev/null")).unwrap();
     assert!(meta.file_type().is_char_device());
     assert_eq!(meta.rdev(), nix::sys::stat::makedev(1, 3));

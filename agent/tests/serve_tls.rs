@@ -157,18 +157,18 @@ async fn clients_without_a_trusted_certificate_are_refused() {
         Ok::<_, Box<dyn std::error::Error>>(())
     };
     let err = refused.await.expect_err("a client without a certificate is refused");
-    let text = gridforge_agent::client::error_chain(err.as_ref());
+    let text = gridforge_common::error_chain(err.as_ref());
     assert!(!text.contains("NotFound"), "refused before any call is served: {text}");
 
     // A certificate from another CA (the client trusts the agent's CA, so only the server can refuse).
-    let foreign = gridforge_agent::client::ClientTls {
+    let foreign = gridforge_common::client::ClientTls {
         ca: node.pki.ca(),
         cert: other_pki.cert("ops"),
         key: other_pki.key("ops"),
         domain: None,
     };
     let err = async {
-        let mut c = gridforge_agent::client::connect(&node.endpoint(), Some(&foreign)).await?;
+        let mut c = gridforge_common::client::connect(&node.endpoint(), Some(&foreign)).await?;
         c.get_job(GetJobRequest { job_id: "j-x".into() })
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)?;
@@ -176,7 +176,7 @@ async fn clients_without_a_trusted_certificate_are_refused() {
     }
     .await
     .expect_err("a certificate from another CA is refused");
-    let text = gridforge_agent::client::error_chain(err.as_ref());
+    let text = gridforge_common::error_chain(err.as_ref());
     assert!(!text.contains("NotFound"), "refused before any call is served: {text}");
 
     // The same refusals as openssl sees them: the server ends the handshake with an alert.
@@ -206,7 +206,7 @@ async fn clients_without_a_trusted_certificate_are_refused() {
     assert!(text.contains("SSL alert number"), "openssl s_client with a foreign certificate:\n{text}");
 
     // Plaintext gRPC gets nothing either.
-    let plain = gridforge_agent::client::connect(&format!("http://{}", node.grpc), None).await;
+    let plain = gridforge_common::client::connect(&format!("http://{}", node.grpc), None).await;
     if let Ok(mut c) = plain {
         assert!(c.get_job(GetJobRequest { job_id: "j-x".into() }).await.is_err());
     }
@@ -242,7 +242,7 @@ async fn bad_requests_get_clear_statuses_and_the_daemon_keeps_serving() {
         let endpoint = node.endpoint();
         let tls = node.pki.client("ops");
         async move {
-            let mut c = gridforge_agent::client::connect(&endpoint, Some(&tls)).await.expect("reconnect");
+            let mut c = gridforge_common::client::connect(&endpoint, Some(&tls)).await.expect("reconnect");
             c.list_jobs(gridforge_proto::v1::ListJobsRequest::default())
                 .await
                 .expect("ListJobs after a bad request");
@@ -357,7 +357,7 @@ async fn insecure_mode_serves_plaintext_with_a_loud_warning() {
     std::fs::write(&node.config, text.replace("[tls]\n", "[tls]\ninsecure = true\n")).unwrap();
     let daemon = node.start();
     let endpoint = format!("http://{}", node.grpc);
-    let mut client = gridforge_agent::client::connect(&endpoint, None).await.expect("plaintext connect");
+    let mut client = gridforge_common::client::connect(&endpoint, None).await.expect("plaintext connect");
     let disk = node.sparse_disk("p.img", MIB);
     let job = client.submit_job(wipe_request("plain", &disk, "zero")).await.unwrap().into_inner();
     assert_eq!(watch_to_end(&mut client, &job.id).await.last().unwrap().state(), JobState::Succeeded);

@@ -4,8 +4,8 @@ mod wipe_support;
 use std::os::unix::fs::FileExt;
 
 use common::{Loop, try_run};
-use gridforge_agent::progress::Progress;
 use gridforge_agent::wipe::{self, CancelToken, Method, Resume, Verify, WipeError, WipeRequest};
+use gridforge_common::progress::Progress;
 use wipe_support::*;
 
 #[test]

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::Loop;
-use gridforge_agent::progress::Progress;
 use gridforge_agent::wipe::safety::{self, Refusal};
 use gridforge_agent::wipe::{self, CancelToken, Method, Verify, WipeError, WipePolicy, WipeRequest};
+use gridforge_common::progress::Progress;
 use wipe_support::*;
 
 fn refusal(req: &WipeRequest) -> Refusal {

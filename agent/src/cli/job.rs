@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use gridforge_agent::client::{self, ClientTls};
+use gridforge_common::client::{self, ClientTls};
 use gridforge_proto::v1::agent_client::AgentClient;
 use gridforge_proto::v1::{
     CancelJobRequest, GetJobRequest, Job, JobEvent, JobKind, JobState, ListJobsRequest, SubmitJobRequest,
@@ -408,10 +408,8 @@ fn size(bytes: u64) -> String {
 /// A gRPC failure as an error naming what was being done, the status code and the server's message.
 fn status(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
     move |s| {
-        let mut message = format!("{what}: {:?}: {}", s.code(), s.message());
-        if let Some(source) = std::error::Error::source(&s) {
-            message.push_str(&format!(" ({})", gridforge_agent::error_chain(source)));
-        }
-        anyhow::anyhow!(message)
+        // A transport failure carries its causes; the status message often already holds some of them.
+        let message = format!("{what}: {:?}: {}", s.code(), s.message());
+        anyhow::anyhow!(gridforge_common::with_causes(message, std::error::Error::source(&s)))
     }
 }

@@ -575,7 +575,20 @@ fn pack(args: PackArgs, out: &Output) -> Result<()> {
     };
     let entry = match (&args.rootfs, &args.raw_disk) {
         (Some(src), None) => {
-            image::pack::pack_rootfs(src, &args.store, &args.name, &args.version, kind, &key, args.level)?
+            let packed = image::pack::pack_rootfs(
+                src,
+                &args.store,
+                &args.name,
+                &args.version,
+                kind,
+                &key,
+                args.level,
+            )?;
+            if !packed.left_out.is_empty() {
+                // One line for them all: the guest makes its own at boot.
+                eprintln!("left out {}", packed.left_out.describe());
+            }
+            packed.entry
         }
         (None, Some(src)) => {
             image::pack::pack_raw_disk_image(src, &args.store, &args.name, &args.version, &key, args.level)?

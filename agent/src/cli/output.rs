@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use gridforge_agent::image::index::IndexEntry;
-use gridforge_agent::progress::{Progress, ProgressEvent};
+use gridforge_common::error_chain;
+use gridforge_common::progress::{Progress, ProgressEvent};
 use gridforge_proto::v1::{Filesystem, JobEvent, ProvisionResult, partition::Role};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -198,11 +199,11 @@ impl Output {
         if self.json {
             let err = match provision {
                 Some(p) => p.to_proto(),
-                None => gridforge_proto::v1::Error { message: format!("{e:#}"), ..Default::default() },
+                None => gridforge_proto::v1::Error { message: error_chain(e.as_ref()), ..Default::default() },
             };
             println!("{}", serde_json::json!({ "error": err }));
         } else {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(e.as_ref()));
             if provision.is_some_and(|p| p.target_zeroed) {
                 eprintln!("the target's first MiB was zeroed: the disk will not boot half-written");
             }

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use gridforge_agent::pki::{self, CertRequest, DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS, Issued};
+use gridforge_common::pki::{self, CertRequest, DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS, Issued};
 
 #[derive(Subcommand)]
 pub enum PkiCommand {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use gridforge_agent::config::{self, Config};
+use gridforge_common::error_chain;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Args)]
@@ -43,25 +44,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let result = load(args.config.as_deref())
         .and_then(|config| gridforge_agent::daemon::run(config).context("the agent stopped with an error"));
     if let Err(e) = &result {
-        tracing::error!("{}", error_text(e));
+        tracing::error!("{}", error_chain(e.as_ref()));
     }
     result
-}
-
-/// The error and its causes, each said once (some errors repeat their cause in their own text).
-fn error_text(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let part = cause.to_string();
-        if text.contains(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config> {

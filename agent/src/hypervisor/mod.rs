@@ -44,8 +44,12 @@ pub enum HypervisorError {
     /// libvirt refused an operation.
     #[error("{op}: {message}")]
     Libvirt { op: String, message: String },
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A pool volume: a guest disk the hypervisor manages.

@@ -6,13 +6,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use gridforge_common::progress::{Progress, ProgressReader};
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use super::index::IndexEntry;
 use super::store::Store;
 use super::{ImageError, is_sha256_hex};
-use crate::progress::{Progress, ProgressReader};
 
 const COPY_CHUNK: usize = 1 << 20;
 

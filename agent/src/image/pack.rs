@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,7 @@ use tempfile::NamedTempFile;
 
 use super::index::{Compression, Format, Index, IndexEntry, Kind, check_relative_path};
 use super::{ImageError, is_sha256_hex, sign};
+use crate::pipeline::LeftOut;
 
 /// zstd worker threads used when packing (the nodes that pack have two cores).
 const ZSTD_WORKERS: u32 = 2;
@@ -232,8 +234,9 @@ fn sync_dir(dir: &Path) -> Result<(), ImageError> {
 /// `store_dir`, publishes it as `name` `version` signed with `key`, and returns the published entry.
 ///
 /// From a directory, entries are written in sorted order with paths relative to it, keeping numeric
-/// owners, modes, mtimes, symlinks, hardlinks and fifos; device nodes and sockets are skipped with a warning
-/// (the guest's devtmpfs provides device nodes).
+/// owners, modes, mtimes, symlinks and hardlinks; a tar file is copied member by member as it is. Device
+/// nodes, fifos and sockets are left out of both (the guest's devtmpfs and systemd make them at boot, and an
+/// untrusted image may not carry them); the result says how many.
 pub fn pack_rootfs(
     source: &Path,
     store_dir: &Path,
@@ -242,7 +245,7 @@ pub fn pack_rootfs(
     kind: Kind,
     key: &SigningKey,
     level: i32,
-) -> Result<IndexEntry, ImageError> {
+) -> Result<PackedRootfs, ImageError> {
     let meta = fs::metadata(source)
         .map_err(ImageError::io(format!("reading rootfs source {}", source.display())))?;
     let blob = BlobWriter::new(store_dir)?;
@@ -252,14 +255,14 @@ pub fn pack_rootfs(
     encoder.include_checksum(true).map_err(ImageError::io(zstd_context()))?;
     let mut counter = CountingWriter { inner: encoder, count: 0 };
 
-    if meta.is_dir() {
-        write_tree_tar(source, &mut counter)?;
+    let left_out = if meta.is_dir() {
+        write_tree_tar(source, &mut counter)?
     } else {
         check_tar_file(source)?;
-        let mut file = File::open(source).map_err(ImageError::io(format!("opening {}", source.display())))?;
-        io::copy(&mut file, &mut counter)
-            .map_err(ImageError::io(format!("compressing {}", source.display())))?;
-    }
+        let file = File::open(source).map_err(ImageError::io(format!("opening {}", source.display())))?;
+        copy_tar_without_special_files(io::BufReader::with_capacity(1 << 20, file), &mut counter)
+            .map_err(ImageError::io(format!("compressing {}", source.display())))?
+    };
 
     let CountingWriter { inner: encoder, count: uncompressed_size } = counter;
     let blob =
@@ -281,7 +284,14 @@ pub fn pack_rootfs(
         notes: String::new(),
     };
     publish(store_dir, entry.clone(), key)?;
-    Ok(entry)
+    Ok(PackedRootfs { entry, left_out })
+}
+
+/// A packed root file system: its published entry, and the special files left out of it.
+#[derive(Clone, Debug)]
+pub struct PackedRootfs {
+    pub entry: IndexEntry,
+    pub left_out: LeftOut,
 }
 
 /// Packs a raw disk image as independent zstd frames with a chunk manifest (see `pipeline::rawdisk`),
@@ -362,14 +372,132 @@ fn check_tar_file(path: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Writes the tree under `root` as a tar stream (sorted, relative paths, numeric owners).
-fn write_tree_tar<W: Write>(root: &Path, out: W) -> Result<(), ImageError> {
+/// Copies the tar archive `src` to `out` member by member, byte for byte, except device nodes and fifos,
+/// which are left out with the extension members (long names, PAX records) that describe them.
+fn copy_tar_without_special_files(mut src: impl Read, mut out: impl Write) -> io::Result<LeftOut> {
+    const BLOCK: usize = 512;
+    let mut left_out = LeftOut::default();
+    // Extension members (GNU long name or link, PAX local records) waiting for the member they describe.
+    let mut pending = Vec::new();
+    let (mut long_name, mut pax_path, mut pax_size) = (None::<Vec<u8>>, None::<Vec<u8>>, None::<u64>);
+    let mut block = [0u8; BLOCK];
+    loop {
+        if !read_block(&mut src, &mut block)? {
+            break;
+        }
+        if block.iter().all(|&b| b == 0) {
+            // The end-of-archive blocks, and whatever padding follows them, as they are.
+            out.write_all(&pending)?;
+            out.write_all(&block)?;
+            io::copy(&mut src, &mut out)?;
+            return Ok(left_out);
+        }
+        let header = tar::Header::from_byte_slice(&block);
+        let kind = header.entry_type();
+        let extension = kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions();
+        let size = match pax_size {
+            Some(size) if !extension => size,
+            _ => header.entry_size()?,
+        };
+        let padded = size.div_ceil(BLOCK as u64) * BLOCK as u64;
+        if extension {
+            let mut data = Vec::new();
+            (&mut src).take(padded).read_to_end(&mut data)?;
+            if data.len() as u64 != padded {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar archive ends inside a member"));
+            }
+            let value = &data[..size as usize];
+            if kind.is_gnu_longname() {
+                long_name = Some(value.split(|&b| b == 0).next().unwrap_or_default().to_vec());
+            } else if kind.is_pax_local_extensions() {
+                for (key, value) in pax_records(value) {
+                    match key {
+                        b"path" => pax_path = Some(value.to_vec()),
+                        b"size" => pax_size = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()),
+                        _ => {}
+                    }
+                }
+            }
+            pending.extend_from_slice(&block);
+            pending.extend_from_slice(&data);
+            continue;
+        }
+        if matches!(kind, tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo) {
+            let path =
+                pax_path.take().or(long_name.take()).unwrap_or_else(|| header.path_bytes().into_owned());
+            left_out.add(Path::new(std::ffi::OsStr::from_bytes(&path)));
+            io::copy(&mut (&mut src).take(padded), &mut io::sink())?;
+        } else {
+            out.write_all(&pending)?;
+            out.write_all(&block)?;
+            // A GNU sparse member's map may go on in extension blocks after its header.
+            let mut extended = kind.is_gnu_sparse() && block[482] != 0;
+            while extended {
+                if !read_block(&mut src, &mut block)? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "tar archive ends in a sparse map",
+                    ));
+                }
+                out.write_all(&block)?;
+                extended = block[504] != 0;
+            }
+            let copied = io::copy(&mut (&mut src).take(padded), &mut out)?;
+            if copied != padded {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar archive ends inside a member"));
+            }
+        }
+        pending.clear();
+        (long_name, pax_path, pax_size) = (None, None, None);
+    }
+    // An archive without end-of-archive blocks: ended as it was.
+    out.write_all(&pending)?;
+    Ok(left_out)
+}
+
+/// Reads one 512-byte tar block; false at the end of the input, an error inside a block.
+fn read_block(src: &mut impl Read, block: &mut [u8; 512]) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < block.len() {
+        match src.read(&mut block[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar archive ends inside a block"));
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// The `key=value` records of a PAX extended header (`<length> <key>=<value>\n` each).
+fn pax_records(mut data: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    std::iter::from_fn(move || {
+        let space = data.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&data[..space]).ok()?.parse().ok()?;
+        if len <= space || len > data.len() {
+            return None;
+        }
+        let record = &data[space + 1..len];
+        data = &data[len..];
+        let record = record.strip_suffix(b"\n").unwrap_or(record);
+        let eq = record.iter().position(|&b| b == b'=')?;
+        Some((&record[..eq], &record[eq + 1..]))
+    })
+}
+
+/// Writes the tree under `root` as a tar stream (sorted, relative paths, numeric owners), leaving out
+/// device nodes, fifos and sockets.
+fn write_tree_tar<W: Write>(root: &Path, out: W) -> Result<LeftOut, ImageError> {
     let mut paths = Vec::new();
     collect_sorted(root, Path::new(""), &mut paths)?;
 
     let mut builder = tar::Builder::new(out);
     // (device, inode) of multiply-linked files already archived, and the archive path they went in as.
     let mut first_links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut left_out = LeftOut::default();
     for rel in &paths {
         let full = root.join(rel);
         let context = || format!("archiving {}", full.display());
@@ -379,7 +507,7 @@ fn write_tree_tar<W: Write>(root: &Path, out: W) -> Result<(), ImageError> {
         header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
         header.set_mode(meta.mode() & 0o7777);
 
-        if file_type.is_dir() || file_type.is_fifo() {
+        if file_type.is_dir() {
             header.set_size(0);
             builder.append_data(&mut header, rel, io::empty()).map_err(ImageError::io(context()))?;
         } else if file_type.is_symlink() {
@@ -399,12 +527,12 @@ fn write_tree_tar<W: Write>(root: &Path, out: W) -> Result<(), ImageError> {
             let file = File::open(&full).map_err(ImageError::io(context()))?;
             builder.append_data(&mut header, rel, file).map_err(ImageError::io(context()))?;
         } else {
-            let kind = if file_type.is_socket() { "socket" } else { "device node" };
-            tracing::warn!(path = %full.display(), "skipping {kind}: rootfs images do not carry them");
+            left_out.sockets |= file_type.is_socket();
+            left_out.add(rel);
         }
     }
     builder.into_inner().map_err(ImageError::io(format!("finishing tar archive of {}", root.display())))?;
-    Ok(())
+    Ok(left_out)
 }
 
 /// Depth-first list of every path under `dir` (relative to the walk root), parents before children,

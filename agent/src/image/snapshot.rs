@@ -9,13 +9,14 @@
 use std::path::PathBuf;
 
 use ed25519_dalek::SigningKey;
+use gridforge_common::progress::Progress;
 use gridforge_proto::v1::SnapshotResult;
 
 use super::ImageError;
 use super::pack::{self, BlobWriter};
+
 use crate::block::{BlockTarget, TargetOptions};
 use crate::pipeline::{self, PipelineError};
-use crate::progress::Progress;
 use crate::wipe::CancelToken;
 
 /// zstd level of captures: fast, and close to the best ratio on disk images.

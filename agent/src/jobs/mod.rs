@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use ed25519_dalek::SigningKey;
+use gridforge_common::progress::{Progress, ProgressEvent};
 use gridforge_proto::v1::{
     Error as JobFailure, Job, JobEvent, JobKind, JobState, JobStep, ListJobsRequest, SubmitJobRequest,
     error::Code, job::Outcome,
@@ -28,7 +29,6 @@ use crate::block::{BlockError, BlockTarget, MIB, TargetOptions};
 use crate::config::Config;
 use crate::hypervisor::Hypervisor;
 use crate::node::timestamp;
-use crate::progress::{Progress, ProgressEvent};
 use crate::wipe::CancelToken;
 
 use journal::Journal;

@@ -3,6 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use gridforge_common::error_chain;
 use gridforge_proto::v1::{
     DiskTarget, JobKind, Machine, SubmitJobRequest, VmSpec, control_job::Action, disk_target,
     submit_job_request::Job as JobReq,
@@ -322,8 +323,9 @@ fn check_not_in_use(checks: &Checks<'_>, disk: &Path, what: &str) -> Result<(), 
             disk.display()
         ))),
         Err(e) => Err(SubmitError::Unavailable(format!(
-            "{what}: cannot check which domains use {}: {e}",
-            disk.display()
+            "{what}: cannot check which domains use {}: {}",
+            disk.display(),
+            error_chain(&e)
         ))),
     }
 }
@@ -381,9 +383,9 @@ fn hypervisor<'a>(checks: &Checks<'a>, what: &str) -> Result<&'a dyn Hypervisor,
 fn hypervisor_error(what: &str, e: HypervisorError) -> SubmitError {
     match e {
         HypervisorError::NoDomain(_) | HypervisorError::NoVolume(..) => {
-            SubmitError::NotFound(format!("{what}: {e}"))
+            SubmitError::NotFound(format!("{what}: {}", error_chain(&e)))
         }
-        e => SubmitError::Unavailable(format!("{what}: {e}")),
+        e => SubmitError::Unavailable(format!("{what}: {}", error_chain(&e))),
     }
 }
 

@@ -5,6 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gridforge_common::error_chain;
+use gridforge_common::progress::Progress;
 use gridforge_proto::v1::{
     ControlResult, Error as JobFailure, ResizeResult, SnapshotResult, VmSpec, WipeResult,
     control_job::Action, error::Code, job::Outcome,
@@ -12,11 +14,10 @@ use gridforge_proto::v1::{
 
 use super::request::{DomainPlan, Target, Work, scrub_spec, volume_size};
 use super::{Inner, make_safe};
-use crate::error_chain;
+
 use crate::hypervisor::{DomainDef, DomainState, Hypervisor, HypervisorError};
 use crate::image::Trust;
 use crate::image::snapshot::SnapshotRequest;
-use crate::progress::Progress;
 use crate::provision::resize::{DiskGrowth, ResizeError};
 use crate::provision::{self, ImageSource, ProvisionRequest};
 use crate::wipe::{self, CancelToken};
@@ -48,7 +49,7 @@ impl Failure {
             HypervisorError::NoDomain(_) | HypervisorError::NoVolume(..) => Code::NotFound,
             _ => Code::Hypervisor,
         };
-        Self::at(step, code, e.to_string())
+        Self::at(step, code, error_chain(&e))
     }
 
     pub(crate) fn into_proto(self, current_step: &str) -> JobFailure {
@@ -204,7 +205,12 @@ fn provision(
     {
         // The volume exists only for this provision: nothing half-written stays behind.
         if let Err(e) = hv.delete_volume(name) {
-            tracing::error!(job = ctx.id, volume = name, "cannot delete the failed provision's volume: {e}");
+            tracing::error!(
+                job = ctx.id,
+                volume = name,
+                "cannot delete the failed provision's volume: {}",
+                error_chain(&e)
+            );
         }
     }
     result

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use gridforge_common::error_chain;
 use gridforge_proto::v1::{Check, DiagnosticsReport, Job, JobState, check::Status, job::Outcome};
 
 use super::stats::{self, Space};
@@ -157,7 +158,7 @@ impl LibvirtFacts {
             LibvirtFacts::Connected { kind: Ok(DomainType::Qemu), .. } => {
                 check("hypervisor", Status::Ok, "qemu: guests run under TCG emulation")
             }
-            LibvirtFacts::Connected { kind: Err(e), .. } => check("hypervisor", Status::Fail, e.to_string()),
+            LibvirtFacts::Connected { kind: Err(e), .. } => check("hypervisor", Status::Fail, error_chain(e)),
         }
     }
 
@@ -195,7 +196,7 @@ impl LibvirtFacts {
                 return check("pool", Status::Warn, "not checked: libvirt is unreachable");
             }
             LibvirtFacts::Connected { pool: Err(e), .. } => {
-                return check("pool", Status::Fail, e.to_string());
+                return check("pool", Status::Fail, error_chain(&e));
             }
             LibvirtFacts::Connected { pool: Ok(pool), .. } => pool,
         };

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use gridforge_common::error_chain;
 use gridforge_proto::v1::{DiskStats, FsStats, MemoryStats, NetStats, NodeStatsReport, VmStats};
 
 use super::{NodeContext, timestamp};
@@ -56,7 +57,7 @@ impl Counters {
         let net = read_proc("/proc/net/dev", parse_net_dev);
         let vms = match &ctx.hypervisor {
             Some(hv) => hv.stats().unwrap_or_else(|e| {
-                tracing::warn!("node stats: no VM stats: {e}");
+                tracing::warn!("node stats: no VM stats: {}", error_chain(&e));
                 Vec::new()
             }),
             None => Vec::new(),
@@ -299,7 +300,7 @@ fn filesystems(ctx: &NodeContext) -> Vec<FsStats> {
     if let Some(hv) = &ctx.hypervisor {
         match hv.pool() {
             Ok(pool) => dirs.push(("pool", pool.path)),
-            Err(e) => tracing::warn!("node stats: no pool: {e}"),
+            Err(e) => tracing::warn!("node stats: no pool: {}", error_chain(&e)),
         }
     }
     dirs.push(("cache", ctx.config.cache_dir.clone()));

@@ -11,13 +11,53 @@ pub mod stream;
 pub mod unpack;
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use crate::block::BlockError;
 
 pub use rawdisk::{RawDiskInfo, RawWriteStats, pack_raw_disk, pack_raw_disk_with, write_raw_disk};
 pub use stream::{Compression, HashingReader, LimitedReader, decoder, sniff};
 pub use unpack::{UnpackOptions, UnpackStats, unpack_rootfs};
+
+/// Device nodes, fifos (and sockets) a root file system carried and that were left out: how many, and the
+/// first few paths. The guest's devtmpfs makes its device nodes and systemd its fifos at boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeftOut {
+    pub count: u64,
+    /// The first paths left out, as absolute guest paths (`/dev/null`).
+    pub examples: Vec<String>,
+    pub sockets: bool,
+}
+
+impl LeftOut {
+    const EXAMPLES: usize = 3;
+
+    /// Count `path` (an archive or tree path such as `./dev/null`) as left out.
+    pub fn add(&mut self, path: &Path) {
+        self.count += 1;
+        if self.examples.len() < Self::EXAMPLES {
+            let parts: Vec<_> = path
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(p) => Some(p.to_string_lossy()),
+                    _ => None,
+                })
+                .collect();
+            self.examples.push(format!("/{}", parts.join("/")));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// `8 device nodes and fifos (/dev/null, /dev/zero, /dev/full, …)`.
+    pub fn describe(&self) -> String {
+        let what = if self.sockets { "device nodes, fifos and sockets" } else { "device nodes and fifos" };
+        let more = if self.count > self.examples.len() as u64 { ", …" } else { "" };
+        format!("{} {what} ({}{more})", self.count, self.examples.join(", "))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

@@ -22,12 +22,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Mutex, OnceLock};
 
+use gridforge_common::progress::Progress;
 use zstd_safe::DCtx;
 
 use super::PipelineError;
 use super::stream::{self, HashingReader, LimitedReader};
+
 use crate::block::{AlignedBuf, BlockTarget, MIB, TargetKind};
-use crate::progress::Progress;
 use crate::wipe::CancelToken;
 
 /// Disk bytes per independent frame.

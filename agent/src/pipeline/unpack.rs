@@ -15,13 +15,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
+use gridforge_common::progress::Progress;
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use tar::EntryType;
 
-use super::PipelineError;
 use super::stream;
-use crate::progress::Progress;
+use super::{LeftOut, PipelineError};
 
 const STEP: &str = "build";
 const PROGRESS_EVERY: u64 = 64 << 20;
@@ -29,7 +29,8 @@ const XATTR_PREFIX: &str = "SCHILY.xattr.";
 
 #[derive(Clone, Debug, Default)]
 pub struct UnpackOptions {
-    /// Create device nodes and fifos (trusted images only); otherwise they are skipped with a warning.
+    /// Create device nodes and fifos (trusted images only); otherwise they are left out, with one warning
+    /// for the image.
     pub allow_devices: bool,
 }
 
@@ -39,7 +40,8 @@ pub struct UnpackStats {
     pub entries: u64,
     /// Bytes of regular file content written.
     pub bytes: u64,
-    pub skipped_devices: u64,
+    /// Device nodes and fifos left out (an untrusted image).
+    pub left_out: LeftOut,
     /// Bytes of the blob (as stored, compressed).
     pub compressed_bytes: u64,
 }
@@ -75,6 +77,10 @@ pub fn unpack_rootfs(
     let expected = expected_sha256.to_ascii_lowercase();
     if actual != expected {
         return Err(PipelineError::DigestMismatch { expected, actual });
+    }
+    if !stats.left_out.is_empty() {
+        // One line for the image, however many it carries.
+        tracing::warn!(image = %expected, "left out {} of an untrusted image", stats.left_out.describe());
     }
     stats.compressed_bytes = compressed_bytes;
     progress.report(STEP, stats.bytes, stats.bytes, "rootfs unpacked");
@@ -255,8 +261,7 @@ impl Extractor<'_> {
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 if !self.opts.allow_devices {
-                    stats.skipped_devices += 1;
-                    tracing::warn!(path = %raw_path.display(), "skipping device node or fifo in untrusted image");
+                    stats.left_out.add(&raw_path);
                     return Ok(());
                 }
                 let (sflag, dev) = match kind {

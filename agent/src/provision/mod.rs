@@ -10,6 +10,8 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
+use gridforge_common::error_chain;
+use gridforge_common::progress::Progress;
 use gridforge_proto::v1::{
     Filesystem, PartitionResult, ProvisionResult, VmSpec, error::Code, partition::Role,
 };
@@ -21,7 +23,6 @@ use crate::image::index::{Format, IndexEntry};
 use crate::image::{Cache, Store, Trust};
 use crate::partition::{self, GptPlan, PartitionRequest};
 use crate::pipeline::{rawdisk, unpack};
-use crate::progress::Progress;
 use crate::wipe::CancelToken;
 
 pub use spec::SpecError;
@@ -49,13 +50,7 @@ impl ProvisionError {
 
     /// The structured error of the contract: code, step and the whole cause chain as the message.
     pub fn to_proto(&self) -> gridforge_proto::v1::Error {
-        let mut message = self.source.to_string();
-        let mut cause = self.source.source();
-        while let Some(c) = cause {
-            message.push_str(": ");
-            message.push_str(&c.to_string());
-            cause = c.source();
-        }
+        let message = error_chain(&*self.source);
         gridforge_proto::v1::Error { code: self.code as i32, step: self.step.to_string(), message }
     }
 }

@@ -26,12 +26,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use gpt::disk::LogicalBlockSize;
+use gridforge_common::progress::Progress;
 use gridforge_proto::v1::{Filesystem, ResizeResult, error::Code};
 
 use crate::block::{BlockError, BlockTarget, MIB, TargetKind, TargetOptions};
 use crate::fs::{self, FsError, FsInfo, Probed};
 use crate::partition::{self, PartitionError, TablePartition};
-use crate::progress::Progress;
 
 /// The step progress is reported in while checking, and while changing the disk.
 const CHECK_STEP: &str = "check";

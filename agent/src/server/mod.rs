@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gridforge_common::error_chain;
 use gridforge_proto::v1::agent_server::{Agent, AgentServer};
 use gridforge_proto::v1::{
     CancelJobRequest, DiagnosticsReport, DiagnosticsRequest, GetJobRequest, Job, JobEvent, ListJobsRequest,
@@ -14,7 +15,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
-use crate::error_chain;
 use crate::jobs::{CancelError, JobEngine, SubmitError, WatchError};
 use crate::node::{self, NodeContext};
 
@@ -43,14 +43,14 @@ pub fn agent_server(svc: AgentService, config: &Config) -> AgentServer<AgentServ
 
 impl From<SubmitError> for Status {
     fn from(e: SubmitError) -> Status {
-        let message = e.to_string();
+        let message = error_chain(&e);
         match e {
             SubmitError::Invalid { .. } => Status::invalid_argument(message),
             SubmitError::Busy { .. } | SubmitError::Precondition(_) => Status::failed_precondition(message),
             SubmitError::NotFound(_) => Status::not_found(message),
             SubmitError::Unavailable(_) | SubmitError::ShuttingDown => Status::unavailable(message),
             SubmitError::Unsupported(_) => Status::unimplemented(message),
-            SubmitError::Journal(_) => Status::internal(error_chain(&e)),
+            SubmitError::Journal(_) => Status::internal(message),
         }
     }
 }

@@ -33,10 +33,10 @@ use std::time::{Instant, SystemTime};
 
 use chacha20::ChaCha8Rng;
 use chacha20::rand_core::SeedableRng;
+use gridforge_common::progress::Progress;
 use zeroize::Zeroizing;
 
 use crate::block::{self, AlignedBuf, BlockError, BlockTarget, MIB, TargetKind, TargetOptions};
-use crate::progress::Progress;
 
 pub use report::WipeReport;
 pub use safety::{Refusal, WipePolicy};

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use gridforge_agent::client::{ClientTls, connect};
+use gridforge_common::client::{ClientTls, connect};
 use gridforge_proto::v1::ListJobsRequest;
 use gridforge_proto::v1::agent_client::AgentClient;
 use sha2::{Digest, Sha256};

@@ -29,8 +29,7 @@ fn set_mtime(path: &Path) {
     fs::File::open(path).unwrap().set_modified(time).unwrap();
 }
 
-/// A small rootfs: directories, an executable (0755), a file owned by 1000:1000, a symlink, a hardlink and
-/// a fifo.
+/// A small rootfs: directories, an executable (0755), a file owned by 1000:1000, a symlink and a hardlink.
 pub fn make_rootfs(root: &Path) {
     fs::create_dir_all(root.join("bin")).unwrap();
     fs::create_dir_all(root.join("etc")).unwrap();
@@ -45,7 +44,6 @@ pub fn make_rootfs(root: &Path) {
     std::os::unix::fs::chown(root.join("home/user/notes.txt"), Some(1000), Some(1000)).unwrap();
     std::os::unix::fs::chown(root.join("home/user"), Some(1000), Some(1000)).unwrap();
     std::os::unix::fs::symlink("tool", root.join("bin/sh")).unwrap();
-    run(Command::new("mkfifo").arg(root.join("etc/initctl")));
     for file in ["bin/tool", "etc/hostname", "home/user/notes.txt"] {
         set_mtime(&root.join(file));
     }
@@ -69,7 +67,7 @@ pub fn make_store() -> TestStore {
     let key = sign::load_signing_key(&key_path).unwrap();
     let store_dir = tmp.path().join("store");
     pack::init_store(&store_dir).unwrap();
-    let entry = pack::pack_rootfs(&rootfs, &store_dir, "debian", "12", Kind::Os, &key, 3).unwrap();
+    let entry = pack::pack_rootfs(&rootfs, &store_dir, "debian", "12", Kind::Os, &key, 3).unwrap().entry;
     TestStore { tmp, store_dir, key_path, key, entry }
 }
 

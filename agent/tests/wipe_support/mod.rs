@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use gridforge_agent::progress::Progress;
 use gridforge_agent::wipe::{self, CancelToken, Method, Verify, WipeOutcome, WipeRequest};
+use gridforge_common::progress::Progress;
 
 pub const SECRET: &[u8] = b"TENANT-SECRET";
 pub const MIB: u64 = 1 << 20;

@@ -1,4 +1,4 @@
-//! Mutual TLS for the agent's gRPC service (rustls through tonic). The server presents its certificate and
+//! Mutual TLS for gridforge's gRPC services (rustls through tonic). The server presents its certificate and
 //! accepts only clients whose certificate chains to the configured CA; the client presents its certificate
 //! and trusts only that CA. Every PEM file is read and checked here first, so that a missing or broken file
 //! is reported by path before any socket is opened.
@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use x509_parser::pem::Pem;
-
-use crate::config::TlsConfig;
 
 /// A TLS handshake that has not finished after this long is dropped (a stalled peer must not hold a slot).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +29,19 @@ pub enum TlsError {
     BadCertificate { what: &'static str, path: PathBuf, reason: String },
     #[error("the {what} {path} is not a private key in a form rustls reads ({label})")]
     UnsupportedKey { what: &'static str, path: PathBuf, label: String },
+}
+
+impl TlsError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            TlsError::Read { path, .. }
+            | TlsError::BadPem { path, .. }
+            | TlsError::Missing { path, .. }
+            | TlsError::BadCertificate { path, .. }
+            | TlsError::UnsupportedKey { path, .. } => path,
+        }
+    }
 }
 
 /// PEM blocks of a file, read and decoded; errors name the file by its role (`what`).
@@ -81,12 +92,12 @@ pub fn read_private_key(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsE
     Ok(bytes)
 }
 
-/// The server side of mutual TLS from the agent's `[tls]` settings: its certificate and key, and the CA
-/// that client certificates must chain to. A client without such a certificate fails the handshake.
-pub fn server_config(tls: &TlsConfig) -> Result<ServerTlsConfig, TlsError> {
-    let ca = read_certificates("client CA certificate (tls.ca)", &tls.ca)?;
-    let cert = read_certificates("server certificate (tls.cert)", &tls.cert)?;
-    let key = read_private_key("server private key (tls.key)", &tls.key)?;
+/// The server side of mutual TLS: the server's certificate `cert` and key `key`, and the CA `ca` that client
+/// certificates must chain to. A client without such a certificate fails the handshake.
+pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<ServerTlsConfig, TlsError> {
+    let ca = read_certificates("client CA certificate", ca)?;
+    let cert = read_certificates("server certificate", cert)?;
+    let key = read_private_key("server private key", key)?;
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca))

@@ -1,5 +1,5 @@
 //! A small certificate authority for a grid: one CA (`ca.pem`, `ca.key`) and certificates it signs
-//! (`NAME.pem`, `NAME.key`) usable both as TLS server and client certificates, for the agent's mutual TLS.
+//! (`NAME.pem`, `NAME.key`) usable both as TLS server and client certificates, for mutual TLS between gridforge programs.
 //! Keys are ECDSA P-256; private keys are written with mode 0600 and never overwritten.
 
 use std::io::Write;
@@ -40,7 +40,7 @@ pub enum PkiError {
     BadName { name: String, reason: &'static str },
     #[error("--days must be at least 1")]
     BadDays,
-    #[error("cannot make the certificate: {0}")]
+    #[error("cannot make the certificate")]
     Generate(#[from] rcgen::Error),
 }
 
