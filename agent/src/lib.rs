@@ -62,6 +62,7 @@ impl Error {
             Error::Image(I::BadIndex { .. } | I::BadIndexJson { .. } | I::BadSource { .. }) => {
                 Code::CorruptImage
             }
+            Error::Image(I::Unreachable { .. } | I::HttpStatus { .. }) => Code::ImageStoreUnavailable,
             Error::Image(I::Exists { .. }) => Code::InvalidSpec,
             Error::Image(I::Disk(_)) => Code::Target,
             Error::Image(I::Cancelled) => Code::Cancelled,

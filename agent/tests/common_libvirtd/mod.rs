@@ -98,7 +98,11 @@ impl Libvirtd {
             ));
         }
         script.push_str("ip link set lo up\nip link add gfbr0 type bridge\nip link set gfbr0 up\n");
-        script.push_str("exec libvirtd --config /etc/libvirt/libvirtd.conf\n");
+        // The default pid file, /run/libvirtd.pid, is outside the private directories: a second private
+        // daemon (another test, another checkout) would find it locked and exit.
+        script.push_str(
+            "exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid\n",
+        );
         let log = std::fs::File::create(self.dir.join("libvirtd.stderr")).unwrap();
         let mut command = Command::new("unshare");
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It makes the kernel kill the

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use gridforge_agent::config::{Config, JobsConfig, LibvirtConfig, TlsConfig};
 use gridforge_agent::jobs::JobEngine;
@@ -128,6 +129,20 @@ pub async fn watch_to_end(client: &mut AgentClient<Channel>, id: &str) -> Vec<Jo
         "the stream ended without a final event: {events:?}"
     );
     events
+}
+
+/// Submit `req` and follow the job to its end, at most `limit`: the finished job and its events.
+pub async fn run_job(
+    client: &mut AgentClient<Channel>,
+    req: SubmitJobRequest,
+    limit: Duration,
+) -> (Job, Vec<JobEvent>) {
+    let key = req.idempotency_key.clone();
+    let job = client.submit_job(req).await.unwrap_or_else(|e| panic!("SubmitJob {key}: {e:?}")).into_inner();
+    let events = tokio::time::timeout(limit, watch_to_end(client, &job.id))
+        .await
+        .unwrap_or_else(|_| panic!("job {} ({key}) did not end within {limit:?}", job.id));
+    (get(client, &job.id).await, events)
 }
 
 /// Watch until the first byte-progress event of the job (it is running and has written something).
