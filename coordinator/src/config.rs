@@ -79,8 +79,6 @@ pub struct OpsConfig {
     pub retry_backoff_ms: u64,
     /// Disk-heavy jobs (provision, delete, resize, snapshot) running at once per node; more wait queued.
     pub max_disk_jobs_per_node: usize,
-    /// Operations kept in the view after they finish (the newest); 0 keeps all.
-    pub keep_finished: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -143,7 +141,7 @@ impl Default for PollerConfig {
 
 impl Default for OpsConfig {
     fn default() -> Self {
-        OpsConfig { retry_attempts: 5, retry_backoff_ms: 1000, max_disk_jobs_per_node: 2, keep_finished: 0 }
+        OpsConfig { retry_attempts: 5, retry_backoff_ms: 1000, max_disk_jobs_per_node: 2 }
     }
 }
 
@@ -181,11 +179,22 @@ impl Config {
                 return Err(invalid(format!("auth.users.{name}: {role:?} is not admin, operator or viewer")));
             }
         }
-        if !config.auth.default_role.is_empty() && config.auth.default_role.parse::<crate::api::Role>().is_err() {
-            return Err(invalid(format!("auth.default_role: {:?} is not admin, operator or viewer", config.auth.default_role)));
+        if !config.auth.default_role.is_empty()
+            && config.auth.default_role.parse::<crate::api::Role>().is_err()
+        {
+            return Err(invalid(format!(
+                "auth.default_role: {:?} is not admin, operator or viewer",
+                config.auth.default_role
+            )));
         }
-        if config.poller.interval_ms == 0 || config.poller.concurrency == 0 || config.ops.max_disk_jobs_per_node == 0 {
-            return Err(invalid("poller.interval_ms, poller.concurrency and ops.max_disk_jobs_per_node must be at least 1".into()));
+        if config.poller.interval_ms == 0
+            || config.poller.concurrency == 0
+            || config.ops.max_disk_jobs_per_node == 0
+        {
+            return Err(invalid(
+                "poller.interval_ms, poller.concurrency and ops.max_disk_jobs_per_node must be at least 1"
+                    .into(),
+            ));
         }
         Ok(config)
     }
@@ -220,7 +229,9 @@ mod tests {
         assert_eq!(c.listen.port(), 7444);
         assert!(Config::parse("bogus = 1", Path::new("c.toml")).is_err());
         assert!(Config::parse("[tls]\ninsecure = true", Path::new("c.toml")).is_err());
-        assert!(Config::parse("listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true", Path::new("c.toml")).is_ok());
+        assert!(
+            Config::parse("listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true", Path::new("c.toml")).is_ok()
+        );
         assert!(Config::parse("[auth.users]\nalice = \"root\"", Path::new("c.toml")).is_err());
     }
 }
