@@ -3,11 +3,14 @@
 //!
 //! [`place`] never scans the whole grid when it succeeds. It reads the snapshot's index:
 //! - a pinned node is checked alone;
-//! - a selector whose rarest label pair is on at most [`LABEL_SCAN_LIMIT`] nodes reads exactly those nodes,
-//!   so the choice among them is exact;
+//! - a selector whose rarest label pair is on few nodes reads exactly those nodes, so the choice among them
+//!   is exact. "Few" is m nodes out of n schedulable with m² ≤ [`CANDIDATES`] · n: a walk would pass about
+//!   n / m nodes per match and need [`CANDIDATES`] matches;
 //! - otherwise, in every feasibility class the request admits (datacenter, arch, hypervisor kind), nodes are
-//!   read in ascending free memory from the request's memory upward and the first [`CANDIDATES_PER_CLASS`]
-//!   that pass every filter are scored. Best fit on memory is thereby exact; the cost is in the other scores:
+//!   read in ascending free memory from the request's memory upward, and the first that pass every filter
+//!   are scored: [`CANDIDATES`] in all, shared among the classes, at least the best fit of each (so a
+//!   workload's preferred hypervisor kind is always among them). Best fit on memory is thereby exact; the
+//!   cost is in the other scores:
 //!   a node with more free memory that holds the image in cache, or is less loaded, is not seen when enough
 //!   tighter fits exist (`bench/schedule` measures what that costs in packing).
 //! - With a spread group, the walk skips nodes that already hold members of the group; if no member-free
@@ -38,11 +41,9 @@ pub use refusal::{Refusal, Unschedulable};
 pub use score::Scores;
 pub use snapshot::Snapshot;
 
-/// Feasible nodes scored per feasibility class when neither a selector nor a spread group narrows the search.
-pub const CANDIDATES_PER_CLASS: usize = 16;
-
-/// A selector label pair held by at most this many nodes is answered by reading all of them.
-pub const LABEL_SCAN_LIMIT: usize = 1024;
+/// Feasible nodes scored per decision when the index is walked, shared among the feasibility classes the
+/// request admits, at least one per class (its best fit).
+pub const CANDIDATES: usize = 16;
 
 /// A decision: the chosen node, its scores, and how many nodes were looked at to make it.
 #[derive(Debug, Clone, Serialize)]
@@ -143,16 +144,18 @@ fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
         r.selector.iter().map(|(k, v)| s.labelled(k, v).unwrap_or(&NO_NODES)).min_by_key(|names| names.len());
     if let Some(pin) = &r.node {
         candidates.extend(s.node(pin).filter(|n| fits(n)));
-    } else if let Some(names) = rarest_label.filter(|names| names.len() <= LABEL_SCAN_LIMIT) {
+    } else if let Some(names) = rarest_label.filter(|names| names.len().pow(2) <= CANDIDATES * s.schedulable()) {
         candidates.extend(names.iter().filter_map(|name| s.node(name)).filter(|n| fits(n)));
     } else {
         let group = r.spread_group.as_deref();
-        for class in s.classes().iter().filter(|c| c.admits(r)) {
+        let classes: Vec<_> = s.classes().iter().filter(|c| c.admits(r)).collect();
+        let per_class = CANDIDATES.div_ceil(classes.len().max(1));
+        for class in classes {
             let found = candidates.len();
             for n in class.fitting(r.resources.memory_mib).filter_map(|name| s.node(name)) {
                 if group.is_none_or(|g| n.group_count(g) == 0) && fits(n) {
                     candidates.push(n);
-                    if candidates.len() - found == CANDIDATES_PER_CLASS {
+                    if candidates.len() - found == per_class {
                         break;
                     }
                 }

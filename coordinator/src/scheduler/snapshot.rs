@@ -207,6 +207,11 @@ impl Snapshot {
         self.nodes.is_empty()
     }
 
+    /// How many nodes are Ready and not cordoned.
+    pub fn schedulable(&self) -> usize {
+        self.index.classes.iter().map(|c| c.by_free_memory.len()).sum()
+    }
+
     pub(super) fn classes(&self) -> &[Class] {
         &self.index.classes
     }
