@@ -90,6 +90,9 @@ fn check_vm_name(name: &str) -> Result<(), OpError> {
     }
 }
 
+/// The resize step that changes a domain's vCPUs and memory (the disk's is "resize").
+pub(crate) const RESOURCES_STEP: &str = "resources";
+
 fn step(name: &str, op: &str, node: &str) -> OperationStep {
     OperationStep {
         name: name.to_string(),
@@ -420,17 +423,32 @@ impl Engine {
                     short.join("; ")
                 )));
             }
-            if new.vcpus != old.vcpus || new.memory_mib != old.memory_mib {
-                return Err(OpError::Unimplemented(
-                    "changing the vCPUs or memory of a defined domain: the agents have no job for it yet; \
-                     only --disk-mib is applied"
-                        .into(),
-                ));
+            // Each change is one agent job on the shut-off domain: the disk's, then the vCPUs' and memory's.
+            let mut steps = Vec::new();
+            if new.disk_mib != old.disk_mib {
+                steps.push(step("resize", &op.id, &vm.node));
             }
+            if new.vcpus != old.vcpus || new.memory_mib != old.memory_mib {
+                steps.push(step(RESOURCES_STEP, &op.id, &vm.node));
+            }
+            if matches!(vm.state(), VmState::Running | VmState::Paused) {
+                return Err(OpError::Precondition(format!(
+                    "vm {} is {}: stop it first (gridctl vm stop {})",
+                    vm.name,
+                    vm.state().as_str_name().to_ascii_lowercase(),
+                    vm.name
+                )));
+            }
+            op.steps = steps;
             op.previous = Some(old);
             vm.resources = Some(new);
-            if let Some(d) = vm.spec.as_mut().and_then(|s| s.disk.as_mut()) {
-                d.size_mib = new.disk_mib;
+            if let Some(s) = vm.spec.as_mut() {
+                if let Some(d) = s.disk.as_mut() {
+                    d.size_mib = new.disk_mib;
+                }
+                if let Some(m) = s.machine.as_mut() {
+                    (m.vcpus, m.memory_mib) = (new.vcpus, new.memory_mib);
+                }
             }
             Ok(())
         })

@@ -12,7 +12,7 @@ use gridforge_proto::v1::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 
-use super::{Engine, lock};
+use super::{Engine, RESOURCES_STEP, lock};
 use crate::grid::{Change, OpKind, OpState, Operation, VmState, is_finished, now};
 
 /// Why one try of a step did not end with a finished job.
@@ -117,7 +117,18 @@ impl Engine {
                 domain: vm.name.clone(),
                 action: op.action,
                 grace_seconds: param("grace_seconds").parse().unwrap_or(0),
+                ..Default::default()
             }),
+            OpKind::ResizeVm if step.name == RESOURCES_STEP => {
+                let r = vm.resources.unwrap_or_default();
+                JobReq::Control(ControlJob {
+                    domain: vm.name.clone(),
+                    action: Action::SetResources as i32,
+                    vcpus: r.vcpus,
+                    memory_mib: r.memory_mib,
+                    ..Default::default()
+                })
+            }
             OpKind::ResizeVm => JobReq::Resize(ResizeJob {
                 target: volume(&vm.volume),
                 size_mib: vm.resources.unwrap_or_default().disk_mib,
@@ -368,13 +379,12 @@ impl Engine {
                             op.result = format!("domain {observed}");
                             vm.observed_state = observed;
                         }
-                        (OpKind::ResizeVm, outcome) => {
-                            if let Some(Outcome::Resize(r)) = outcome {
-                                op.result = format!("disk {} bytes", r.disk_size_bytes);
-                            }
-                            if vm.state() == VmState::Failed {
-                                vm.state = VmState::Stopped as i32;
-                            }
+                        (OpKind::ResizeVm, _) => {
+                            let r = vm.resources.unwrap_or_default();
+                            op.result = format!(
+                                "{} vCPUs, {} MiB memory, {} MiB disk (vCPUs and memory from the next start)",
+                                r.vcpus, r.memory_mib, r.disk_mib
+                            );
                         }
                         (OpKind::SnapshotVm, outcome) => {
                             if let Some(Outcome::Snapshot(r)) = outcome {
@@ -402,9 +412,23 @@ impl Engine {
                             if kind == OpKind::ResizeVm
                                 && let Some(prev) = op.previous
                             {
-                                vm.resources = Some(prev);
-                                if let Some(d) = vm.spec.as_mut().and_then(|s| s.disk.as_mut()) {
-                                    d.size_mib = prev.disk_mib;
+                                // Only what did not change on the agent goes back.
+                                let mut r = vm.resources.unwrap_or_default();
+                                for st in op.steps.iter().filter(|st| st.state() != OpState::Succeeded) {
+                                    if st.name == RESOURCES_STEP {
+                                        (r.vcpus, r.memory_mib) = (prev.vcpus, prev.memory_mib);
+                                    } else {
+                                        r.disk_mib = prev.disk_mib;
+                                    }
+                                }
+                                vm.resources = Some(r);
+                                if let Some(s) = vm.spec.as_mut() {
+                                    if let Some(d) = s.disk.as_mut() {
+                                        d.size_mib = r.disk_mib;
+                                    }
+                                    if let Some(m) = s.machine.as_mut() {
+                                        (m.vcpus, m.memory_mib) = (r.vcpus, r.memory_mib);
+                                    }
                                 }
                             }
                             if kind == OpKind::DeleteVm {

@@ -68,6 +68,7 @@ async fn poll_one(
 pub fn drift_of(state: &GridState, node: &str, stats: &NodeStatsReport) -> Vec<Drift> {
     let domains: BTreeMap<&str, &str> =
         stats.vms.iter().map(|v| (v.name.as_str(), v.state.as_str())).collect();
+    let vcpus: BTreeMap<&str, u32> = stats.vms.iter().map(|v| (v.name.as_str(), v.vcpus)).collect();
     let mut out = Vec::new();
     for vm in state.vms_on(node) {
         if matches!(vm.state(), VmState::Provisioning | VmState::Deleting | VmState::Failed) {
@@ -85,7 +86,17 @@ pub fn drift_of(state: &GridState, node: &str, stats: &NodeStatsReport) -> Vec<D
                     vm: vm.name.clone(),
                     detail: format!("desired {}, domain {actual}", vm.desired_state),
                 }),
-            Some(_) => {}
+            Some(actual) => {
+                let want = vm.resources.unwrap_or_default().vcpus;
+                let have = vcpus.get(vm.name.as_str()).copied().unwrap_or(0);
+                if *actual == "running" && have > 0 && have != want {
+                    out.push(Drift {
+                        kind: drift::Kind::State as i32,
+                        vm: vm.name.clone(),
+                        detail: format!("domain runs {have} vCPUs, the grid gives it {want}"),
+                    });
+                }
+            }
         }
     }
     for name in domains.keys() {
