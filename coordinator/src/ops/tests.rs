@@ -288,3 +288,31 @@ async fn resume_after_a_restart_reattaches_to_the_submitted_job() {
         e.create_vm(CreateVmRequest { spec: Some(spec("web2")), ..Default::default() }, "alice").unwrap();
     assert_eq!(next.operation.unwrap().id, "op-000008", "ids go on after the stored ones");
 }
+
+#[tokio::test]
+async fn disk_jobs_beyond_the_node_limit_wait_queued() {
+    let agent = Arc::new(FakeAgent { hold: true, ..Default::default() });
+    let address = serve(agent.clone()).await;
+    let store = Arc::new(MemoryStore::default());
+    store.commit(&[Change::PutNode(node(&address))]).unwrap();
+    let view = GridView::open(Box::new(store), Defaults::default()).unwrap();
+    let config = OpsConfig { max_disk_jobs_per_node: 1, ..OpsConfig::default() };
+    let e = Engine::new(view, AgentPool::new(None, Duration::from_secs(5)), config);
+    let first =
+        e.create_vm(CreateVmRequest { spec: Some(spec("a")), ..Default::default() }, "alice").unwrap();
+    let second =
+        e.create_vm(CreateVmRequest { spec: Some(spec("b")), ..Default::default() }, "alice").unwrap();
+    let (first, second) = (first.operation.unwrap().id, second.operation.unwrap().id);
+    let mut states = (OpState::Unspecified, OpState::Unspecified);
+    for _ in 0..300 {
+        states = e.view().read(|s| (s.ops[&first].state(), s.ops[&second].state()));
+        if states == (OpState::Running, OpState::Queued) && *agent.submits.lock().unwrap() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(states, (OpState::Running, OpState::Queued));
+    let waiting = e.view().read(|s| s.ops[&second].steps[0].message.clone());
+    assert!(waiting.contains("waiting"), "{waiting}");
+    assert_eq!(*agent.submits.lock().unwrap(), 1, "the second job is not submitted while the slot is taken");
+}
