@@ -3,7 +3,7 @@
 //! Only schedulable nodes (Ready, not cordoned) are indexed, three ways:
 //! - by feasibility class — nodes with the same datacenter, arch and hypervisor kinds — and within a class by
 //!   free memory after overcommit, so best fit is a range query from the request's memory upward;
-//! - by label (key, value), so a selector that few nodes match is answered by reading just those;
+//! - by label (key, value) and by license, so a constraint few nodes meet is answered by reading just those;
 //! - by spread group and member count, so the nodes holding the fewest of a group are found without a scan.
 //!
 //! Every change is O(log n) per index entry the node has (its labels and groups).
@@ -23,7 +23,9 @@ pub struct Snapshot {
 struct Index {
     classes: Vec<Class>,
     /// label key -> value -> nodes.
-    labels: HashMap<String, HashMap<String, BTreeSet<String>>>,
+    labels: HashMap<String, Postings>,
+    /// license -> nodes.
+    licenses: Postings,
     /// spread group -> member count (> 0) -> nodes.
     groups: HashMap<String, BTreeMap<u32, BTreeSet<String>>>,
 }
@@ -36,18 +38,85 @@ pub(super) struct Class {
     hypervisors: Vec<String>,
     /// (free memory MiB after overcommit, node name).
     by_free_memory: BTreeSet<(u64, String)>,
+    /// How many of the class's nodes reach each image, have each license, carry each label: a request that
+    /// needs what no node here has skips the class without reading a node.
+    images: Counts,
+    licenses: Counts,
+    labels: HashMap<String, Counts>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Counts(HashMap<String, usize>);
+
+impl Counts {
+    fn add(&mut self, value: &str) {
+        *self.0.entry(value.to_owned()).or_default() += 1;
+    }
+
+    fn remove(&mut self, value: &str) {
+        if let Some(count) = self.0.get_mut(value) {
+            *count -= 1;
+            if *count == 0 {
+                self.0.remove(value);
+            }
+        }
+    }
+
+    fn has(&self, value: &str) -> bool {
+        self.0.contains_key(value)
+    }
 }
 
 impl Class {
+    fn new(n: &NodeInfo) -> Class {
+        Class {
+            datacenter: n.datacenter.clone(),
+            arch: n.arch.clone(),
+            hypervisors: n.hypervisors.clone(),
+            by_free_memory: BTreeSet::new(),
+            images: Counts::default(),
+            licenses: Counts::default(),
+            labels: HashMap::new(),
+        }
+    }
+
     fn holds(&self, n: &NodeInfo) -> bool {
         self.datacenter == n.datacenter && self.arch == n.arch && self.hypervisors == n.hypervisors
     }
 
-    /// Whether the request's datacenter, arch and hypervisor constraints admit this class.
+    fn insert(&mut self, n: &NodeInfo) {
+        self.by_free_memory.insert((n.free().memory_mib, n.name.clone()));
+        n.images.iter().for_each(|image| self.images.add(image));
+        n.licenses.iter().for_each(|license| self.licenses.add(license));
+        for (key, value) in &n.labels {
+            self.labels.entry(key.clone()).or_default().add(value);
+        }
+    }
+
+    fn remove(&mut self, n: &NodeInfo) {
+        self.by_free_memory.remove(&(n.free().memory_mib, n.name.clone()));
+        n.images.iter().for_each(|image| self.images.remove(image));
+        n.licenses.iter().for_each(|license| self.licenses.remove(license));
+        for (key, value) in &n.labels {
+            if let Some(values) = self.labels.get_mut(key) {
+                values.remove(value);
+            }
+        }
+    }
+
+    /// Whether some node of the class may take the request: the datacenter, arch and hypervisor kind match,
+    /// and the image, each license and each selector label are on at least one node.
     pub(super) fn admits(&self, r: &Request) -> bool {
         r.datacenter.as_ref().is_none_or(|dc| *dc == self.datacenter)
             && r.arch.as_ref().is_none_or(|arch| *arch == self.arch)
             && r.hypervisor.as_ref().is_none_or(|kind| self.hypervisors.contains(kind))
+            && (r.image.is_empty() || self.images.has(&r.image))
+            && r.licenses.iter().all(|license| self.licenses.has(license))
+            && r.selector.iter().all(|(key, value)| self.labels.get(key).is_some_and(|values| values.has(value)))
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_free_memory.is_empty()
     }
 
     /// Node names in ascending free memory, starting at the first with at least `memory_mib` free.
@@ -58,27 +127,49 @@ impl Class {
     }
 }
 
+static NO_NODES: BTreeSet<String> = BTreeSet::new();
+
+/// Attribute value -> the schedulable nodes that have it.
+#[derive(Debug, Clone, Default)]
+struct Postings(HashMap<String, BTreeSet<String>>);
+
+impl Postings {
+    fn add(&mut self, value: &str, name: &str) {
+        self.0.entry(value.to_owned()).or_default().insert(name.to_owned());
+    }
+
+    fn remove(&mut self, value: &str, name: &str) {
+        if let Some(names) = self.0.get_mut(value) {
+            names.remove(name);
+            if names.is_empty() {
+                self.0.remove(value);
+            }
+        }
+    }
+
+    fn get(&self, value: &str) -> &BTreeSet<String> {
+        self.0.get(value).unwrap_or(&NO_NODES)
+    }
+}
+
 impl Index {
     fn insert(&mut self, n: &NodeInfo) {
         if !n.schedulable() {
             return;
         }
-        let class = match self.classes.iter().position(|c| c.holds(n)) {
-            Some(i) => i,
+        match self.classes.iter_mut().find(|c| c.holds(n)) {
+            Some(class) => class.insert(n),
             None => {
-                self.classes.push(Class {
-                    datacenter: n.datacenter.clone(),
-                    arch: n.arch.clone(),
-                    hypervisors: n.hypervisors.clone(),
-                    by_free_memory: BTreeSet::new(),
-                });
-                self.classes.len() - 1
+                let mut class = Class::new(n);
+                class.insert(n);
+                self.classes.push(class);
             }
-        };
-        self.classes[class].by_free_memory.insert((n.free().memory_mib, n.name.clone()));
+        }
         for (key, value) in &n.labels {
-            let values = self.labels.entry(key.clone()).or_default();
-            values.entry(value.clone()).or_default().insert(n.name.clone());
+            self.labels.entry(key.clone()).or_default().add(value, &n.name);
+        }
+        for license in &n.licenses {
+            self.licenses.add(license, &n.name);
         }
         for (group, &count) in n.groups.iter().filter(|(_, c)| **c > 0) {
             let levels = self.groups.entry(group.clone()).or_default();
@@ -92,17 +183,15 @@ impl Index {
             return;
         }
         if let Some(class) = self.classes.iter_mut().find(|c| c.holds(n)) {
-            class.by_free_memory.remove(&(n.free().memory_mib, n.name.clone()));
+            class.remove(n);
         }
         for (key, value) in &n.labels {
-            if let Some(values) = self.labels.get_mut(key)
-                && let Some(names) = values.get_mut(value)
-            {
-                names.remove(&n.name);
-                if names.is_empty() {
-                    values.remove(value);
-                }
+            if let Some(values) = self.labels.get_mut(key) {
+                values.remove(value, &n.name);
             }
+        }
+        for license in &n.licenses {
+            self.licenses.remove(license, &n.name);
         }
         for (group, count) in &n.groups {
             self.remove_member(group, *count, &n.name);
@@ -216,9 +305,15 @@ impl Snapshot {
         &self.index.classes
     }
 
-    /// Schedulable nodes carrying label `key=value`, in name order.
-    pub(super) fn labelled(&self, key: &str, value: &str) -> Option<&BTreeSet<String>> {
-        self.index.labels.get(key).and_then(|values| values.get(value))
+    /// Of the request's selector pairs and licenses, the one the fewest schedulable nodes meet, and those
+    /// nodes in name order; `None` if the request has neither.
+    pub(super) fn rarest_attribute(&self, r: &Request) -> Option<&BTreeSet<String>> {
+        let labelled = r.selector.iter().map(|(key, value)| match self.index.labels.get(key) {
+            Some(values) => values.get(value),
+            None => &NO_NODES,
+        });
+        let licensed = r.licenses.iter().map(|license| self.index.licenses.get(license));
+        labelled.chain(licensed).min_by_key(|names| names.len())
     }
 
     /// Schedulable nodes holding VMs of `group`, by ascending count.
