@@ -106,10 +106,7 @@ impl ApplierHandle {
 
 /// Starts the applier on its own thread, owning `snapshot` and `sink`; the thread returns both when the last
 /// handle is dropped.
-pub fn spawn_applier<S: ReservationSink>(
-    snapshot: Snapshot,
-    sink: S,
-) -> (ApplierHandle, JoinHandle<(Snapshot, S)>) {
+pub fn spawn_applier<S: ReservationSink>(snapshot: Snapshot, sink: S) -> (ApplierHandle, JoinHandle<(Snapshot, S)>) {
     let (tx, rx) = channel();
     let thread = std::thread::Builder::new()
         .name("placement-applier".to_owned())

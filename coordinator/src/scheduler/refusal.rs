@@ -3,8 +3,8 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use serde::Serialize;
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
+use serde::Serialize;
 
 /// The first filter a node fails, in the order the filters run (see [`super::filter`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,9 +62,7 @@ impl Refusal {
             Refusal::Selector { key, want, .. } => (format!("without label {key}={want}"), None),
             Refusal::Hypervisor { want, .. } => (format!("without a {want} hypervisor"), None),
             Refusal::Arch { want, .. } => (format!("not {want}"), None),
-            Refusal::Cpu { need, free } => {
-                (format!("insufficient vCPUs (need {need}"), Some(u64::from(*free)))
-            }
+            Refusal::Cpu { need, free } => (format!("insufficient vCPUs (need {need}"), Some(u64::from(*free))),
             Refusal::Memory { need, free } => (format!("insufficient memory (need {need} MiB"), Some(*free)),
             Refusal::Disk { need, free } => (format!("insufficient disk (need {need} MiB"), Some(*free)),
             Refusal::NotPinned { .. } => ("not the requested node".to_owned(), None),
