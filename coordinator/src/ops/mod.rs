@@ -397,23 +397,22 @@ impl Engine {
             }
             let info =
                 s.snapshot.node(&vm.node).ok_or_else(|| OpError::Precondition("node unknown".into()))?;
-            let room_cpu =
-                f64::from(info.capacity.vcpus) * info.overcommit_cpu - f64::from(info.allocated.vcpus);
-            let room_mem =
-                info.capacity.memory_mib as f64 * info.overcommit_memory - info.allocated.memory_mib as f64;
-            let room_disk = info.capacity.disk_mib as i128 - info.allocated.disk_mib as i128;
+            // Room as the scheduler counts it (capacity after overcommit, less allocations), plus what the
+            // VM holds already.
+            let free = info.free();
             let mut short = Vec::new();
-            let more_cpu = f64::from(new.vcpus) - f64::from(old.vcpus);
-            if more_cpu > room_cpu {
-                short.push(format!("{more_cpu} more vcpus, {room_cpu:.0} free"));
+            if new.vcpus > old.vcpus && new.vcpus - old.vcpus > free.vcpus {
+                short.push(format!("{} more vCPUs, {} free", new.vcpus - old.vcpus, free.vcpus));
             }
-            let more_mem = new.memory_mib as f64 - old.memory_mib as f64;
-            if more_mem > room_mem {
-                short.push(format!("{more_mem} MiB more memory, {room_mem:.0} free"));
+            if new.memory_mib > old.memory_mib && new.memory_mib - old.memory_mib > free.memory_mib {
+                short.push(format!(
+                    "{} MiB more memory, {} free",
+                    new.memory_mib - old.memory_mib,
+                    free.memory_mib
+                ));
             }
-            let more_disk = new.disk_mib as i128 - old.disk_mib as i128;
-            if more_disk > room_disk {
-                short.push(format!("{more_disk} MiB more disk, {room_disk} free"));
+            if new.disk_mib > old.disk_mib && new.disk_mib - old.disk_mib > free.disk_mib {
+                short.push(format!("{} MiB more disk, {} free", new.disk_mib - old.disk_mib, free.disk_mib));
             }
             if !short.is_empty() {
                 return Err(OpError::Unschedulable(format!(
