@@ -386,7 +386,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Pki(_) => Ok(()),
     };
     result.map_err(|mut f| {
-        if cli.cert.is_none() && f.message.contains("h2 protocol error") {
+        if cli.cert.is_none()
+            && (f.message.contains("h2 protocol error") || f.message.contains("transport error"))
+        {
             f.code = 6;
             f.message.push_str(" (plaintext to a TLS coordinator? give --ca, --cert and --key)");
         }
