@@ -195,6 +195,7 @@ fn real_libvirtd_pool_volume_and_domain_life_cycle() {
             domain: name.into(),
             action: control_job::Action::Stop as i32,
             grace_seconds: 3,
+            ..Default::default()
         })),
     };
     let t = Instant::now();

@@ -144,6 +144,31 @@ fn domain_life_cycle() {
 }
 
 #[test]
+fn resources_of_a_shut_off_domain_change_from_its_next_start() {
+    let state = tempfile::tempdir().unwrap();
+    let hv = Libvirt::new(&config("default-pool", Path::new("/unused")), state.path());
+    let name = "gf-grow";
+    hv.define(&def(name)).expect("define");
+    hv.start(name).expect("start");
+    let err = hv.set_resources(name, 4, 2048).unwrap_err();
+    assert!(matches!(&err, HypervisorError::WrongState { state, .. } if state == "running"), "{err}");
+    hv.destroy(name).expect("destroy");
+    hv.set_resources(name, 4, 2048).expect("set vCPUs and memory");
+    hv.start(name).expect("start grown");
+    let stats = hv.stats().expect("stats");
+    let s = stats.iter().find(|s| s.name == name).expect("stats of the domain");
+    assert_eq!((s.vcpus, s.memory_bytes), (4, 2048 << 20), "{s:?}");
+    hv.destroy(name).unwrap();
+    // 0 keeps a value.
+    hv.set_resources(name, 0, 1024).expect("memory only");
+    hv.start(name).unwrap();
+    let s = hv.stats().unwrap().into_iter().find(|s| s.name == name).unwrap();
+    assert_eq!((s.vcpus, s.memory_bytes), (4, 1024 << 20), "{s:?}");
+    hv.destroy(name).unwrap();
+    hv.undefine(name).unwrap();
+}
+
+#[test]
 fn unknown_domain_and_bad_definitions_are_named() {
     let state = tempfile::tempdir().unwrap();
     let hv = Libvirt::new(&config("default-pool", Path::new("/unused")), state.path());

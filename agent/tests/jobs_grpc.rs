@@ -215,6 +215,7 @@ async fn bad_requests_name_the_field() {
                     domain: "vm".into(),
                     action: 1,
                     grace_seconds: 0,
+                    ..Default::default()
                 })),
             },
             Status::Unavailable,

@@ -407,6 +407,32 @@ impl Hypervisor for Libvirt {
         Ok(())
     }
 
+    fn set_resources(&self, name: &str, vcpus: u32, memory_mib: u64) -> Result<(), HypervisorError> {
+        if let Some(state) = self.state(name)?
+            && state != DomainState::Shutoff
+        {
+            return Err(HypervisorError::WrongState {
+                name: name.to_string(),
+                state: state.as_str().to_string(),
+                what: "set vCPUs and memory of",
+            });
+        }
+        self.on_domain(name, "set vCPUs and memory of", |d| {
+            let config = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+            if vcpus > 0 {
+                // The maximum first: a count above the current maximum is refused.
+                d.set_vcpus_flags(vcpus, config | virt::sys::VIR_DOMAIN_VCPU_MAXIMUM)?;
+                d.set_vcpus_flags(vcpus, config)?;
+            }
+            if memory_mib > 0 {
+                let kib = memory_mib * 1024;
+                d.set_memory_flags(kib, config | virt::sys::VIR_DOMAIN_MEM_MAXIMUM)?;
+                d.set_memory_flags(kib, config)?;
+            }
+            Ok(())
+        })
+    }
+
     fn start(&self, name: &str) -> Result<(), HypervisorError> {
         self.on_domain(name, "start", |d| d.create())
     }

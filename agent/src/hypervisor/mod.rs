@@ -160,6 +160,8 @@ pub trait Hypervisor: Send + Sync {
     fn reboot(&self, name: &str) -> Result<(), HypervisorError>;
     fn suspend(&self, name: &str) -> Result<(), HypervisorError>;
     fn resume(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Set a shut-off domain's vCPUs and memory in MiB (0 keeps one) in its persistent definition.
+    fn set_resources(&self, name: &str, vcpus: u32, memory_mib: u64) -> Result<(), HypervisorError>;
     /// Remove the definition and the per-VM NVRAM; the domain must be shut off.
     fn undefine(&self, name: &str) -> Result<(), HypervisorError>;
     /// None when no such domain exists.

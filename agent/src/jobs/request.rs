@@ -43,7 +43,7 @@ impl Target {
 pub(crate) enum Work {
     Provision { spec: Box<VmSpec>, target: Target, domain: Option<DomainPlan> },
     Wipe { target: Target, method: wipe::Method, verify: wipe::Verify, operator: String },
-    Control { domain: String, action: Action, grace_seconds: u32 },
+    Control { domain: String, action: Action, grace_seconds: u32, vcpus: u32, memory_mib: u64 },
     Delete { domain: String, target: Target, method: wipe::Method, operator: String },
     Resize { target: Target, size_bytes: u64 },
     Snapshot { target: Target, name: String, version: String, notes: String },
@@ -175,14 +175,26 @@ pub(crate) fn prepare(
             check_domain_name(&c.domain, "control.domain")?;
             let action =
                 Action::try_from(c.action).ok().filter(|a| *a != Action::Unspecified).ok_or_else(|| {
-                    invalid("control.action", "required: START, STOP, REBOOT, SUSPEND, RESUME or DESTROY")
+                    invalid(
+                        "control.action",
+                        "required: START, STOP, REBOOT, SUSPEND, RESUME, DESTROY or SET_RESOURCES",
+                    )
                 })?;
+            if action == Action::SetResources && c.vcpus == 0 && c.memory_mib == 0 {
+                return Err(invalid("control.vcpus", "SET_RESOURCES needs vcpus or memory_mib"));
+            }
             hypervisor(checks, "control")?;
             Ok(Prepared {
                 kind: JobKind::Control,
                 target: None,
                 domain: Some(c.domain.clone()),
-                work: Work::Control { domain: c.domain.clone(), action, grace_seconds: c.grace_seconds },
+                work: Work::Control {
+                    domain: c.domain.clone(),
+                    action,
+                    grace_seconds: c.grace_seconds,
+                    vcpus: c.vcpus,
+                    memory_mib: c.memory_mib,
+                },
             })
         }
         JobReq::Delete(d) => {
@@ -355,7 +367,7 @@ pub(crate) fn domain_using(
 }
 
 /// The spec checks the engine runs again at provision time, with field paths from the request's root.
-fn validate_spec(spec: &VmSpec) -> Result<(), SubmitError> {
+pub fn validate_spec(spec: &VmSpec) -> Result<(), SubmitError> {
     crate::provision::spec::validate(spec)
         .map_err(|e| invalid(format!("provision.spec.{}", e.field), e.reason))?;
     if let Some(c) = &spec.customize {
@@ -547,7 +559,7 @@ pub(crate) fn generated_mac(vm: &str, index: usize) -> String {
 }
 
 /// Wipe every secret from a spec in place: LUKS passphrases, root and user passwords (plain or hashed).
-pub(crate) fn scrub_spec(spec: &mut VmSpec) {
+pub fn scrub_spec(spec: &mut VmSpec) {
     if let Some(disk) = &mut spec.disk {
         for p in &mut disk.partitions {
             if let Some(enc) = &mut p.encryption {

@@ -88,7 +88,9 @@ pub(crate) fn run(ctx: &JobContext<'_>, work: Work) -> Result<Outcome, Failure> 
         Work::Wipe { target, method, verify, operator } => {
             wipe_target(ctx, target.path(), method, *verify, operator).map(Outcome::Wipe)
         }
-        Work::Control { domain, action, grace_seconds } => control(ctx, domain, *action, *grace_seconds),
+        Work::Control { domain, action, grace_seconds, vcpus, memory_mib } => {
+            control(ctx, domain, *action, *grace_seconds, (*vcpus, *memory_mib))
+        }
         Work::Delete { domain, target, method, operator } => delete(ctx, domain, target, method, operator),
         Work::Resize { target, size_bytes } => resize(ctx, target, *size_bytes).map(Outcome::Resize),
         Work::Snapshot { target, name, version, notes } => {
@@ -318,6 +320,7 @@ fn control(
     domain: &str,
     action: Action,
     grace_seconds: u32,
+    (vcpus, memory_mib): (u32, u64),
 ) -> Result<Outcome, Failure> {
     let hv = ctx.hypervisor()?;
     let step = "control";
@@ -336,6 +339,7 @@ fn control(
         Action::Suspend => hv.suspend(domain).map_err(hv_err)?,
         Action::Resume => hv.resume(domain).map_err(hv_err)?,
         Action::Destroy => hv.destroy(domain).map_err(hv_err)?,
+        Action::SetResources => hv.set_resources(domain, vcpus, memory_mib).map_err(hv_err)?,
         Action::Unspecified => return Err(Failure::at(step, Code::InvalidSpec, "no action given")),
     }
     let state = hv.state(domain).map_err(hv_err)?.map_or("undefined", DomainState::as_str);
