@@ -3,7 +3,7 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     let descriptor = out.join("gridforge_descriptor.bin");
-    let protos = ["proto/gridforge/v1/agent.proto"];
+    let protos = ["proto/gridforge/v1/agent.proto", "proto/gridforge/v1/coordinator.proto"];
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor)
         .compile_well_known_types(true)

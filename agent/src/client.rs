@@ -36,6 +36,12 @@ pub enum ClientError {
 /// TLS). With `tls` the connection is mutual TLS and an endpoint without a scheme means `https://`; without
 /// it, plaintext (`http://`).
 pub async fn connect(endpoint: &str, tls: Option<&ClientTls>) -> Result<AgentClient<Channel>, ClientError> {
+    Ok(AgentClient::new(channel(endpoint, tls).await?))
+}
+
+/// A connected channel to the gRPC server at `endpoint`, for any service's client, with the rules of
+/// [`connect`]: mutual TLS with `tls` (no scheme means `https://`), plaintext (`http://`) without it.
+pub async fn channel(endpoint: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
     let url = endpoint_url(endpoint, tls.is_some())?;
     let bad = |reason: String| ClientError::Endpoint { endpoint: endpoint.to_string(), reason };
     let mut ep = Endpoint::from_shared(url.clone()).map_err(|e| bad(error_chain(&e)))?;
@@ -44,9 +50,7 @@ pub async fn connect(endpoint: &str, tls: Option<&ClientTls>) -> Result<AgentCli
         let config = tls::client_config(&t.ca, &t.cert, &t.key, t.domain.as_deref())?;
         ep = ep.tls_config(config).map_err(|e| bad(error_chain(&e)))?;
     }
-    let channel =
-        ep.connect().await.map_err(|e| ClientError::Connect { endpoint: url, reason: error_chain(&e) })?;
-    Ok(AgentClient::new(channel))
+    ep.connect().await.map_err(|e| ClientError::Connect { endpoint: url, reason: error_chain(&e) })
 }
 
 /// The URL for `endpoint`, refusing a scheme that contradicts the TLS choice.

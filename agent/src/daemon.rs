@@ -375,7 +375,7 @@ fn escape_label(value: &str) -> String {
 }
 
 /// systemd's notification protocol (`Type=notify`); every call does nothing without `NOTIFY_SOCKET`.
-mod systemd {
+pub mod systemd {
     use std::net::SocketAddr;
     use std::time::Duration;
 

@@ -59,12 +59,20 @@ pub struct CertRequest {
     pub dns: Vec<String>,
     pub ips: Vec<IpAddr>,
     pub days: u32,
+    /// Subject organizational unit (OU), e.g. the role a coordinator grants the holder; none when absent.
+    pub organizational_unit: Option<String>,
 }
 
 impl CertRequest {
     /// A request with the default names: DNS `name` and `localhost`, IP 127.0.0.1.
     pub fn new(name: &str) -> Self {
-        CertRequest { name: name.to_string(), dns: Vec::new(), ips: Vec::new(), days: DEFAULT_CERT_DAYS }
+        CertRequest {
+            name: name.to_string(),
+            dns: Vec::new(),
+            ips: Vec::new(),
+            days: DEFAULT_CERT_DAYS,
+            organizational_unit: None,
+        }
     }
 
     /// The subject alternative names: the given ones, or the defaults when none is given.
@@ -135,6 +143,9 @@ pub fn issue(dir: &Path, req: &CertRequest) -> Result<Issued, PkiError> {
 
     let mut params = CertificateParams::default();
     params.distinguished_name = name(&req.name);
+    if let Some(ou) = &req.organizational_unit {
+        params.distinguished_name.push(DnType::OrganizationalUnitName, ou.as_str());
+    }
     params.subject_alt_names = req.alt_names()?;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];

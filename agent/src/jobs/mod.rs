@@ -34,6 +34,7 @@ use crate::wipe::CancelToken;
 use journal::Journal;
 use metrics::Metrics;
 use request::{Prepared, Work};
+pub use request::{scrub_spec, validate_spec};
 
 /// Byte-progress events per job are thinned to at most one per this interval.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);

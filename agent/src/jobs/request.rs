@@ -353,7 +353,7 @@ pub(crate) fn domain_using(
 }
 
 /// The spec checks the engine runs again at provision time, with field paths from the request's root.
-fn validate_spec(spec: &VmSpec) -> Result<(), SubmitError> {
+pub fn validate_spec(spec: &VmSpec) -> Result<(), SubmitError> {
     crate::provision::spec::validate(spec)
         .map_err(|e| invalid(format!("provision.spec.{}", e.field), e.reason))?;
     if let Some(c) = &spec.customize {
@@ -545,7 +545,7 @@ pub(crate) fn generated_mac(vm: &str, index: usize) -> String {
 }
 
 /// Wipe every secret from a spec in place: LUKS passphrases, root and user passwords (plain or hashed).
-pub(crate) fn scrub_spec(spec: &mut VmSpec) {
+pub fn scrub_spec(spec: &mut VmSpec) {
     if let Some(disk) = &mut spec.disk {
         for p in &mut disk.partitions {
             if let Some(enc) = &mut p.encryption {

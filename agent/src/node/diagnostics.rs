@@ -60,6 +60,7 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
         time: Some(timestamp(SystemTime::now())),
         hypervisor_kind: libvirt.kind().map(|k| k.as_str().to_string()).unwrap_or_default(),
         checks,
+        arch: std::env::consts::ARCH.to_string(),
     }
 }
 

@@ -1,0 +1,5 @@
+//! gridctl: the grid's command line (see `gridctl --help`).
+
+fn main() -> std::process::ExitCode {
+    gridforge_coordinator::cli::main()
+}

@@ -1,0 +1,536 @@
+//! `gridctl`: the grid's command line. A thin adapter: arguments become Coordinator calls, answers become
+//! tables, JSON or progress.
+
+mod output;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gridforge_agent::client::{self, ClientTls};
+use gridforge_agent::pki::{self, CertRequest, DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS};
+use gridforge_proto::v1::coordinator_client::CoordinatorClient;
+use gridforge_proto::v1::{
+    AddNodeRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest, ExplainVmRequest,
+    GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest, ListOperationsRequest, ListVmsRequest,
+    Operation, PlacementConstraints, RemoveNodeRequest, ResizeVmRequest, SnapshotVmRequest, VmSpec,
+    WatchOperationRequest, control_job::Action, operation,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+pub use output::Format;
+
+const EXIT_HELP: &str = "\
+Exit codes:
+  0  success
+  1  failed (an operation failed, or an internal error)
+  2  usage error or invalid request (bad flag, invalid spec)
+  3  not found (no such node, VM or operation)
+  4  refused (already exists, busy, precondition, permission denied)
+  5  unschedulable (no node fits; the message says why, node by node)
+  6  the coordinator cannot be reached";
+
+#[derive(Parser)]
+#[command(
+    name = "gridctl",
+    version,
+    about = "Run a gridforge grid: enroll nodes, create and control VMs, follow operations",
+    long_about = "Run a gridforge grid: enroll nodes, create and control VMs, follow operations.\n\n\
+                  gridctl talks to gridforge-coordinator over mutual TLS with your certificate (made by \
+                  `gridctl pki issue`); its role (admin, operator, viewer) comes from the certificate.",
+    after_help = EXIT_HELP
+)]
+pub struct Cli {
+    /// Coordinator address, host:port.
+    #[arg(long, global = true, env = "GRIDCTL_SERVER", default_value = "127.0.0.1:7444")]
+    server: String,
+    /// CA certificate the coordinator's certificate must chain to.
+    #[arg(long, global = true, env = "GRIDCTL_CA")]
+    ca: Option<PathBuf>,
+    /// Your client certificate and key. Without --ca, --cert and --key the connection is plaintext (a
+    /// coordinator with tls.insecure on loopback only).
+    #[arg(long, global = true, env = "GRIDCTL_CERT")]
+    cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "GRIDCTL_KEY")]
+    key: Option<PathBuf>,
+    /// Output: table, wide (more columns) or json (proto3 JSON).
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Nodes: enroll, list, show, remove, cordon.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// VMs: create, list, show, delete, control, resize, snapshot, explain placement.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Operations: what the coordinator is doing and did.
+    #[command(subcommand)]
+    Op(OpCommand),
+    /// Certificates for a grid: the CA, the coordinator's, each node's and each person's.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Enroll a node: the coordinator dials its agent, refuses a certificate whose CN is not NAME, and reads
+    /// its hypervisor, arch and capacity.
+    Add {
+        name: String,
+        /// The agent's gRPC address, host:port.
+        #[arg(long)]
+        address: String,
+        #[arg(long, default_value = "default")]
+        datacenter: String,
+        /// Label k=v (repeatable), matched by a VM's node selector.
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Placeable vCPUs per core on this node [default: scheduler.overcommit_cpu].
+        #[arg(long)]
+        overcommit_cpu: Option<f64>,
+        /// Placeable memory per MiB on this node [default: scheduler.overcommit_memory].
+        #[arg(long)]
+        overcommit_memory: Option<f64>,
+        /// Licensed component the node offers (repeatable).
+        #[arg(long = "license")]
+        licenses: Vec<String>,
+    },
+    /// List nodes.
+    #[command(alias = "ls")]
+    List,
+    /// A node in detail: capacity, allocation, checks, VMs, drift.
+    Show { name: String },
+    /// Forget a node. Refused while VMs live there, unless --force (which forgets those VMs too).
+    #[command(alias = "rm")]
+    Remove {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// No new VMs on the node; those there stay.
+    Cordon { name: String },
+    Uncordon { name: String },
+}
+
+#[derive(Args)]
+struct WaitArg {
+    /// Follow the operation until it ends (progress bars on a terminal); exit 1 if it fails.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Create a VM from a spec file (the agent's VmSpec as JSON, e.g. examples/web-1.json, or a
+    /// CreateVmRequest with "spec" and "placement").
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only nodes of this datacenter.
+        #[arg(long)]
+        datacenter: Option<String>,
+        /// Only nodes with this label k=v (repeatable).
+        #[arg(long = "selector", value_parser = parse_kv)]
+        selector: Vec<(String, String)>,
+        /// Anti-affinity group: VMs of one group spread across nodes.
+        #[arg(long)]
+        spread_group: Option<String>,
+        /// Workload class (io-heavy, cpu-heavy, general).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Show where it would go and why, node by node; create nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    /// List VMs.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        node: Option<String>,
+        /// Include deleted VMs.
+        #[arg(long)]
+        all: bool,
+    },
+    /// A VM in detail, with its wipe report once deleted.
+    Show { name: String },
+    /// Stop, undefine and wipe the VM's disk (signed wipe report kept in the VM record).
+    #[command(alias = "rm")]
+    Delete {
+        name: String,
+        /// Wipe method (zero, random, discard, crypto-erase, passes:A,B) [default: the agent's].
+        #[arg(long)]
+        wipe_method: Option<String>,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    Start { name: String, #[command(flatten)] wait: WaitArg },
+    /// ACPI shutdown; destroyed after --grace seconds.
+    Stop {
+        name: String,
+        #[arg(long)]
+        grace: Option<u32>,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    Reboot { name: String, #[command(flatten)] wait: WaitArg },
+    Suspend { name: String, #[command(flatten)] wait: WaitArg },
+    Resume { name: String, #[command(flatten)] wait: WaitArg },
+    /// Immediate power off.
+    Destroy { name: String, #[command(flatten)] wait: WaitArg },
+    /// Grow the VM in place when its node has room (the disk: the domain must be stopped).
+    Resize {
+        name: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        disk_mib: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    /// Capture the VM's disk as a signed image in its agent's snapshot store (the domain must be stopped).
+    Snapshot {
+        name: String,
+        #[arg(long)]
+        image_name: Option<String>,
+        #[arg(long)]
+        image_version: Option<String>,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    /// Why the VM is where it is: per node, the filter that refused it or its score.
+    Why { name: String },
+}
+
+#[derive(Subcommand)]
+enum OpCommand {
+    /// List operations, oldest first.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only unfinished operations (queued or running).
+        #[arg(long)]
+        active: bool,
+        /// Only the newest N.
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    Show { id: String },
+    /// Follow an operation until it ends.
+    Watch { id: String },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Make the grid CA: DIR/ca.pem and DIR/ca.key (mode 0600). Existing files are never overwritten.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = DEFAULT_CA_DAYS)]
+        days: u32,
+    },
+    /// Issue DIR/NAME.pem and DIR/NAME.key signed by the CA in DIR (CN=NAME; server and client use): for
+    /// the coordinator, a node (NAME = the node name) or a person (with --role).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Role granted to the holder (the certificate's OU).
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+        /// DNS subject alternative name (repeatable). Without --dns and --ip: NAME, localhost, 127.0.0.1.
+        #[arg(long)]
+        dns: Vec<String>,
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Admin,
+    Operator,
+    Viewer,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not k=v")),
+    }
+}
+
+/// A failure and its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Failure {
+        let code = match s.code() {
+            Code::InvalidArgument => 2,
+            Code::NotFound => 3,
+            Code::AlreadyExists | Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated => 4,
+            Code::ResourceExhausted => 5,
+            Code::Unavailable => 6,
+            _ => 1,
+        };
+        let message = if s.message().is_empty() { s.code().to_string() } else { s.message().to_string() };
+        Failure { code, message }
+    }
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure { code, message: message.into() }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gridctl: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("gridctl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<CoordinatorClient<Channel>, Failure> {
+    let tls = match (&cli.ca, &cli.cert, &cli.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            Some(ClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone(), domain: None })
+        }
+        (None, None, None) => None,
+        _ => return Err(fail(2, "give all of --ca, --cert and --key (or GRIDCTL_CA, GRIDCTL_CERT, GRIDCTL_KEY)")),
+    };
+    let channel = client::channel(&cli.server, tls.as_ref()).await.map_err(|e| fail(6, crate::error_chain(&e)))?;
+    Ok(CoordinatorClient::new(channel))
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let out = output::Output::new(cli.output);
+    if let Command::Pki(p) = &cli.command {
+        return run_pki(p, &out);
+    }
+    let mut c = connect(&cli).await?;
+    match &cli.command {
+        Command::Node(n) => run_node(&mut c, n, &out).await,
+        Command::Vm(v) => run_vm(&mut c, v, &out).await,
+        Command::Op(o) => run_op(&mut c, o, &out).await,
+        Command::Pki(_) => Ok(()),
+    }
+}
+
+fn run_pki(p: &PkiCommand, out: &output::Output) -> Result<(), Failure> {
+    let issued = match p {
+        PkiCommand::Init { dir, days } => pki::init(dir, *days),
+        PkiCommand::Issue { dir, name, role, dns, ip, days } => {
+            let role = role.map(|r| match r {
+                RoleArg::Admin => "admin",
+                RoleArg::Operator => "operator",
+                RoleArg::Viewer => "viewer",
+            });
+            let req = CertRequest {
+                dns: dns.clone(),
+                ips: ip.clone(),
+                days: *days,
+                organizational_unit: role.map(str::to_string),
+                ..CertRequest::new(name)
+            };
+            pki::issue(dir, &req)
+        }
+    }
+    .map_err(|e| fail(1, crate::error_chain(&e)))?;
+    out.issued(&issued);
+    Ok(())
+}
+
+async fn run_node(c: &mut CoordinatorClient<Channel>, cmd: &NodeCommand, out: &output::Output) -> Result<(), Failure> {
+    match cmd {
+        NodeCommand::Add { name, address, datacenter, labels, overcommit_cpu, overcommit_memory, licenses } => {
+            let req = AddNodeRequest {
+                name: name.clone(),
+                address: address.clone(),
+                datacenter: datacenter.clone(),
+                labels: labels.iter().cloned().collect::<HashMap<_, _>>(),
+                overcommit_cpu: overcommit_cpu.unwrap_or(0.0),
+                overcommit_memory: overcommit_memory.unwrap_or(0.0),
+                licenses: licenses.clone(),
+            };
+            let node = c.add_node(req).await?.into_inner();
+            out.nodes(&[node]);
+        }
+        NodeCommand::List => out.nodes(&c.list_nodes(ListNodesRequest {}).await?.into_inner().nodes),
+        NodeCommand::Show { name } => out.node(&c.get_node(GetNodeRequest { name: name.clone() }).await?.into_inner()),
+        NodeCommand::Remove { name, force } => {
+            let r = c.remove_node(RemoveNodeRequest { name: name.clone(), force: *force }).await?.into_inner();
+            out.removed(&r);
+        }
+        NodeCommand::Cordon { name } => {
+            out.nodes(&[c.cordon_node(CordonNodeRequest { name: name.clone() }).await?.into_inner()])
+        }
+        NodeCommand::Uncordon { name } => {
+            out.nodes(&[c.uncordon_node(CordonNodeRequest { name: name.clone() }).await?.into_inner()])
+        }
+    }
+    Ok(())
+}
+
+fn read_create(file: &PathBuf) -> Result<CreateVmRequest, Failure> {
+    let text = std::fs::read_to_string(file).map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(2, format!("{}: not JSON: {e}", file.display())))?;
+    let bad = |e: serde_json::Error| fail(2, format!("{}: {e}", file.display()));
+    if value.get("spec").is_some() {
+        serde_json::from_value(value).map_err(bad)
+    } else {
+        let spec: VmSpec = serde_json::from_value(value).map_err(bad)?;
+        Ok(CreateVmRequest { spec: Some(spec), ..Default::default() })
+    }
+}
+
+async fn run_vm(c: &mut CoordinatorClient<Channel>, cmd: &VmCommand, out: &output::Output) -> Result<(), Failure> {
+    let (op, wait) = match cmd {
+        VmCommand::Create { file, node, datacenter, selector, spread_group, workload, dry_run, wait } => {
+            let mut req = read_create(file)?;
+            let p = req.placement.get_or_insert_with(PlacementConstraints::default);
+            if let Some(n) = node {
+                p.node = n.clone();
+            }
+            if let Some(d) = datacenter {
+                p.datacenter = d.clone();
+            }
+            p.node_selector.extend(selector.iter().cloned());
+            if let Some(g) = spread_group {
+                p.spread_group = g.clone();
+            }
+            if let Some(w) = workload {
+                p.workload = w.clone();
+            }
+            req.dry_run = *dry_run;
+            let resp = c.create_vm(req).await?.into_inner();
+            if *dry_run {
+                out.explanation(&resp.explanation.unwrap_or_default());
+                return Ok(());
+            }
+            (resp.operation.unwrap_or_default(), wait.wait)
+        }
+        VmCommand::List { node, all } => {
+            let req = ListVmsRequest { node: node.clone().unwrap_or_default(), all: *all };
+            out.vms(&c.list_vms(req).await?.into_inner().vms);
+            return Ok(());
+        }
+        VmCommand::Show { name } => {
+            out.vm(&c.get_vm(GetVmRequest { name: name.clone() }).await?.into_inner());
+            return Ok(());
+        }
+        VmCommand::Why { name } => {
+            out.explanation(&c.explain_vm(ExplainVmRequest { name: name.clone() }).await?.into_inner());
+            return Ok(());
+        }
+        VmCommand::Delete { name, wipe_method, wait } => {
+            let req = DeleteVmRequest { name: name.clone(), wipe_method: wipe_method.clone().unwrap_or_default() };
+            (c.delete_vm(req).await?.into_inner(), wait.wait)
+        }
+        VmCommand::Start { name, wait } => (control(c, name, Action::Start, 0).await?, wait.wait),
+        VmCommand::Stop { name, grace, wait } => {
+            (control(c, name, Action::Stop, grace.unwrap_or(0)).await?, wait.wait)
+        }
+        VmCommand::Reboot { name, wait } => (control(c, name, Action::Reboot, 0).await?, wait.wait),
+        VmCommand::Suspend { name, wait } => (control(c, name, Action::Suspend, 0).await?, wait.wait),
+        VmCommand::Resume { name, wait } => (control(c, name, Action::Resume, 0).await?, wait.wait),
+        VmCommand::Destroy { name, wait } => (control(c, name, Action::Destroy, 0).await?, wait.wait),
+        VmCommand::Resize { name, vcpus, memory_mib, disk_mib, wait } => {
+            let req = ResizeVmRequest {
+                name: name.clone(),
+                vcpus: vcpus.unwrap_or(0),
+                memory_mib: memory_mib.unwrap_or(0),
+                disk_mib: disk_mib.unwrap_or(0),
+            };
+            (c.resize_vm(req).await?.into_inner(), wait.wait)
+        }
+        VmCommand::Snapshot { name, image_name, image_version, wait } => {
+            let req = SnapshotVmRequest {
+                name: name.clone(),
+                image_name: image_name.clone().unwrap_or_default(),
+                image_version: image_version.clone().unwrap_or_default(),
+                notes: String::new(),
+            };
+            (c.snapshot_vm(req).await?.into_inner(), wait.wait)
+        }
+    };
+    if wait {
+        follow(c, &op.id, out).await
+    } else {
+        out.operations(&[op]);
+        Ok(())
+    }
+}
+
+async fn control(c: &mut CoordinatorClient<Channel>, name: &str, action: Action, grace: u32) -> Result<Operation, Failure> {
+    let req = ControlVmRequest { name: name.to_string(), action: action as i32, grace_seconds: grace };
+    Ok(c.control_vm(req).await?.into_inner())
+}
+
+/// Follow an operation to its end; a failed operation exits 1.
+async fn follow(c: &mut CoordinatorClient<Channel>, id: &str, out: &output::Output) -> Result<(), Failure> {
+    let mut stream = c.watch_operation(WatchOperationRequest { id: id.to_string() }).await?.into_inner();
+    let mut progress = out.progress();
+    let mut last: Option<Operation> = None;
+    while let Some(ev) = stream.message().await? {
+        progress.event(&ev);
+        if let Some(op) = ev.snapshot {
+            last = Some(op);
+        }
+    }
+    progress.finish();
+    // The stream ends after the last event; if it broke early, ask for the operation as it stands.
+    let op = match last {
+        Some(op) if crate::grid::is_finished(&op) => op,
+        _ => c.get_operation(GetOperationRequest { id: id.to_string() }).await?.into_inner(),
+    };
+    out.operation_done(&op);
+    match op.state() {
+        operation::State::Succeeded => Ok(()),
+        operation::State::Failed => Err(fail(1, format!("operation {} failed: {}", op.id, op.error))),
+        s => Err(fail(1, format!("operation {} is still {}", op.id, s.as_str_name()))),
+    }
+}
+
+async fn run_op(c: &mut CoordinatorClient<Channel>, cmd: &OpCommand, out: &output::Output) -> Result<(), Failure> {
+    match cmd {
+        OpCommand::List { vm, active, limit } => {
+            let req = ListOperationsRequest { vm: vm.clone().unwrap_or_default(), active: *active, limit: *limit };
+            out.operations(&c.list_operations(req).await?.into_inner().operations);
+        }
+        OpCommand::Show { id } => out.operation(&c.get_operation(GetOperationRequest { id: id.clone() }).await?.into_inner()),
+        OpCommand::Watch { id } => return follow(c, id, out).await,
+    }
+    Ok(())
+}

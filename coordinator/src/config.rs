@@ -1,0 +1,226 @@
+//! `coordinator.toml`: every key is documented in `systemd/coordinator.toml`. Unknown keys are refused.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC API (Coordinator, grpc.health.v1, reflection).
+    pub listen: SocketAddr,
+    /// Holds grid.redb.
+    pub state_dir: PathBuf,
+    pub tls: TlsConfig,
+    pub agents: AgentsConfig,
+    pub poller: PollerConfig,
+    pub ops: OpsConfig,
+    pub scheduler: SchedulerConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// CA that client (gridctl) certificates must chain to.
+    pub ca: PathBuf,
+    /// The coordinator's certificate and key, served to clients and presented to agents.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Serve plaintext without client authentication; refused unless `listen` is a loopback address.
+    pub insecure: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// CA the agents' certificates must chain to [default: tls.ca].
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key presented to agents [default: tls.cert, tls.key].
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Deadline of one agent call that is not a job event stream.
+    pub call_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollerConfig {
+    pub interval_ms: u64,
+    /// Nodes polled at once.
+    pub concurrency: usize,
+    /// Missed polls in a row before a node is Unreachable.
+    pub unreachable_after: u32,
+    /// NodeStats sampling window.
+    pub sample_ms: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// Tries of an agent step while the agent is unreachable, before the operation fails.
+    pub retry_attempts: u32,
+    /// First wait between tries; doubled each time, at most 30 s.
+    pub retry_backoff_ms: u64,
+    /// Disk-heavy jobs (provision, delete, resize, snapshot) running at once per node; more wait queued.
+    pub max_disk_jobs_per_node: usize,
+    /// Operations kept in the view after they finish (the newest); 0 keeps all.
+    pub keep_finished: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Placeable vCPUs per core and memory per MiB, for nodes enrolled without their own ratios.
+    pub overcommit_cpu: f64,
+    pub overcommit_memory: f64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Roles by client certificate CN: name = "admin" | "operator" | "viewer". Checked before the OU.
+    pub users: BTreeMap<String, String>,
+    /// Take the role from the certificate's OU when it is admin, operator or viewer (`gridctl pki issue
+    /// --role`).
+    pub role_from_ou: bool,
+    /// Role of a certificate that neither names; "" refuses it.
+    pub default_role: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:7444".parse().expect("address"),
+            state_dir: "/var/lib/gridforge-coordinator".into(),
+            tls: TlsConfig::default(),
+            agents: AgentsConfig::default(),
+            poller: PollerConfig::default(),
+            ops: OpsConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca: "/etc/gridforge/tls/ca.pem".into(),
+            cert: "/etc/gridforge/tls/coordinator.pem".into(),
+            key: "/etc/gridforge/tls/coordinator.key".into(),
+            insecure: false,
+        }
+    }
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        AgentsConfig { ca: None, cert: None, key: None, call_timeout_secs: 30 }
+    }
+}
+
+impl Default for PollerConfig {
+    fn default() -> Self {
+        PollerConfig { interval_ms: 5000, concurrency: 64, unreachable_after: 3, sample_ms: 200 }
+    }
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig { retry_attempts: 5, retry_backoff_ms: 1000, max_disk_jobs_per_node: 2, keep_finished: 0 }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { overcommit_cpu: 4.0, overcommit_memory: 1.0 }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { users: BTreeMap::new(), role_from_ou: true, default_role: String::new() }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid { path: path.to_path_buf(), reason };
+        let config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if config.tls.insecure && !config.listen.ip().is_loopback() {
+            return Err(invalid(format!(
+                "tls.insecure serves plaintext without authentication and is allowed only on a loopback \
+                 listen address, not {}",
+                config.listen
+            )));
+        }
+        for (name, role) in &config.auth.users {
+            if role.parse::<crate::api::Role>().is_err() {
+                return Err(invalid(format!("auth.users.{name}: {role:?} is not admin, operator or viewer")));
+            }
+        }
+        if !config.auth.default_role.is_empty() && config.auth.default_role.parse::<crate::api::Role>().is_err() {
+            return Err(invalid(format!("auth.default_role: {:?} is not admin, operator or viewer", config.auth.default_role)));
+        }
+        if config.poller.interval_ms == 0 || config.poller.concurrency == 0 || config.ops.max_disk_jobs_per_node == 0 {
+            return Err(invalid("poller.interval_ms, poller.concurrency and ops.max_disk_jobs_per_node must be at least 1".into()));
+        }
+        Ok(config)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("grid.redb")
+    }
+
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poller.interval_ms)
+    }
+
+    /// The client side of mutual TLS towards agents.
+    pub fn agent_tls(&self) -> gridforge_agent::client::ClientTls {
+        gridforge_agent::client::ClientTls {
+            ca: self.agents.ca.clone().unwrap_or_else(|| self.tls.ca.clone()),
+            cert: self.agents.cert.clone().unwrap_or_else(|| self.tls.cert.clone()),
+            key: self.agents.key.clone().unwrap_or_else(|| self.tls.key.clone()),
+            domain: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_refusals() {
+        let c = Config::parse("", Path::new("c.toml")).unwrap();
+        assert_eq!(c.poller.interval_ms, 5000);
+        assert_eq!(c.listen.port(), 7444);
+        assert!(Config::parse("bogus = 1", Path::new("c.toml")).is_err());
+        assert!(Config::parse("[tls]\ninsecure = true", Path::new("c.toml")).is_err());
+        assert!(Config::parse("listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true", Path::new("c.toml")).is_ok());
+        assert!(Config::parse("[auth.users]\nalice = \"root\"", Path::new("c.toml")).is_err());
+    }
+}

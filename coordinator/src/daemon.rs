@@ -1,0 +1,155 @@
+//! The coordinator daemon: the grid view opened from `state_dir/grid.redb`, unfinished operations resumed,
+//! the status poller, and the gRPC `Coordinator` service with mutual TLS, `grpc.health.v1` and reflection;
+//! systemd readiness, watchdog and stop notifications; a graceful stop on SIGTERM or SIGINT.
+//!
+//! Stopping needs no drain: every operation is in the store and its agent job keeps running on the node,
+//! so the next start re-attaches to it by its idempotency key.
+
+use std::time::Duration;
+
+use gridforge_agent::daemon::systemd;
+use gridforge_proto::v1::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tonic::transport::server::TcpIncoming;
+
+use crate::agents::AgentPool;
+use crate::api::CoordinatorService;
+use crate::config::Config;
+use crate::grid::Defaults;
+use crate::ops::Engine;
+use crate::store::{GridView, RedbStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Tls(#[from] gridforge_agent::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server failed: {0}")]
+    Serve(String),
+}
+
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("coordinator-rt")
+        .build()
+        .map_err(|source| DaemonError::Io { what: "start the async runtime".into(), source })?;
+    let result = runtime.block_on(serve(config));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(config: Config) -> Result<(), DaemonError> {
+    let io = |what: String| move |source| DaemonError::Io { what, source };
+    let mut term = signal(SignalKind::terminate()).map_err(io("catch SIGTERM".into()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("catch SIGINT".into()))?;
+
+    let server_tls = if config.tls.insecure {
+        tracing::warn!(listen = %config.listen, "TLS IS DISABLED (tls.insecure = true): plaintext, every caller is admin. Development only.");
+        None
+    } else {
+        let t = gridforge_agent::config::TlsConfig {
+            ca: config.tls.ca.clone(),
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+            insecure: false,
+        };
+        Some(gridforge_agent::tls::server_config(&t)?)
+    };
+    let agent_tls = if config.tls.insecure && config.agents.cert.is_none() { None } else { Some(config.agent_tls()) };
+
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(io(format!("create the state directory {}", config.state_dir.display())))?;
+    let path = config.store_path();
+    let store = tokio::task::spawn_blocking(move || RedbStore::open(&path))
+        .await
+        .map_err(|e| DaemonError::Serve(e.to_string()))??;
+    let defaults =
+        Defaults { overcommit_cpu: config.scheduler.overcommit_cpu, overcommit_memory: config.scheduler.overcommit_memory };
+    let view = GridView::open(Box::new(store), defaults)?;
+    let (nodes, vms) = view.read(|s| (s.nodes.len(), s.vms.len()));
+    let agents = AgentPool::new(agent_tls, Duration::from_secs(config.agents.call_timeout_secs));
+    let engine = Engine::new(view, agents, config.ops.clone());
+    let resumed = engine.resume();
+    tracing::info!(nodes, vms, resumed, store = %config.store_path().display(), "grid view loaded");
+    tokio::spawn(crate::poller::run(engine.clone(), config.poller.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(gridforge_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| DaemonError::Serve(format!("building the reflection service: {e}")))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| DaemonError::Serve(format!("building the reflection service: {e}")))?;
+
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls).map_err(|e| DaemonError::Serve(crate::error_chain(&e)))?;
+    }
+    let service = CoordinatorService::new(engine.clone(), config.auth.clone(), !config.tls.insecure);
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(CoordinatorServer::new(service));
+    let listener = TcpListener::bind(config.listen).await.map_err(io(format!("listen on {}", config.listen)))?;
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(listen = %addr, tls = !config.tls.insecure, version = env!("CARGO_PKG_VERSION"), "gridforge-coordinator serving");
+    systemd::notify_ready(&addr);
+    if let Some(interval) = systemd::watchdog_interval() {
+        tokio::spawn(watchdog(engine.clone(), interval));
+    }
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "stopping"),
+        result = &mut server => {
+            systemd::notify_stopping("the gRPC server failed");
+            return Err(DaemonError::Serve(match result {
+                Ok(Ok(())) => "it stopped unexpectedly".into(),
+                Ok(Err(e)) => crate::error_chain(&e),
+                Err(e) => e.to_string(),
+            }));
+        }
+    }
+    systemd::notify_stopping("stopping");
+    health.set_not_serving::<CoordinatorServer<CoordinatorService>>().await;
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+        tracing::warn!("calls still open after 5 s; closing them");
+        server.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Ping systemd's watchdog while the grid view answers (its lock is not wedged).
+async fn watchdog(engine: Engine, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let e = engine.clone();
+        let probe = tokio::task::spawn_blocking(move || e.view().read(|s| s.nodes.len()));
+        match tokio::time::timeout(interval, probe).await {
+            Ok(Ok(_)) => systemd::notify_watchdog(),
+            _ => tracing::error!("the grid view did not answer within {interval:?}; withholding the watchdog ping"),
+        }
+    }
+}

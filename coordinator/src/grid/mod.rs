@@ -1,0 +1,311 @@
+//! The grid model: nodes, VMs and operations as the contract's messages, the in-memory grid view built from
+//! them once at start, and the changes that move it on. Pure: no I/O.
+//!
+//! A VM's allocation is its `resources` on its `node` for as long as the VM record exists and is not
+//! DELETED, so the reservation commits in the same transaction as the VM record and its operation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+pub use gridforge_proto::v1::{Node, Operation, OperationStep, Resources, Vm, VmSpec};
+use gridforge_proto::v1::{node, operation, vm};
+
+use crate::scheduler::{self, NodeInfo, Snapshot};
+
+pub type NodeState = node::State;
+pub type VmState = vm::State;
+pub type OpState = operation::State;
+pub type OpKind = operation::Kind;
+
+/// One change to the grid view. A list of changes is committed as one store transaction, then applied.
+#[derive(Clone, Debug)]
+pub enum Change {
+    PutNode(Node),
+    RemoveNode(String),
+    PutVm(Vm),
+    RemoveVm(String),
+    PutOp(Operation),
+}
+
+/// Overcommit ratios for nodes that set none.
+#[derive(Clone, Copy, Debug)]
+pub struct Defaults {
+    pub overcommit_cpu: f64,
+    pub overcommit_memory: f64,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults { overcommit_cpu: 4.0, overcommit_memory: 1.0 }
+    }
+}
+
+/// The whole grid view in memory, with the indexes reads need. Reads never touch the store.
+#[derive(Debug, Default)]
+pub struct GridState {
+    pub nodes: BTreeMap<String, Node>,
+    pub vms: BTreeMap<String, Vm>,
+    pub ops: BTreeMap<String, Operation>,
+    /// Names of the VMs (not DELETED) placed on each node.
+    pub vms_by_node: BTreeMap<String, BTreeSet<String>>,
+    /// The scheduler's view of the nodes, kept in step with every change.
+    pub snapshot: Snapshot,
+    pub defaults: Defaults,
+    /// The highest operation number handed out.
+    pub op_seq: u64,
+}
+
+impl GridState {
+    /// The view from the records as loaded from the store.
+    pub fn new(nodes: Vec<Node>, vms: Vec<Vm>, ops: Vec<Operation>, defaults: Defaults) -> GridState {
+        let mut state = GridState { defaults, ..Default::default() };
+        for n in nodes {
+            state.nodes.insert(n.name.clone(), n);
+        }
+        for v in vms {
+            if holds_allocation(&v) {
+                state.vms_by_node.entry(v.node.clone()).or_default().insert(v.name.clone());
+            }
+            state.vms.insert(v.name.clone(), v);
+        }
+        for o in ops {
+            state.op_seq = state.op_seq.max(op_number(&o.id));
+            state.ops.insert(o.id.clone(), o);
+        }
+        let infos = state.nodes.values().map(|n| state.node_info(n)).collect();
+        state.snapshot = Snapshot::new(infos);
+        state
+    }
+
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::PutNode(n) => {
+                self.nodes.insert(n.name.clone(), n.clone());
+                self.refresh_node(&n.name);
+            }
+            Change::RemoveNode(name) => {
+                self.nodes.remove(name);
+                self.snapshot.remove_node(name);
+            }
+            Change::PutVm(v) => {
+                let old_node = self.vms.get(&v.name).map(|old| old.node.clone());
+                self.unindex_vm(&v.name);
+                if holds_allocation(v) {
+                    self.vms_by_node.entry(v.node.clone()).or_default().insert(v.name.clone());
+                }
+                self.vms.insert(v.name.clone(), v.clone());
+                if let Some(old) = old_node
+                    && old != v.node
+                {
+                    self.refresh_node(&old);
+                }
+                self.refresh_node(&v.node);
+            }
+            Change::RemoveVm(name) => {
+                if let Some(v) = self.vms.remove(name) {
+                    if let Some(set) = self.vms_by_node.get_mut(&v.node) {
+                        set.remove(name);
+                    }
+                    self.refresh_node(&v.node);
+                }
+            }
+            Change::PutOp(o) => {
+                self.op_seq = self.op_seq.max(op_number(&o.id));
+                self.ops.insert(o.id.clone(), o.clone());
+            }
+        }
+    }
+
+    fn unindex_vm(&mut self, name: &str) {
+        if let Some(old) = self.vms.get(name)
+            && let Some(set) = self.vms_by_node.get_mut(&old.node)
+        {
+            set.remove(name);
+        }
+    }
+
+    fn refresh_node(&mut self, name: &str) {
+        if let Some(n) = self.nodes.get(name) {
+            let info = self.node_info(n);
+            self.snapshot.upsert_node(info);
+        }
+    }
+
+    /// The VMs holding an allocation on `node`.
+    pub fn vms_on(&self, node: &str) -> impl Iterator<Item = &Vm> {
+        self.vms_by_node.get(node).into_iter().flatten().filter_map(|name| self.vms.get(name))
+    }
+
+    /// The sum of the allocations on `node`.
+    pub fn allocated(&self, node: &str) -> Resources {
+        let mut sum = Resources::default();
+        for v in self.vms_on(node) {
+            let r = v.resources.unwrap_or_default();
+            sum.vcpus += r.vcpus;
+            sum.memory_mib += r.memory_mib;
+            sum.disk_mib += r.disk_mib;
+        }
+        sum
+    }
+
+    /// The scheduler's record of a node.
+    pub fn node_info(&self, n: &Node) -> NodeInfo {
+        let mut groups = BTreeMap::new();
+        for v in self.vms_on(&n.name) {
+            if let Some(p) = &v.placement
+                && !p.spread_group.is_empty()
+            {
+                *groups.entry(p.spread_group.clone()).or_insert(0u32) += 1;
+            }
+        }
+        let allocated = self.allocated(&n.name);
+        let capacity = n.capacity.unwrap_or_default();
+        NodeInfo {
+            name: n.name.clone(),
+            state: match n.state() {
+                NodeState::Ready => scheduler::NodeState::Ready,
+                NodeState::Unreachable => scheduler::NodeState::Unreachable,
+                NodeState::NotReady | NodeState::Unspecified => scheduler::NodeState::NotReady,
+            },
+            cordoned: n.cordoned,
+            datacenter: n.datacenter.clone(),
+            labels: n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            hypervisors: n.hypervisors.clone(),
+            arch: n.arch.clone(),
+            capacity: to_sched(&capacity),
+            overcommit_cpu: ratio(n.overcommit_cpu, self.defaults.overcommit_cpu),
+            overcommit_memory: ratio(n.overcommit_memory, self.defaults.overcommit_memory),
+            allocated: to_sched(&allocated),
+            images: n.images.iter().cloned().collect(),
+            licenses: n.licenses.iter().cloned().collect(),
+            cpu_load: n.cpu_load,
+            groups,
+        }
+    }
+
+    /// The operation that holds `vm`'s lock, if one does.
+    pub fn lock_holder(&self, vm: &str) -> Option<&Operation> {
+        let v = self.vms.get(vm)?;
+        if v.operation.is_empty() {
+            return None;
+        }
+        self.ops.get(&v.operation).filter(|o| !is_finished(o))
+    }
+
+    /// A new operation id: `op-` and a number that grows with every operation.
+    pub fn next_op_id(&mut self) -> String {
+        self.op_seq += 1;
+        format!("op-{:06}", self.op_seq)
+    }
+}
+
+fn ratio(value: f64, default: f64) -> f64 {
+    if value > 0.0 { value } else { default }
+}
+
+pub fn to_sched(r: &Resources) -> scheduler::Resources {
+    scheduler::Resources { vcpus: r.vcpus, memory_mib: r.memory_mib, disk_mib: r.disk_mib }
+}
+
+/// Whether a VM record reserves capacity on its node.
+pub fn holds_allocation(v: &Vm) -> bool {
+    !v.node.is_empty() && v.state() != VmState::Deleted
+}
+
+pub fn is_finished(o: &Operation) -> bool {
+    matches!(o.state(), OpState::Succeeded | OpState::Failed)
+}
+
+fn op_number(id: &str) -> u64 {
+    id.strip_prefix("op-").and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// What a spec reserves: machine vCPUs and memory (the agent's defaults when unset) and the disk.
+pub fn spec_resources(spec: &VmSpec) -> Resources {
+    let machine = spec.machine.clone().unwrap_or_default();
+    Resources {
+        vcpus: if machine.vcpus == 0 { 1 } else { machine.vcpus },
+        memory_mib: if machine.memory_mib == 0 { 1024 } else { machine.memory_mib },
+        disk_mib: spec.disk.as_ref().map_or(0, |d| d.size_mib),
+    }
+}
+
+/// The pool volume the agent keeps a VM's disk in.
+pub fn volume_name(vm: &str) -> String {
+    format!("{vm}.raw")
+}
+
+pub fn now() -> pbjson_types::Timestamp {
+    gridforge_agent::node::timestamp(SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gridforge_proto::v1::{DiskLayout, Machine, PlacementConstraints};
+
+    pub fn node(name: &str, vcpus: u32, memory_mib: u64) -> Node {
+        Node {
+            name: name.into(),
+            state: NodeState::Ready as i32,
+            capacity: Some(Resources { vcpus, memory_mib, disk_mib: 100_000 }),
+            ..Default::default()
+        }
+    }
+
+    pub fn vm(name: &str, node: &str, memory_mib: u64, group: &str) -> Vm {
+        let spec = VmSpec {
+            name: name.into(),
+            machine: Some(Machine { vcpus: 1, memory_mib, ..Default::default() }),
+            disk: Some(DiskLayout { size_mib: 1024, ..Default::default() }),
+            ..Default::default()
+        };
+        Vm {
+            name: name.into(),
+            node: node.into(),
+            resources: Some(spec_resources(&spec)),
+            spec: Some(spec),
+            state: VmState::Running as i32,
+            placement: Some(PlacementConstraints { spread_group: group.into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn allocations_follow_vm_records() {
+        let mut g = GridState::new(vec![node("n1", 4, 4096)], vec![], vec![], Defaults::default());
+        g.apply(&Change::PutVm(vm("a", "n1", 1024, "web")));
+        g.apply(&Change::PutVm(vm("b", "n1", 512, "web")));
+        assert_eq!(g.allocated("n1").memory_mib, 1536);
+        let info = g.snapshot.node("n1").unwrap();
+        assert_eq!(info.allocated.memory_mib, 1536);
+        assert_eq!(info.groups.get("web"), Some(&2));
+
+        let mut deleted = vm("a", "n1", 1024, "web");
+        deleted.state = VmState::Deleted as i32;
+        g.apply(&Change::PutVm(deleted));
+        assert_eq!(g.snapshot.node("n1").unwrap().allocated.memory_mib, 512);
+        g.apply(&Change::RemoveVm("b".into()));
+        assert_eq!(g.snapshot.node("n1").unwrap().allocated.memory_mib, 0);
+        assert!(g.vms.contains_key("a"), "a deleted VM keeps its record (wipe report)");
+    }
+
+    #[test]
+    fn op_ids_continue_after_load() {
+        let op = Operation { id: "op-000041".into(), ..Default::default() };
+        let mut g = GridState::new(vec![], vec![], vec![op], Defaults::default());
+        assert_eq!(g.next_op_id(), "op-000042");
+    }
+
+    #[test]
+    fn a_finished_operation_holds_no_lock() {
+        let mut v = vm("a", "n1", 512, "");
+        v.operation = "op-000001".into();
+        let mut op = Operation { id: "op-000001".into(), state: OpState::Running as i32, ..Default::default() };
+        let mut g = GridState::new(vec![], vec![v], vec![op.clone()], Defaults::default());
+        assert_eq!(g.lock_holder("a").map(|o| o.id.as_str()), Some("op-000001"));
+        op.state = OpState::Succeeded as i32;
+        g.apply(&Change::PutOp(op));
+        assert!(g.lock_holder("a").is_none());
+    }
+}

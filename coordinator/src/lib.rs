@@ -1,0 +1,16 @@
+//! The gridforge coordinator engine: the grid view (nodes, VMs, operations) kept in an embedded store,
+//! placement, operations pushed to the node agents as idempotent jobs, and the status poller. The daemon
+//! (`gridforge-coordinator`) and the CLI (`gridctl`) are thin front ends over this library.
+
+pub mod agents;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod grid;
+pub mod ops;
+pub mod poller;
+pub mod scheduler;
+pub mod store;
+
+pub use gridforge_agent::error_chain;

@@ -1,0 +1,435 @@
+//! Operations: every request that changes a VM becomes an operation stored with its steps; each step that
+//! touches an agent is one agent job with the idempotency key `"{op}/{step}"`, so a retry or a coordinator
+//! restart re-attaches to the same job and nothing is provisioned twice. An operation holds its VM's lock
+//! until it ends; disk-heavy steps take one of a node's slots (the rest wait QUEUED). Unfinished operations
+//! are resumed from the store at start.
+
+mod nodes;
+mod run;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use gridforge_agent::jobs::{scrub_spec, validate_spec};
+use gridforge_proto::v1::{
+    ControlVmRequest, CreateVmRequest, CreateVmResponse, DeleteVmRequest, Explanation, Machine, NodeVerdict,
+    OperationEvent, PlacementConstraints, ResizeVmRequest, SnapshotVmRequest, control_job::Action,
+};
+use tokio::sync::{Semaphore, broadcast};
+
+pub use nodes::{NodeError, capacity as nodes_capacity, health as nodes_health};
+
+use crate::agents::AgentPool;
+use crate::config::OpsConfig;
+use crate::grid::{
+    Change, GridState, OpKind, OpState, Operation, OperationStep, Vm, VmSpec, VmState, now, spec_resources,
+    volume_name,
+};
+use crate::scheduler::{self, Request};
+use crate::store::{GridView, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// The VM's lock is held by another operation, or the grid's state forbids the request.
+    #[error("{0}")]
+    Precondition(String),
+    #[error("unschedulable: {0}")]
+    Unschedulable(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The operations engine over the grid view. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    view: GridView,
+    agents: AgentPool,
+    config: OpsConfig,
+    /// Progress of running operations, for WatchOperation.
+    events: Mutex<HashMap<String, broadcast::Sender<OperationEvent>>>,
+    /// Full specs (with secrets) of creates whose agent job is not submitted yet. Never stored.
+    secrets: Mutex<HashMap<String, VmSpec>>,
+    /// Per node: slots for disk-heavy agent jobs.
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A VM name: it names the domain, the pool volume and the operation keys.
+fn check_vm_name(name: &str) -> Result<(), OpError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(['.', '-'])
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(OpError::Invalid(format!(
+            "invalid spec: name: {name:?} must be 1-63 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+        )))
+    }
+}
+
+fn step(name: &str, op: &str, node: &str) -> OperationStep {
+    OperationStep {
+        name: name.to_string(),
+        state: OpState::Queued as i32,
+        node: node.to_string(),
+        idempotency_key: format!("{op}/{name}"),
+        ..Default::default()
+    }
+}
+
+/// The scheduler's request for a spec and its constraints.
+pub fn schedule_request(spec: &VmSpec, p: &PlacementConstraints) -> Request {
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let image = spec.image.as_ref().map(|i| format!("{}:{}", i.name, i.version)).unwrap_or_default();
+    Request {
+        vm: spec.name.clone(),
+        resources: crate::grid::to_sched(&spec_resources(spec)),
+        image,
+        datacenter: some(&p.datacenter),
+        node: some(&p.node),
+        selector: p.node_selector.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        hypervisor: some(&p.hypervisor),
+        arch: some(&p.arch),
+        licenses: p.licenses.clone(),
+        spread_group: some(&p.spread_group),
+        workload: some(&p.workload),
+        exclude: Vec::new(),
+    }
+}
+
+/// The explanation of a decision on `state`, as the contract has it.
+pub fn explain(snapshot: &scheduler::Snapshot, req: &Request) -> Explanation {
+    let e = scheduler::explain(snapshot, req);
+    let summary = match scheduler::place(snapshot, req) {
+        Ok(p) => format!("{} nodes: placed on {}", e.nodes.len(), p.node),
+        Err(u) => u.to_string(),
+    };
+    Explanation {
+        chosen: e.chosen.clone().unwrap_or_default(),
+        nodes: e
+            .nodes
+            .iter()
+            .map(|v| NodeVerdict { node: v.node.clone(), feasible: v.feasible, reason: v.reason.clone(), score: v.score })
+            .collect(),
+        summary,
+    }
+}
+
+impl Engine {
+    pub fn new(view: GridView, agents: AgentPool, config: OpsConfig) -> Engine {
+        Engine {
+            inner: Arc::new(Inner {
+                view,
+                agents,
+                config,
+                events: Mutex::default(),
+                secrets: Mutex::default(),
+                slots: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn view(&self) -> &GridView {
+        &self.inner.view
+    }
+
+    pub fn agents(&self) -> &AgentPool {
+        &self.inner.agents
+    }
+
+    /// Start the runners of every unfinished operation (after a restart). Needs a tokio runtime.
+    pub fn resume(&self) -> usize {
+        let ids: Vec<String> = self
+            .view()
+            .read(|s| s.ops.values().filter(|o| !crate::grid::is_finished(o)).map(|o| o.id.clone()).collect());
+        for id in &ids {
+            tracing::info!(op = %id, "resuming operation");
+            self.spawn(id.clone());
+        }
+        ids.len()
+    }
+
+    fn spawn(&self, id: String) {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.run(id).await });
+    }
+
+    /// Validate, place and store a create; the reservation commits with the VM record and the operation.
+    pub fn create_vm(&self, req: CreateVmRequest, who: &str) -> Result<CreateVmResponse, OpError> {
+        let mut spec = req.spec.ok_or_else(|| OpError::Invalid("invalid spec: spec: required".into()))?;
+        check_vm_name(&spec.name)?;
+        if spec.machine.is_none() {
+            spec.machine = Some(Machine { vcpus: 1, memory_mib: 1024, start: true, ..Default::default() });
+        }
+        validate_spec(&spec).map_err(|e| OpError::Invalid(format!("invalid spec: {e}")))?;
+        let placement = req.placement.unwrap_or_default();
+        let sreq = schedule_request(&spec, &placement);
+        if req.dry_run {
+            let explanation = self.view().read(|s| explain(&s.snapshot, &sreq));
+            return Ok(CreateVmResponse { operation: None, explanation: Some(explanation) });
+        }
+        let mut stored = spec.clone();
+        scrub_spec(&mut stored);
+        let secrets = stored != spec;
+        let name = spec.name.clone();
+        let op = self.view().update(|s| {
+            if let Some(v) = s.vms.get(&name)
+                && v.state() != VmState::Deleted
+            {
+                return Err(OpError::AlreadyExists(format!("vm {name:?} already exists (on node {})", v.node)));
+            }
+            let chosen = scheduler::place(&s.snapshot, &sreq).map_err(|u| OpError::Unschedulable(u.to_string()))?;
+            let id = s.next_op_id();
+            let t = now();
+            let vm = Vm {
+                name: name.clone(),
+                spec: Some(stored.clone()),
+                placement: Some(placement.clone()),
+                node: chosen.node.clone(),
+                volume: volume_name(&name),
+                resources: Some(spec_resources(&stored)),
+                state: VmState::Provisioning as i32,
+                desired_state: if stored.machine.as_ref().is_some_and(|m| m.start) { "running" } else { "stopped" }
+                    .into(),
+                operation: id.clone(),
+                created: Some(t),
+                updated: Some(t),
+                ..Default::default()
+            };
+            let op = Operation {
+                id: id.clone(),
+                kind: OpKind::CreateVm as i32,
+                vm: name.clone(),
+                node: chosen.node.clone(),
+                state: OpState::Queued as i32,
+                steps: vec![step("provision", &id, &chosen.node)],
+                requested_by: who.to_string(),
+                created: Some(t),
+                updated: Some(t),
+                summary: format!("create {name} on {}", chosen.node),
+                secrets_in_memory: secrets,
+                ..Default::default()
+            };
+            Ok((op.clone(), vec![Change::PutVm(vm), Change::PutOp(op)]))
+        })?;
+        tracing::info!(op = %op.id, vm = %name, node = %op.node, by = who, "create placed");
+        if secrets {
+            lock(&self.inner.secrets).insert(op.id.clone(), spec);
+        }
+        self.spawn(op.id.clone());
+        Ok(CreateVmResponse { operation: Some(op), explanation: None })
+    }
+
+    /// Start an operation on an existing VM: take its lock, let `prepare` adjust the VM and the operation,
+    /// store both in one transaction, and run it.
+    fn begin(
+        &self,
+        name: &str,
+        kind: OpKind,
+        step_name: &str,
+        summary: String,
+        who: &str,
+        prepare: impl FnOnce(&GridState, &mut Vm, &mut Operation) -> Result<(), OpError>,
+    ) -> Result<Operation, OpError> {
+        let op = self.view().update(|s| {
+            let mut vm = s
+                .vms
+                .get(name)
+                .filter(|v| v.state() != VmState::Deleted)
+                .cloned()
+                .ok_or_else(|| OpError::NotFound(format!("no vm {name:?}")))?;
+            if let Some(holder) = s.lock_holder(name) {
+                return Err(OpError::Precondition(format!(
+                    "vm {name} is busy: operation {} ({}) holds it",
+                    holder.id, holder.summary
+                )));
+            }
+            if !s.nodes.contains_key(&vm.node) {
+                return Err(OpError::Precondition(format!("vm {name}'s node {} is not in the grid", vm.node)));
+            }
+            let id = s.next_op_id();
+            let t = now();
+            let mut op = Operation {
+                id: id.clone(),
+                kind: kind as i32,
+                vm: name.to_string(),
+                node: vm.node.clone(),
+                state: OpState::Queued as i32,
+                steps: vec![step(step_name, &id, &vm.node)],
+                requested_by: who.to_string(),
+                created: Some(t),
+                updated: Some(t),
+                summary,
+                ..Default::default()
+            };
+            prepare(s, &mut vm, &mut op)?;
+            vm.operation = id;
+            vm.updated = Some(t);
+            Ok((op.clone(), vec![Change::PutVm(vm), Change::PutOp(op)]))
+        })?;
+        tracing::info!(op = %op.id, vm = %name, by = who, "{}", op.summary);
+        self.spawn(op.id.clone());
+        Ok(op)
+    }
+
+    pub fn delete_vm(&self, req: DeleteVmRequest, who: &str) -> Result<Operation, OpError> {
+        let summary = format!("delete {}", req.name);
+        self.begin(&req.name, OpKind::DeleteVm, "delete", summary, who, |_, vm, op| {
+            if !req.wipe_method.is_empty() {
+                op.params.insert("wipe_method".into(), req.wipe_method.clone());
+            }
+            vm.state = VmState::Deleting as i32;
+            vm.desired_state = "deleted".into();
+            Ok(())
+        })
+    }
+
+    pub fn control_vm(&self, req: ControlVmRequest, who: &str) -> Result<Operation, OpError> {
+        let action = Action::try_from(req.action).unwrap_or(Action::Unspecified);
+        if action == Action::Unspecified {
+            return Err(OpError::Invalid("action: required (START, STOP, REBOOT, SUSPEND, RESUME, DESTROY)".into()));
+        }
+        let word = action.as_str_name().to_ascii_lowercase();
+        let summary = format!("{word} {}", req.name);
+        self.begin(&req.name, OpKind::ControlVm, "control", summary, who, |_, vm, op| {
+            if vm.state() == VmState::Provisioning || vm.state() == VmState::Deleting {
+                return Err(OpError::Precondition(format!("vm {} is {}", vm.name, vm.state().as_str_name())));
+            }
+            op.action = action as i32;
+            if req.grace_seconds > 0 {
+                op.params.insert("grace_seconds".into(), req.grace_seconds.to_string());
+            }
+            vm.desired_state = match action {
+                Action::Stop | Action::Destroy => "stopped",
+                Action::Suspend => "paused",
+                _ => "running",
+            }
+            .into();
+            Ok(())
+        })
+    }
+
+    /// Vertical resize on the VM's node when it has room; the new size is reserved with the operation.
+    pub fn resize_vm(&self, req: ResizeVmRequest, who: &str) -> Result<Operation, OpError> {
+        let summary = format!("resize {}", req.name);
+        self.begin(&req.name, OpKind::ResizeVm, "resize", summary, who, |s, vm, op| {
+            let old = vm.resources.unwrap_or_default();
+            let mut new = old;
+            if req.vcpus > 0 {
+                new.vcpus = req.vcpus;
+            }
+            if req.memory_mib > 0 {
+                new.memory_mib = req.memory_mib;
+            }
+            if req.disk_mib > 0 {
+                new.disk_mib = req.disk_mib;
+            }
+            if new == old {
+                return Err(OpError::Invalid("nothing to change: give --vcpus, --memory-mib or --disk-mib".into()));
+            }
+            if new.disk_mib < old.disk_mib {
+                return Err(OpError::Invalid(format!(
+                    "disk_mib: disks only grow ({} MiB now, {} asked)",
+                    old.disk_mib, new.disk_mib
+                )));
+            }
+            let info = s.snapshot.node(&vm.node).ok_or_else(|| OpError::Precondition("node unknown".into()))?;
+            let room_cpu = f64::from(info.capacity.vcpus) * info.overcommit_cpu - f64::from(info.allocated.vcpus);
+            let room_mem = info.capacity.memory_mib as f64 * info.overcommit_memory - info.allocated.memory_mib as f64;
+            let room_disk = info.capacity.disk_mib as i128 - info.allocated.disk_mib as i128;
+            let mut short = Vec::new();
+            let more_cpu = f64::from(new.vcpus) - f64::from(old.vcpus);
+            if more_cpu > room_cpu {
+                short.push(format!("{more_cpu} more vcpus, {room_cpu:.0} free"));
+            }
+            let more_mem = new.memory_mib as f64 - old.memory_mib as f64;
+            if more_mem > room_mem {
+                short.push(format!("{more_mem} MiB more memory, {room_mem:.0} free"));
+            }
+            let more_disk = new.disk_mib as i128 - old.disk_mib as i128;
+            if more_disk > room_disk {
+                short.push(format!("{more_disk} MiB more disk, {room_disk} free"));
+            }
+            if !short.is_empty() {
+                return Err(OpError::Unschedulable(format!(
+                    "node {} has no room to resize {} in place: {} (moving a VM is not supported yet)",
+                    vm.node,
+                    vm.name,
+                    short.join("; ")
+                )));
+            }
+            if new.vcpus != old.vcpus || new.memory_mib != old.memory_mib {
+                return Err(OpError::Unimplemented(
+                    "changing the vCPUs or memory of a defined domain: the agents have no job for it yet; \
+                     only --disk-mib is applied"
+                        .into(),
+                ));
+            }
+            op.previous = Some(old);
+            vm.resources = Some(new);
+            if let Some(d) = vm.spec.as_mut().and_then(|s| s.disk.as_mut()) {
+                d.size_mib = new.disk_mib;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn snapshot_vm(&self, req: SnapshotVmRequest, who: &str) -> Result<Operation, OpError> {
+        let summary = format!("snapshot {}", req.name);
+        self.begin(&req.name, OpKind::SnapshotVm, "snapshot", summary, who, |_, vm, op| {
+            let name = if req.image_name.is_empty() { vm.name.clone() } else { req.image_name.clone() };
+            let version = if req.image_version.is_empty() {
+                now().seconds.to_string()
+            } else {
+                req.image_version.clone()
+            };
+            op.params.insert("image_name".into(), name);
+            op.params.insert("image_version".into(), version);
+            op.params.insert("notes".into(), req.notes.clone());
+            Ok(())
+        })
+    }
+
+    /// The operation now, and a receiver of its next events while it runs.
+    pub fn watch(&self, id: &str) -> Result<(Operation, Option<broadcast::Receiver<OperationEvent>>), OpError> {
+        let mut events = lock(&self.inner.events);
+        let op = self
+            .view()
+            .read(|s| s.ops.get(id).cloned())
+            .ok_or_else(|| OpError::NotFound(format!("no operation {id:?}")))?;
+        if crate::grid::is_finished(&op) {
+            return Ok((op, None));
+        }
+        let rx = events.entry(id.to_string()).or_insert_with(|| broadcast::channel(256).0).subscribe();
+        Ok((op, Some(rx)))
+    }
+
+    fn publish(&self, event: OperationEvent, last: bool) {
+        let mut events = lock(&self.inner.events);
+        if let Some(tx) = events.get(&event.operation) {
+            let _ = tx.send(event.clone());
+        }
+        if last {
+            events.remove(&event.operation);
+        }
+    }
+}

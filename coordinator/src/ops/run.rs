@@ -1,0 +1,429 @@
+//! Running an operation: its agent step (submit with the step's idempotency key, follow WatchJob, relay the
+//! events), retries while the agent is unreachable, and the one transaction that records the outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gridforge_proto::v1::{
+    ControlJob, DeleteJob, DiskTarget, GetJobRequest, Job, JobKind, JobState, ListJobsRequest, OperationEvent,
+    ProvisionJob, ResizeJob, SnapshotJob, SubmitJobRequest, WatchJobRequest, control_job::Action, disk_target,
+    job::Outcome, submit_job_request::Job as JobReq,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Code;
+
+use super::{Engine, lock};
+use crate::grid::{Change, OpKind, OpState, Operation, VmState, is_finished, now};
+
+/// Why one try of a step did not end with a finished job.
+enum StepError {
+    /// The agent could not be reached or the stream broke: try again.
+    Retry(String),
+    /// The agent refused the job: the operation fails.
+    Fatal(String),
+}
+
+fn classify(status: &tonic::Status) -> StepError {
+    let text = if status.message().is_empty() { status.code().to_string() } else { status.message().to_string() };
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
+            StepError::Retry(text)
+        }
+        _ => StepError::Fatal(text),
+    }
+}
+
+fn terminal(state: JobState) -> bool {
+    matches!(state, JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Interrupted)
+}
+
+fn volume(name: &str) -> Option<DiskTarget> {
+    Some(DiskTarget { target: Some(disk_target::Target::Volume(name.to_string())) })
+}
+
+impl Engine {
+    pub(super) async fn run(&self, id: String) {
+        let outcome = self.run_steps(&id).await;
+        if let Err(e) = &outcome {
+            tracing::warn!(op = %id, "operation failed: {e}");
+        }
+        if let Err(e) = self.finish(&id, outcome) {
+            tracing::error!(op = %id, "cannot record the end of the operation: {}", crate::error_chain(&e));
+        }
+    }
+
+    /// Run the steps not yet done; the last agent job on success.
+    async fn run_steps(&self, id: &str) -> Result<Job, String> {
+        let Some(op) = self.view().read(|s| s.ops.get(id).cloned()) else {
+            return Err(format!("operation {id} vanished"));
+        };
+        let mut last = Err("the operation has no step".to_string());
+        for index in 0..op.steps.len() {
+            if op.steps[index].state() == OpState::Succeeded {
+                continue;
+            }
+            let req = self.agent_request(id, index)?;
+            last = self.agent_step(id, index, req).await;
+            match &last {
+                Ok(job) if job.state() == JobState::Succeeded => {
+                    self.update_op(id, |op| op.steps[index].state = OpState::Succeeded as i32);
+                }
+                Ok(job) => return Err(job_failure(&op.node, &op.steps[index].name, job)),
+                Err(_) => return last,
+            }
+        }
+        last
+    }
+
+    /// The agent job of step `index`, from the operation and its VM record.
+    fn agent_request(&self, id: &str, index: usize) -> Result<SubmitJobRequest, String> {
+        let (op, vm) = self
+            .view()
+            .read(|s| s.ops.get(id).cloned().map(|o| (s.vms.get(&o.vm).cloned(), o)))
+            .map(|(v, o)| (o, v))
+            .ok_or_else(|| format!("operation {id} vanished"))?;
+        let vm = vm.ok_or_else(|| format!("vm {} is no longer in the grid", op.vm))?;
+        let step = &op.steps[index];
+        let param = |k: &str| op.params.get(k).cloned().unwrap_or_default();
+        let job = match op.kind() {
+            OpKind::CreateVm => {
+                let spec = match lock(&self.inner.secrets).get(id).cloned() {
+                    Some(spec) => spec,
+                    // Without secrets the stored spec is the spec; with them, only an already submitted job
+                    // (found by its key in resume_key) may go on.
+                    None => vm.spec.clone().unwrap_or_default(),
+                };
+                JobReq::Provision(ProvisionJob { spec: Some(spec), target: volume(&vm.volume) })
+            }
+            OpKind::DeleteVm => JobReq::Delete(DeleteJob {
+                domain: vm.name.clone(),
+                target: volume(&vm.volume),
+                wipe_method: param("wipe_method"),
+            }),
+            OpKind::ControlVm => JobReq::Control(ControlJob {
+                domain: vm.name.clone(),
+                action: op.action,
+                grace_seconds: param("grace_seconds").parse().unwrap_or(0),
+            }),
+            OpKind::ResizeVm => JobReq::Resize(ResizeJob {
+                target: volume(&vm.volume),
+                size_mib: vm.resources.unwrap_or_default().disk_mib,
+            }),
+            OpKind::SnapshotVm => JobReq::Snapshot(SnapshotJob {
+                target: volume(&vm.volume),
+                image_name: param("image_name"),
+                image_version: param("image_version"),
+                notes: param("notes"),
+            }),
+            OpKind::Unspecified => return Err("operation of no kind".into()),
+        };
+        Ok(SubmitJobRequest { idempotency_key: step.idempotency_key.clone(), job: Some(job) })
+    }
+
+    fn update_op(&self, id: &str, f: impl FnOnce(&mut Operation)) {
+        let result = self.view().update::<_, super::OpError>(|s| {
+            let Some(mut op) = s.ops.get(id).cloned() else { return Ok(((), vec![])) };
+            f(&mut op);
+            op.updated = Some(now());
+            Ok(((), vec![Change::PutOp(op)]))
+        });
+        if let Err(e) = result {
+            tracing::error!(op = %id, "cannot store the operation: {e}");
+        }
+    }
+
+    async fn node_slot(&self, id: &str, node: &str) -> OwnedSemaphorePermit {
+        let sem = lock(&self.inner.slots)
+            .entry(node.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.max_disk_jobs_per_node)))
+            .clone();
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return p;
+        }
+        let limit = self.inner.config.max_disk_jobs_per_node;
+        self.update_op(id, |op| {
+            op.state = OpState::Queued as i32;
+            if let Some(s) = op.steps.first_mut() {
+                s.message = format!("waiting: node {node} runs {limit} disk jobs already");
+            }
+        });
+        self.publish(self.event(id, "queued", format!("waiting for a disk job slot on {node}")), false);
+        sem.acquire_owned().await.expect("slot semaphores are never closed")
+    }
+
+    async fn agent_step(&self, id: &str, index: usize, req: SubmitJobRequest) -> Result<Job, String> {
+        let (node, step_name, secrets_lost) = self
+            .view()
+            .read(|s| {
+                s.ops.get(id).map(|o| {
+                    let lost = o.secrets_in_memory && !lock(&self.inner.secrets).contains_key(id);
+                    (o.node.clone(), o.steps[index].name.clone(), lost)
+                })
+            })
+            .ok_or_else(|| format!("operation {id} vanished"))?;
+        let disk_heavy = !matches!(req.job, Some(JobReq::Control(_)));
+        let _permit = if disk_heavy { Some(self.node_slot(id, &node).await) } else { None };
+        self.update_op(id, |op| {
+            op.state = OpState::Running as i32;
+            let s = &mut op.steps[index];
+            s.state = OpState::Running as i32;
+            s.message.clear();
+        });
+        let attempts = self.inner.config.retry_attempts.max(1);
+        let mut backoff = Duration::from_millis(self.inner.config.retry_backoff_ms);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let address = self
+                .view()
+                .read(|s| s.nodes.get(&node).map(|n| n.address.clone()))
+                .ok_or_else(|| format!("node {node} was removed from the grid"))?;
+            let outcome = if secrets_lost {
+                self.attach_only(id, index, &address, &req).await
+            } else {
+                self.submit_and_follow(id, index, &address, req.clone()).await
+            };
+            match outcome {
+                Ok(job) => return Ok(job),
+                Err(StepError::Fatal(m)) => return Err(format!("node {node}: {step_name}: {m}")),
+                Err(StepError::Retry(m)) if tries >= attempts => {
+                    return Err(format!("node {node} unreachable after {tries} tries: {step_name}: {m}"));
+                }
+                Err(StepError::Retry(m)) => {
+                    let note = format!("node {node} unreachable (try {tries} of {attempts}), retrying in {backoff:?}: {m}");
+                    tracing::warn!(op = %id, "{note}");
+                    self.update_op(id, |op| {
+                        op.steps[index].attempts = tries;
+                        op.steps[index].message = note.clone();
+                    });
+                    self.publish(self.event(id, &step_name, note), false);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// After a restart that lost a create's secrets: re-attach to the agent job already submitted under the
+    /// step's key, or fail (never submit the spec without its secrets).
+    async fn attach_only(&self, id: &str, index: usize, address: &str, req: &SubmitJobRequest) -> Result<Job, StepError> {
+        let mut client = self.agents().client(address).await.map_err(|e| StepError::Retry(e.to_string()))?;
+        let list = ListJobsRequest { kind: JobKind::Provision as i32, ..Default::default() };
+        let jobs = client.list_jobs(list).await.map_err(|s| classify(&s))?.into_inner().jobs;
+        if jobs.iter().any(|j| j.idempotency_key == req.idempotency_key) {
+            return self.submit_and_follow(id, index, address, req.clone()).await;
+        }
+        Err(StepError::Fatal(
+            "the coordinator restarted before this create reached its agent, and its secrets (passwords, \
+             passphrases) are never stored: create the VM again"
+                .into(),
+        ))
+    }
+
+    async fn submit_and_follow(
+        &self,
+        id: &str,
+        index: usize,
+        address: &str,
+        req: SubmitJobRequest,
+    ) -> Result<Job, StepError> {
+        let timeout = self.agents().call_timeout;
+        let mut client = self.agents().client(address).await.map_err(|e| StepError::Retry(e.to_string()))?;
+        let job = tokio::time::timeout(timeout, client.submit_job(req))
+            .await
+            .map_err(|_| StepError::Retry(format!("SubmitJob took more than {timeout:?}")))?
+            .map_err(|s| classify(&s))?
+            .into_inner();
+        // The job is the agent's now: the secrets are no longer needed.
+        lock(&self.inner.secrets).remove(id);
+        let known = self.view().read(|s| s.ops.get(id).map(|o| o.steps[index].agent_job_id.clone()));
+        if known.as_deref() != Some(job.id.as_str()) {
+            let job_id = job.id.clone();
+            self.update_op(id, |op| op.steps[index].agent_job_id = job_id);
+        }
+        if terminal(job.state()) {
+            return Ok(job);
+        }
+        let step_name = self.view().read(|s| s.ops.get(id).map(|o| o.steps[index].name.clone())).unwrap_or_default();
+        let mut stream = client
+            .watch_job(WatchJobRequest { job_id: job.id.clone(), from_seq: 0 })
+            .await
+            .map_err(|s| classify(&s))?
+            .into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    let (done, total, agent_step) = (ev.bytes_done, ev.bytes_total, ev.step.clone());
+                    self.view().observe(|s| {
+                        if let Some(op) = s.ops.get_mut(id) {
+                            let st = &mut op.steps[index];
+                            st.bytes_done = done;
+                            st.bytes_total = total;
+                            st.message = if ev.message.is_empty() { agent_step.clone() } else { format!("{agent_step}: {}", ev.message) };
+                        }
+                    });
+                    let mut e = self.event(id, &step_name, ev.message.clone());
+                    e.agent_step = agent_step;
+                    e.bytes_done = done;
+                    e.bytes_total = total;
+                    self.publish(e, false);
+                }
+                Ok(None) => break,
+                Err(s) => return Err(classify(&s)),
+            }
+        }
+        let job = client
+            .get_job(GetJobRequest { job_id: job.id.clone() })
+            .await
+            .map_err(|s| classify(&s))?
+            .into_inner();
+        if terminal(job.state()) {
+            Ok(job)
+        } else {
+            Err(StepError::Retry("the job's event stream ended before the job did".into()))
+        }
+    }
+
+    pub(super) fn event(&self, id: &str, step: &str, message: String) -> OperationEvent {
+        let state = self.view().read(|s| s.ops.get(id).map(|o| o.state)).unwrap_or_default();
+        OperationEvent {
+            operation: id.to_string(),
+            step: step.to_string(),
+            state,
+            message,
+            time: Some(now()),
+            ..Default::default()
+        }
+    }
+
+    /// Record the outcome in one transaction: the operation's end, the VM's new state, the lock and (for
+    /// a failed create or a delete) the allocation released.
+    fn finish(&self, id: &str, outcome: Result<Job, String>) -> Result<(), super::OpError> {
+        let op = self.view().update::<_, super::OpError>(|s| {
+            let Some(mut op) = s.ops.get(id).cloned() else { return Ok((None, vec![])) };
+            if is_finished(&op) {
+                return Ok((None, vec![]));
+            }
+            let mut changes = Vec::new();
+            let t = now();
+            let vm = s.vms.get(&op.vm).cloned();
+            match (&outcome, vm) {
+                (Ok(job), Some(mut vm)) => {
+                    op.state = OpState::Succeeded as i32;
+                    vm.error.clear();
+                    match (op.kind(), &job.outcome) {
+                        (OpKind::CreateVm, outcome) => {
+                            if let Some(Outcome::Provision(p)) = outcome {
+                                vm.provision = Some(p.clone());
+                            }
+                            let start = vm.spec.as_ref().and_then(|s| s.machine.as_ref()).is_some_and(|m| m.start);
+                            vm.state = if start { VmState::Running } else { VmState::Stopped } as i32;
+                            op.result = format!("provisioned on {}", vm.node);
+                        }
+                        (OpKind::DeleteVm, outcome) => {
+                            if let Some(Outcome::Wipe(w)) = outcome {
+                                vm.wipe_report = w.report_json.clone();
+                                op.result = format!("wiped {} bytes, verified {}", w.bytes, w.verified);
+                            }
+                            vm.state = VmState::Deleted as i32;
+                            vm.observed_state.clear();
+                        }
+                        (OpKind::ControlVm, outcome) => {
+                            let observed = match outcome {
+                                Some(Outcome::Control(c)) => c.state.clone(),
+                                _ => String::new(),
+                            };
+                            vm.state = match Action::try_from(op.action).unwrap_or(Action::Unspecified) {
+                                Action::Stop | Action::Destroy => VmState::Stopped,
+                                Action::Suspend => VmState::Paused,
+                                _ => VmState::Running,
+                            } as i32;
+                            op.result = format!("domain {observed}");
+                            vm.observed_state = observed;
+                        }
+                        (OpKind::ResizeVm, outcome) => {
+                            if let Some(Outcome::Resize(r)) = outcome {
+                                op.result = format!("disk {} bytes", r.disk_size_bytes);
+                            }
+                            if vm.state() == VmState::Failed {
+                                vm.state = VmState::Stopped as i32;
+                            }
+                        }
+                        (OpKind::SnapshotVm, outcome) => {
+                            if let Some(Outcome::Snapshot(r)) = outcome {
+                                op.result = format!("image {}:{} sha256 {} in {}", r.name, r.version, r.sha256, r.store);
+                            }
+                        }
+                        (OpKind::Unspecified, _) => {}
+                    }
+                    if vm.operation == op.id {
+                        vm.operation.clear();
+                    }
+                    vm.updated = Some(t);
+                    changes.push(Change::PutVm(vm));
+                }
+                (Err(e), Some(mut vm)) => {
+                    op.state = OpState::Failed as i32;
+                    op.error = e.clone();
+                    match op.kind() {
+                        // Nothing half-done: the VM record, and so its allocation, goes.
+                        OpKind::CreateVm => changes.push(Change::RemoveVm(vm.name.clone())),
+                        kind => {
+                            if kind == OpKind::ResizeVm
+                                && let Some(prev) = op.previous
+                            {
+                                vm.resources = Some(prev);
+                                if let Some(d) = vm.spec.as_mut().and_then(|s| s.disk.as_mut()) {
+                                    d.size_mib = prev.disk_mib;
+                                }
+                            }
+                            if kind == OpKind::DeleteVm {
+                                vm.state = VmState::Failed as i32;
+                            }
+                            vm.error = e.clone();
+                            if vm.operation == op.id {
+                                vm.operation.clear();
+                            }
+                            vm.updated = Some(t);
+                            changes.push(Change::PutVm(vm));
+                        }
+                    }
+                }
+                (Ok(_), None) => op.state = OpState::Succeeded as i32,
+                (Err(e), None) => {
+                    op.state = OpState::Failed as i32;
+                    op.error = e.clone();
+                }
+            }
+            if let Some(step) = op.steps.iter_mut().find(|s| s.state() != OpState::Succeeded) {
+                step.state = op.state;
+                if let Err(e) = &outcome {
+                    step.message = e.clone();
+                }
+            }
+            op.finished = Some(t);
+            op.updated = Some(t);
+            changes.push(Change::PutOp(op.clone()));
+            Ok((Some(op), changes))
+        })?;
+        lock(&self.inner.secrets).remove(id);
+        if let Some(op) = op {
+            let message = if op.error.is_empty() { op.result.clone() } else { op.error.clone() };
+            let mut e = self.event(id, "done", message);
+            e.snapshot = Some(op);
+            self.publish(e, true);
+        }
+        Ok(())
+    }
+}
+
+/// "node n1: provision: fetch: image debian:12 not found (IMAGE_NOT_FOUND)" for a job that did not succeed.
+fn job_failure(node: &str, step: &str, job: &Job) -> String {
+    match &job.outcome {
+        Some(Outcome::Error(e)) => {
+            let code = gridforge_proto::v1::error::Code::try_from(e.code).map(|c| c.as_str_name()).unwrap_or("");
+            format!("node {node}: {step}: {}: {} ({code})", e.step, e.message)
+        }
+        _ => format!("node {node}: {step}: agent job {} ended {}", job.id, job.state().as_str_name()),
+    }
+}

@@ -1,0 +1,161 @@
+//! The status poller: every interval, NodeStats and Diagnostics of each node with bounded fan-out. A node
+//! that answers is Ready, or NotReady while a check FAILs; one that misses `unreachable_after` polls in a
+//! row is Unreachable. The domains an agent reports are compared with the VMs the grid places there: drift
+//! is shown on the node and the VM, never "fixed". Only state changes are stored; usage stays in memory.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gridforge_proto::v1::{DiagnosticsReport, DiagnosticsRequest, Drift, NodeStatsReport, NodeStatsRequest, drift};
+use tokio::sync::Semaphore;
+
+use crate::config::PollerConfig;
+use crate::grid::{Change, GridState, NodeState, VmState, now};
+use crate::ops::Engine;
+use crate::ops::nodes_health;
+
+pub async fn run(engine: Engine, config: PollerConfig) {
+    let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let slots = Arc::new(Semaphore::new(config.concurrency));
+    loop {
+        tick.tick().await;
+        poll_all(&engine, &config, &slots).await;
+    }
+}
+
+/// One round over every node; returns when each node has answered or timed out.
+pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaphore>) {
+    let nodes: Vec<(String, String)> =
+        engine.view().read(|s| s.nodes.values().map(|n| (n.name.clone(), n.address.clone())).collect());
+    let timeout = Duration::from_millis(config.interval_ms.max(1000)) + Duration::from_millis(config.sample_ms.into());
+    let mut tasks = Vec::with_capacity(nodes.len());
+    for (name, address) in nodes {
+        let permit = slots.clone().acquire_owned().await.expect("poller semaphore");
+        let (engine, sample_ms) = (engine.clone(), config.sample_ms);
+        tasks.push(tokio::spawn(async move {
+            let result = tokio::time::timeout(timeout, poll_one(&engine, &address, sample_ms)).await;
+            drop(permit);
+            let result = result.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+            (name, result)
+        }));
+    }
+    let unreachable_after = config.unreachable_after;
+    for t in tasks {
+        if let Ok((name, result)) = t.await {
+            record(engine, &name, result, unreachable_after);
+        }
+    }
+}
+
+async fn poll_one(engine: &Engine, address: &str, sample_ms: u32) -> Result<(NodeStatsReport, DiagnosticsReport), String> {
+    let mut client = engine.agents().client(address).await.map_err(|e| e.to_string())?;
+    let stats = client.node_stats(NodeStatsRequest { sample_ms }).await.map_err(|s| s.message().to_string())?;
+    let diag = client.diagnostics(DiagnosticsRequest {}).await.map_err(|s| s.message().to_string())?;
+    Ok((stats.into_inner(), diag.into_inner()))
+}
+
+/// Drift on one node: the domains the agent reports vs. the VMs the grid places there.
+pub fn drift_of(state: &GridState, node: &str, stats: &NodeStatsReport) -> Vec<Drift> {
+    let domains: BTreeMap<&str, &str> = stats.vms.iter().map(|v| (v.name.as_str(), v.state.as_str())).collect();
+    let mut out = Vec::new();
+    for vm in state.vms_on(node) {
+        if matches!(vm.state(), VmState::Provisioning | VmState::Deleting | VmState::Failed) {
+            continue;
+        }
+        match domains.get(vm.name.as_str()) {
+            None => out.push(Drift {
+                kind: drift::Kind::MissingDomain as i32,
+                vm: vm.name.clone(),
+                detail: "the agent reports no such domain".into(),
+            }),
+            Some(actual) if !vm.desired_state.is_empty() && !state_matches(&vm.desired_state, actual) => out.push(Drift {
+                kind: drift::Kind::State as i32,
+                vm: vm.name.clone(),
+                detail: format!("desired {}, domain {actual}", vm.desired_state),
+            }),
+            Some(_) => {}
+        }
+    }
+    for name in domains.keys() {
+        let ours = state.vms.get(*name).is_some_and(|v| v.node == node && crate::grid::holds_allocation(v));
+        if !ours {
+            out.push(Drift {
+                kind: drift::Kind::UnknownDomain as i32,
+                vm: name.to_string(),
+                detail: "a domain the grid does not place on this node".into(),
+            });
+        }
+    }
+    out
+}
+
+fn state_matches(desired: &str, actual: &str) -> bool {
+    match desired {
+        "running" => actual == "running",
+        "stopped" => matches!(actual, "shutoff" | "shutdown" | "crashed"),
+        "paused" => actual == "paused",
+        _ => true,
+    }
+}
+
+fn record(engine: &Engine, name: &str, result: Result<(NodeStatsReport, DiagnosticsReport), String>, unreachable_after: u32) {
+    let outcome = engine.view().update::<_, crate::ops::OpError>(|s| {
+        let Some(mut node) = s.nodes.get(name).cloned() else { return Ok(((), vec![])) };
+        let before = (node.state, node.state_reason.clone());
+        let mut vm_changes = Vec::new();
+        match &result {
+            Ok((stats, diag)) => {
+                let (state, reason) = nodes_health(diag);
+                node.state = state as i32;
+                node.state_reason = reason;
+                node.missed_polls = 0;
+                node.last_seen = Some(now());
+                node.checks = diag.checks.clone();
+                node.agent_version = diag.agent_version.clone();
+                let n = stats.cpu_busy.len().max(1) as f64;
+                node.cpu_load = stats.cpu_busy.iter().sum::<f64>() / n;
+                node.memory_used_bytes = stats.memory.map_or(0, |m| m.used_bytes);
+                node.pool_free_bytes = stats.filesystems.iter().find(|f| f.role == "pool").map_or(0, |f| f.free_bytes);
+                node.drift = drift_of(s, name, stats);
+                node.vms = s.vms_on(name).map(|v| v.name.clone()).collect();
+                for vm in s.vms_on(name) {
+                    let observed = stats.vms.iter().find(|d| d.name == vm.name).map(|d| d.state.clone()).unwrap_or_default();
+                    let drift = node.drift.iter().find(|d| d.vm == vm.name).map(|d| d.detail.clone()).unwrap_or_default();
+                    if vm.observed_state != observed || vm.drift != drift {
+                        let mut v = vm.clone();
+                        v.observed_state = observed;
+                        v.drift = drift;
+                        vm_changes.push(v);
+                    }
+                }
+            }
+            Err(e) => {
+                node.missed_polls += 1;
+                if node.missed_polls >= unreachable_after {
+                    node.state = NodeState::Unreachable as i32;
+                    node.state_reason = format!("missed {} polls: {e}", node.missed_polls);
+                }
+            }
+        }
+        let changed = before != (node.state, node.state_reason.clone());
+        if changed {
+            tracing::info!(node = %name, state = node.state().as_str_name(), reason = %node.state_reason, "node state");
+            return Ok(((), vec![Change::PutNode(node)]));
+        }
+        // Observations only: kept in memory, renewed by the next poll.
+        s.nodes.insert(name.to_string(), node);
+        for v in vm_changes {
+            s.vms.insert(v.name.clone(), v);
+        }
+        let info = s.nodes.get(name).map(|n| s.node_info(n));
+        if let Some(info) = info {
+            s.snapshot.upsert_node(info);
+        }
+        Ok(((), vec![]))
+    });
+    if let Err(e) = outcome {
+        tracing::error!(node = %name, "cannot record the poll: {e}");
+    }
+}

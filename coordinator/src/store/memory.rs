@@ -1,0 +1,40 @@
+//! A store in memory, for tests: the same transaction semantics as redb, without a file.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use prost::Message;
+
+use super::{GridStore, Records, StoreError};
+use crate::grid::{Change, Node, Operation, Vm};
+
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    tables: Mutex<[BTreeMap<String, Vec<u8>>; 3]>,
+}
+
+impl GridStore for MemoryStore {
+    fn load(&self) -> Result<Records, StoreError> {
+        let t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let decode = |what| StoreError::Decode { table: what, key: String::new(), reason: "bad".into() };
+        Ok(Records {
+            nodes: t[0].values().map(|b| Node::decode(b.as_slice())).collect::<Result<_, _>>().map_err(|_| decode("nodes"))?,
+            vms: t[1].values().map(|b| Vm::decode(b.as_slice())).collect::<Result<_, _>>().map_err(|_| decode("vms"))?,
+            ops: t[2].values().map(|b| Operation::decode(b.as_slice())).collect::<Result<_, _>>().map_err(|_| decode("ops"))?,
+        })
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        for c in changes {
+            match c {
+                Change::PutNode(n) => drop(t[0].insert(n.name.clone(), n.encode_to_vec())),
+                Change::RemoveNode(name) => drop(t[0].remove(name)),
+                Change::PutVm(v) => drop(t[1].insert(v.name.clone(), v.encode_to_vec())),
+                Change::RemoveVm(name) => drop(t[1].remove(name)),
+                Change::PutOp(o) => drop(t[2].insert(o.id.clone(), o.encode_to_vec())),
+            }
+        }
+        Ok(())
+    }
+}
