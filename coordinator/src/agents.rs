@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use gridforge_agent::client::{self, ClientError, ClientTls};
 use gridforge_proto::v1::agent_client::AgentClient;
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use tonic::transport::Channel;
 
 use crate::error_chain;
@@ -47,7 +47,10 @@ impl AgentPool {
             Some(c) => c,
             None => {
                 let c = client::channel(address, self.tls.as_ref()).await?;
-                self.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(address.to_string(), c.clone());
+                self.channels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(address.to_string(), c.clone());
                 c
             }
         };
@@ -82,9 +85,9 @@ impl AgentPool {
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or_else(|| AgentError::NoName { address: address.to_string() })?;
-        let cn = x509_parser::parse_x509_certificate(der.as_ref())
-            .ok()
-            .and_then(|(_, c)| c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string));
+        let cn = x509_parser::parse_x509_certificate(der.as_ref()).ok().and_then(|(_, c)| {
+            c.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string)
+        });
         cn.map(Some).ok_or_else(|| AgentError::NoName { address: address.to_string() })
     }
 }

@@ -181,11 +181,22 @@ impl Config {
                 return Err(invalid(format!("auth.users.{name}: {role:?} is not admin, operator or viewer")));
             }
         }
-        if !config.auth.default_role.is_empty() && config.auth.default_role.parse::<crate::api::Role>().is_err() {
-            return Err(invalid(format!("auth.default_role: {:?} is not admin, operator or viewer", config.auth.default_role)));
+        if !config.auth.default_role.is_empty()
+            && config.auth.default_role.parse::<crate::api::Role>().is_err()
+        {
+            return Err(invalid(format!(
+                "auth.default_role: {:?} is not admin, operator or viewer",
+                config.auth.default_role
+            )));
         }
-        if config.poller.interval_ms == 0 || config.poller.concurrency == 0 || config.ops.max_disk_jobs_per_node == 0 {
-            return Err(invalid("poller.interval_ms, poller.concurrency and ops.max_disk_jobs_per_node must be at least 1".into()));
+        if config.poller.interval_ms == 0
+            || config.poller.concurrency == 0
+            || config.ops.max_disk_jobs_per_node == 0
+        {
+            return Err(invalid(
+                "poller.interval_ms, poller.concurrency and ops.max_disk_jobs_per_node must be at least 1"
+                    .into(),
+            ));
         }
         Ok(config)
     }
@@ -220,7 +231,9 @@ mod tests {
         assert_eq!(c.listen.port(), 7444);
         assert!(Config::parse("bogus = 1", Path::new("c.toml")).is_err());
         assert!(Config::parse("[tls]\ninsecure = true", Path::new("c.toml")).is_err());
-        assert!(Config::parse("listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true", Path::new("c.toml")).is_ok());
+        assert!(
+            Config::parse("listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true", Path::new("c.toml")).is_ok()
+        );
         assert!(Config::parse("[auth.users]\nalice = \"root\"", Path::new("c.toml")).is_err());
     }
 }

@@ -64,7 +64,8 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         };
         Some(gridforge_agent::tls::server_config(&t)?)
     };
-    let agent_tls = if config.tls.insecure && config.agents.cert.is_none() { None } else { Some(config.agent_tls()) };
+    let agent_tls =
+        if config.tls.insecure && config.agents.cert.is_none() { None } else { Some(config.agent_tls()) };
 
     std::fs::create_dir_all(&config.state_dir)
         .map_err(io(format!("create the state directory {}", config.state_dir.display())))?;
@@ -72,8 +73,10 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let store = tokio::task::spawn_blocking(move || RedbStore::open(&path))
         .await
         .map_err(|e| DaemonError::Serve(e.to_string()))??;
-    let defaults =
-        Defaults { overcommit_cpu: config.scheduler.overcommit_cpu, overcommit_memory: config.scheduler.overcommit_memory };
+    let defaults = Defaults {
+        overcommit_cpu: config.scheduler.overcommit_cpu,
+        overcommit_memory: config.scheduler.overcommit_memory,
+    };
     let view = GridView::open(Box::new(store), defaults)?;
     let (nodes, vms) = view.read(|s| (s.nodes.len(), s.vms.len()));
     let agents = AgentPool::new(agent_tls, Duration::from_secs(config.agents.call_timeout_secs));
@@ -105,7 +108,8 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(service));
-    let listener = TcpListener::bind(config.listen).await.map_err(io(format!("listen on {}", config.listen)))?;
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(io(format!("listen on {}", config.listen)))?;
     let addr = listener.local_addr().unwrap_or(config.listen);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -149,7 +153,9 @@ async fn watchdog(engine: Engine, interval: Duration) {
         let probe = tokio::task::spawn_blocking(move || e.view().read(|s| s.nodes.len()));
         match tokio::time::timeout(interval, probe).await {
             Ok(Ok(_)) => systemd::notify_watchdog(),
-            _ => tracing::error!("the grid view did not answer within {interval:?}; withholding the watchdog ping"),
+            _ => tracing::error!(
+                "the grid view did not answer within {interval:?}; withholding the watchdog ping"
+            ),
         }
     }
 }

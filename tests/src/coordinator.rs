@@ -212,7 +212,7 @@ pub struct Gridctl {
 impl Gridctl {
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bins::path(bins::GRIDCTL));
-        for var in ["GRIDFORGE_SERVER", "GRIDFORGE_CA", "GRIDFORGE_CERT", "GRIDFORGE_KEY"] {
+        for var in ["GRIDCTL_SERVER", "GRIDCTL_CA", "GRIDCTL_CERT", "GRIDCTL_KEY"] {
             cmd.env_remove(var);
         }
         cmd.args(["--server", &self.server]).arg("--ca").arg(&self.ca);
@@ -243,16 +243,15 @@ impl Gridctl {
     }
 }
 
-/// One JSON value, or one per line (a stream of objects), as an array.
+/// Every JSON value gridctl printed, in order (`--wait` prints one event per line, then the operation).
+pub fn json_values(text: &str) -> Vec<Value> {
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<Value>()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("gridctl printed no JSON ({e}):\n{text}"))
+}
+
+/// The one JSON value gridctl printed (the last, after `--wait`'s events); `null` when it printed none.
 pub fn parse_json(text: &str) -> Value {
-    let text = text.trim();
-    if text.is_empty() {
-        return Value::Null;
-    }
-    if let Ok(v) = serde_json::from_str(text) {
-        return v;
-    }
-    let items: Result<Vec<Value>, _> =
-        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect();
-    Value::Array(items.unwrap_or_else(|e| panic!("gridctl printed no JSON ({e}):\n{text}")))
+    json_values(text).pop().unwrap_or(Value::Null)
 }

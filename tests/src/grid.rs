@@ -4,11 +4,13 @@
 //! Dropping it stops the coordinator and the agents, then removes the namespaces and the bridge, then the
 //! temp dir (kept, and its path printed, when the test failed, for the daemons' logs).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
 
 use crate::agent::Agent;
-use crate::coordinator::{self, Coordinator, Settings};
-use crate::images::ImageStore;
+use crate::coordinator::{self, Coordinator, Gridctl, Settings};
+use crate::images::{ImageStore, vm_spec};
 use crate::netns::Network;
 use crate::pki::Pki;
 
@@ -71,6 +73,54 @@ impl Grid {
 
     pub fn agent(&mut self, name: &str) -> &mut Agent {
         self.agents.iter_mut().find(|a| a.name == name).unwrap_or_else(|| panic!("no agent {name}"))
+    }
+}
+
+/// What the scheduler may place on a node: all the agents share this machine's cores and memory, so each
+/// node is given its own capacity through its overcommit ratios at enrollment.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+impl Grid {
+    /// `gridctl` as the grid's admin.
+    pub fn admin(&self) -> Gridctl {
+        self.coordinator.as_ref().expect("a grid with a coordinator").gridctl(coordinator::ADMIN)
+    }
+
+    /// `gridctl node add NAME --address … --datacenter dc1` with overcommit ratios that make the node's
+    /// placeable capacity `shape` (from the cores and memory the agent reports); the node as JSON.
+    pub fn enroll(&self, name: &str, shape: Shape, extra: &[&str]) -> Value {
+        let agent = self.agents.iter().find(|a| a.name == name).unwrap_or_else(|| panic!("no agent {name}"));
+        let stats = agent.stats();
+        let cores = stats.cpu_busy.len() as f64;
+        let memory_mib = (stats.memory.expect("memory stats").total_bytes >> 20) as f64;
+        // Half a unit above the target, so float rounding never takes the last vCPU or MiB away.
+        let cpu_ratio = format!("{}", (f64::from(shape.vcpus) + 0.5) / cores);
+        let memory_ratio = format!("{}", (shape.memory_mib as f64 + 0.5) / memory_mib);
+        let address = agent.address();
+        let mut args = vec!["node", "add", name, "--address", &address, "--datacenter", "dc1"];
+        args.extend(["--overcommit-cpu", &cpu_ratio, "--overcommit-memory", &memory_ratio]);
+        args.extend_from_slice(extra);
+        let added = self.admin().json(&args);
+        first(added)
+    }
+
+    /// A spec file for [`vm_spec`] in the grid's directory.
+    pub fn spec_file(&self, name: &str, vcpus: u32, memory_mib: u64, disk_mib: u64) -> PathBuf {
+        let path = self.path().join(format!("{name}.json"));
+        std::fs::write(&path, vm_spec(name, vcpus, memory_mib, disk_mib).to_string()).unwrap();
+        path
+    }
+}
+
+/// The first element of a JSON array, or the value itself.
+pub fn first(v: Value) -> Value {
+    match v {
+        Value::Array(mut items) if !items.is_empty() => items.swap_remove(0),
+        other => other,
     }
 }
 

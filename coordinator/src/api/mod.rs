@@ -106,10 +106,9 @@ impl CoordinatorService {
         let c = caller(request, &self.auth, self.tls);
         match c.role {
             Some(r) if r >= need => Ok(c),
-            Some(r) => Err(Status::permission_denied(format!(
-                "{} is {r:?}; {what} needs {need:?}",
-                c.name
-            ).to_lowercase())),
+            Some(r) => Err(Status::permission_denied(
+                format!("{} is {r:?}; {what} needs {need:?}", c.name).to_lowercase(),
+            )),
             None => Err(Status::permission_denied(format!(
                 "{} has no role (auth.users, or the certificate's OU admin/operator/viewer)",
                 c.name
@@ -134,13 +133,19 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(self.engine.add_node(request.into_inner()).await?))
     }
 
-    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
         self.allow(&request, Role::Admin, "node remove")?;
         let req = request.into_inner();
         Ok(Response::new(self.engine.remove_node(&req.name, req.force)?))
     }
 
-    async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
         self.allow(&request, Role::Viewer, "node list")?;
         let nodes = self.engine.view().read(|s| s.nodes.keys().filter_map(|n| node_view(s, n)).collect());
         Ok(Response::new(ListNodesResponse { nodes }))
@@ -166,7 +171,10 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, false)?))
     }
 
-    async fn create_vm(&self, request: Request<CreateVmRequest>) -> Result<Response<CreateVmResponse>, Status> {
+    async fn create_vm(
+        &self,
+        request: Request<CreateVmRequest>,
+    ) -> Result<Response<CreateVmResponse>, Status> {
         let need = if request.get_ref().dry_run { Role::Viewer } else { Role::Operator };
         let c = self.allow(&request, need, "vm create")?;
         Ok(Response::new(self.engine.create_vm(request.into_inner(), &c.name)?))
@@ -231,7 +239,12 @@ impl Coordinator for CoordinatorService {
                 snap.release(&vm.node, &crate::grid::to_sched(&vm.resources.unwrap_or_default()), group);
                 e = explain(&snap, &req);
             }
-            e.summary = format!("{} is on {}. {}", name, if vm.node.is_empty() { "no node" } else { &vm.node }, e.summary);
+            e.summary = format!(
+                "{} is on {}. {}",
+                name,
+                if vm.node.is_empty() { "no node" } else { &vm.node },
+                e.summary
+            );
             e.chosen = vm.node.clone();
             Some(e)
         });
@@ -258,7 +271,10 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(ListOperationsResponse { operations }))
     }
 
-    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
         self.allow(&request, Role::Viewer, "op show")?;
         let id = request.into_inner().id;
         self.engine
@@ -270,7 +286,10 @@ impl Coordinator for CoordinatorService {
 
     type WatchOperationStream = EventStream;
 
-    async fn watch_operation(&self, request: Request<WatchOperationRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch_operation(
+        &self,
+        request: Request<WatchOperationRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         self.allow(&request, Role::Viewer, "op watch")?;
         let id = request.into_inner().id;
         let (op, rx) = self.engine.watch(&id)?;

@@ -14,9 +14,9 @@ use gridforge_agent::pki::{self, CertRequest, DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
     AddNodeRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest, ExplainVmRequest,
-    GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest, ListOperationsRequest, ListVmsRequest,
-    Operation, PlacementConstraints, RemoveNodeRequest, ResizeVmRequest, SnapshotVmRequest, VmSpec,
-    WatchOperationRequest, control_job::Action, operation,
+    GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest, ListOperationsRequest,
+    ListVmsRequest, Operation, PlacementConstraints, RemoveNodeRequest, ResizeVmRequest, SnapshotVmRequest,
+    VmSpec, WatchOperationRequest, control_job::Action, operation,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -107,7 +107,9 @@ enum NodeCommand {
     #[command(alias = "ls")]
     List,
     /// A node in detail: capacity, allocation, checks, VMs, drift.
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Forget a node. Refused while VMs live there, unless --force (which forgets those VMs too).
     #[command(alias = "rm")]
     Remove {
@@ -116,8 +118,12 @@ enum NodeCommand {
         force: bool,
     },
     /// No new VMs on the node; those there stay.
-    Cordon { name: String },
-    Uncordon { name: String },
+    Cordon {
+        name: String,
+    },
+    Uncordon {
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -176,7 +182,11 @@ enum VmCommand {
         #[command(flatten)]
         wait: WaitArg,
     },
-    Start { name: String, #[command(flatten)] wait: WaitArg },
+    Start {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// ACPI shutdown; destroyed after --grace seconds.
     Stop {
         name: String,
@@ -185,11 +195,27 @@ enum VmCommand {
         #[command(flatten)]
         wait: WaitArg,
     },
-    Reboot { name: String, #[command(flatten)] wait: WaitArg },
-    Suspend { name: String, #[command(flatten)] wait: WaitArg },
-    Resume { name: String, #[command(flatten)] wait: WaitArg },
+    Reboot {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    Suspend {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    Resume {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Immediate power off.
-    Destroy { name: String, #[command(flatten)] wait: WaitArg },
+    Destroy {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Grow the VM in place when its node has room (the disk: the domain must be stopped).
     Resize {
         name: String,
@@ -230,9 +256,13 @@ enum OpCommand {
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },
-    Show { id: String },
+    Show {
+        id: String,
+    },
     /// Follow an operation until it ends.
-    Watch { id: String },
+    Watch {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -289,7 +319,10 @@ impl From<tonic::Status> for Failure {
         let code = match s.code() {
             Code::InvalidArgument => 2,
             Code::NotFound => 3,
-            Code::AlreadyExists | Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated => 4,
+            Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::Unauthenticated => 4,
             Code::ResourceExhausted => 5,
             Code::Unavailable => 6,
             _ => 1,
@@ -327,9 +360,15 @@ async fn connect(cli: &Cli) -> Result<CoordinatorClient<Channel>, Failure> {
             Some(ClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone(), domain: None })
         }
         (None, None, None) => None,
-        _ => return Err(fail(2, "give all of --ca, --cert and --key (or GRIDCTL_CA, GRIDCTL_CERT, GRIDCTL_KEY)")),
+        _ => {
+            return Err(fail(
+                2,
+                "give all of --ca, --cert and --key (or GRIDCTL_CA, GRIDCTL_CERT, GRIDCTL_KEY)",
+            ));
+        }
     };
-    let channel = client::channel(&cli.server, tls.as_ref()).await.map_err(|e| fail(6, crate::error_chain(&e)))?;
+    let channel =
+        client::channel(&cli.server, tls.as_ref()).await.map_err(|e| fail(6, crate::error_chain(&e)))?;
     Ok(CoordinatorClient::new(channel))
 }
 
@@ -371,9 +410,21 @@ fn run_pki(p: &PkiCommand, out: &output::Output) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn run_node(c: &mut CoordinatorClient<Channel>, cmd: &NodeCommand, out: &output::Output) -> Result<(), Failure> {
+async fn run_node(
+    c: &mut CoordinatorClient<Channel>,
+    cmd: &NodeCommand,
+    out: &output::Output,
+) -> Result<(), Failure> {
     match cmd {
-        NodeCommand::Add { name, address, datacenter, labels, overcommit_cpu, overcommit_memory, licenses } => {
+        NodeCommand::Add {
+            name,
+            address,
+            datacenter,
+            labels,
+            overcommit_cpu,
+            overcommit_memory,
+            licenses,
+        } => {
             let req = AddNodeRequest {
                 name: name.clone(),
                 address: address.clone(),
@@ -387,9 +438,12 @@ async fn run_node(c: &mut CoordinatorClient<Channel>, cmd: &NodeCommand, out: &o
             out.nodes(&[node]);
         }
         NodeCommand::List => out.nodes(&c.list_nodes(ListNodesRequest {}).await?.into_inner().nodes),
-        NodeCommand::Show { name } => out.node(&c.get_node(GetNodeRequest { name: name.clone() }).await?.into_inner()),
+        NodeCommand::Show { name } => {
+            out.node(&c.get_node(GetNodeRequest { name: name.clone() }).await?.into_inner())
+        }
         NodeCommand::Remove { name, force } => {
-            let r = c.remove_node(RemoveNodeRequest { name: name.clone(), force: *force }).await?.into_inner();
+            let r =
+                c.remove_node(RemoveNodeRequest { name: name.clone(), force: *force }).await?.into_inner();
             out.removed(&r);
         }
         NodeCommand::Cordon { name } => {
@@ -403,7 +457,8 @@ async fn run_node(c: &mut CoordinatorClient<Channel>, cmd: &NodeCommand, out: &o
 }
 
 fn read_create(file: &PathBuf) -> Result<CreateVmRequest, Failure> {
-    let text = std::fs::read_to_string(file).map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| fail(2, format!("{}: not JSON: {e}", file.display())))?;
     let bad = |e: serde_json::Error| fail(2, format!("{}: {e}", file.display()));
@@ -415,7 +470,11 @@ fn read_create(file: &PathBuf) -> Result<CreateVmRequest, Failure> {
     }
 }
 
-async fn run_vm(c: &mut CoordinatorClient<Channel>, cmd: &VmCommand, out: &output::Output) -> Result<(), Failure> {
+async fn run_vm(
+    c: &mut CoordinatorClient<Channel>,
+    cmd: &VmCommand,
+    out: &output::Output,
+) -> Result<(), Failure> {
     let (op, wait) = match cmd {
         VmCommand::Create { file, node, datacenter, selector, spread_group, workload, dry_run, wait } => {
             let mut req = read_create(file)?;
@@ -455,7 +514,8 @@ async fn run_vm(c: &mut CoordinatorClient<Channel>, cmd: &VmCommand, out: &outpu
             return Ok(());
         }
         VmCommand::Delete { name, wipe_method, wait } => {
-            let req = DeleteVmRequest { name: name.clone(), wipe_method: wipe_method.clone().unwrap_or_default() };
+            let req =
+                DeleteVmRequest { name: name.clone(), wipe_method: wipe_method.clone().unwrap_or_default() };
             (c.delete_vm(req).await?.into_inner(), wait.wait)
         }
         VmCommand::Start { name, wait } => (control(c, name, Action::Start, 0).await?, wait.wait),
@@ -493,7 +553,12 @@ async fn run_vm(c: &mut CoordinatorClient<Channel>, cmd: &VmCommand, out: &outpu
     }
 }
 
-async fn control(c: &mut CoordinatorClient<Channel>, name: &str, action: Action, grace: u32) -> Result<Operation, Failure> {
+async fn control(
+    c: &mut CoordinatorClient<Channel>,
+    name: &str,
+    action: Action,
+    grace: u32,
+) -> Result<Operation, Failure> {
     let req = ControlVmRequest { name: name.to_string(), action: action as i32, grace_seconds: grace };
     Ok(c.control_vm(req).await?.into_inner())
 }
@@ -523,13 +588,20 @@ async fn follow(c: &mut CoordinatorClient<Channel>, id: &str, out: &output::Outp
     }
 }
 
-async fn run_op(c: &mut CoordinatorClient<Channel>, cmd: &OpCommand, out: &output::Output) -> Result<(), Failure> {
+async fn run_op(
+    c: &mut CoordinatorClient<Channel>,
+    cmd: &OpCommand,
+    out: &output::Output,
+) -> Result<(), Failure> {
     match cmd {
         OpCommand::List { vm, active, limit } => {
-            let req = ListOperationsRequest { vm: vm.clone().unwrap_or_default(), active: *active, limit: *limit };
+            let req =
+                ListOperationsRequest { vm: vm.clone().unwrap_or_default(), active: *active, limit: *limit };
             out.operations(&c.list_operations(req).await?.into_inner().operations);
         }
-        OpCommand::Show { id } => out.operation(&c.get_operation(GetOperationRequest { id: id.clone() }).await?.into_inner()),
+        OpCommand::Show { id } => {
+            out.operation(&c.get_operation(GetOperationRequest { id: id.clone() }).await?.into_inner())
+        }
         OpCommand::Watch { id } => return follow(c, id, out).await,
     }
     Ok(())

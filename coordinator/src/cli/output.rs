@@ -61,7 +61,8 @@ fn json<T: Serialize>(value: &T) {
 /// "3m", "2h", "5d" since a timestamp.
 fn age(t: Option<&pbjson_types::Timestamp>) -> String {
     let Some(t) = t else { return "-".into() };
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now =
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let s = (now - t.seconds).max(0);
     match s {
         0..=119 => format!("{s}s"),
@@ -106,7 +107,17 @@ impl Output {
         if self.format == Format::Json {
             return json(&nodes);
         }
-        let mut head = vec!["NAME", "STATUS", "DATACENTER", "HYPERVISOR", "VMS", "CPU(ALLOC/CAP)", "MEMORY(ALLOC/CAP)", "DRIFT", "AGE"];
+        let mut head = vec![
+            "NAME",
+            "STATUS",
+            "DATACENTER",
+            "HYPERVISOR",
+            "VMS",
+            "CPU(ALLOC/CAP)",
+            "MEMORY(ALLOC/CAP)",
+            "DRIFT",
+            "AGE",
+        ];
         if self.wide() {
             head.extend(["ADDRESS", "ARCH", "DISK(ALLOC/CAP)", "LOAD", "LABELS", "REASON"]);
         }
@@ -149,11 +160,20 @@ impl Output {
         println!("Name:         {}", n.name);
         println!("Address:      {}", n.address);
         println!("Datacenter:   {}", n.datacenter);
-        println!("Status:       {}{}", node_status(n), if n.state_reason.is_empty() { String::new() } else { format!(" ({})", n.state_reason) });
+        println!(
+            "Status:       {}{}",
+            node_status(n),
+            if n.state_reason.is_empty() { String::new() } else { format!(" ({})", n.state_reason) }
+        );
         let mut labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
         println!("Labels:       {}", if labels.is_empty() { "-".into() } else { labels.join(", ") });
-        println!("Hypervisors:  {}   Arch: {}   Agent: {}", n.hypervisors.join(", "), n.arch, n.agent_version);
+        println!(
+            "Hypervisors:  {}   Arch: {}   Agent: {}",
+            n.hypervisors.join(", "),
+            n.arch,
+            n.agent_version
+        );
         println!("Capacity:     {} vCPUs, {} memory, {} pool", c.vcpus, mib(c.memory_mib), mib(c.disk_mib));
         println!("Allocated:    {} vCPUs, {} memory, {} disk", a.vcpus, mib(a.memory_mib), mib(a.disk_mib));
         println!("Overcommit:   cpu {}, memory {}", ratio(n.overcommit_cpu), ratio(n.overcommit_memory));
@@ -169,7 +189,8 @@ impl Output {
         if !n.drift.is_empty() {
             println!("Drift:");
             for d in &n.drift {
-                let kind = drift::Kind::try_from(d.kind).map(|k| enum_word(k.as_str_name())).unwrap_or_default();
+                let kind =
+                    drift::Kind::try_from(d.kind).map(|k| enum_word(k.as_str_name())).unwrap_or_default();
                 println!("  {kind:<14} {:<20} {}", d.vm, d.detail);
             }
         }
@@ -215,11 +236,19 @@ impl Output {
                 age(v.created.as_ref()),
             ];
             if self.wide() {
-                let image = v.spec.as_ref().and_then(|s| s.image.as_ref()).map(|i| format!("{}:{}", i.name, i.version));
+                let image = v
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.image.as_ref())
+                    .map(|i| format!("{}:{}", i.name, i.version));
                 row.extend([
                     image.unwrap_or_default(),
                     if v.operation.is_empty() { "-".into() } else { v.operation.clone() },
-                    v.placement.as_ref().map(|p| p.spread_group.clone()).filter(|g| !g.is_empty()).unwrap_or("-".into()),
+                    v.placement
+                        .as_ref()
+                        .map(|p| p.spread_group.clone())
+                        .filter(|g| !g.is_empty())
+                        .unwrap_or("-".into()),
                     v.error.clone(),
                 ]);
             }
@@ -234,7 +263,12 @@ impl Output {
         }
         let r = v.resources.unwrap_or_default();
         println!("Name:        {}", v.name);
-        println!("Status:      {} (desired {}, observed {})", enum_word(v.state().as_str_name()), v.desired_state, if v.observed_state.is_empty() { "-" } else { &v.observed_state });
+        println!(
+            "Status:      {} (desired {}, observed {})",
+            enum_word(v.state().as_str_name()),
+            v.desired_state,
+            if v.observed_state.is_empty() { "-" } else { &v.observed_state }
+        );
         println!("Node:        {}", v.node);
         println!("Volume:      {}", v.volume);
         println!("Resources:   {} vCPUs, {} memory, {} disk", r.vcpus, mib(r.memory_mib), mib(r.disk_mib));
@@ -243,7 +277,13 @@ impl Output {
         }
         if let Some(p) = &v.placement {
             let mut parts = Vec::new();
-            for (k, val) in [("datacenter", &p.datacenter), ("node", &p.node), ("spread", &p.spread_group), ("workload", &p.workload), ("hypervisor", &p.hypervisor)] {
+            for (k, val) in [
+                ("datacenter", &p.datacenter),
+                ("node", &p.node),
+                ("spread", &p.spread_group),
+                ("workload", &p.workload),
+                ("hypervisor", &p.hypervisor),
+            ] {
                 if !val.is_empty() {
                     parts.push(format!("{k}={val}"));
                 }
@@ -298,7 +338,11 @@ impl Output {
         }
         let mut t = Table::new(&head);
         for o in ops {
-            let step = o.steps.iter().find(|s| s.state() != gridforge_proto::v1::operation::State::Succeeded).or(o.steps.last());
+            let step = o
+                .steps
+                .iter()
+                .find(|s| s.state() != gridforge_proto::v1::operation::State::Succeeded)
+                .or(o.steps.last());
             let mut row = vec![
                 o.id.clone(),
                 enum_word(o.kind().as_str_name()),
@@ -309,8 +353,18 @@ impl Output {
                 age(o.created.as_ref()),
             ];
             if self.wide() {
-                let msg = if !o.error.is_empty() { o.error.clone() } else if !o.result.is_empty() { o.result.clone() } else { step.map(|s| s.message.clone()).unwrap_or_default() };
-                row.extend([o.requested_by.clone(), step.map(|s| s.agent_job_id.clone()).unwrap_or_default(), msg]);
+                let msg = if !o.error.is_empty() {
+                    o.error.clone()
+                } else if !o.result.is_empty() {
+                    o.result.clone()
+                } else {
+                    step.map(|s| s.message.clone()).unwrap_or_default()
+                };
+                row.extend([
+                    o.requested_by.clone(),
+                    step.map(|s| s.agent_job_id.clone()).unwrap_or_default(),
+                    msg,
+                ]);
             }
             t.row(row);
         }
@@ -350,7 +404,13 @@ impl Output {
             Format::Json => json(o),
             _ => {
                 let what = if o.error.is_empty() { o.result.clone() } else { o.error.clone() };
-                println!("{} {}: {} {}", o.id, o.summary, enum_word(o.state().as_str_name()).to_lowercase(), what);
+                println!(
+                    "{} {}: {} {}",
+                    o.id,
+                    o.summary,
+                    enum_word(o.state().as_str_name()).to_lowercase(),
+                    what
+                );
             }
         }
     }
@@ -365,7 +425,12 @@ impl Output {
 
     /// A renderer of an operation's events for this output.
     pub fn progress(&self) -> Progress {
-        Progress { json: self.format == Format::Json, tty: std::io::stderr().is_terminal(), bar: None, step: String::new() }
+        Progress {
+            json: self.format == Format::Json,
+            tty: std::io::stderr().is_terminal(),
+            bar: None,
+            step: String::new(),
+        }
     }
 }
 
@@ -398,7 +463,10 @@ impl Progress {
                 let (b, template) = if ev.bytes_total == 0 {
                     (ProgressBar::no_length(), "{prefix:>9}  {spinner} {bytes} {bytes_per_sec}")
                 } else {
-                    (ProgressBar::new(ev.bytes_total), "{prefix:>9}  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    (
+                        ProgressBar::new(ev.bytes_total),
+                        "{prefix:>9}  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
                 };
                 b.set_style(ProgressStyle::with_template(template).expect("template").progress_chars("=> "));
                 b.set_prefix(ev.agent_step.clone());

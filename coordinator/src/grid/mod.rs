@@ -301,7 +301,8 @@ mod tests {
     fn a_finished_operation_holds_no_lock() {
         let mut v = vm("a", "n1", 512, "");
         v.operation = "op-000001".into();
-        let mut op = Operation { id: "op-000001".into(), state: OpState::Running as i32, ..Default::default() };
+        let mut op =
+            Operation { id: "op-000001".into(), state: OpState::Running as i32, ..Default::default() };
         let mut g = GridState::new(vec![], vec![v], vec![op.clone()], Defaults::default());
         assert_eq!(g.lock_holder("a").map(|o| o.id.as_str()), Some("op-000001"));
         op.state = OpState::Succeeded as i32;

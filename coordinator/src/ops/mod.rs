@@ -128,7 +128,12 @@ pub fn explain(snapshot: &scheduler::Snapshot, req: &Request) -> Explanation {
         nodes: e
             .nodes
             .iter()
-            .map(|v| NodeVerdict { node: v.node.clone(), feasible: v.feasible, reason: v.reason.clone(), score: v.score })
+            .map(|v| NodeVerdict {
+                node: v.node.clone(),
+                feasible: v.feasible,
+                reason: v.reason.clone(),
+                score: v.score,
+            })
             .collect(),
         summary,
     }
@@ -158,9 +163,9 @@ impl Engine {
 
     /// Start the runners of every unfinished operation (after a restart). Needs a tokio runtime.
     pub fn resume(&self) -> usize {
-        let ids: Vec<String> = self
-            .view()
-            .read(|s| s.ops.values().filter(|o| !crate::grid::is_finished(o)).map(|o| o.id.clone()).collect());
+        let ids: Vec<String> = self.view().read(|s| {
+            s.ops.values().filter(|o| !crate::grid::is_finished(o)).map(|o| o.id.clone()).collect()
+        });
         for id in &ids {
             tracing::info!(op = %id, "resuming operation");
             self.spawn(id.clone());
@@ -195,9 +200,13 @@ impl Engine {
             if let Some(v) = s.vms.get(&name)
                 && v.state() != VmState::Deleted
             {
-                return Err(OpError::AlreadyExists(format!("vm {name:?} already exists (on node {})", v.node)));
+                return Err(OpError::AlreadyExists(format!(
+                    "vm {name:?} already exists (on node {})",
+                    v.node
+                )));
             }
-            let chosen = scheduler::place(&s.snapshot, &sreq).map_err(|u| OpError::Unschedulable(u.to_string()))?;
+            let chosen =
+                scheduler::place(&s.snapshot, &sreq).map_err(|u| OpError::Unschedulable(u.to_string()))?;
             let id = s.next_op_id();
             let t = now();
             let vm = Vm {
@@ -208,8 +217,12 @@ impl Engine {
                 volume: volume_name(&name),
                 resources: Some(spec_resources(&stored)),
                 state: VmState::Provisioning as i32,
-                desired_state: if stored.machine.as_ref().is_some_and(|m| m.start) { "running" } else { "stopped" }
-                    .into(),
+                desired_state: if stored.machine.as_ref().is_some_and(|m| m.start) {
+                    "running"
+                } else {
+                    "stopped"
+                }
+                .into(),
                 operation: id.clone(),
                 created: Some(t),
                 updated: Some(t),
@@ -264,7 +277,10 @@ impl Engine {
                 )));
             }
             if !s.nodes.contains_key(&vm.node) {
-                return Err(OpError::Precondition(format!("vm {name}'s node {} is not in the grid", vm.node)));
+                return Err(OpError::Precondition(format!(
+                    "vm {name}'s node {} is not in the grid",
+                    vm.node
+                )));
             }
             let id = s.next_op_id();
             let t = now();
@@ -306,7 +322,9 @@ impl Engine {
     pub fn control_vm(&self, req: ControlVmRequest, who: &str) -> Result<Operation, OpError> {
         let action = Action::try_from(req.action).unwrap_or(Action::Unspecified);
         if action == Action::Unspecified {
-            return Err(OpError::Invalid("action: required (START, STOP, REBOOT, SUSPEND, RESUME, DESTROY)".into()));
+            return Err(OpError::Invalid(
+                "action: required (START, STOP, REBOOT, SUSPEND, RESUME, DESTROY)".into(),
+            ));
         }
         let word = action.as_str_name().to_ascii_lowercase();
         let summary = format!("{word} {}", req.name);
@@ -344,7 +362,9 @@ impl Engine {
                 new.disk_mib = req.disk_mib;
             }
             if new == old {
-                return Err(OpError::Invalid("nothing to change: give --vcpus, --memory-mib or --disk-mib".into()));
+                return Err(OpError::Invalid(
+                    "nothing to change: give --vcpus, --memory-mib or --disk-mib".into(),
+                ));
             }
             if new.disk_mib < old.disk_mib {
                 return Err(OpError::Invalid(format!(
@@ -352,9 +372,12 @@ impl Engine {
                     old.disk_mib, new.disk_mib
                 )));
             }
-            let info = s.snapshot.node(&vm.node).ok_or_else(|| OpError::Precondition("node unknown".into()))?;
-            let room_cpu = f64::from(info.capacity.vcpus) * info.overcommit_cpu - f64::from(info.allocated.vcpus);
-            let room_mem = info.capacity.memory_mib as f64 * info.overcommit_memory - info.allocated.memory_mib as f64;
+            let info =
+                s.snapshot.node(&vm.node).ok_or_else(|| OpError::Precondition("node unknown".into()))?;
+            let room_cpu =
+                f64::from(info.capacity.vcpus) * info.overcommit_cpu - f64::from(info.allocated.vcpus);
+            let room_mem =
+                info.capacity.memory_mib as f64 * info.overcommit_memory - info.allocated.memory_mib as f64;
             let room_disk = info.capacity.disk_mib as i128 - info.allocated.disk_mib as i128;
             let mut short = Vec::new();
             let more_cpu = f64::from(new.vcpus) - f64::from(old.vcpus);
@@ -410,7 +433,10 @@ impl Engine {
     }
 
     /// The operation now, and a receiver of its next events while it runs.
-    pub fn watch(&self, id: &str) -> Result<(Operation, Option<broadcast::Receiver<OperationEvent>>), OpError> {
+    pub fn watch(
+        &self,
+        id: &str,
+    ) -> Result<(Operation, Option<broadcast::Receiver<OperationEvent>>), OpError> {
         let mut events = lock(&self.inner.events);
         let op = self
             .view()

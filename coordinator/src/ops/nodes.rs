@@ -1,8 +1,8 @@
 //! Enrollment and removal of nodes, and cordons.
 
 use gridforge_proto::v1::{
-    AddNodeRequest, DiagnosticsReport, DiagnosticsRequest, NodeStatsReport, NodeStatsRequest, RemoveNodeResponse,
-    check,
+    AddNodeRequest, DiagnosticsReport, DiagnosticsRequest, NodeStatsReport, NodeStatsRequest,
+    RemoveNodeResponse, check,
 };
 
 use super::{Engine, OpError};
@@ -17,7 +17,11 @@ fn check_node_name(name: &str) -> Result<(), OpError> {
         && name.len() <= 64
         && !name.starts_with('.')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok { Ok(()) } else { Err(OpError::Invalid(format!("invalid node name {name:?}: use letters, digits, '-', '_' and '.'"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(OpError::Invalid(format!("invalid node name {name:?}: use letters, digits, '-', '_' and '.'")))
+    }
 }
 
 /// The node's health from its diagnostics: NotReady with the failing checks named, else Ready.
@@ -28,7 +32,11 @@ pub fn health(diag: &DiagnosticsReport) -> (NodeState, String) {
         .filter(|c| c.status() == check::Status::Fail)
         .map(|c| format!("{}: {}", c.name, c.reason))
         .collect();
-    if failing.is_empty() { (NodeState::Ready, String::new()) } else { (NodeState::NotReady, failing.join("; ")) }
+    if failing.is_empty() {
+        (NodeState::Ready, String::new())
+    } else {
+        (NodeState::NotReady, failing.join("; "))
+    }
 }
 
 /// Capacity from the agent's stats: cores, memory, pool file system size.
@@ -64,7 +72,11 @@ impl Engine {
         }
         self.agents().forget(&req.address);
         let mut client = self.agents().client(&req.address).await.map_err(|e| unreachable(&e))?;
-        let diag = client.diagnostics(DiagnosticsRequest {}).await.map_err(|e| unreachable(&e.message()))?.into_inner();
+        let diag = client
+            .diagnostics(DiagnosticsRequest {})
+            .await
+            .map_err(|e| unreachable(&e.message()))?
+            .into_inner();
         let stats = client
             .node_stats(NodeStatsRequest { sample_ms: 100 })
             .await
@@ -79,7 +91,11 @@ impl Engine {
             labels: req.labels.clone(),
             state: state as i32,
             state_reason: reason,
-            hypervisors: if diag.hypervisor_kind.is_empty() { vec![] } else { vec![diag.hypervisor_kind.clone()] },
+            hypervisors: if diag.hypervisor_kind.is_empty() {
+                vec![]
+            } else {
+                vec![diag.hypervisor_kind.clone()]
+            },
             arch: diag.arch.clone(),
             capacity: Some(capacity(&stats)),
             overcommit_cpu: req.overcommit_cpu,
@@ -103,7 +119,8 @@ impl Engine {
 
     pub fn remove_node(&self, name: &str, force: bool) -> Result<RemoveNodeResponse, OpError> {
         let resp = self.view().update(|s| {
-            let node = s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
+            let node =
+                s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
             let vms: Vec<String> = s.vms_on(name).map(|v| v.name.clone()).collect();
             if !vms.is_empty() && !force {
                 return Err(OpError::Precondition(format!(
@@ -124,7 +141,8 @@ impl Engine {
 
     pub fn set_cordon(&self, name: &str, cordoned: bool) -> Result<Node, OpError> {
         self.view().update(|s| {
-            let mut node = s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
+            let mut node =
+                s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
             node.cordoned = cordoned;
             Ok((node.clone(), vec![Change::PutNode(node)]))
         })

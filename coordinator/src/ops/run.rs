@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gridforge_proto::v1::{
-    ControlJob, DeleteJob, DiskTarget, GetJobRequest, Job, JobKind, JobState, ListJobsRequest, OperationEvent,
-    ProvisionJob, ResizeJob, SnapshotJob, SubmitJobRequest, WatchJobRequest, control_job::Action, disk_target,
-    job::Outcome, submit_job_request::Job as JobReq,
+    ControlJob, DeleteJob, DiskTarget, GetJobRequest, Job, JobKind, JobState, ListJobsRequest,
+    OperationEvent, ProvisionJob, ResizeJob, SnapshotJob, SubmitJobRequest, WatchJobRequest,
+    control_job::Action, disk_target, job::Outcome, submit_job_request::Job as JobReq,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
@@ -24,7 +24,8 @@ enum StepError {
 }
 
 fn classify(status: &tonic::Status) -> StepError {
-    let text = if status.message().is_empty() { status.code().to_string() } else { status.message().to_string() };
+    let text =
+        if status.message().is_empty() { status.code().to_string() } else { status.message().to_string() };
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
             StepError::Retry(text)
@@ -190,7 +191,9 @@ impl Engine {
                     return Err(format!("node {node} unreachable after {tries} tries: {step_name}: {m}"));
                 }
                 Err(StepError::Retry(m)) => {
-                    let note = format!("node {node} unreachable (try {tries} of {attempts}), retrying in {backoff:?}: {m}");
+                    let note = format!(
+                        "node {node} unreachable (try {tries} of {attempts}), retrying in {backoff:?}: {m}"
+                    );
                     tracing::warn!(op = %id, "{note}");
                     self.update_op(id, |op| {
                         op.steps[index].attempts = tries;
@@ -206,7 +209,13 @@ impl Engine {
 
     /// After a restart that lost a create's secrets: re-attach to the agent job already submitted under the
     /// step's key, or fail (never submit the spec without its secrets).
-    async fn attach_only(&self, id: &str, index: usize, address: &str, req: &SubmitJobRequest) -> Result<Job, StepError> {
+    async fn attach_only(
+        &self,
+        id: &str,
+        index: usize,
+        address: &str,
+        req: &SubmitJobRequest,
+    ) -> Result<Job, StepError> {
         let mut client = self.agents().client(address).await.map_err(|e| StepError::Retry(e.to_string()))?;
         let list = ListJobsRequest { kind: JobKind::Provision as i32, ..Default::default() };
         let jobs = client.list_jobs(list).await.map_err(|s| classify(&s))?.into_inner().jobs;
@@ -244,7 +253,8 @@ impl Engine {
         if terminal(job.state()) {
             return Ok(job);
         }
-        let step_name = self.view().read(|s| s.ops.get(id).map(|o| o.steps[index].name.clone())).unwrap_or_default();
+        let step_name =
+            self.view().read(|s| s.ops.get(id).map(|o| o.steps[index].name.clone())).unwrap_or_default();
         let mut stream = client
             .watch_job(WatchJobRequest { job_id: job.id.clone(), from_seq: 0 })
             .await
@@ -259,7 +269,11 @@ impl Engine {
                             let st = &mut op.steps[index];
                             st.bytes_done = done;
                             st.bytes_total = total;
-                            st.message = if ev.message.is_empty() { agent_step.clone() } else { format!("{agent_step}: {}", ev.message) };
+                            st.message = if ev.message.is_empty() {
+                                agent_step.clone()
+                            } else {
+                                format!("{agent_step}: {}", ev.message)
+                            };
                         }
                     });
                     let mut e = self.event(id, &step_name, ev.message.clone());
@@ -316,7 +330,8 @@ impl Engine {
                             if let Some(Outcome::Provision(p)) = outcome {
                                 vm.provision = Some(p.clone());
                             }
-                            let start = vm.spec.as_ref().and_then(|s| s.machine.as_ref()).is_some_and(|m| m.start);
+                            let start =
+                                vm.spec.as_ref().and_then(|s| s.machine.as_ref()).is_some_and(|m| m.start);
                             vm.state = if start { VmState::Running } else { VmState::Stopped } as i32;
                             op.result = format!("provisioned on {}", vm.node);
                         }
@@ -351,7 +366,10 @@ impl Engine {
                         }
                         (OpKind::SnapshotVm, outcome) => {
                             if let Some(Outcome::Snapshot(r)) = outcome {
-                                op.result = format!("image {}:{} sha256 {} in {}", r.name, r.version, r.sha256, r.store);
+                                op.result = format!(
+                                    "image {}:{} sha256 {} in {}",
+                                    r.name, r.version, r.sha256, r.store
+                                );
                             }
                         }
                         (OpKind::Unspecified, _) => {}
@@ -421,7 +439,8 @@ impl Engine {
 fn job_failure(node: &str, step: &str, job: &Job) -> String {
     match &job.outcome {
         Some(Outcome::Error(e)) => {
-            let code = gridforge_proto::v1::error::Code::try_from(e.code).map(|c| c.as_str_name()).unwrap_or("");
+            let code =
+                gridforge_proto::v1::error::Code::try_from(e.code).map(|c| c.as_str_name()).unwrap_or("");
             format!("node {node}: {step}: {}: {} ({code})", e.step, e.message)
         }
         _ => format!("node {node}: {step}: agent job {} ended {}", job.id, job.state().as_str_name()),

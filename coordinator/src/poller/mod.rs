@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gridforge_proto::v1::{DiagnosticsReport, DiagnosticsRequest, Drift, NodeStatsReport, NodeStatsRequest, drift};
+use gridforge_proto::v1::{
+    DiagnosticsReport, DiagnosticsRequest, Drift, NodeStatsReport, NodeStatsRequest, drift,
+};
 use tokio::sync::Semaphore;
 
 use crate::config::PollerConfig;
@@ -29,7 +31,8 @@ pub async fn run(engine: Engine, config: PollerConfig) {
 pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaphore>) {
     let nodes: Vec<(String, String)> =
         engine.view().read(|s| s.nodes.values().map(|n| (n.name.clone(), n.address.clone())).collect());
-    let timeout = Duration::from_millis(config.interval_ms.max(1000)) + Duration::from_millis(config.sample_ms.into());
+    let timeout =
+        Duration::from_millis(config.interval_ms.max(1000)) + Duration::from_millis(config.sample_ms.into());
     let mut tasks = Vec::with_capacity(nodes.len());
     for (name, address) in nodes {
         let permit = slots.clone().acquire_owned().await.expect("poller semaphore");
@@ -49,16 +52,22 @@ pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaph
     }
 }
 
-async fn poll_one(engine: &Engine, address: &str, sample_ms: u32) -> Result<(NodeStatsReport, DiagnosticsReport), String> {
+async fn poll_one(
+    engine: &Engine,
+    address: &str,
+    sample_ms: u32,
+) -> Result<(NodeStatsReport, DiagnosticsReport), String> {
     let mut client = engine.agents().client(address).await.map_err(|e| e.to_string())?;
-    let stats = client.node_stats(NodeStatsRequest { sample_ms }).await.map_err(|s| s.message().to_string())?;
+    let stats =
+        client.node_stats(NodeStatsRequest { sample_ms }).await.map_err(|s| s.message().to_string())?;
     let diag = client.diagnostics(DiagnosticsRequest {}).await.map_err(|s| s.message().to_string())?;
     Ok((stats.into_inner(), diag.into_inner()))
 }
 
 /// Drift on one node: the domains the agent reports vs. the VMs the grid places there.
 pub fn drift_of(state: &GridState, node: &str, stats: &NodeStatsReport) -> Vec<Drift> {
-    let domains: BTreeMap<&str, &str> = stats.vms.iter().map(|v| (v.name.as_str(), v.state.as_str())).collect();
+    let domains: BTreeMap<&str, &str> =
+        stats.vms.iter().map(|v| (v.name.as_str(), v.state.as_str())).collect();
     let mut out = Vec::new();
     for vm in state.vms_on(node) {
         if matches!(vm.state(), VmState::Provisioning | VmState::Deleting | VmState::Failed) {
@@ -70,11 +79,12 @@ pub fn drift_of(state: &GridState, node: &str, stats: &NodeStatsReport) -> Vec<D
                 vm: vm.name.clone(),
                 detail: "the agent reports no such domain".into(),
             }),
-            Some(actual) if !vm.desired_state.is_empty() && !state_matches(&vm.desired_state, actual) => out.push(Drift {
-                kind: drift::Kind::State as i32,
-                vm: vm.name.clone(),
-                detail: format!("desired {}, domain {actual}", vm.desired_state),
-            }),
+            Some(actual) if !vm.desired_state.is_empty() && !state_matches(&vm.desired_state, actual) => out
+                .push(Drift {
+                    kind: drift::Kind::State as i32,
+                    vm: vm.name.clone(),
+                    detail: format!("desired {}, domain {actual}", vm.desired_state),
+                }),
             Some(_) => {}
         }
     }
@@ -100,7 +110,12 @@ fn state_matches(desired: &str, actual: &str) -> bool {
     }
 }
 
-fn record(engine: &Engine, name: &str, result: Result<(NodeStatsReport, DiagnosticsReport), String>, unreachable_after: u32) {
+fn record(
+    engine: &Engine,
+    name: &str,
+    result: Result<(NodeStatsReport, DiagnosticsReport), String>,
+    unreachable_after: u32,
+) {
     let outcome = engine.view().update::<_, crate::ops::OpError>(|s| {
         let Some(mut node) = s.nodes.get(name).cloned() else { return Ok(((), vec![])) };
         let before = (node.state, node.state_reason.clone());

@@ -209,9 +209,16 @@ pub fn explain(snapshot: &Snapshot, req: &Request) -> Explanation {
                 if best.as_ref().is_none_or(|(s, _)| score > *s) {
                     best = Some((score, n.name.clone()));
                 }
-                nodes.push(NodeVerdict { node: n.name.clone(), feasible: true, reason: String::new(), score });
+                nodes.push(NodeVerdict {
+                    node: n.name.clone(),
+                    feasible: true,
+                    reason: String::new(),
+                    score,
+                });
             }
-            Err(reason) => nodes.push(NodeVerdict { node: n.name.clone(), feasible: false, reason, score: 0.0 }),
+            Err(reason) => {
+                nodes.push(NodeVerdict { node: n.name.clone(), feasible: false, reason, score: 0.0 })
+            }
         }
     }
     Explanation { chosen: best.map(|(_, n)| n), nodes }

@@ -18,9 +18,21 @@ impl GridStore for MemoryStore {
         let t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         let decode = |what| StoreError::Decode { table: what, key: String::new(), reason: "bad".into() };
         Ok(Records {
-            nodes: t[0].values().map(|b| Node::decode(b.as_slice())).collect::<Result<_, _>>().map_err(|_| decode("nodes"))?,
-            vms: t[1].values().map(|b| Vm::decode(b.as_slice())).collect::<Result<_, _>>().map_err(|_| decode("vms"))?,
-            ops: t[2].values().map(|b| Operation::decode(b.as_slice())).collect::<Result<_, _>>().map_err(|_| decode("ops"))?,
+            nodes: t[0]
+                .values()
+                .map(|b| Node::decode(b.as_slice()))
+                .collect::<Result<_, _>>()
+                .map_err(|_| decode("nodes"))?,
+            vms: t[1]
+                .values()
+                .map(|b| Vm::decode(b.as_slice()))
+                .collect::<Result<_, _>>()
+                .map_err(|_| decode("vms"))?,
+            ops: t[2]
+                .values()
+                .map(|b| Operation::decode(b.as_slice()))
+                .collect::<Result<_, _>>()
+                .map_err(|_| decode("ops"))?,
         })
     }
 

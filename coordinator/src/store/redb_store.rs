@@ -75,11 +75,17 @@ impl GridStore for RedbStore {
             let mut ops = w.open_table(OPS).map_err(txn)?;
             for c in changes {
                 match c {
-                    Change::PutNode(n) => drop(nodes.insert(n.name.as_str(), n.encode_to_vec().as_slice()).map_err(txn)?),
+                    Change::PutNode(n) => {
+                        drop(nodes.insert(n.name.as_str(), n.encode_to_vec().as_slice()).map_err(txn)?)
+                    }
                     Change::RemoveNode(name) => drop(nodes.remove(name.as_str()).map_err(txn)?),
-                    Change::PutVm(v) => drop(vms.insert(v.name.as_str(), v.encode_to_vec().as_slice()).map_err(txn)?),
+                    Change::PutVm(v) => {
+                        drop(vms.insert(v.name.as_str(), v.encode_to_vec().as_slice()).map_err(txn)?)
+                    }
                     Change::RemoveVm(name) => drop(vms.remove(name.as_str()).map_err(txn)?),
-                    Change::PutOp(o) => drop(ops.insert(o.id.as_str(), o.encode_to_vec().as_slice()).map_err(txn)?),
+                    Change::PutOp(o) => {
+                        drop(ops.insert(o.id.as_str(), o.encode_to_vec().as_slice()).map_err(txn)?)
+                    }
                 }
             }
         }
@@ -98,9 +104,24 @@ mod tests {
         let path = dir.path().join("grid.redb");
         {
             let s = RedbStore::open(&path).unwrap();
-            let node = Node { name: "n1".into(), capacity: Some(Resources { vcpus: 8, ..Default::default() }), ..Default::default() };
-            let vm = Vm { name: "web1".into(), node: "n1".into(), state: VmState::Provisioning as i32, operation: "op-000001".into(), ..Default::default() };
-            let op = Operation { id: "op-000001".into(), vm: "web1".into(), state: OpState::Running as i32, ..Default::default() };
+            let node = Node {
+                name: "n1".into(),
+                capacity: Some(Resources { vcpus: 8, ..Default::default() }),
+                ..Default::default()
+            };
+            let vm = Vm {
+                name: "web1".into(),
+                node: "n1".into(),
+                state: VmState::Provisioning as i32,
+                operation: "op-000001".into(),
+                ..Default::default()
+            };
+            let op = Operation {
+                id: "op-000001".into(),
+                vm: "web1".into(),
+                state: OpState::Running as i32,
+                ..Default::default()
+            };
             s.commit(&[Change::PutNode(node), Change::PutVm(vm), Change::PutOp(op)]).unwrap();
             s.commit(&[Change::PutVm(Vm { name: "gone".into(), ..Default::default() })]).unwrap();
             s.commit(&[Change::RemoveVm("gone".into())]).unwrap();
