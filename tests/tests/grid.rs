@@ -124,13 +124,16 @@ fn placement_lifecycle_cordon_and_an_unreachable_node() {
             );
         }
     }
-    // Spread: the group's three VMs on three different nodes (checked at the end, so that the rest of the
-    // life cycle is exercised either way).
+    // Spread: the group's three VMs on three different nodes.
     let mut web: Vec<&str> = ["web-1", "web-2", "web-3"].iter().map(|w| placed[w]).collect();
     web.sort();
     web.dedup();
-    let spread = web.len();
-    let placed_text = format!("{placed:?}");
+    // What issue 12 asks for and the coordinator does not do yet: collected, so that the rest of the life
+    // cycle is exercised either way, and failed at the end.
+    let mut gaps = Vec::new();
+    if web.len() != 3 {
+        gaps.push(format!("the spread group web shares a node: {placed:?}"));
+    }
     // Each VM provisioned exactly once, by its node's agent.
     for (name, node_name) in &placed {
         let agent = grid.agents.iter().find(|a| a.name == *node_name).unwrap();
@@ -157,20 +160,66 @@ fn placement_lifecycle_cordon_and_an_unreachable_node() {
         .collect();
     assert_eq!(controls.len(), 2, "a stop and a start job on the agent: {controls:?}");
 
-    // Resize in place when the node has room; a clear refusal when it has not.
-    let node_02 = placed["vm-02"];
-    ctl.json(&["vm", "stop", "vm-02", "--wait"]);
-    ctl.json(&["vm", "resize", "vm-02", "--vcpus", "3", "--memory-mib", "640", "--wait"]);
-    let shown = vm(&ctl, "vm-02");
-    assert_eq!(n(&shown, &["resources", "vcpus"]), 3, "{shown}");
-    assert_eq!(n(&shown, &["resources", "memoryMib"]), 640, "{shown}");
-    let out = ctl.run(&["vm", "resize", "vm-02", "--memory-mib", "4096", "--wait"]);
-    assert!(!out.success(), "a resize beyond the node's room is refused: {}", out.describe());
-    assert!(out.stderr.contains("memory"), "the refusal says why: {}", out.stderr);
-    assert_eq!(n(&vm(&ctl, "vm-02"), &["resources", "memoryMib"]), 640, "the refused resize changed nothing");
-    ctl.json(&["vm", "start", "vm-02", "--wait"]);
-    let agent_02 = grid.agents.iter().find(|a| a.name == node_02).unwrap();
-    assert_eq!(domain_state(agent_02, "vm-02").as_deref(), Some("running"));
+    // Resize in place when the node has room; a clear refusal when it has not. The VM to grow is one whose
+    // node has a vCPU and 64 MiB to spare.
+    let free = |node_name: &str| {
+        let shape = shapes.iter().find(|(m, _)| *m == node_name).unwrap().1;
+        let shown = node(&ctl, node_name);
+        let vcpus = u64::from(shape.vcpus) - n(&shown, &["allocated", "vcpus"]);
+        (vcpus, shape.memory_mib - n(&shown, &["allocated", "memoryMib"]))
+    };
+    let (grow, node_grow) = placed
+        .iter()
+        .map(|(v, m)| (*v, *m))
+        .find(|(v, m)| *v != "vm-01" && free(m).0 >= 1 && free(m).1 >= 64)
+        .expect("a node with room to grow a VM");
+    let before = vm(&ctl, grow);
+    let (vcpus, memory) =
+        (n(&before, &["resources", "vcpus"]) + 1, n(&before, &["resources", "memoryMib"]) + 64);
+    let disk = n(&before, &["resources", "diskMib"]) + 64;
+    ctl.json(&["vm", "stop", grow, "--wait"]);
+    let disk_arg = disk.to_string();
+    let out = ctl.run(&["vm", "resize", grow, "--disk-mib", &disk_arg, "--wait"]);
+    if out.success() {
+        assert_eq!(n(&vm(&ctl, grow), &["resources", "diskMib"]), disk);
+        let agent_grow = grid.agents.iter().find(|a| a.name == node_grow).unwrap();
+        let resized = agent_grow.jobs().into_iter().filter(|j| j.kind() == JobKind::Resize).count();
+        assert_eq!(resized, 1, "one Resize job on the agent");
+    } else if out.stderr.contains("not supported by the connection driver") {
+        // libvirt's test driver cannot resize volumes; disk growth is covered against a real libvirtd.
+        eprintln!("disk resize not covered on the test driver: {}", out.stderr.trim());
+    } else {
+        gaps.push(format!("disk resize of {grow}: {}", out.stderr.trim()));
+    }
+    let (vcpus_arg, memory_arg) = (vcpus.to_string(), memory.to_string());
+    let out = ctl.run(&["vm", "resize", grow, "--vcpus", &vcpus_arg, "--memory-mib", &memory_arg, "--wait"]);
+    if out.success() {
+        let shown = vm(&ctl, grow);
+        assert_eq!(n(&shown, &["resources", "vcpus"]), vcpus, "{shown}");
+        assert_eq!(n(&shown, &["resources", "memoryMib"]), memory, "{shown}");
+        ctl.json(&["vm", "start", grow, "--wait"]);
+        let agent_grow = grid.agents.iter().find(|a| a.name == node_grow).unwrap();
+        let domain = agent_grow.stats().vms.into_iter().find(|v| v.name == grow).expect("the domain");
+        assert_eq!((domain.state.as_str(), u64::from(domain.vcpus)), ("running", vcpus), "the domain grew");
+        assert_eq!(domain.memory_bytes, memory << 20, "the agent's domain grew");
+    } else {
+        gaps.push(format!("vCPU and memory resize of {grow}: {}", out.stderr.trim()));
+        ctl.json(&["vm", "start", grow, "--wait"]);
+    }
+    let current = n(&vm(&ctl, grow), &["resources", "memoryMib"]);
+    let too_much = (current + free(node_grow).1 + 1).to_string();
+    let out = ctl.run(&["vm", "resize", grow, "--memory-mib", &too_much, "--wait"]);
+    assert_eq!(out.status.code(), Some(5), "a resize beyond the node's room is refused: {}", out.describe());
+    assert!(
+        out.stderr.contains("no room") && out.stderr.contains(grow),
+        "the refusal says why: {}",
+        out.stderr
+    );
+    assert_eq!(
+        n(&vm(&ctl, grow), &["resources", "memoryMib"]),
+        current,
+        "the refused resize changed nothing"
+    );
 
     // Delete: the agent's domain goes, its Delete job leaves a wipe report in the grid view.
     let node_03 = placed["vm-03"];
@@ -224,7 +273,7 @@ fn placement_lifecycle_cordon_and_an_unreachable_node() {
     assert_eq!(out.status.code(), Some(5), "nothing is placed on an unreachable node: {}", out.describe());
     assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
     eprintln!("whole lifecycle test: {:?}", t0.elapsed());
-    assert_eq!(spread, 3, "the spread group shares a node: {placed_text}");
+    assert!(gaps.is_empty(), "not as issue 12 asks:\n{}", gaps.join("\n"));
 }
 
 #[test]
