@@ -79,8 +79,6 @@ pub struct OpsConfig {
     pub retry_backoff_ms: u64,
     /// Disk-heavy jobs (provision, delete, resize, snapshot) running at once per node; more wait queued.
     pub max_disk_jobs_per_node: usize,
-    /// Operations kept in the view after they finish (the newest); 0 keeps all.
-    pub keep_finished: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -143,7 +141,7 @@ impl Default for PollerConfig {
 
 impl Default for OpsConfig {
     fn default() -> Self {
-        OpsConfig { retry_attempts: 5, retry_backoff_ms: 1000, max_disk_jobs_per_node: 2, keep_finished: 0 }
+        OpsConfig { retry_attempts: 5, retry_backoff_ms: 1000, max_disk_jobs_per_node: 2 }
     }
 }
 

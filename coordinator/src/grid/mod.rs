@@ -41,7 +41,7 @@ impl Default for Defaults {
 }
 
 /// The whole grid view in memory, with the indexes reads need. Reads never touch the store.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GridState {
     pub nodes: BTreeMap<String, Node>,
     pub vms: BTreeMap<String, Vm>,
@@ -58,7 +58,15 @@ pub struct GridState {
 impl GridState {
     /// The view from the records as loaded from the store.
     pub fn new(nodes: Vec<Node>, vms: Vec<Vm>, ops: Vec<Operation>, defaults: Defaults) -> GridState {
-        let mut state = GridState { defaults, ..Default::default() };
+        let mut state = GridState {
+            nodes: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            vms_by_node: BTreeMap::new(),
+            snapshot: Snapshot::new(Vec::new()),
+            defaults,
+            op_seq: 0,
+        };
         for n in nodes {
             state.nodes.insert(n.name.clone(), n);
         }
@@ -177,6 +185,7 @@ impl GridState {
             overcommit_memory: ratio(n.overcommit_memory, self.defaults.overcommit_memory),
             allocated: to_sched(&allocated),
             images: n.images.iter().cloned().collect(),
+            cached_images: Default::default(),
             licenses: n.licenses.iter().cloned().collect(),
             cpu_load: n.cpu_load,
             groups,

@@ -6,6 +6,10 @@
 
 mod nodes;
 mod run;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use run::status_text;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,7 +29,7 @@ use crate::grid::{
     Change, GridState, OpKind, OpState, Operation, OperationStep, Vm, VmSpec, VmState, now, spec_resources,
     volume_name,
 };
-use crate::scheduler::{self, Request};
+use crate::scheduler::{self, Request, Workload};
 use crate::store::{GridView, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,20 +103,27 @@ fn step(name: &str, op: &str, node: &str) -> OperationStep {
 /// The scheduler's request for a spec and its constraints.
 pub fn schedule_request(spec: &VmSpec, p: &PlacementConstraints) -> Request {
     let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let image = spec.image.as_ref().map(|i| format!("{}:{}", i.name, i.version)).unwrap_or_default();
+    let workload = match p.workload.as_str() {
+        "io-heavy" | "io_heavy" => Some(Workload::IoHeavy),
+        "cpu-heavy" | "cpu_heavy" => Some(Workload::CpuHeavy),
+        "" => None,
+        _ => Some(Workload::General),
+    };
     Request {
         vm: spec.name.clone(),
         resources: crate::grid::to_sched(&spec_resources(spec)),
-        image,
+        // The agents do not report what their image stores hold, so the image filter stays off: the agent
+        // fails the provision with IMAGE_NOT_FOUND instead.
+        image: String::new(),
         datacenter: some(&p.datacenter),
         node: some(&p.node),
         selector: p.node_selector.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         hypervisor: some(&p.hypervisor),
         arch: some(&p.arch),
-        licenses: p.licenses.clone(),
+        licenses: p.licenses.iter().cloned().collect(),
         spread_group: some(&p.spread_group),
-        workload: some(&p.workload),
-        exclude: Vec::new(),
+        workload,
+        exclude: Default::default(),
     }
 }
 
@@ -128,11 +139,16 @@ pub fn explain(snapshot: &scheduler::Snapshot, req: &Request) -> Explanation {
         nodes: e
             .nodes
             .iter()
-            .map(|v| NodeVerdict {
-                node: v.node.clone(),
-                feasible: v.feasible,
-                reason: v.reason.clone(),
-                score: v.score,
+            .map(|v| match &v.verdict {
+                Ok(scores) => NodeVerdict {
+                    node: v.name.clone(),
+                    feasible: true,
+                    reason: String::new(),
+                    score: scores.total,
+                },
+                Err(why) => {
+                    NodeVerdict { node: v.name.clone(), feasible: false, reason: why.to_string(), score: 0.0 }
+                }
             })
             .collect(),
         summary,
@@ -185,7 +201,11 @@ impl Engine {
         if spec.machine.is_none() {
             spec.machine = Some(Machine { vcpus: 1, memory_mib: 1024, start: true, ..Default::default() });
         }
-        validate_spec(&spec).map_err(|e| OpError::Invalid(format!("invalid spec: {e}")))?;
+        // The agent's own checks, so that a spec it would refuse is refused before placement. Its field paths
+        // start at the SubmitJobRequest; ours at the spec.
+        validate_spec(&spec).map_err(|e| {
+            OpError::Invalid(format!("invalid spec: {}", e.to_string().replace("provision.spec.", "spec.")))
+        })?;
         let placement = req.placement.unwrap_or_default();
         let sreq = schedule_request(&spec, &placement);
         if req.dry_run {

@@ -75,12 +75,12 @@ impl Engine {
         let diag = client
             .diagnostics(DiagnosticsRequest {})
             .await
-            .map_err(|e| unreachable(&e.message()))?
+            .map_err(|e| unreachable(&super::status_text(&e)))?
             .into_inner();
         let stats = client
             .node_stats(NodeStatsRequest { sample_ms: 100 })
             .await
-            .map_err(|e| unreachable(&e.message()))?
+            .map_err(|e| unreachable(&super::status_text(&e)))?
             .into_inner();
         let (state, reason) = health(&diag);
         let t = now();

@@ -23,9 +23,24 @@ enum StepError {
     Fatal(String),
 }
 
-fn classify(status: &tonic::Status) -> StepError {
-    let text =
+/// A status's message with its causes ("tcp connect error: Connection refused (os error 111)").
+pub(crate) fn status_text(status: &tonic::Status) -> String {
+    let mut text =
         if status.message().is_empty() { status.code().to_string() } else { status.message().to_string() };
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn classify(status: &tonic::Status) -> StepError {
+    let text = status_text(status);
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
             StepError::Retry(text)

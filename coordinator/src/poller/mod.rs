@@ -58,9 +58,9 @@ async fn poll_one(
     sample_ms: u32,
 ) -> Result<(NodeStatsReport, DiagnosticsReport), String> {
     let mut client = engine.agents().client(address).await.map_err(|e| e.to_string())?;
-    let stats =
-        client.node_stats(NodeStatsRequest { sample_ms }).await.map_err(|s| s.message().to_string())?;
-    let diag = client.diagnostics(DiagnosticsRequest {}).await.map_err(|s| s.message().to_string())?;
+    let text = |s: tonic::Status| crate::ops::status_text(&s);
+    let stats = client.node_stats(NodeStatsRequest { sample_ms }).await.map_err(text)?;
+    let diag = client.diagnostics(DiagnosticsRequest {}).await.map_err(text)?;
     Ok((stats.into_inner(), diag.into_inner()))
 }
 

@@ -1,238 +1,184 @@
-//! Placement. STAND-IN, to be replaced by the scheduler module (filters, scores, capacity index and the
-//! group-commit applier): same names and types, a naive full scan with best fit on memory.
+//! Placement: which node takes a VM. A pure function of a [`Snapshot`] of the grid view and a [`Request`]:
+//! filters ([`filter()`]) decide which nodes can take it, scores ([`score`]) which of those is best.
+//!
+//! [`place`] never scans the whole grid when it succeeds. It reads the snapshot's index:
+//! - a pinned node is checked alone;
+//! - a selector whose rarest label pair is on few nodes reads exactly those nodes, so the choice among them
+//!   is exact. "Few" is m nodes out of n schedulable with m² ≤ [`CANDIDATES`] · n: a walk would pass about
+//!   n / m nodes per match and need [`CANDIDATES`] matches;
+//! - otherwise, in every feasibility class the request admits (datacenter, arch, hypervisor kind), nodes are
+//!   read in ascending free memory from the request's memory upward, and the first that pass every filter
+//!   are scored: [`CANDIDATES`] in all, shared among the classes, at least the best fit of each (so a
+//!   workload's preferred hypervisor kind is always among them). Best fit on memory is thereby exact; the
+//!   cost is in the other scores:
+//!   a node with more free memory that holds the image in cache, or is less loaded, is not seen when enough
+//!   tighter fits exist (`bench/schedule` measures what that costs in packing).
+//! - With a spread group, the walk skips nodes that already hold members of the group; if no member-free
+//!   node fits, the group's member index is read level by level (fewest members first) and the first level
+//!   with a feasible node is scored in full. Spread is thus exact, at a cost of O(members of the group).
+//!
+//! A walk stops early only after finding feasible nodes, so whenever any node could take the request, `place`
+//! finds one. When none can, it falls back to [`explain`]'s full scan (O(n)) to say why, per node.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+mod applier;
+mod filter;
+mod model;
+mod refusal;
+pub mod score;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
 
 use serde::Serialize;
+use serde::ser::{SerializeStruct, Serializer};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Resources {
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub disk_mib: u64,
-}
+pub use applier::{ApplierHandle, ApplyError, Reply, Reservation, ReservationSink, spawn_applier};
+pub use filter::filter;
+pub use model::{NodeInfo, NodeState, Request, Resources, Workload};
+pub use refusal::{Refusal, Unschedulable};
+pub use score::Scores;
+pub use snapshot::Snapshot;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum NodeState {
-    Ready,
-    NotReady,
-    Unreachable,
-}
+/// Feasible nodes scored per decision when the index is walked, shared among the feasibility classes the
+/// request admits, at least one per class (its best fit).
+pub const CANDIDATES: usize = 16;
 
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeInfo {
-    pub name: String,
-    pub state: NodeState,
-    pub cordoned: bool,
-    pub datacenter: String,
-    pub labels: BTreeMap<String, String>,
-    pub hypervisors: Vec<String>,
-    pub arch: String,
-    pub capacity: Resources,
-    pub overcommit_cpu: f64,
-    pub overcommit_memory: f64,
-    pub allocated: Resources,
-    pub images: BTreeSet<String>,
-    pub licenses: BTreeSet<String>,
-    pub cpu_load: f64,
-    pub groups: BTreeMap<String, u32>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Request {
-    pub vm: String,
-    pub resources: Resources,
-    /// "name:version".
-    pub image: String,
-    pub datacenter: Option<String>,
-    pub node: Option<String>,
-    pub selector: BTreeMap<String, String>,
-    pub hypervisor: Option<String>,
-    pub arch: Option<String>,
-    pub licenses: Vec<String>,
-    pub spread_group: Option<String>,
-    pub workload: Option<String>,
-    pub exclude: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    nodes: BTreeMap<String, NodeInfo>,
-}
-
-impl Snapshot {
-    pub fn new(nodes: Vec<NodeInfo>) -> Self {
-        Snapshot { nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect() }
-    }
-
-    pub fn upsert_node(&mut self, node: NodeInfo) {
-        self.nodes.insert(node.name.clone(), node);
-    }
-
-    pub fn remove_node(&mut self, name: &str) {
-        self.nodes.remove(name);
-    }
-
-    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
-        self.nodes.get(name)
-    }
-
-    pub fn reserve(&mut self, node: &str, req: &Request) {
-        if let Some(n) = self.nodes.get_mut(node) {
-            n.allocated.vcpus += req.resources.vcpus;
-            n.allocated.memory_mib += req.resources.memory_mib;
-            n.allocated.disk_mib += req.resources.disk_mib;
-            if let Some(g) = &req.spread_group {
-                *n.groups.entry(g.clone()).or_default() += 1;
-            }
-        }
-    }
-
-    pub fn release(&mut self, node: &str, resources: &Resources, group: Option<&str>) {
-        if let Some(n) = self.nodes.get_mut(node) {
-            n.allocated.vcpus = n.allocated.vcpus.saturating_sub(resources.vcpus);
-            n.allocated.memory_mib = n.allocated.memory_mib.saturating_sub(resources.memory_mib);
-            n.allocated.disk_mib = n.allocated.disk_mib.saturating_sub(resources.disk_mib);
-            if let Some(g) = group
-                && let Some(c) = n.groups.get_mut(g)
-            {
-                *c = c.saturating_sub(1);
-            }
-        }
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
+/// A decision: the chosen node, its scores, and how many nodes were looked at to make it.
+#[derive(Debug, Clone, Serialize)]
 pub struct Placement {
     pub node: String,
     pub score: f64,
+    pub scores: Scores,
+    pub considered: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeVerdict {
-    pub node: String,
-    pub feasible: bool,
-    pub reason: String,
-    pub score: f64,
-}
-
-#[derive(Clone, Debug, Serialize)]
+/// Every node's verdict on a request, in name order, and the node a full scan would choose.
+#[derive(Debug, Clone, Serialize)]
 pub struct Explanation {
     pub chosen: Option<String>,
     pub nodes: Vec<NodeVerdict>,
 }
 
-#[derive(Clone, Debug)]
-pub struct Unschedulable {
-    pub nodes: usize,
-    pub reasons: BTreeMap<String, usize>,
+#[derive(Debug, Clone)]
+pub struct NodeVerdict {
+    pub name: String,
+    pub verdict: Result<Scores, Refusal>,
 }
 
-impl fmt::Display for Unschedulable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.nodes == 0 {
-            return write!(f, "0 nodes: the grid has no node");
-        }
-        let parts: Vec<String> = self.reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-        write!(f, "{} nodes: {}", self.nodes, parts.join(", "))
-    }
-}
-
-impl std::error::Error for Unschedulable {}
-
-fn free(n: &NodeInfo) -> (f64, f64, u64) {
-    let cpu = f64::from(n.capacity.vcpus) * n.overcommit_cpu - f64::from(n.allocated.vcpus);
-    let mem = n.capacity.memory_mib as f64 * n.overcommit_memory - n.allocated.memory_mib as f64;
-    (cpu, mem, n.capacity.disk_mib.saturating_sub(n.allocated.disk_mib))
-}
-
-/// Why `n` cannot take `req` (a short reason whose counts group well), or its score.
-fn verdict(n: &NodeInfo, req: &Request) -> Result<f64, String> {
-    if req.exclude.iter().any(|e| e == &n.name) {
-        return Err("excluded".into());
-    }
-    if let Some(want) = &req.node
-        && want != &n.name
-    {
-        return Err(format!("not the requested node {want}"));
-    }
-    match n.state {
-        NodeState::Ready => {}
-        NodeState::NotReady => return Err("not ready".into()),
-        NodeState::Unreachable => return Err("unreachable".into()),
-    }
-    if n.cordoned {
-        return Err("cordoned".into());
-    }
-    if let Some(dc) = &req.datacenter
-        && dc != &n.datacenter
-    {
-        return Err(format!("not in datacenter {dc}"));
-    }
-    for (k, v) in &req.selector {
-        if n.labels.get(k) != Some(v) {
-            return Err(format!("label {k}={v} missing"));
+/// `{"node": .., "scores": {..}}` or `{"node": .., "reason": "<text>", "refusal": {..}}`.
+impl Serialize for NodeVerdict {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.verdict {
+            Ok(scores) => {
+                let mut st = s.serialize_struct("NodeVerdict", 2)?;
+                st.serialize_field("node", &self.name)?;
+                st.serialize_field("scores", scores)?;
+                st.end()
+            }
+            Err(refusal) => refusal::NodeRefusal(&self.name, refusal).serialize(s),
         }
     }
-    if let Some(h) = &req.hypervisor
-        && !n.hypervisors.contains(h)
-    {
-        return Err(format!("no {h} hypervisor"));
-    }
-    if let Some(a) = &req.arch
-        && a != &n.arch
-    {
-        return Err(format!("arch not {a}"));
-    }
-    let (cpu, mem, disk) = free(n);
-    if f64::from(req.resources.vcpus) > cpu {
-        return Err(format!("insufficient vcpus (need {})", req.resources.vcpus));
-    }
-    if req.resources.memory_mib as f64 > mem {
-        return Err(format!("insufficient memory (need {} MiB)", req.resources.memory_mib));
-    }
-    if req.resources.disk_mib > disk {
-        return Err(format!("insufficient disk (need {} MiB)", req.resources.disk_mib));
-    }
-    // Best fit on memory: less memory left over scores higher.
-    let left = mem - req.resources.memory_mib as f64;
-    Ok(1.0 / (1.0 + left))
 }
 
-pub fn explain(snapshot: &Snapshot, req: &Request) -> Explanation {
-    let mut nodes = Vec::new();
-    let mut best: Option<(f64, String)> = None;
-    for n in snapshot.nodes.values() {
-        match verdict(n, req) {
-            Ok(score) => {
-                if best.as_ref().is_none_or(|(s, _)| score > *s) {
-                    best = Some((score, n.name.clone()));
+/// Chooses a node for `r` through the snapshot's index (see the module documentation), or says per node why
+/// none can take it.
+pub fn place(s: &Snapshot, r: &Request) -> Result<Placement, Unschedulable> {
+    if let Some(placement) = place_indexed(s, r) {
+        return Ok(placement);
+    }
+    let explanation = explain(s, r);
+    debug_assert!(explanation.chosen.is_none(), "the index missed a feasible node for {}", r.vm);
+    match explanation.chosen.clone() {
+        // Only if the index and the nodes disagree; the full scan is the truth.
+        Some(node) => place_exhaustive(s, r).map(|p| Placement { node, ..p }),
+        None => Err(unschedulable(s, r, explanation)),
+    }
+}
+
+/// The same decision over every node, without the index: O(n). For comparison and checks, not for serving.
+pub fn place_exhaustive(s: &Snapshot, r: &Request) -> Result<Placement, Unschedulable> {
+    let candidates: Vec<&NodeInfo> = s.nodes().filter(|n| filter(n, r).is_ok()).collect();
+    match score::best(r, &candidates) {
+        Some((node, scores)) => Ok(placement(node, scores, s.len())),
+        None => Err(unschedulable(s, r, explain(s, r))),
+    }
+}
+
+/// Every node's filter verdict or scores for `r` (a full scan, for `--dry-run` and `vm why`).
+pub fn explain(s: &Snapshot, r: &Request) -> Explanation {
+    let mut nodes: Vec<&NodeInfo> = s.nodes().collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let verdicts: Vec<(&NodeInfo, Result<(), Refusal>)> =
+        nodes.into_iter().map(|n| (n, filter(n, r))).collect();
+    let feasible: Vec<&NodeInfo> = verdicts.iter().filter(|(_, v)| v.is_ok()).map(|(n, _)| *n).collect();
+    let min_spread = score::min_spread(r, &feasible);
+    let chosen = score::best(r, &feasible).map(|(n, _)| n.name.clone());
+    let nodes = verdicts
+        .into_iter()
+        .map(|(n, v)| NodeVerdict {
+            name: n.name.clone(),
+            verdict: v.map(|()| score::score(n, r, min_spread)),
+        })
+        .collect();
+    Explanation { chosen, nodes }
+}
+
+fn placement(node: &NodeInfo, scores: Scores, considered: usize) -> Placement {
+    Placement { node: node.name.clone(), score: scores.total, scores, considered }
+}
+
+fn unschedulable(s: &Snapshot, r: &Request, explanation: Explanation) -> Unschedulable {
+    let reasons =
+        explanation.nodes.into_iter().filter_map(|v| v.verdict.err().map(|why| (v.name, why))).collect();
+    Unschedulable { nodes_total: s.len(), reasons, pinned: r.node.clone() }
+}
+
+static NO_NODES: BTreeSet<String> = BTreeSet::new();
+
+/// The fast path: `None` when no node passes the filters.
+fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
+    let mut considered = 0;
+    let mut fits = |n: &NodeInfo| {
+        considered += 1;
+        filter(n, r).is_ok()
+    };
+    let mut candidates: Vec<&NodeInfo> = Vec::new();
+    let rarest_label =
+        r.selector.iter().map(|(k, v)| s.labelled(k, v).unwrap_or(&NO_NODES)).min_by_key(|names| names.len());
+    if let Some(pin) = &r.node {
+        candidates.extend(s.node(pin).filter(|n| fits(n)));
+    } else if let Some(names) =
+        rarest_label.filter(|names| names.len().pow(2) <= CANDIDATES * s.schedulable())
+    {
+        candidates.extend(names.iter().filter_map(|name| s.node(name)).filter(|n| fits(n)));
+    } else {
+        let group = r.spread_group.as_deref();
+        let classes: Vec<_> = s.classes().iter().filter(|c| c.admits(r)).collect();
+        let per_class = CANDIDATES.div_ceil(classes.len().max(1));
+        for class in classes {
+            let found = candidates.len();
+            for n in class.fitting(r.resources.memory_mib).filter_map(|name| s.node(name)) {
+                if group.is_none_or(|g| n.group_count(g) == 0) && fits(n) {
+                    candidates.push(n);
+                    if candidates.len() - found == per_class {
+                        break;
+                    }
                 }
-                nodes.push(NodeVerdict {
-                    node: n.name.clone(),
-                    feasible: true,
-                    reason: String::new(),
-                    score,
-                });
             }
-            Err(reason) => {
-                nodes.push(NodeVerdict { node: n.name.clone(), feasible: false, reason, score: 0.0 })
+        }
+        if let Some(group) = group
+            && candidates.is_empty()
+        {
+            for level in s.group_levels(group) {
+                candidates.extend(level.iter().filter_map(|name| s.node(name)).filter(|n| fits(n)));
+                if !candidates.is_empty() {
+                    break;
+                }
             }
         }
     }
-    Explanation { chosen: best.map(|(_, n)| n), nodes }
-}
-
-pub fn place(snapshot: &Snapshot, req: &Request) -> Result<Placement, Unschedulable> {
-    let e = explain(snapshot, req);
-    if let Some(node) = e.chosen {
-        let score = e.nodes.iter().find(|v| v.node == node).map_or(0.0, |v| v.score);
-        return Ok(Placement { node, score });
-    }
-    let mut reasons = BTreeMap::new();
-    for v in &e.nodes {
-        *reasons.entry(v.reason.clone()).or_default() += 1;
-    }
-    Err(Unschedulable { nodes: e.nodes.len(), reasons })
+    let (node, scores) = score::best(r, &candidates)?;
+    Some(placement(node, scores, considered))
 }

@@ -37,6 +37,15 @@ pub trait GridStore: Send + Sync {
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError>;
 }
 
+impl<T: GridStore> GridStore for std::sync::Arc<T> {
+    fn load(&self) -> Result<Records, StoreError> {
+        (**self).load()
+    }
+    fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        (**self).commit(changes)
+    }
+}
+
 /// The grid view over a store. Changes are serialized: each is decided on the current view, committed, then
 /// applied, all under one lock, so two concurrent decisions never see the same free capacity.
 pub struct GridView {

@@ -1,0 +1,441 @@
+//! `bench/schedule`: placement speed and packing quality on a synthetic grid.
+//!
+//! Usage: schedule_bench DIR [NODES [VMS]]   (defaults 10000 and 100000; the redb file goes in DIR)
+//!
+//! One seeded grid of heterogeneous nodes and one seeded list of mixed VM requests, placed one by one:
+//! 1. through `place` + `Snapshot::reserve` (decisions/s);
+//! 2. through the group-commit applier with every batch written to redb in one durable transaction, with a
+//!    window of requests in flight as concurrent API calls would be (durable placements/s, answer latency);
+//! 3. through `place_exhaustive` (the same scores over every node: the quality a full scan would reach);
+//! 4. offline first-fit decreasing: all requests sorted by memory, largest first, each on the first node in
+//!    name order that passes the same filters (a packing bound that knows the future, ignoring soft scores).
+//!
+//! Quality: memory stranded = free memory on schedulable nodes that can no longer fit the smallest request
+//! (vCPUs, memory or disk short), as a share of all schedulable memory; and how many requests found no node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use gridforge_coordinator::scheduler::{
+    NodeInfo, NodeState, Placement, Request, Reservation, ReservationSink, Resources, Snapshot,
+    Unschedulable, Workload, filter, place, place_exhaustive, spawn_applier,
+};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+const GIB: u64 = 1024;
+/// Requests in flight at once in the durable run, as if from that many concurrent API calls.
+const WINDOW: usize = 1024;
+const IMAGES: [&str; 8] = [
+    "debian-12:1",
+    "debian-13:1",
+    "ubuntu-24.04:2",
+    "rocky-9:3",
+    "alpine-3.20:1",
+    "fedora-41:1",
+    "windows-2022:1",
+    "windows-2025:1",
+];
+
+/// Picks an item by weight.
+fn weighted<T: Copy>(rng: &mut StdRng, items: &[(T, u32)]) -> T {
+    let mut roll = rng.random_range(0..items.iter().map(|(_, w)| w).sum::<u32>());
+    for &(item, w) in items {
+        if roll < w {
+            return item;
+        }
+        roll -= w;
+    }
+    unreachable!("roll below the total weight")
+}
+
+fn datacenter(rng: &mut StdRng) -> &'static str {
+    weighted(rng, &[("dc1", 5), ("dc2", 3), ("dc3", 2)])
+}
+
+fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
+    // (vCPUs, memory GiB, pool disk GiB)
+    let (vcpus, memory, disk) = weighted(
+        rng,
+        &[
+            ((16, 48, 500), 30),
+            ((32, 96, 1000), 35),
+            ((48, 160, 1500), 15),
+            ((64, 256, 2000), 15),
+            ((96, 512, 4000), 5),
+        ],
+    );
+    let kvm = rng.random_bool(0.7);
+    let arch = if rng.random_bool(0.9) { "x86_64" } else { "aarch64" };
+    let mut labels = BTreeMap::from([
+        ("zone".to_owned(), ["a", "b", "c"][rng.random_range(0..3)].to_owned()),
+        ("disk".to_owned(), if rng.random_bool(0.6) { "ssd" } else { "hdd" }.to_owned()),
+    ]);
+    if rng.random_bool(0.03) {
+        labels.insert("gpu".into(), "nvidia".into());
+    }
+    // An aarch64 node runs the arm64 builds of the Linux images, an x86_64 node the rest.
+    let images: BTreeSet<String> = match arch {
+        "x86_64" => IMAGES.iter().map(|i| i.to_string()).collect(),
+        _ => IMAGES[..IMAGES.len() - 2].iter().map(|i| i.replace(':', "-arm64:")).collect(),
+    };
+    let cached = images.iter().filter(|_| rng.random_bool(0.3)).cloned().collect();
+    let mut licenses = BTreeSet::new();
+    if rng.random_bool(0.1) {
+        licenses.insert("windows-server".to_owned());
+    }
+    if rng.random_bool(0.03) {
+        licenses.insert("oracle-db".to_owned());
+    }
+    let state =
+        weighted(rng, &[(NodeState::Ready, 992), (NodeState::NotReady, 5), (NodeState::Unreachable, 3)]);
+    NodeInfo {
+        name: format!("node-{i:05}"),
+        state,
+        cordoned: rng.random_bool(0.01),
+        datacenter: datacenter(rng).to_owned(),
+        labels,
+        hypervisors: if kvm { vec!["kvm".into(), "qemu".into()] } else { vec!["qemu".into()] },
+        arch: arch.to_owned(),
+        capacity: Resources { vcpus, memory_mib: memory * GIB, disk_mib: disk * GIB },
+        overcommit_cpu: if kvm { 4.0 } else { 2.0 },
+        overcommit_memory: if rng.random_bool(0.2) { 1.25 } else { 1.0 },
+        allocated: Resources::default(),
+        images,
+        cached_images: cached,
+        licenses,
+        cpu_load: rng.random_range(0.0..1.0),
+        groups: BTreeMap::new(),
+    }
+}
+
+fn grid_request(rng: &mut StdRng, i: usize) -> Request {
+    let (vcpus, memory, disk) = weighted(
+        rng,
+        &[
+            ((1, 1, 10), 20),
+            ((2, 4, 20), 30),
+            ((4, 8, 40), 25),
+            ((8, 16, 80), 15),
+            ((16, 32, 160), 7),
+            ((32, 128, 500), 3),
+        ],
+    );
+    let mut r = Request {
+        vm: format!("vm-{i:06}"),
+        resources: Resources { vcpus, memory_mib: memory * GIB, disk_mib: disk * GIB },
+        image: IMAGES[rng.random_range(0..IMAGES.len() - 2)].to_owned(),
+        ..Request::default()
+    };
+    if rng.random_bool(0.4) {
+        r.datacenter = Some(datacenter(rng).to_owned());
+    }
+    if rng.random_bool(0.05) {
+        r.arch = Some("aarch64".into());
+        r.image = r.image.replace(':', "-arm64:");
+    } else if rng.random_bool(0.05) {
+        r.image = IMAGES[rng.random_range(IMAGES.len() - 2..IMAGES.len())].to_owned();
+        r.licenses.insert("windows-server".into());
+    }
+    if rng.random_bool(0.1) {
+        r.hypervisor = Some("kvm".into());
+    }
+    r.workload = weighted(rng, &[(None, 7), (Some(Workload::IoHeavy), 2), (Some(Workload::CpuHeavy), 1)]);
+    if rng.random_bool(0.15) {
+        r.selector.insert("disk".into(), "ssd".into());
+    }
+    if rng.random_bool(0.05) {
+        r.selector.insert("zone".into(), ["a", "b", "c"][rng.random_range(0..3)].into());
+    }
+    if rng.random_bool(0.005) {
+        r.selector.insert("gpu".into(), "nvidia".into());
+    }
+    if rng.random_bool(0.01) {
+        r.licenses.insert("oracle-db".into());
+    }
+    if rng.random_bool(0.25) {
+        r.spread_group = Some(format!("app-{}", rng.random_range(0..2500)));
+    }
+    r
+}
+
+/// How full the grid ended: (stranded MiB, free MiB, schedulable MiB) of memory after overcommit.
+fn memory_left<'a>(nodes: impl Iterator<Item = &'a NodeInfo>, smallest: Resources) -> (u64, u64, u64) {
+    let (mut stranded, mut free, mut total) = (0, 0, 0);
+    for n in nodes.filter(|n| n.schedulable()) {
+        let left = n.free();
+        total += (n.capacity.memory_mib as f64 * n.overcommit_memory) as u64;
+        free += left.memory_mib;
+        if left.vcpus < smallest.vcpus
+            || left.memory_mib < smallest.memory_mib
+            || left.disk_mib < smallest.disk_mib
+        {
+            stranded += left.memory_mib;
+        }
+    }
+    (stranded, free, total)
+}
+
+struct Run {
+    name: &'static str,
+    seconds: f64,
+    decisions: usize,
+    unschedulable: usize,
+    /// Stranded and free memory, shares of schedulable memory.
+    stranded: f64,
+    free: f64,
+}
+
+impl Run {
+    fn new<'a>(
+        name: &'static str,
+        started: Instant,
+        outcomes: &[bool],
+        nodes: impl Iterator<Item = &'a NodeInfo>,
+        smallest: Resources,
+    ) -> Run {
+        let seconds = started.elapsed().as_secs_f64();
+        let (stranded, free, total) = memory_left(nodes, smallest);
+        Run {
+            name,
+            seconds,
+            decisions: outcomes.len(),
+            unschedulable: outcomes.iter().filter(|ok| !**ok).count(),
+            stranded: stranded as f64 / total as f64,
+            free: free as f64 / total as f64,
+        }
+    }
+
+    fn print(&self, timed: bool) {
+        let rate =
+            if timed { format!("{:.0}", self.decisions as f64 / self.seconds) } else { "-".to_owned() };
+        println!(
+            "{:<32} {:>8.2} {:>12} {:>8} {:>14} {:>8.2}% {:>6.1}%",
+            self.name,
+            self.seconds,
+            rate,
+            self.decisions - self.unschedulable,
+            self.unschedulable,
+            100.0 * self.stranded,
+            100.0 * self.free
+        );
+    }
+}
+
+/// Places every request in order with `decide`, reserving each placement.
+fn sequential(
+    name: &'static str,
+    nodes: &[NodeInfo],
+    requests: &[Request],
+    smallest: Resources,
+    decide: fn(&Snapshot, &Request) -> Result<Placement, Unschedulable>,
+) -> (Run, usize) {
+    let mut s = Snapshot::new(nodes.to_vec());
+    let started = Instant::now();
+    let mut considered = 0;
+    let outcomes: Vec<bool> = requests
+        .iter()
+        .map(|r| match decide(&s, r) {
+            Ok(p) => {
+                s.reserve(&p.node, r);
+                considered += p.considered;
+                true
+            }
+            Err(_) => false,
+        })
+        .collect();
+    (Run::new(name, started, &outcomes, s.nodes(), smallest), considered)
+}
+
+const RESERVATIONS: TableDefinition<&str, (&str, u32, u64, u64)> = TableDefinition::new("reservations");
+
+/// Each batch in one durable (fsynced) redb write transaction: vm -> (node, vCPUs, memory MiB, disk MiB).
+struct RedbSink {
+    db: Database,
+    commits: usize,
+}
+
+impl ReservationSink for RedbSink {
+    type Error = redb::Error;
+
+    fn commit(&mut self, batch: &[Reservation]) -> Result<(), redb::Error> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(RESERVATIONS)?;
+            for r in batch {
+                let res = r.resources;
+                table.insert(r.vm.as_str(), (r.node.as_str(), res.vcpus, res.memory_mib, res.disk_mib))?;
+            }
+        }
+        txn.commit()?;
+        self.commits += 1;
+        Ok(())
+    }
+}
+
+struct Durable {
+    run: Run,
+    commits: usize,
+    stored: u64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn durable(path: &Path, nodes: &[NodeInfo], requests: &[Request], smallest: Resources) -> Durable {
+    let _ = std::fs::remove_file(path);
+    let db = Database::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    let started = Instant::now();
+    let (handle, applier) = spawn_applier(Snapshot::new(nodes.to_vec()), RedbSink { db, commits: 0 });
+    let (done_tx, done) = mpsc::channel::<(bool, Duration)>();
+    let mut answers = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        if i >= WINDOW {
+            answers.push(done.recv().expect("an answer"));
+        }
+        let (done_tx, submitted) = (done_tx.clone(), Instant::now());
+        handle.place(
+            r.clone(),
+            Box::new(move |outcome| _ = done_tx.send((outcome.is_ok(), submitted.elapsed()))),
+        );
+    }
+    drop((handle, done_tx));
+    answers.extend(done.iter());
+    let (snapshot, sink) = applier.join().expect("the applier thread");
+    let outcomes: Vec<bool> = answers.iter().map(|(ok, _)| *ok).collect();
+    let run = Run::new("indexed + redb group commit", started, &outcomes, snapshot.nodes(), smallest);
+    let mut latencies: Vec<Duration> = answers.iter().map(|(_, t)| *t).collect();
+    latencies.sort();
+    let read = sink.db.begin_read().expect("a read transaction");
+    let table = read.open_table(RESERVATIONS).expect("the reservations table");
+    let stored = table.iter().expect("reading reservations").count() as u64;
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    Durable { run, commits: sink.commits, stored, p50: at(0.5), p99: at(0.99) }
+}
+
+/// Maximum free memory over ranges of nodes, to find the first node with enough in O(log n).
+struct MaxTree {
+    size: usize,
+    max: Vec<u64>,
+}
+
+impl MaxTree {
+    fn new(values: impl ExactSizeIterator<Item = u64>) -> MaxTree {
+        let size = values.len().next_power_of_two();
+        let mut t = MaxTree { size, max: vec![0; 2 * size] };
+        for (i, v) in values.enumerate() {
+            t.max[size + i] = v;
+        }
+        for k in (1..size).rev() {
+            t.max[k] = t.max[2 * k].max(t.max[2 * k + 1]);
+        }
+        t
+    }
+
+    fn set(&mut self, i: usize, v: u64) {
+        let mut k = self.size + i;
+        self.max[k] = v;
+        while k > 1 {
+            k /= 2;
+            self.max[k] = self.max[2 * k].max(self.max[2 * k + 1]);
+        }
+    }
+
+    /// The first index at or after `from` whose value is at least `need`.
+    fn first(&self, from: usize, need: u64) -> Option<usize> {
+        self.find(1, 0, self.size, from, need)
+    }
+
+    fn find(&self, k: usize, lo: usize, hi: usize, from: usize, need: u64) -> Option<usize> {
+        if hi <= from || self.max[k] < need {
+            return None;
+        }
+        if hi - lo == 1 {
+            return Some(lo);
+        }
+        let mid = (lo + hi) / 2;
+        self.find(2 * k, lo, mid, from, need).or_else(|| self.find(2 * k + 1, mid, hi, from, need))
+    }
+}
+
+fn first_fit_decreasing(nodes: &[NodeInfo], requests: &[Request], smallest: Resources) -> Run {
+    let mut nodes = nodes.to_vec();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let started = Instant::now();
+    let mut order: Vec<&Request> = requests.iter().collect();
+    order.sort_by_key(|r| {
+        std::cmp::Reverse((r.resources.memory_mib, r.resources.vcpus, r.resources.disk_mib))
+    });
+    let free = |n: &NodeInfo| if n.schedulable() { n.free().memory_mib } else { 0 };
+    let mut tree = MaxTree::new(nodes.iter().map(free));
+    let outcomes: Vec<bool> = order
+        .into_iter()
+        .map(|r| {
+            let mut from = 0;
+            while let Some(i) = tree.first(from, r.resources.memory_mib.max(1)) {
+                if filter(&nodes[i], r).is_ok() {
+                    nodes[i].allocated += r.resources;
+                    tree.set(i, free(&nodes[i]));
+                    return true;
+                }
+                from = i + 1;
+            }
+            false
+        })
+        .collect();
+    Run::new("first-fit decreasing (offline)", started, &outcomes, nodes.iter(), smallest)
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let dir = PathBuf::from(args.next().expect("usage: schedule_bench DIR [NODES [VMS]]"));
+    let node_count: usize = args.next().map_or(10_000, |a| a.parse().expect("NODES: a number"));
+    let vm_count: usize = args.next().map_or(100_000, |a| a.parse().expect("VMS: a number"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+
+    let mut rng = StdRng::seed_from_u64(2024);
+    let nodes: Vec<NodeInfo> = (0..node_count).map(|i| grid_node(&mut rng, i)).collect();
+    let requests: Vec<Request> = (0..vm_count).map(|i| grid_request(&mut rng, i)).collect();
+    let smallest =
+        requests.iter().map(|r| r.resources).min_by_key(|r| (r.memory_mib, r.vcpus, r.disk_mib)).unwrap();
+    let (_, _, schedulable) = memory_left(nodes.iter(), smallest);
+    let demand: u64 = requests.iter().map(|r| r.resources.memory_mib).sum();
+    let kvm = nodes.iter().filter(|n| n.hypervisors.iter().any(|h| h == "kvm")).count();
+    let ready = nodes.iter().filter(|n| n.schedulable()).count();
+    println!(
+        "grid: {node_count} nodes ({ready} schedulable, {kvm} kvm+qemu, the rest qemu only; 3 datacenters, 2 arches), \
+         {vm_count} VMs asking {:.0}% of schedulable memory",
+        100.0 * demand as f64 / schedulable as f64
+    );
+    println!(
+        "{:<32} {:>8} {:>12} {:>8} {:>14} {:>9} {:>7}",
+        "placement", "seconds", "decisions/s", "placed", "unschedulable", "stranded", "free"
+    );
+    let (indexed, considered) = sequential("indexed (place + reserve)", &nodes, &requests, smallest, place);
+    indexed.print(true);
+    let d = durable(&dir.join("reservations.redb"), &nodes, &requests, smallest);
+    d.run.print(true);
+    let (full, _) = sequential("full scan (place_exhaustive)", &nodes, &requests, smallest, place_exhaustive);
+    full.print(true);
+    let ffd = first_fit_decreasing(&nodes, &requests, smallest);
+    ffd.print(false);
+
+    let placed = d.run.decisions - d.run.unschedulable;
+    assert_eq!(d.stored, placed as u64, "every durable placement is in the store");
+    assert_eq!(d.run.unschedulable, indexed.unschedulable, "the applier decides as place does");
+    println!(
+        "indexed: {:.1} nodes filtered per placement; {:.1}x the full scan's decisions/s",
+        considered as f64 / (indexed.decisions - indexed.unschedulable) as f64,
+        full.seconds / indexed.seconds
+    );
+    println!(
+        "durable: {placed} reservations in {} redb commits ({:.0} per commit, {WINDOW} requests in flight); \
+         answered after commit p50 {:.1} ms, p99 {:.1} ms",
+        d.commits,
+        placed as f64 / d.commits as f64,
+        d.p50.as_secs_f64() * 1e3,
+        d.p99.as_secs_f64() * 1e3
+    );
+}

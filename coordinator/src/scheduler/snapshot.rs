@@ -1,0 +1,228 @@
+//! The scheduler's view of the grid and the index that lets a decision look at a few nodes, not all.
+//!
+//! Only schedulable nodes (Ready, not cordoned) are indexed, three ways:
+//! - by feasibility class — nodes with the same datacenter, arch and hypervisor kinds — and within a class by
+//!   free memory after overcommit, so best fit is a range query from the request's memory upward;
+//! - by label (key, value), so a selector that few nodes match is answered by reading just those;
+//! - by spread group and member count, so the nodes holding the fewest of a group are found without a scan.
+//!
+//! Every change is O(log n) per index entry the node has (its labels and groups).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+
+use super::model::{NodeInfo, Request, Resources};
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    nodes: HashMap<String, NodeInfo>,
+    index: Index,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Index {
+    classes: Vec<Class>,
+    /// label key -> value -> nodes.
+    labels: HashMap<String, HashMap<String, BTreeSet<String>>>,
+    /// spread group -> member count (> 0) -> nodes.
+    groups: HashMap<String, BTreeMap<u32, BTreeSet<String>>>,
+}
+
+/// Nodes that the datacenter, arch and hypervisor filters treat alike.
+#[derive(Debug, Clone)]
+pub(super) struct Class {
+    datacenter: String,
+    arch: String,
+    hypervisors: Vec<String>,
+    /// (free memory MiB after overcommit, node name).
+    by_free_memory: BTreeSet<(u64, String)>,
+}
+
+impl Class {
+    fn holds(&self, n: &NodeInfo) -> bool {
+        self.datacenter == n.datacenter && self.arch == n.arch && self.hypervisors == n.hypervisors
+    }
+
+    /// Whether the request's datacenter, arch and hypervisor constraints admit this class.
+    pub(super) fn admits(&self, r: &Request) -> bool {
+        r.datacenter.as_ref().is_none_or(|dc| *dc == self.datacenter)
+            && r.arch.as_ref().is_none_or(|arch| *arch == self.arch)
+            && r.hypervisor.as_ref().is_none_or(|kind| self.hypervisors.contains(kind))
+    }
+
+    /// Node names in ascending free memory, starting at the first with at least `memory_mib` free.
+    pub(super) fn fitting(&self, memory_mib: u64) -> impl Iterator<Item = &str> {
+        self.by_free_memory
+            .range((Bound::Included((memory_mib, String::new())), Bound::Unbounded))
+            .map(|(_, name)| name.as_str())
+    }
+}
+
+impl Index {
+    fn insert(&mut self, n: &NodeInfo) {
+        if !n.schedulable() {
+            return;
+        }
+        let class = match self.classes.iter().position(|c| c.holds(n)) {
+            Some(i) => i,
+            None => {
+                self.classes.push(Class {
+                    datacenter: n.datacenter.clone(),
+                    arch: n.arch.clone(),
+                    hypervisors: n.hypervisors.clone(),
+                    by_free_memory: BTreeSet::new(),
+                });
+                self.classes.len() - 1
+            }
+        };
+        self.classes[class].by_free_memory.insert((n.free().memory_mib, n.name.clone()));
+        for (key, value) in &n.labels {
+            let values = self.labels.entry(key.clone()).or_default();
+            values.entry(value.clone()).or_default().insert(n.name.clone());
+        }
+        for (group, &count) in n.groups.iter().filter(|(_, c)| **c > 0) {
+            let levels = self.groups.entry(group.clone()).or_default();
+            levels.entry(count).or_default().insert(n.name.clone());
+        }
+    }
+
+    /// Removes what `insert(n)` added; `n` must be unchanged since.
+    fn remove(&mut self, n: &NodeInfo) {
+        if !n.schedulable() {
+            return;
+        }
+        if let Some(class) = self.classes.iter_mut().find(|c| c.holds(n)) {
+            class.by_free_memory.remove(&(n.free().memory_mib, n.name.clone()));
+        }
+        for (key, value) in &n.labels {
+            if let Some(values) = self.labels.get_mut(key)
+                && let Some(names) = values.get_mut(value)
+            {
+                names.remove(&n.name);
+                if names.is_empty() {
+                    values.remove(value);
+                }
+            }
+        }
+        for (group, count) in &n.groups {
+            self.remove_member(group, *count, &n.name);
+        }
+    }
+
+    fn remove_member(&mut self, group: &str, count: u32, name: &str) {
+        if let Some(levels) = self.groups.get_mut(group)
+            && let Some(names) = levels.get_mut(&count)
+        {
+            names.remove(name);
+            if names.is_empty() {
+                levels.remove(&count);
+                if levels.is_empty() {
+                    self.groups.remove(group);
+                }
+            }
+        }
+    }
+}
+
+impl Snapshot {
+    pub fn new(nodes: Vec<NodeInfo>) -> Self {
+        let mut s = Snapshot { nodes: HashMap::with_capacity(nodes.len()), index: Index::default() };
+        for n in nodes {
+            s.upsert_node(n);
+        }
+        s
+    }
+
+    /// Adds a node or replaces the one of the same name (a poll, a state change, a cordon).
+    pub fn upsert_node(&mut self, n: NodeInfo) {
+        if let Some(old) = self.nodes.remove(&n.name) {
+            self.index.remove(&old);
+        }
+        self.index.insert(&n);
+        self.nodes.insert(n.name.clone(), n);
+    }
+
+    pub fn remove_node(&mut self, name: &str) {
+        if let Some(old) = self.nodes.remove(name) {
+            self.index.remove(&old);
+        }
+    }
+
+    /// Applies a committed placement: the node's allocation grows by the request's resources and its count of
+    /// the request's spread group by one. Unknown nodes are ignored.
+    pub fn reserve(&mut self, node: &str, r: &Request) {
+        self.update(node, r.spread_group.as_deref(), |n| n.allocated += r.resources, 1);
+    }
+
+    /// Undoes a reservation (a VM deleted, a create that failed, a commit that did not happen).
+    pub fn release(&mut self, node: &str, resources: &Resources, spread_group: Option<&str>) {
+        self.update(node, spread_group, |n| n.allocated -= *resources, -1);
+    }
+
+    /// Changes a node's allocation and one group count, moving only the index entries that change.
+    fn update(&mut self, node: &str, group: Option<&str>, change: impl FnOnce(&mut NodeInfo), delta: i64) {
+        let Some(n) = self.nodes.get_mut(node) else { return };
+        let indexed = n.schedulable();
+        let old_free = n.free().memory_mib;
+        change(n);
+        let new_free = n.free().memory_mib;
+        if indexed
+            && old_free != new_free
+            && let Some(class) = self.index.classes.iter_mut().find(|c| c.holds(n))
+        {
+            class.by_free_memory.remove(&(old_free, n.name.clone()));
+            class.by_free_memory.insert((new_free, n.name.clone()));
+        }
+        let Some(group) = group else { return };
+        let old = n.group_count(group);
+        let new = (i64::from(old) + delta).clamp(0, i64::from(u32::MAX)) as u32;
+        if new == 0 {
+            n.groups.remove(group);
+        } else {
+            n.groups.insert(group.to_owned(), new);
+        }
+        if indexed && old != new {
+            self.index.remove_member(group, old, node);
+            if new > 0 {
+                let levels = self.index.groups.entry(group.to_owned()).or_default();
+                levels.entry(new).or_default().insert(node.to_owned());
+            }
+        }
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name)
+    }
+
+    /// Every node, in no particular order.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// How many nodes are Ready and not cordoned.
+    pub fn schedulable(&self) -> usize {
+        self.index.classes.iter().map(|c| c.by_free_memory.len()).sum()
+    }
+
+    pub(super) fn classes(&self) -> &[Class] {
+        &self.index.classes
+    }
+
+    /// Schedulable nodes carrying label `key=value`, in name order.
+    pub(super) fn labelled(&self, key: &str, value: &str) -> Option<&BTreeSet<String>> {
+        self.index.labels.get(key).and_then(|values| values.get(value))
+    }
+
+    /// Schedulable nodes holding VMs of `group`, by ascending count.
+    pub(super) fn group_levels(&self, group: &str) -> impl Iterator<Item = &BTreeSet<String>> {
+        self.index.groups.get(group).into_iter().flat_map(|levels| levels.values())
+    }
+}
