@@ -81,16 +81,17 @@ fn placement_lifecycle_cordon_and_an_unreachable_node() {
     assert_eq!(states, [("node-a", "READY"), ("node-b", "READY"), ("node-c", "READY")], "{nodes}");
     eprintln!("grid up and enrolled: {:?}", t0.elapsed());
 
-    // Ten VMs of mixed sizes. The first fits only node-a; three form a spread group.
+    // Ten VMs of mixed sizes. The first fits only node-a; the next three form a spread group, placed while
+    // every node still has room for one of them.
     let t = Instant::now();
     let sizes: [(&str, u32, u64, Option<&str>); 10] = [
         ("vm-big", 2, 1800, None),
-        ("vm-01", 1, 256, None),
-        ("vm-02", 2, 512, None),
-        ("vm-03", 1, 128, None),
         ("web-1", 1, 128, Some("web")),
         ("web-2", 1, 128, Some("web")),
         ("web-3", 1, 128, Some("web")),
+        ("vm-01", 1, 256, None),
+        ("vm-02", 2, 512, None),
+        ("vm-03", 1, 128, None),
         ("vm-04", 2, 384, None),
         ("vm-05", 1, 256, None),
         ("vm-06", 1, 192, None),
