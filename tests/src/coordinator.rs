@@ -1,8 +1,9 @@
 //! `gridforge-coordinator` in the root namespace (API on a free loopback port, state in a temp dir), and
 //! `gridctl` against it with `-o json`.
 //!
-//! Roles come from `[auth.users]` by certificate name: `admin`, `ops` (operator) and `viewer`; a certificate
-//! the config does not name gets no role.
+//! Roles: `admin` and `viewer` hold certificates from `gridctl pki issue --role` (the role is their OU);
+//! `ops`, the operator certificate the tests also use towards agents, is made by `gridforge-agent pki` and
+//! mapped by name in `[auth.users]`; `nobody` has neither and gets no role.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -70,9 +71,14 @@ impl Coordinator {
     /// Certificates for the coordinator and the grid's people, and the config under `dir`; not started.
     pub fn new(dir: &Path, pki: &Pki, settings: Settings) -> Coordinator {
         std::fs::create_dir_all(dir.join("state")).unwrap();
-        for name in [CERT_NAME, ADMIN, OPERATOR, VIEWER, NOBODY] {
+        for name in [CERT_NAME, OPERATOR, NOBODY] {
             if !pki.cert(name).exists() {
                 pki.issue(name, &[]);
+            }
+        }
+        for (name, role) in [(ADMIN, "admin"), (VIEWER, "viewer")] {
+            if !pki.cert(name).exists() {
+                pki.issue_person(name, role);
             }
         }
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -99,12 +105,11 @@ retry_attempts = {attempts}
 retry_backoff_ms = {backoff}
 
 [auth]
+role_from_ou = true
 default_role = ""
 
 [auth.users]
-{ADMIN} = "admin"
 {OPERATOR} = "operator"
-{VIEWER} = "viewer"
 "#,
             state = dir.join("state").display(),
             ca = pki.ca().display(),

@@ -43,6 +43,25 @@ impl Pki {
         run_ok(&mut cmd, PKI_TIMEOUT);
     }
 
+    /// `gridctl pki issue --dir DIR --name NAME --role ROLE`: a person's certificate whose OU is the role.
+    pub fn issue_person(&self, name: &str, role: &str) {
+        run_ok(
+            Command::new(bins::path(bins::GRIDCTL)).args([
+                "pki",
+                "issue",
+                "--dir",
+                self.dir.to_str().unwrap(),
+                "--name",
+                name,
+                "--role",
+                role,
+                "--days",
+                "30",
+            ]),
+            PKI_TIMEOUT,
+        );
+    }
+
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
