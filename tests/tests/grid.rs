@@ -1,0 +1,449 @@
+//! A coordinator and agents in network namespaces, driven through `gridctl -o json` as an operator would,
+//! with the agents' own view (NodeStats, ListJobs, `gridforge-agent job list`) as the oracle.
+//!
+//! The three tests run in parallel, each on a grid of its own.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use gridforge_proto::v1::coordinator_client::CoordinatorClient;
+use gridforge_proto::v1::{DeleteVmRequest, JobKind, JobState, ListNodesRequest};
+use gridforge_tests::agent::Agent;
+use gridforge_tests::coordinator::{self, Gridctl, Settings};
+use gridforge_tests::grid::{Grid, Shape, first};
+use gridforge_tests::netns::Network;
+use gridforge_tests::{block_on, wait_for};
+use serde_json::Value;
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn n(v: &Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for k in path {
+        match cur.get(k) {
+            Some(next) => cur = next,
+            None => return 0,
+        }
+    }
+    // proto3 JSON writes 64-bit integers as strings.
+    cur.as_u64().or_else(|| cur.as_str().and_then(|t| t.parse().ok())).unwrap_or(0)
+}
+
+fn vm(ctl: &Gridctl, name: &str) -> Value {
+    ctl.json(&["vm", "show", name])
+}
+
+fn node(ctl: &Gridctl, name: &str) -> Value {
+    ctl.json(&["node", "show", name])
+}
+
+/// `vm create -f SPEC --wait`; the finished operation.
+fn create(grid: &Grid, name: &str, vcpus: u32, memory_mib: u64, extra: &[&str]) -> Value {
+    let spec = grid.spec_file(name, vcpus, memory_mib, 64);
+    let mut args = vec!["vm", "create", "-f", spec.to_str().unwrap(), "--wait"];
+    args.extend_from_slice(extra);
+    let op = grid.admin().json(&args);
+    assert_eq!(s(&op, "state"), "SUCCEEDED", "create {name}: {op}");
+    op
+}
+
+/// The domain `name` as the agent sees it: its state, or None.
+fn domain_state(agent: &Agent, name: &str) -> Option<String> {
+    agent.stats().vms.into_iter().find(|v| v.name == name).map(|v| v.state)
+}
+
+/// Provision jobs for `vm` over all agents.
+fn provisions(grid: &Grid, vm: &str) -> usize {
+    grid.agents.iter().map(|a| a.provision_jobs(vm).len()).sum()
+}
+
+#[test]
+fn placement_lifecycle_cordon_and_an_unreachable_node() {
+    let t0 = Instant::now();
+    let mut grid = Grid::with_coordinator(3, Settings::default());
+    let ctl = grid.admin();
+    let shapes = [
+        ("node-a", Shape { vcpus: 8, memory_mib: 2048 }),
+        ("node-b", Shape { vcpus: 8, memory_mib: 1536 }),
+        ("node-c", Shape { vcpus: 4, memory_mib: 1024 }),
+    ];
+    for (name, shape) in shapes {
+        let added = grid.enroll(name, shape, &["--label", &format!("rack={name}")]);
+        assert_eq!(s(&added, "name"), name, "{added}");
+    }
+    let nodes = ctl.json(&["node", "list"]);
+    let states: Vec<(&str, &str)> =
+        nodes.as_array().unwrap().iter().map(|n| (s(n, "name"), s(n, "state"))).collect();
+    assert_eq!(states, [("node-a", "READY"), ("node-b", "READY"), ("node-c", "READY")], "{nodes}");
+    eprintln!("grid up and enrolled: {:?}", t0.elapsed());
+
+    // Ten VMs of mixed sizes. The first fits only node-a; the next three form a spread group, placed while
+    // every node still has room for one of them.
+    let t = Instant::now();
+    let sizes: [(&str, u32, u64, Option<&str>); 10] = [
+        ("vm-big", 2, 1800, None),
+        ("web-1", 1, 128, Some("web")),
+        ("web-2", 1, 128, Some("web")),
+        ("web-3", 1, 128, Some("web")),
+        ("vm-01", 1, 256, None),
+        ("vm-02", 2, 512, None),
+        ("vm-03", 1, 128, None),
+        ("vm-04", 2, 384, None),
+        ("vm-05", 1, 256, None),
+        ("vm-06", 1, 192, None),
+    ];
+    for (name, vcpus, mem, group) in sizes {
+        let extra: Vec<&str> = group.map(|g| vec!["--spread-group", g]).unwrap_or_default();
+        create(&grid, name, vcpus, mem, &extra);
+    }
+    eprintln!("ten creates with --wait: {:?}", t.elapsed());
+
+    let vms = ctl.json(&["vm", "list"]);
+    let vms = vms.as_array().expect("a VM list");
+    assert_eq!(vms.len(), 10, "{vms:?}");
+    let placed: BTreeMap<&str, &str> = vms.iter().map(|v| (s(v, "name"), s(v, "node"))).collect();
+    assert_eq!(placed["vm-big"], "node-a", "1800 MiB fits node-a only");
+    // Capacity: what each node holds stays within its shape, in the coordinator's view and the agent's.
+    for (name, shape) in shapes {
+        let here: Vec<&Value> = vms.iter().filter(|v| s(v, "node") == name).collect();
+        let mem: u64 = here.iter().map(|v| n(v, &["resources", "memoryMib"])).sum();
+        let cpus: u64 = here.iter().map(|v| n(v, &["resources", "vcpus"])).sum();
+        assert!(mem <= shape.memory_mib && cpus <= u64::from(shape.vcpus), "{name} over capacity: {here:?}");
+        let shown = node(&ctl, name);
+        assert_eq!(n(&shown, &["allocated", "memoryMib"]), mem, "{name} allocation: {shown}");
+        let agent = grid.agents.iter().find(|a| a.name == name).unwrap();
+        for v in &here {
+            assert_eq!(
+                domain_state(agent, s(v, "name")).as_deref(),
+                Some("running"),
+                "{} on {name}",
+                s(v, "name")
+            );
+        }
+    }
+    // Spread: the group's three VMs on three different nodes.
+    let mut web: Vec<&str> = ["web-1", "web-2", "web-3"].iter().map(|w| placed[w]).collect();
+    web.sort();
+    web.dedup();
+    // What issue 12 asks for and the coordinator does not do yet: collected, so that the rest of the life
+    // cycle is exercised either way, and failed at the end.
+    let mut gaps = Vec::new();
+    if web.len() != 3 {
+        gaps.push(format!("the spread group web shares a node: {placed:?}"));
+    }
+    // Each VM provisioned exactly once, by its node's agent.
+    for (name, node_name) in &placed {
+        let agent = grid.agents.iter().find(|a| a.name == *node_name).unwrap();
+        let jobs = agent.provision_jobs(name);
+        assert_eq!(jobs.len(), 1, "{name}: {jobs:?}");
+        assert_eq!(jobs[0].state(), JobState::Succeeded);
+        assert_eq!(provisions(&grid, name), 1, "{name} provisioned on one node only");
+    }
+
+    // Stop and start, seen by the coordinator and by the agent.
+    let t = Instant::now();
+    let node_01 = placed["vm-01"];
+    let agent_01 = grid.agents.iter().find(|a| a.name == node_01).unwrap();
+    ctl.json(&["vm", "stop", "vm-01", "--wait"]);
+    assert_eq!(s(&vm(&ctl, "vm-01"), "state"), "STOPPED");
+    assert_eq!(domain_state(agent_01, "vm-01").as_deref(), Some("shutoff"));
+    ctl.json(&["vm", "start", "vm-01", "--wait"]);
+    assert_eq!(s(&vm(&ctl, "vm-01"), "state"), "RUNNING");
+    assert_eq!(domain_state(agent_01, "vm-01").as_deref(), Some("running"));
+    let controls: Vec<Value> = agent_01
+        .job_list_cli()
+        .into_iter()
+        .filter(|j| s(j, "kind") == "CONTROL" && s(j, "domain") == "vm-01")
+        .collect();
+    assert_eq!(controls.len(), 2, "a stop and a start job on the agent: {controls:?}");
+
+    // Resize in place when the node has room; a clear refusal when it has not. The VM to grow is one whose
+    // node has a vCPU and 64 MiB to spare.
+    let free = |node_name: &str| {
+        let shape = shapes.iter().find(|(m, _)| *m == node_name).unwrap().1;
+        let shown = node(&ctl, node_name);
+        let vcpus = u64::from(shape.vcpus) - n(&shown, &["allocated", "vcpus"]);
+        (vcpus, shape.memory_mib - n(&shown, &["allocated", "memoryMib"]))
+    };
+    let (grow, node_grow) = placed
+        .iter()
+        .map(|(v, m)| (*v, *m))
+        .find(|(v, m)| *v != "vm-01" && free(m).0 >= 1 && free(m).1 >= 64)
+        .expect("a node with room to grow a VM");
+    let before = vm(&ctl, grow);
+    let (vcpus, memory) =
+        (n(&before, &["resources", "vcpus"]) + 1, n(&before, &["resources", "memoryMib"]) + 64);
+    let disk = n(&before, &["resources", "diskMib"]) + 64;
+    ctl.json(&["vm", "stop", grow, "--wait"]);
+    let disk_arg = disk.to_string();
+    let out = ctl.run(&["vm", "resize", grow, "--disk-mib", &disk_arg, "--wait"]);
+    if out.success() {
+        assert_eq!(n(&vm(&ctl, grow), &["resources", "diskMib"]), disk);
+        let agent_grow = grid.agents.iter().find(|a| a.name == node_grow).unwrap();
+        let resized = agent_grow.jobs().into_iter().filter(|j| j.kind() == JobKind::Resize).count();
+        assert_eq!(resized, 1, "one Resize job on the agent");
+    } else if out.stderr.contains("not supported by the connection driver") {
+        // libvirt's test driver cannot resize volumes; disk growth is covered against a real libvirtd.
+        eprintln!("disk resize not covered on the test driver: {}", out.stderr.trim());
+    } else {
+        gaps.push(format!("disk resize of {grow}: {}", out.stderr.trim()));
+    }
+    let (vcpus_arg, memory_arg) = (vcpus.to_string(), memory.to_string());
+    let out = ctl.run(&["vm", "resize", grow, "--vcpus", &vcpus_arg, "--memory-mib", &memory_arg, "--wait"]);
+    if out.success() {
+        let shown = vm(&ctl, grow);
+        assert_eq!(n(&shown, &["resources", "vcpus"]), vcpus, "{shown}");
+        assert_eq!(n(&shown, &["resources", "memoryMib"]), memory, "{shown}");
+        ctl.json(&["vm", "start", grow, "--wait"]);
+        let agent_grow = grid.agents.iter().find(|a| a.name == node_grow).unwrap();
+        let domain = agent_grow.stats().vms.into_iter().find(|v| v.name == grow).expect("the domain");
+        assert_eq!((domain.state.as_str(), u64::from(domain.vcpus)), ("running", vcpus), "the domain grew");
+        assert_eq!(domain.memory_bytes, memory << 20, "the agent's domain grew");
+    } else {
+        gaps.push(format!("vCPU and memory resize of {grow}: {}", out.stderr.trim()));
+        ctl.json(&["vm", "start", grow, "--wait"]);
+    }
+    let current = n(&vm(&ctl, grow), &["resources", "memoryMib"]);
+    let too_much = (current + free(node_grow).1 + 1).to_string();
+    let out = ctl.run(&["vm", "resize", grow, "--memory-mib", &too_much, "--wait"]);
+    assert_eq!(out.status.code(), Some(5), "a resize beyond the node's room is refused: {}", out.describe());
+    assert!(
+        out.stderr.contains("no room") && out.stderr.contains(grow),
+        "the refusal says why: {}",
+        out.stderr
+    );
+    assert_eq!(
+        n(&vm(&ctl, grow), &["resources", "memoryMib"]),
+        current,
+        "the refused resize changed nothing"
+    );
+
+    // Delete: the agent's domain goes, its Delete job leaves a wipe report in the grid view.
+    let node_03 = placed["vm-03"];
+    ctl.json(&["vm", "delete", "vm-03", "--wait"]);
+    let agent_03 = grid.agents.iter().find(|a| a.name == node_03).unwrap();
+    assert_eq!(domain_state(agent_03, "vm-03"), None, "domain removed");
+    let deletes =
+        agent_03.jobs().into_iter().filter(|j| j.kind() == JobKind::Delete && j.domain == "vm-03").count();
+    assert_eq!(deletes, 1);
+    let listed = ctl.json(&["vm", "list"]);
+    assert!(listed.as_array().unwrap().iter().all(|v| s(v, "name") != "vm-03"), "{listed}");
+    let gone = ctl.json(&["vm", "list", "--all"]);
+    let deleted = gone.as_array().unwrap().iter().find(|v| s(v, "name") == "vm-03").expect("kept with --all");
+    assert_eq!(s(deleted, "state"), "DELETED");
+    assert!(s(deleted, "wipeReport").contains("signature"), "wipe report kept: {deleted}");
+    eprintln!("stop/start/resize/delete: {:?}", t.elapsed());
+
+    // Cordon: nothing new lands there; `vm why` says so.
+    ctl.json(&["node", "cordon", "node-c"]);
+    for name in ["after-cordon-1", "after-cordon-2", "after-cordon-3"] {
+        create(&grid, name, 1, 64, &[]);
+        let placed = vm(&ctl, name);
+        assert_ne!(s(&placed, "node"), "node-c", "{name} landed on a cordoned node");
+    }
+    let why = ctl.json(&["vm", "why", "after-cordon-1"]);
+    let verdict = why["nodes"].as_array().unwrap().iter().find(|v| s(v, "node") == "node-c").cloned();
+    assert!(verdict.is_some_and(|v| s(&v, "reason").contains("cordoned")), "{why}");
+    ctl.json(&["node", "uncordon", "node-c"]);
+
+    // An agent killed outright goes Unreachable within the configured polls.
+    let settings = grid.coordinator().settings.clone();
+    grid.agent("node-b").sigkill();
+    let t = Instant::now();
+    let limit = Duration::from_millis(settings.poll_interval_ms * u64::from(settings.unreachable_after + 2))
+        + Duration::from_secs(settings.call_timeout_secs);
+    let shown = wait_for("node-b to go Unreachable", limit, Duration::from_millis(100), || {
+        let shown = node(&ctl, "node-b");
+        (s(&shown, "state") == "UNREACHABLE").then_some(shown)
+    });
+    eprintln!("agent killed → Unreachable in {:?} (limit {limit:?})", t.elapsed());
+    assert!(n(&shown, &["missedPolls"]) >= u64::from(settings.unreachable_after), "{shown}");
+    assert_eq!(s(&node(&ctl, "node-a"), "state"), "READY");
+    let out = ctl.run(&[
+        "vm",
+        "create",
+        "-f",
+        grid.spec_file("to-b", 1, 64, 64).to_str().unwrap(),
+        "--node",
+        "node-b",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "nothing is placed on an unreachable node: {}", out.describe());
+    assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
+    eprintln!("whole lifecycle test: {:?}", t0.elapsed());
+    assert!(gaps.is_empty(), "not as issue 12 asks:\n{}", gaps.join("\n"));
+}
+
+#[test]
+fn refusals_name_the_cause() {
+    let grid = Grid::with_coordinator(2, Settings::default());
+    let ctl = grid.admin();
+    let c = grid.coordinator.as_ref().unwrap();
+    grid.enroll("node-a", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
+    grid.enroll("node-b", Shape { vcpus: 4, memory_mib: 512 }, &[]);
+
+    // An agent whose certificate names another node is refused at enrollment.
+    let impostor_net = Network::new(1);
+    let mut impostor = Agent::with_cert(
+        "node-c",
+        "node-x",
+        &impostor_net.nodes[0],
+        &grid.pki,
+        &grid.store,
+        &grid.path().join("node-c"),
+        coordinator::OPERATOR,
+    );
+    impostor.start();
+    let out = ctl.fails(&["node", "add", "node-c", "--address", &impostor.address(), "--datacenter", "dc1"]);
+    assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+    assert!(out.stderr.contains("node-x"), "the refusal names the certificate: {}", out.stderr);
+    assert!(ctl.fails(&["node", "show", "node-c"]).status.code() == Some(3), "not enrolled");
+    impostor.kill();
+
+    // A client without a certificate: the TLS handshake itself is refused.
+    let endpoint = format!("https://{}", c.listen);
+    let ca = Certificate::from_pem(std::fs::read(grid.pki.ca()).unwrap());
+    let refused = block_on(async {
+        let tls = ClientTlsConfig::new().ca_certificate(ca.clone()).domain_name("localhost");
+        let channel =
+            Endpoint::from_shared(endpoint.clone()).unwrap().tls_config(tls).unwrap().connect().await;
+        match channel {
+            Err(e) => format!("connect: {e:?}"),
+            Ok(ch) => match CoordinatorClient::new(ch).list_nodes(ListNodesRequest {}).await {
+                Ok(_) => panic!("a client without a certificate listed the nodes"),
+                Err(status) => format!("{status:?}"),
+            },
+        }
+    });
+    eprintln!("no client certificate: {refused}");
+    let plaintext = c.gridctl_without_cert().run(&["node", "list"]);
+    assert!(!plaintext.success(), "{}", plaintext.describe());
+
+    // A certificate of the grid that maps to no role.
+    let out = c.gridctl(coordinator::NOBODY).fails(&["node", "list"]);
+    assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+
+    // A viewer reads, and is denied a delete.
+    create(&grid, "keep-me", 1, 128, &[]);
+    let viewer = c.gridctl(coordinator::VIEWER);
+    assert_eq!(viewer.json(&["vm", "list"]).as_array().unwrap().len(), 1);
+    let out = viewer.fails(&["vm", "delete", "keep-me"]);
+    assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+    let code = block_on(async {
+        let tls =
+            ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost").identity(Identity::from_pem(
+                std::fs::read(grid.pki.cert(coordinator::VIEWER)).unwrap(),
+                std::fs::read(grid.pki.key(coordinator::VIEWER)).unwrap(),
+            ));
+        let ch = Endpoint::from_shared(endpoint).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+        let req = DeleteVmRequest { name: "keep-me".into(), wipe_method: String::new() };
+        CoordinatorClient::new(ch).delete_vm(req).await.expect_err("a viewer's delete").code()
+    });
+    assert_eq!(code, Code::PermissionDenied);
+    assert_eq!(s(&vm(&ctl, "keep-me"), "state"), "RUNNING", "the VM is still there");
+
+    // Unknown names.
+    for args in [
+        &["vm", "show", "no-such-vm"][..],
+        &["vm", "delete", "no-such-vm"],
+        &["node", "show", "no-such-node"],
+        &["node", "cordon", "no-such-node"],
+    ] {
+        let out = ctl.fails(args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", out.describe());
+        assert!(out.stderr.contains("no-such"), "the message names it: {}", out.stderr);
+    }
+
+    // A duplicate name.
+    let spec = grid.spec_file("keep-me", 1, 64, 64);
+    let out = ctl.fails(&["vm", "create", "-f", spec.to_str().unwrap(), "--wait"]);
+    assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+    assert!(out.stderr.contains("already"), "{}", out.stderr);
+    assert_eq!(provisions(&grid, "keep-me"), 1, "the duplicate provisioned nothing");
+
+    // Unschedulable: the per-node summary, and no VM, operation or allocation left.
+    ctl.json(&["node", "cordon", "node-b"]);
+    let spec = grid.spec_file("too-big", 2, 100_000, 64);
+    let dry = ctl.json(&["vm", "create", "-f", spec.to_str().unwrap(), "--dry-run"]);
+    let reasons: Vec<&str> = dry["nodes"].as_array().unwrap().iter().map(|v| s(v, "reason")).collect();
+    assert_eq!(reasons.len(), 2, "{dry}");
+    let out = ctl.fails(&["vm", "create", "-f", spec.to_str().unwrap(), "--wait"]);
+    assert_eq!(out.status.code(), Some(5), "{}", out.describe());
+    assert!(out.stderr.contains("2 nodes: "), "{}", out.stderr);
+    assert!(out.stderr.contains("1 cordoned"), "{}", out.stderr);
+    assert!(out.stderr.contains("1 insufficient memory (need 100000 MiB"), "{}", out.stderr);
+    assert_eq!(ctl.fails(&["vm", "show", "too-big"]).status.code(), Some(3));
+    let allocated: u64 =
+        ["node-a", "node-b"].iter().map(|m| n(&node(&ctl, m), &["allocated", "memoryMib"])).sum();
+    assert_eq!(allocated, 128, "keep-me's allocation only");
+    assert_eq!(provisions(&grid, "too-big"), 0);
+}
+
+#[test]
+fn coordinator_killed_mid_create_finishes_or_fails_cleanly_and_provisions_once() {
+    let mut grid = Grid::with_coordinator(2, Settings::default());
+    grid.enroll("node-a", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
+    grid.enroll("node-b", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
+
+    // Killed right after the create is accepted, and killed once the agent has the job.
+    for (name, wait_for_agent) in [("crash-early", false), ("crash-late", true)] {
+        let spec = grid.spec_file(name, 1, 256, 256);
+        let op = first(grid.admin().json(&["vm", "create", "-f", spec.to_str().unwrap()]));
+        let id = s(&op, "id").to_string();
+        assert!(!id.is_empty(), "{op}");
+        if wait_for_agent {
+            wait_for(
+                "the agent to get the provision",
+                Duration::from_secs(20),
+                Duration::from_millis(5),
+                || (provisions(&grid, name) > 0).then_some(()),
+            );
+        }
+        let t = Instant::now();
+        grid.coordinator().sigkill();
+        grid.coordinator().start();
+        eprintln!("{name}: coordinator SIGKILLed and restarted in {:?}", t.elapsed());
+        let ctl = grid.admin();
+        let done = wait_for(
+            "the operation to end after the restart",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let op = ctl.json(&["op", "show", &id]);
+                matches!(s(&op, "state"), "SUCCEEDED" | "FAILED").then_some(op)
+            },
+        );
+        let count = provisions(&grid, name);
+        match s(&done, "state") {
+            "SUCCEEDED" => {
+                assert_eq!(count, 1, "{name} provisioned exactly once: {done}");
+                let shown = vm(&ctl, name);
+                assert_eq!(s(&shown, "state"), "RUNNING", "{shown}");
+                let agent = grid.agents.iter().find(|a| a.name == s(&shown, "node")).unwrap();
+                assert_eq!(domain_state(agent, name).as_deref(), Some("running"));
+            }
+            _ => {
+                assert!(!s(&done, "error").is_empty(), "a failed operation says why: {done}");
+                assert!(count <= 1, "{name} provisioned {count} times");
+                eprintln!("{name} failed cleanly: {}", s(&done, "error"));
+            }
+        }
+        eprintln!("{name}: {} after the restart", s(&done, "state"));
+    }
+    // No allocation without a live VM behind it.
+    let ctl = grid.admin();
+    let vms = ctl.json(&["vm", "list"]);
+    for name in ["node-a", "node-b"] {
+        let held: u64 = vms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| s(v, "node") == name)
+            .map(|v| n(v, &["resources", "memoryMib"]))
+            .sum();
+        assert_eq!(n(&node(&ctl, name), &["allocated", "memoryMib"]), held, "{name}");
+    }
+}
