@@ -50,10 +50,11 @@ pub struct Cli {
     /// CA certificate the coordinator's certificate must chain to.
     #[arg(long, global = true, env = "GRIDCTL_CA")]
     ca: Option<PathBuf>,
-    /// Your client certificate and key. Without --ca, --cert and --key the connection is plaintext (a
-    /// coordinator with tls.insecure on loopback only).
+    /// Your client certificate (`gridctl pki issue`; its OU or CN gives your role). Without --ca, --cert and
+    /// --key the connection is plaintext (a coordinator with tls.insecure on loopback only).
     #[arg(long, global = true, env = "GRIDCTL_CERT")]
     cert: Option<PathBuf>,
+    /// Your client certificate's private key.
     #[arg(long, global = true, env = "GRIDCTL_KEY")]
     key: Option<PathBuf>,
     /// Output: table, wide (more columns) or json (proto3 JSON).
@@ -378,12 +379,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return run_pki(p, &out);
     }
     let mut c = connect(&cli).await?;
-    match &cli.command {
+    let result = match &cli.command {
         Command::Node(n) => run_node(&mut c, n, &out).await,
         Command::Vm(v) => run_vm(&mut c, v, &out).await,
         Command::Op(o) => run_op(&mut c, o, &out).await,
         Command::Pki(_) => Ok(()),
-    }
+    };
+    result.map_err(|mut f| {
+        if cli.cert.is_none() && f.message.contains("h2 protocol error") {
+            f.code = 6;
+            f.message.push_str(" (plaintext to a TLS coordinator? give --ca, --cert and --key)");
+        }
+        f
+    })
 }
 
 fn run_pki(p: &PkiCommand, out: &output::Output) -> Result<(), Failure> {

@@ -91,7 +91,7 @@ fn node_status(n: &Node) -> String {
 }
 
 fn mib(m: u64) -> String {
-    if m >= 1024 && m % 1024 == 0 { format!("{}Gi", m / 1024) } else { format!("{m}Mi") }
+    if m >= 1024 && m.is_multiple_of(1024) { format!("{}Gi", m / 1024) } else { format!("{m}Mi") }
 }
 
 impl Output {
@@ -439,7 +439,10 @@ fn ratio(r: f64) -> String {
 }
 
 fn progress_text(step: &str, done: u64, total: u64) -> String {
-    if total > 0 { format!("{step} {}%", done * 100 / total) } else { step.to_string() }
+    match (done * 100).checked_div(total) {
+        Some(pct) => format!("{step} {pct}%"),
+        None => step.to_string(),
+    }
 }
 
 /// Operation events as a progress bar per agent step (terminal), plain lines (logs) or JSON lines.

@@ -18,6 +18,8 @@ pub type OpState = operation::State;
 pub type OpKind = operation::Kind;
 
 /// One change to the grid view. A list of changes is committed as one store transaction, then applied.
+// Changes live only from a decision to its commit, a few at a time: boxing them would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Change {
     PutNode(Node),

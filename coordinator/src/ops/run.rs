@@ -27,14 +27,11 @@ enum StepError {
 pub(crate) fn status_text(status: &tonic::Status) -> String {
     let mut text =
         if status.message().is_empty() { status.code().to_string() } else { status.message().to_string() };
-    let mut cause = std::error::Error::source(status);
-    while let Some(c) = cause {
-        let t = c.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
+    if let Some(cause) = std::error::Error::source(status) {
+        let chain = crate::error_chain(cause);
+        if !text.contains(&chain) {
+            text = format!("{text}: {chain}");
         }
-        cause = c.source();
     }
     text
 }
@@ -456,7 +453,10 @@ fn job_failure(node: &str, step: &str, job: &Job) -> String {
         Some(Outcome::Error(e)) => {
             let code =
                 gridforge_proto::v1::error::Code::try_from(e.code).map(|c| c.as_str_name()).unwrap_or("");
-            format!("node {node}: {step}: {}: {} ({code})", e.step, e.message)
+            // The agent's step is worth saying only when it is not the operation step's own name.
+            let agent_step =
+                if e.step.is_empty() || e.step == step { String::new() } else { format!("{}: ", e.step) };
+            format!("node {node}: {step}: {agent_step}{} ({code})", e.message)
         }
         _ => format!("node {node}: {step}: agent job {} ended {}", job.id, job.state().as_str_name()),
     }

@@ -154,18 +154,16 @@ fn record(
                 }
             }
         }
-        let changed = before != (node.state, node.state_reason.clone());
-        if changed {
-            tracing::info!(node = %name, state = node.state().as_str_name(), reason = %node.state_reason, "node state");
-            return Ok(((), vec![Change::PutNode(node)]));
-        }
-        // Observations only: kept in memory, renewed by the next poll.
-        s.nodes.insert(name.to_string(), node);
+        // VM observations are kept in memory only, renewed by the next poll.
         for v in vm_changes {
             s.vms.insert(v.name.clone(), v);
         }
-        let info = s.nodes.get(name).map(|n| s.node_info(n));
-        if let Some(info) = info {
+        if before != (node.state, node.state_reason.clone()) {
+            tracing::info!(node = %name, state = node.state().as_str_name(), reason = %node.state_reason, "node state");
+            return Ok(((), vec![Change::PutNode(node)]));
+        }
+        s.nodes.insert(name.to_string(), node);
+        if let Some(info) = s.nodes.get(name).map(|n| s.node_info(n)) {
             s.snapshot.upsert_node(info);
         }
         Ok(((), vec![]))
