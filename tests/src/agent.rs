@@ -1,5 +1,5 @@
-//! `gridforge-agent serve` inside a network namespace: libvirt's in-process test driver, a dir pool of
-//! sparse files and all state in a temp dir, mutual TLS on the namespace's address.
+//! `gridforge-agent serve` inside a network namespace: libvirt's in-process test driver (or a real libvirtd
+//! by its URI), a dir pool of sparse files and all state in a temp dir, mutual TLS on the namespace's address.
 //!
 //! The test driver keeps its domains in the agent's memory: a restarted agent has no domains (its job
 //! journal and pool files stay).
@@ -29,6 +29,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// SIGTERM grace before SIGKILL (the config lets running jobs finish for 2 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// libvirt's in-process test driver: domains without guests.
+pub const TEST_DRIVER: &str = "test:///default";
+/// The dir pool every agent defines in its own directory.
+pub const POOL: &str = "gridforge";
 
 /// One node: its namespace, directory, certificate, config and (while running) daemon.
 pub struct Agent {
@@ -81,8 +85,8 @@ store = "{store}"
 trusted_key = "{trusted}"
 
 [libvirt]
-uri = "test:///default"
-pool = "gridforge"
+uri = "{TEST_DRIVER}"
+pool = "{POOL}"
 pool_path = "{root}/pool"
 domain_type = "qemu"
 
@@ -109,6 +113,21 @@ shutdown_grace_secs = 2
             daemon: None,
             starts: 0,
         }
+    }
+
+    /// Put the agent on the libvirt daemon at `uri` instead of the test driver (a real hypervisor: its
+    /// guests boot); before it starts.
+    pub fn use_libvirt(&mut self, uri: &str) {
+        assert!(self.daemon.is_none(), "agent {} is running", self.name);
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let from = format!("uri = \"{TEST_DRIVER}\"\n");
+        assert!(text.contains(&from), "{} has no test driver URI", self.config.display());
+        std::fs::write(&self.config, text.replace(&from, &format!("uri = \"{uri}\"\n"))).unwrap();
+    }
+
+    /// The file the serial console of the agent's domain `vm` is written to.
+    pub fn console_log(&self, vm: &str) -> PathBuf {
+        self.dir.join("state/console").join(format!("{vm}.log"))
     }
 
     /// `host:port` the agent serves on.

@@ -230,12 +230,22 @@ impl Gridctl {
 
     /// Run `gridctl ... -o json ARGS`, whatever the outcome.
     pub fn run(&self, args: &[&str]) -> Outcome {
-        process::run(&mut self.command(args), GRIDCTL_TIMEOUT)
+        self.run_within(args, GRIDCTL_TIMEOUT)
+    }
+
+    /// [`run`](Self::run) with a longer bound than [`GRIDCTL_TIMEOUT`] (a `--wait` on real guests).
+    pub fn run_within(&self, args: &[&str], limit: Duration) -> Outcome {
+        process::run(&mut self.command(args), limit)
     }
 
     /// Run and require success; stdout parsed as JSON (`null` when empty).
     pub fn json(&self, args: &[&str]) -> Value {
-        let out = self.run(args);
+        self.json_within(args, GRIDCTL_TIMEOUT)
+    }
+
+    /// [`json`](Self::json) with the bound `limit`.
+    pub fn json_within(&self, args: &[&str], limit: Duration) -> Value {
+        let out = self.run_within(args, limit);
         assert!(out.success(), "gridctl {args:?} failed: {}", out.describe());
         parse_json(&out.stdout)
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::agent::Agent;
+use crate::agent::{self, Agent};
 use crate::coordinator::{self, Coordinator, Gridctl, Settings};
 use crate::images::{ImageStore, vm_spec};
 use crate::netns::Network;
@@ -31,11 +31,17 @@ pub struct Grid {
 impl Grid {
     /// `nodes` agents, each in its own namespace, running and answering over mutual TLS; no coordinator.
     pub fn agents(nodes: usize) -> Grid {
+        Grid::build(nodes, ImageStore::tiny, agent::TEST_DRIVER)
+    }
+
+    /// Like [`Grid::agents`], with the image store `store` makes in the directory it is given, and every
+    /// agent on the libvirt daemon at `libvirt_uri`.
+    pub fn build(nodes: usize, store: impl FnOnce(&Path) -> ImageStore, libvirt_uri: &str) -> Grid {
         assert!(nodes <= NODE_NAMES.len());
         let dir = tempfile::Builder::new().prefix("gridforge-grid-").tempdir().expect("a temp dir");
         let pki = Pki::init(&dir.path().join("pki"));
         pki.issue(coordinator::OPERATOR, &[]);
-        let store = ImageStore::tiny(&dir.path().join("images"));
+        let store = store(&dir.path().join("images"));
         let network = Network::new(nodes);
         let mut agents: Vec<Agent> = network
             .nodes
@@ -46,6 +52,9 @@ impl Grid {
             })
             .collect();
         for a in &mut agents {
+            if libvirt_uri != agent::TEST_DRIVER {
+                a.use_libvirt(libvirt_uri);
+            }
             a.spawn();
         }
         for a in &mut agents {
@@ -57,10 +66,16 @@ impl Grid {
     /// [`Grid::agents`] and a running coordinator with `settings` (nodes not enrolled).
     pub fn with_coordinator(nodes: usize, settings: Settings) -> Grid {
         let mut grid = Grid::agents(nodes);
-        let mut c = Coordinator::new(&grid.path().join("coordinator"), &grid.pki, settings);
-        c.start();
-        grid.coordinator = Some(c);
+        grid.start_coordinator(settings);
         grid
+    }
+
+    /// Start a coordinator with `settings` (nodes not enrolled).
+    pub fn start_coordinator(&mut self, settings: Settings) {
+        assert!(self.coordinator.is_none(), "the grid has a coordinator already");
+        let mut c = Coordinator::new(&self.path().join("coordinator"), &self.pki, settings);
+        c.start();
+        self.coordinator = Some(c);
     }
 
     pub fn path(&self) -> &Path {

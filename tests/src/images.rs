@@ -1,6 +1,6 @@
-//! A signed directory image store with one tiny root file system, so a provision takes well under a second:
-//! packed with `gridforge-agent image pack` and read by every agent by path (the namespaces share the
-//! file system).
+//! Signed directory image stores, packed with `gridforge-agent image pack` and read by every agent by path
+//! (the namespaces share the file system): one tiny root file system, so a provision takes well under a
+//! second, or a real one from a rootfs tar.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +41,13 @@ impl ImageStore {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, text).unwrap();
         }
+        ImageStore::pack(dir, &rootfs, TINY_IMAGE, TINY_VERSION, PACK_TIMEOUT)
+    }
+
+    /// A store under `dir` holding `rootfs` (a directory or a tar) as image `name` version `version`, signed
+    /// with a key made for it; `limit` bounds the packing.
+    pub fn pack(dir: &Path, rootfs: &Path, name: &str, version: &str, limit: Duration) -> ImageStore {
+        std::fs::create_dir_all(dir).unwrap();
         let agent = bins::path(bins::AGENT);
         let key = dir.join("signing.key");
         run_ok(Command::new(&agent).args(["image", "keygen", "--out"]).arg(&key), PACK_TIMEOUT);
@@ -48,12 +55,12 @@ impl ImageStore {
         run_ok(
             Command::new(&agent)
                 .args(["image", "pack", "--rootfs"])
-                .arg(&rootfs)
-                .args(["--name", TINY_IMAGE, "--version", TINY_VERSION, "--store"])
+                .arg(rootfs)
+                .args(["--name", name, "--version", version, "--store"])
                 .arg(&store)
                 .arg("--key")
                 .arg(&key),
-            PACK_TIMEOUT,
+            limit,
         );
         ImageStore { dir: store, trusted_key: dir.join("signing.key.pub") }
     }

@@ -155,6 +155,15 @@ impl Libvirtd {
         }
     }
 
+    /// A command that runs `program` in the daemon's network namespace (where `gfbr0` and the guests' NICs
+    /// are). unshare execs the shell, which execs libvirtd: the child's pid is the daemon's.
+    pub fn netns_command(&self, program: &str) -> Command {
+        let pid = self.child.as_ref().expect("libvirtd is running").id();
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/proc/{pid}/ns/net")).arg(program);
+        command
+    }
+
     /// The daemon's stderr and the tail of its log.
     pub fn logs(&self) -> String {
         let stderr = std::fs::read_to_string(self.dir.join("libvirtd.stderr")).unwrap_or_default();
