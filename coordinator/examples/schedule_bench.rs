@@ -19,8 +19,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use gridforge_coordinator::scheduler::{
-    NodeInfo, NodeState, Placement, Request, Reservation, ReservationSink, Resources, Snapshot, Unschedulable,
-    Workload, filter, place, place_exhaustive, spawn_applier,
+    NodeInfo, NodeState, Placement, Request, Reservation, ReservationSink, Resources, Snapshot,
+    Unschedulable, Workload, filter, place, place_exhaustive, spawn_applier,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -52,16 +52,35 @@ fn weighted<T: Copy>(rng: &mut StdRng, items: &[(T, u32)]) -> T {
     unreachable!("roll below the total weight")
 }
 
+/// ((vCPUs, memory GiB, disk GiB), weight)
+type Shapes = &'static [((u32, u64, u64), u32)];
+const NODE_SHAPES: Shapes = &[
+    ((16, 48, 500), 30),
+    ((32, 96, 1000), 35),
+    ((48, 160, 1500), 15),
+    ((64, 256, 2000), 15),
+    ((96, 512, 4000), 5),
+];
+const VM_SHAPES: Shapes = &[
+    ((1, 1, 10), 20),
+    ((2, 4, 20), 30),
+    ((4, 8, 40), 25),
+    ((8, 16, 80), 15),
+    ((16, 32, 160), 7),
+    ((32, 128, 500), 3),
+];
+
+fn shape(rng: &mut StdRng, shapes: Shapes) -> Resources {
+    let (vcpus, memory, disk) = weighted(rng, shapes);
+    Resources { vcpus, memory_mib: memory * GIB, disk_mib: disk * GIB }
+}
+
 fn datacenter(rng: &mut StdRng) -> &'static str {
     weighted(rng, &[("dc1", 5), ("dc2", 3), ("dc3", 2)])
 }
 
 fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
-    // (vCPUs, memory GiB, pool disk GiB)
-    let (vcpus, memory, disk) = weighted(
-        rng,
-        &[((16, 48, 500), 30), ((32, 96, 1000), 35), ((48, 160, 1500), 15), ((64, 256, 2000), 15), ((96, 512, 4000), 5)],
-    );
+    let capacity = shape(rng, NODE_SHAPES);
     let kvm = rng.random_bool(0.7);
     let arch = if rng.random_bool(0.9) { "x86_64" } else { "aarch64" };
     let mut labels = BTreeMap::from([
@@ -84,7 +103,8 @@ fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
     if rng.random_bool(0.03) {
         licenses.insert("oracle-db".to_owned());
     }
-    let state = weighted(rng, &[(NodeState::Ready, 992), (NodeState::NotReady, 5), (NodeState::Unreachable, 3)]);
+    let state =
+        weighted(rng, &[(NodeState::Ready, 992), (NodeState::NotReady, 5), (NodeState::Unreachable, 3)]);
     NodeInfo {
         name: format!("node-{i:05}"),
         state,
@@ -93,7 +113,7 @@ fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
         labels,
         hypervisors: if kvm { vec!["kvm".into(), "qemu".into()] } else { vec!["qemu".into()] },
         arch: arch.to_owned(),
-        capacity: Resources { vcpus, memory_mib: memory * GIB, disk_mib: disk * GIB },
+        capacity,
         overcommit_cpu: if kvm { 4.0 } else { 2.0 },
         overcommit_memory: if rng.random_bool(0.2) { 1.25 } else { 1.0 },
         allocated: Resources::default(),
@@ -106,13 +126,9 @@ fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
 }
 
 fn grid_request(rng: &mut StdRng, i: usize) -> Request {
-    let (vcpus, memory, disk) = weighted(
-        rng,
-        &[((1, 1, 10), 20), ((2, 4, 20), 30), ((4, 8, 40), 25), ((8, 16, 80), 15), ((16, 32, 160), 7), ((32, 128, 500), 3)],
-    );
     let mut r = Request {
         vm: format!("vm-{i:06}"),
-        resources: Resources { vcpus, memory_mib: memory * GIB, disk_mib: disk * GIB },
+        resources: shape(rng, VM_SHAPES),
         image: IMAGES[rng.random_range(0..IMAGES.len() - 2)].to_owned(),
         ..Request::default()
     };
@@ -155,7 +171,9 @@ fn memory_left<'a>(nodes: impl Iterator<Item = &'a NodeInfo>, smallest: Resource
         let left = n.free();
         total += (n.capacity.memory_mib as f64 * n.overcommit_memory) as u64;
         free += left.memory_mib;
-        if left.vcpus < smallest.vcpus || left.memory_mib < smallest.memory_mib || left.disk_mib < smallest.disk_mib
+        if left.vcpus < smallest.vcpus
+            || left.memory_mib < smallest.memory_mib
+            || left.disk_mib < smallest.disk_mib
         {
             stranded += left.memory_mib;
         }
@@ -174,7 +192,13 @@ struct Run {
 }
 
 impl Run {
-    fn new<'a>(name: &'static str, started: Instant, outcomes: &[bool], nodes: impl Iterator<Item = &'a NodeInfo>, smallest: Resources) -> Run {
+    fn new<'a>(
+        name: &'static str,
+        started: Instant,
+        outcomes: &[bool],
+        nodes: impl Iterator<Item = &'a NodeInfo>,
+        smallest: Resources,
+    ) -> Run {
         let seconds = started.elapsed().as_secs_f64();
         let (stranded, free, total) = memory_left(nodes, smallest);
         Run {
@@ -188,7 +212,8 @@ impl Run {
     }
 
     fn print(&self, timed: bool) {
-        let rate = if timed { format!("{:.0}", self.decisions as f64 / self.seconds) } else { "-".to_owned() };
+        let rate =
+            if timed { format!("{:.0}", self.decisions as f64 / self.seconds) } else { "-".to_owned() };
         println!(
             "{:<32} {:>8.2} {:>12} {:>8} {:>14} {:>8.2}% {:>6.1}%",
             self.name,
@@ -363,7 +388,9 @@ fn first_fit_decreasing(nodes: &[NodeInfo], requests: &[Request], smallest: Reso
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     let started = Instant::now();
     let mut order: Vec<&Request> = requests.iter().collect();
-    order.sort_by_key(|r| std::cmp::Reverse((r.resources.memory_mib, r.resources.vcpus, r.resources.disk_mib)));
+    order.sort_by_key(|r| {
+        std::cmp::Reverse((r.resources.memory_mib, r.resources.vcpus, r.resources.disk_mib))
+    });
     let free = |n: &NodeInfo| if n.schedulable() { n.free().memory_mib } else { 0 };
     let mut tree = MaxTree::new(nodes.iter().map(free));
     let outcomes: Vec<bool> = order
@@ -394,7 +421,8 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(2024);
     let nodes: Vec<NodeInfo> = (0..node_count).map(|i| grid_node(&mut rng, i)).collect();
     let requests: Vec<Request> = (0..vm_count).map(|i| grid_request(&mut rng, i)).collect();
-    let smallest = requests.iter().map(|r| r.resources).min_by_key(|r| (r.memory_mib, r.vcpus, r.disk_mib)).unwrap();
+    let smallest =
+        requests.iter().map(|r| r.resources).min_by_key(|r| (r.memory_mib, r.vcpus, r.disk_mib)).unwrap();
     let (_, _, schedulable) = memory_left(nodes.iter(), smallest);
     let demand: u64 = requests.iter().map(|r| r.resources.memory_mib).sum();
     let kvm = nodes.iter().filter(|n| n.hypervisors.iter().any(|h| h == "kvm")).count();

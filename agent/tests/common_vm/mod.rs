@@ -146,7 +146,10 @@ impl EmulatorLock {
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         assert_eq!(rc, 0, "flock {EMULATOR_LOCK}: {}", std::io::Error::last_os_error());
         if start.elapsed() > Duration::from_secs(1) {
-            eprintln!("{who}: waited {:.0} s for another test's guest to finish", start.elapsed().as_secs_f64());
+            eprintln!(
+                "{who}: waited {:.0} s for another test's guest to finish",
+                start.elapsed().as_secs_f64()
+            );
         }
         Self { _file: file }
     }

@@ -109,7 +109,10 @@ impl ApplierHandle {
 
 /// Starts the applier on its own thread, owning `snapshot` and `sink`; the thread returns both when the last
 /// handle is dropped.
-pub fn spawn_applier<S: ReservationSink>(snapshot: Snapshot, sink: S) -> (ApplierHandle, JoinHandle<(Snapshot, S)>) {
+pub fn spawn_applier<S: ReservationSink>(
+    snapshot: Snapshot,
+    sink: S,
+) -> (ApplierHandle, JoinHandle<(Snapshot, S)>) {
     let (tx, rx) = channel();
     let thread = std::thread::Builder::new()
         .name("placement-applier".to_owned())
@@ -177,7 +180,11 @@ fn run<S: ReservationSink>(mut snapshot: Snapshot, sink: S, rx: Receiver<Command
 
 /// Makes each decided batch durable, then answers its requests; a batch that fails to commit goes back to
 /// the applier to be released.
-fn commit_loop<S: ReservationSink>(mut sink: S, decided: Receiver<Decided>, undo: Sender<Vec<Reservation>>) -> S {
+fn commit_loop<S: ReservationSink>(
+    mut sink: S,
+    decided: Receiver<Decided>,
+    undo: Sender<Vec<Reservation>>,
+) -> S {
     for Decided { batch, outcomes } in decided {
         let committed = if batch.is_empty() { Ok(()) } else { sink.commit(&batch) };
         let failed = committed.err().map(|e| Arc::new(e) as Arc<dyn std::error::Error + Send + Sync>);

@@ -97,7 +97,8 @@ pub fn place(s: &Snapshot, r: &Request) -> Result<Placement, Unschedulable> {
         return Ok(placement);
     }
     let explanation = explain(s, r);
-    let chosen = explanation.chosen.as_ref().and_then(|name| explanation.nodes.iter().find(|v| v.name == *name));
+    let chosen =
+        explanation.chosen.as_ref().and_then(|name| explanation.nodes.iter().find(|v| v.name == *name));
     match chosen.map(|v| (v.name.clone(), v.verdict.clone())) {
         Some((node, Ok(scores))) => Ok(Placement { node, score: scores.total, scores, considered: s.len() }),
         _ => Err(unschedulable(s, r, explanation)),
@@ -117,13 +118,17 @@ pub fn place_exhaustive(s: &Snapshot, r: &Request) -> Result<Placement, Unschedu
 pub fn explain(s: &Snapshot, r: &Request) -> Explanation {
     let mut nodes: Vec<&NodeInfo> = s.nodes().collect();
     nodes.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    let verdicts: Vec<(&NodeInfo, Result<(), Refusal>)> = nodes.into_iter().map(|n| (n, filter(n, r))).collect();
+    let verdicts: Vec<(&NodeInfo, Result<(), Refusal>)> =
+        nodes.into_iter().map(|n| (n, filter(n, r))).collect();
     let feasible: Vec<&NodeInfo> = verdicts.iter().filter(|(_, v)| v.is_ok()).map(|(n, _)| *n).collect();
     let min_spread = score::min_spread(r, &feasible);
     let chosen = score::best(r, &feasible).map(|(n, _)| n.name.clone());
     let nodes = verdicts
         .into_iter()
-        .map(|(n, v)| NodeVerdict { name: n.name.clone(), verdict: v.map(|()| score::score(n, r, min_spread)) })
+        .map(|(n, v)| NodeVerdict {
+            name: n.name.clone(),
+            verdict: v.map(|()| score::score(n, r, min_spread)),
+        })
         .collect();
     Explanation { chosen, nodes }
 }
@@ -133,7 +138,8 @@ fn placement(node: &NodeInfo, scores: Scores, considered: usize) -> Placement {
 }
 
 fn unschedulable(s: &Snapshot, r: &Request, explanation: Explanation) -> Unschedulable {
-    let reasons = explanation.nodes.into_iter().filter_map(|v| v.verdict.err().map(|why| (v.name, why))).collect();
+    let reasons =
+        explanation.nodes.into_iter().filter_map(|v| v.verdict.err().map(|why| (v.name, why))).collect();
     Unschedulable { nodes_total: s.len(), reasons, pinned: r.node.clone() }
 }
 
