@@ -193,6 +193,26 @@ fn spread_falls_back_to_the_least_populated_level_that_fits() {
 }
 
 #[test]
+fn spread_looks_past_a_long_run_of_unfit_nodes() {
+    // More member-free nodes than one walk reads fit in memory but have no disk left; past them is one that
+    // fits, and a tighter fit already holds a member.
+    let mut nodes: Vec<NodeInfo> = (0..VISITS_PER_CLASS + 8)
+        .map(|i| {
+            let mut n = node(&format!("full-{i:02}"), 2048);
+            n.allocated.disk_mib = n.capacity.disk_mib;
+            n
+        })
+        .collect();
+    let mut member = node("member", 1024);
+    member.groups.insert("web".into(), 1);
+    nodes.extend([member, node("roomy", 8192)]);
+    let s = Snapshot::new(nodes);
+    let r = Request { spread_group: Some("web".into()), ..request(1024) };
+    assert_eq!(chosen(&s, &r), "roomy");
+    assert_eq!(place_exhaustive(&s, &r).unwrap().node, "roomy");
+}
+
+#[test]
 fn overcommit_counts_against_scaled_capacity() {
     let mut n = node("n", 4096);
     n.capacity.vcpus = 4;
