@@ -169,13 +169,11 @@ fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
         for class in classes {
             let found = candidates.len();
             let fitting = class.fitting(r.resources.memory_mib).filter_map(|name| s.node(name));
-            let mut visits = 0;
-            for n in fitting.filter(|n| group.is_none_or(|g| n.group_count(g) == 0)) {
+            for (visits, n) in fitting.filter(|n| group.is_none_or(|g| n.group_count(g) == 0)).enumerate() {
                 if visits == VISITS_PER_CLASS {
                     walked_all = false;
                     break;
                 }
-                visits += 1;
                 if fits(n) {
                     candidates.push(n);
                     if candidates.len() - found == per_class {
