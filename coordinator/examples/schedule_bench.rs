@@ -229,9 +229,18 @@ impl Run {
     }
 }
 
+/// Seconds this thread has spent on a CPU (the first field of /proc/thread-self/schedstat, in ns): on a
+/// shared machine, the rate per on-CPU second says what a core would do alone.
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    stat.split_whitespace().next().and_then(|ns| ns.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1e9
+}
+
 /// What a sequential run spent where.
 #[derive(Default)]
 struct Effort {
+    /// On-CPU seconds of the deciding thread.
+    cpu: f64,
     /// Nodes filtered, over all placements.
     considered: usize,
     /// Placements found only by the scan of every node.
@@ -250,6 +259,7 @@ fn sequential(
 ) -> (Run, Effort) {
     let mut s = Snapshot::new(nodes.to_vec());
     let mut effort = Effort::default();
+    let cpu_before = thread_cpu_seconds();
     let started = Instant::now();
     let outcomes: Vec<bool> = requests
         .iter()
@@ -269,6 +279,7 @@ fn sequential(
             }
         })
         .collect();
+    effort.cpu = thread_cpu_seconds() - cpu_before;
     (Run::new(name, started, &outcomes, s.nodes(), smallest), effort)
 }
 
@@ -449,8 +460,10 @@ fn main() {
         assert_eq!(d.stored, placed as u64, "every durable placement is in the store");
         assert_eq!(d.run.unschedulable, indexed.unschedulable, "the applier decides as place does");
         println!(
-            "  indexed: {:.1} nodes filtered per placement, {} placements by full scan; {:.2} s of {:.2} s on the \
-             {} unschedulable (full scan + per-node reasons)",
+            "  indexed: {:.0} decisions per on-CPU second ({:.2} s on CPU); {:.1} nodes filtered per placement, {} \
+             placements by full scan; {:.2} s of {:.2} s on the {} unschedulable (full scan + per-node reasons)",
+            indexed.decisions as f64 / effort.cpu,
+            effort.cpu,
             effort.considered as f64 / (indexed.decisions - indexed.unschedulable) as f64,
             effort.full_scans,
             effort.refusing,
