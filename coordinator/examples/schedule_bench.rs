@@ -1,14 +1,16 @@
 //! `bench/schedule`: placement speed and packing quality on a synthetic grid.
 //!
-//! Usage: schedule_bench DIR [NODES [VMS]]   (defaults 10000 and 100000; the redb file goes in DIR)
+//! Usage: schedule_bench DIR [NODES [VMS [ROUNDS]]]   (defaults 10000, 100000, 3; the redb file goes in DIR)
+//!
+//! Runs 1 and 2 repeat ROUNDS times (the machine is shared: compare within a run); 3 and 4 run once, last.
 //!
 //! One seeded grid of heterogeneous nodes and one seeded list of mixed VM requests, placed one by one:
 //! 1. through `place` + `Snapshot::reserve` (decisions/s);
 //! 2. through the group-commit applier with every batch written to redb in one durable transaction, with a
 //!    window of requests in flight as concurrent API calls would be (durable placements/s, answer latency);
-//! 3. through `place_exhaustive` (the same scores over every node: the quality a full scan would reach);
-//! 4. offline first-fit decreasing: all requests sorted by memory, largest first, each on the first node in
-//!    name order that passes the same filters (a packing bound that knows the future, ignoring soft scores).
+//! 3. offline first-fit decreasing: all requests sorted by memory, largest first, each on the first node in
+//!    name order that passes the same filters (a packing bound that knows the future, ignoring soft scores);
+//! 4. through `place_exhaustive` (the same scores over every node: the quality a full scan would reach).
 //!
 //! Quality: memory stranded = free memory on schedulable nodes that can no longer fit the smallest request
 //! (vCPUs, memory or disk short), as a share of all schedulable memory; and how many requests found no node.
@@ -52,22 +54,35 @@ fn weighted<T: Copy>(rng: &mut StdRng, items: &[(T, u32)]) -> T {
     unreachable!("roll below the total weight")
 }
 
+/// ((vCPUs, memory GiB, disk GiB), weight)
+type Shapes = &'static [((u32, u64, u64), u32)];
+const NODE_SHAPES: Shapes = &[
+    ((16, 48, 500), 30),
+    ((32, 96, 1000), 35),
+    ((48, 160, 1500), 15),
+    ((64, 256, 2000), 15),
+    ((96, 512, 4000), 5),
+];
+const VM_SHAPES: Shapes = &[
+    ((1, 1, 10), 20),
+    ((2, 4, 20), 30),
+    ((4, 8, 40), 25),
+    ((8, 16, 80), 15),
+    ((16, 32, 160), 7),
+    ((32, 128, 500), 3),
+];
+
+fn shape(rng: &mut StdRng, shapes: Shapes) -> Resources {
+    let (vcpus, memory, disk) = weighted(rng, shapes);
+    Resources { vcpus, memory_mib: memory * GIB, disk_mib: disk * GIB }
+}
+
 fn datacenter(rng: &mut StdRng) -> &'static str {
     weighted(rng, &[("dc1", 5), ("dc2", 3), ("dc3", 2)])
 }
 
 fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
-    // (vCPUs, memory GiB, pool disk GiB)
-    let (vcpus, memory, disk) = weighted(
-        rng,
-        &[
-            ((16, 48, 500), 30),
-            ((32, 96, 1000), 35),
-            ((48, 160, 1500), 15),
-            ((64, 256, 2000), 15),
-            ((96, 512, 4000), 5),
-        ],
-    );
+    let capacity = shape(rng, NODE_SHAPES);
     let kvm = rng.random_bool(0.7);
     let arch = if rng.random_bool(0.9) { "x86_64" } else { "aarch64" };
     let mut labels = BTreeMap::from([
@@ -100,7 +115,7 @@ fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
         labels,
         hypervisors: if kvm { vec!["kvm".into(), "qemu".into()] } else { vec!["qemu".into()] },
         arch: arch.to_owned(),
-        capacity: Resources { vcpus, memory_mib: memory * GIB, disk_mib: disk * GIB },
+        capacity,
         overcommit_cpu: if kvm { 4.0 } else { 2.0 },
         overcommit_memory: if rng.random_bool(0.2) { 1.25 } else { 1.0 },
         allocated: Resources::default(),
@@ -113,20 +128,9 @@ fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
 }
 
 fn grid_request(rng: &mut StdRng, i: usize) -> Request {
-    let (vcpus, memory, disk) = weighted(
-        rng,
-        &[
-            ((1, 1, 10), 20),
-            ((2, 4, 20), 30),
-            ((4, 8, 40), 25),
-            ((8, 16, 80), 15),
-            ((16, 32, 160), 7),
-            ((32, 128, 500), 3),
-        ],
-    );
     let mut r = Request {
         vm: format!("vm-{i:06}"),
-        resources: Resources { vcpus, memory_mib: memory * GIB, disk_mib: disk * GIB },
+        resources: shape(rng, VM_SHAPES),
         image: IMAGES[rng.random_range(0..IMAGES.len() - 2)].to_owned(),
         ..Request::default()
     };
@@ -225,6 +229,26 @@ impl Run {
     }
 }
 
+/// Seconds this thread has spent on a CPU (the first field of /proc/thread-self/schedstat, in ns): on a
+/// shared machine, the rate per on-CPU second says what a core would do alone.
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    stat.split_whitespace().next().and_then(|ns| ns.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1e9
+}
+
+/// What a sequential run spent where.
+#[derive(Default)]
+struct Effort {
+    /// On-CPU seconds of the deciding thread.
+    cpu: f64,
+    /// Nodes filtered, over all placements.
+    considered: usize,
+    /// Placements found only by the scan of every node.
+    full_scans: usize,
+    /// Seconds spent on the requests that found no node (each a full scan plus the per-node reasons).
+    refusing: f64,
+}
+
 /// Places every request in order with `decide`, reserving each placement.
 fn sequential(
     name: &'static str,
@@ -232,22 +256,31 @@ fn sequential(
     requests: &[Request],
     smallest: Resources,
     decide: fn(&Snapshot, &Request) -> Result<Placement, Unschedulable>,
-) -> (Run, usize) {
+) -> (Run, Effort) {
     let mut s = Snapshot::new(nodes.to_vec());
+    let mut effort = Effort::default();
+    let cpu_before = thread_cpu_seconds();
     let started = Instant::now();
-    let mut considered = 0;
     let outcomes: Vec<bool> = requests
         .iter()
-        .map(|r| match decide(&s, r) {
-            Ok(p) => {
-                s.reserve(&p.node, r);
-                considered += p.considered;
-                true
+        .map(|r| {
+            let asked = Instant::now();
+            match decide(&s, r) {
+                Ok(p) => {
+                    s.reserve(&p.node, r);
+                    effort.considered += p.considered;
+                    effort.full_scans += usize::from(p.considered == s.len());
+                    true
+                }
+                Err(_) => {
+                    effort.refusing += asked.elapsed().as_secs_f64();
+                    false
+                }
             }
-            Err(_) => false,
         })
         .collect();
-    (Run::new(name, started, &outcomes, s.nodes(), smallest), considered)
+    effort.cpu = thread_cpu_seconds() - cpu_before;
+    (Run::new(name, started, &outcomes, s.nodes(), smallest), effort)
 }
 
 const RESERVATIONS: TableDefinition<&str, (&str, u32, u64, u64)> = TableDefinition::new("reservations");
@@ -256,12 +289,15 @@ const RESERVATIONS: TableDefinition<&str, (&str, u32, u64, u64)> = TableDefiniti
 struct RedbSink {
     db: Database,
     commits: usize,
+    /// Seconds inside `commit`.
+    busy: f64,
 }
 
 impl ReservationSink for RedbSink {
     type Error = redb::Error;
 
     fn commit(&mut self, batch: &[Reservation]) -> Result<(), redb::Error> {
+        let started = Instant::now();
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(RESERVATIONS)?;
@@ -272,6 +308,7 @@ impl ReservationSink for RedbSink {
         }
         txn.commit()?;
         self.commits += 1;
+        self.busy += started.elapsed().as_secs_f64();
         Ok(())
     }
 }
@@ -279,6 +316,7 @@ impl ReservationSink for RedbSink {
 struct Durable {
     run: Run,
     commits: usize,
+    committing: f64,
     stored: u64,
     p50: Duration,
     p99: Duration,
@@ -287,19 +325,17 @@ struct Durable {
 fn durable(path: &Path, nodes: &[NodeInfo], requests: &[Request], smallest: Resources) -> Durable {
     let _ = std::fs::remove_file(path);
     let db = Database::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    let (snapshot, requests) = (Snapshot::new(nodes.to_vec()), requests.to_vec());
     let started = Instant::now();
-    let (handle, applier) = spawn_applier(Snapshot::new(nodes.to_vec()), RedbSink { db, commits: 0 });
+    let (handle, applier) = spawn_applier(snapshot, RedbSink { db, commits: 0, busy: 0.0 });
     let (done_tx, done) = mpsc::channel::<(bool, Duration)>();
     let mut answers = Vec::with_capacity(requests.len());
-    for (i, r) in requests.iter().enumerate() {
+    for (i, r) in requests.into_iter().enumerate() {
         if i >= WINDOW {
             answers.push(done.recv().expect("an answer"));
         }
         let (done_tx, submitted) = (done_tx.clone(), Instant::now());
-        handle.place(
-            r.clone(),
-            Box::new(move |outcome| _ = done_tx.send((outcome.is_ok(), submitted.elapsed()))),
-        );
+        handle.place(r, Box::new(move |outcome| _ = done_tx.send((outcome.is_ok(), submitted.elapsed()))));
     }
     drop((handle, done_tx));
     answers.extend(done.iter());
@@ -312,7 +348,7 @@ fn durable(path: &Path, nodes: &[NodeInfo], requests: &[Request], smallest: Reso
     let table = read.open_table(RESERVATIONS).expect("the reservations table");
     let stored = table.iter().expect("reading reservations").count() as u64;
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
-    Durable { run, commits: sink.commits, stored, p50: at(0.5), p99: at(0.99) }
+    Durable { run, commits: sink.commits, committing: sink.busy, stored, p50: at(0.5), p99: at(0.99) }
 }
 
 /// Maximum free memory over ranges of nodes, to find the first node with enough in O(log n).
@@ -390,9 +426,11 @@ fn first_fit_decreasing(nodes: &[NodeInfo], requests: &[Request], smallest: Reso
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(args.next().expect("usage: schedule_bench DIR [NODES [VMS]]"));
+    let dir = PathBuf::from(args.next().expect("usage: schedule_bench DIR [NODES [VMS [ROUNDS]]]"));
     let node_count: usize = args.next().map_or(10_000, |a| a.parse().expect("NODES: a number"));
     let vm_count: usize = args.next().map_or(100_000, |a| a.parse().expect("VMS: a number"));
+    let rounds: usize = args.next().map_or(3, |a| a.parse().expect("ROUNDS: a number"));
+    let mut fastest = f64::INFINITY;
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
 
     let mut rng = StdRng::seed_from_u64(2024);
@@ -413,29 +451,38 @@ fn main() {
         "{:<32} {:>8} {:>12} {:>8} {:>14} {:>9} {:>7}",
         "placement", "seconds", "decisions/s", "placed", "unschedulable", "stranded", "free"
     );
-    let (indexed, considered) = sequential("indexed (place + reserve)", &nodes, &requests, smallest, place);
-    indexed.print(true);
-    let d = durable(&dir.join("reservations.redb"), &nodes, &requests, smallest);
-    d.run.print(true);
+    for _ in 0..rounds {
+        let (indexed, effort) = sequential("indexed (place + reserve)", &nodes, &requests, smallest, place);
+        indexed.print(true);
+        let d = durable(&dir.join("reservations.redb"), &nodes, &requests, smallest);
+        d.run.print(true);
+        let placed = d.run.decisions - d.run.unschedulable;
+        assert_eq!(d.stored, placed as u64, "every durable placement is in the store");
+        assert_eq!(d.run.unschedulable, indexed.unschedulable, "the applier decides as place does");
+        println!(
+            "  indexed: {:.0} decisions per on-CPU second ({:.2} s on CPU); {:.1} nodes filtered per placement, {} \
+             placements by full scan; {:.2} s of {:.2} s on the {} unschedulable (full scan + per-node reasons)",
+            indexed.decisions as f64 / effort.cpu,
+            effort.cpu,
+            effort.considered as f64 / (indexed.decisions - indexed.unschedulable) as f64,
+            effort.full_scans,
+            effort.refusing,
+            indexed.seconds,
+            indexed.unschedulable,
+        );
+        println!(
+            "  durable: {placed} reservations in {} redb commits ({:.0} per commit, {:.2} s committing, \
+             overlapped with deciding; {WINDOW} requests in flight); answered after commit p50 {:.1} ms, p99 {:.1} ms",
+            d.commits,
+            placed as f64 / d.commits as f64,
+            d.committing,
+            d.p50.as_secs_f64() * 1e3,
+            d.p99.as_secs_f64() * 1e3
+        );
+        fastest = fastest.min(indexed.seconds);
+    }
+    first_fit_decreasing(&nodes, &requests, smallest).print(false);
     let (full, _) = sequential("full scan (place_exhaustive)", &nodes, &requests, smallest, place_exhaustive);
     full.print(true);
-    let ffd = first_fit_decreasing(&nodes, &requests, smallest);
-    ffd.print(false);
-
-    let placed = d.run.decisions - d.run.unschedulable;
-    assert_eq!(d.stored, placed as u64, "every durable placement is in the store");
-    assert_eq!(d.run.unschedulable, indexed.unschedulable, "the applier decides as place does");
-    println!(
-        "indexed: {:.1} nodes filtered per placement; {:.1}x the full scan's decisions/s",
-        considered as f64 / (indexed.decisions - indexed.unschedulable) as f64,
-        full.seconds / indexed.seconds
-    );
-    println!(
-        "durable: {placed} reservations in {} redb commits ({:.0} per commit, {WINDOW} requests in flight); \
-         answered after commit p50 {:.1} ms, p99 {:.1} ms",
-        d.commits,
-        placed as f64 / d.commits as f64,
-        d.p50.as_secs_f64() * 1e3,
-        d.p99.as_secs_f64() * 1e3
-    );
+    println!("indexed (fastest round) vs full scan: {:.1}x the decisions/s", full.seconds / fastest);
 }

@@ -2,14 +2,17 @@
 //! simpler: with one applier deciding against its own snapshot there is nothing to re-validate).
 //!
 //! Requests arrive on a channel. The applier takes everything pending (up to [`MAX_BATCH`]), decides each
-//! request in arrival order against the snapshot, reserving as it goes so two requests in one batch never
-//! overcommit a node, writes the batch's reservations through a [`ReservationSink`] in one durable
-//! transaction, and only then answers each request. If the commit fails, the batch's reservations are
-//! released again and every request in it gets the error. Node updates and releases sent on the same handle
-//! apply in order with the placements.
+//! request in arrival order against the snapshot, reserving as it goes so two requests never overcommit a
+//! node, and hands the batch to a commit thread, which writes its reservations through a [`ReservationSink`]
+//! in one durable transaction and only then answers each request. While one batch commits the next is
+//! decided against the snapshot that already holds the first one's reservations (as Nomad's plan applier
+//! overlaps a plan's evaluation with the previous plan's Raft commit); the third waits, so batches grow when
+//! the store is slow. If a commit fails, every request of the batch gets the error and its reservations are
+//! released from the snapshot before the next decision; decisions made meanwhile only saw less free room.
+//! Node updates and releases sent on the same handle apply in order with the placements.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
 use std::thread::JoinHandle;
 
 use super::model::{NodeInfo, Request, Resources};
@@ -106,7 +109,10 @@ impl ApplierHandle {
 
 /// Starts the applier on its own thread, owning `snapshot` and `sink`; the thread returns both when the last
 /// handle is dropped.
-pub fn spawn_applier<S: ReservationSink>(snapshot: Snapshot, sink: S) -> (ApplierHandle, JoinHandle<(Snapshot, S)>) {
+pub fn spawn_applier<S: ReservationSink>(
+    snapshot: Snapshot,
+    sink: S,
+) -> (ApplierHandle, JoinHandle<(Snapshot, S)>) {
     let (tx, rx) = channel();
     let thread = std::thread::Builder::new()
         .name("placement-applier".to_owned())
@@ -115,21 +121,41 @@ pub fn spawn_applier<S: ReservationSink>(snapshot: Snapshot, sink: S) -> (Applie
     (ApplierHandle { tx }, thread)
 }
 
-fn run<S: ReservationSink>(mut snapshot: Snapshot, mut sink: S, rx: Receiver<Command>) -> (Snapshot, S) {
-    let mut batch: Vec<Reservation> = Vec::new();
-    let mut outcomes: Vec<(Reply, Result<Placement, Unschedulable>)> = Vec::new();
+/// A decided batch on its way to the store, with the answers to give once it is durable.
+struct Decided {
+    batch: Vec<Reservation>,
+    outcomes: Vec<(Reply, Result<Placement, Unschedulable>)>,
+}
+
+fn run<S: ReservationSink>(mut snapshot: Snapshot, sink: S, rx: Receiver<Command>) -> (Snapshot, S) {
+    // One batch commits while the next is decided; a third waits (backpressure: the batch being decided grows).
+    let (decided_tx, decided_rx) = sync_channel::<Decided>(0);
+    let (undo_tx, undo_rx) = channel::<Vec<Reservation>>();
+    let committer = std::thread::Builder::new()
+        .name("placement-commit".to_owned())
+        .spawn(move || commit_loop(sink, decided_rx, undo_tx))
+        .expect("spawning the placement commit thread");
+    let undo = |snapshot: &mut Snapshot, failed: Vec<Reservation>| {
+        for r in failed {
+            snapshot.release(&r.node, &r.resources, r.spread_group.as_deref());
+        }
+    };
     while let Ok(first) = rx.recv() {
+        let mut decided = Decided { batch: Vec::new(), outcomes: Vec::new() };
         let mut next = Some(first);
         while let Some(command) = next.take() {
+            while let Ok(failed) = undo_rx.try_recv() {
+                undo(&mut snapshot, failed);
+            }
             match command {
                 Command::Place(r, reply) => {
                     let outcome = place(&snapshot, &r);
                     if let Ok(p) = &outcome {
                         snapshot.reserve(&p.node, &r);
                         let (vm, node, spread_group) = (r.vm, p.node.clone(), r.spread_group);
-                        batch.push(Reservation { vm, node, resources: r.resources, spread_group });
+                        decided.batch.push(Reservation { vm, node, resources: r.resources, spread_group });
                     }
-                    outcomes.push((reply, outcome));
+                    decided.outcomes.push((reply, outcome));
                 }
                 Command::Upsert(n) => snapshot.upsert_node(n),
                 Command::Remove(name) => snapshot.remove_node(&name),
@@ -138,25 +164,40 @@ fn run<S: ReservationSink>(mut snapshot: Snapshot, mut sink: S, rx: Receiver<Com
                 }
                 Command::Inspect(f) => f(&snapshot),
             }
-            if outcomes.len() < MAX_BATCH {
+            if decided.outcomes.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
+        if decided_tx.send(decided).is_err() {
+            break;
+        }
+    }
+    drop(decided_tx);
+    let sink = committer.join().expect("the placement commit thread");
+    undo_rx.try_iter().for_each(|failed| undo(&mut snapshot, failed));
+    (snapshot, sink)
+}
+
+/// Makes each decided batch durable, then answers its requests; a batch that fails to commit goes back to
+/// the applier to be released.
+fn commit_loop<S: ReservationSink>(
+    mut sink: S,
+    decided: Receiver<Decided>,
+    undo: Sender<Vec<Reservation>>,
+) -> S {
+    for Decided { batch, outcomes } in decided {
         let committed = if batch.is_empty() { Ok(()) } else { sink.commit(&batch) };
         let failed = committed.err().map(|e| Arc::new(e) as Arc<dyn std::error::Error + Send + Sync>);
         if failed.is_some() {
-            for undo in &batch {
-                snapshot.release(&undo.node, &undo.resources, undo.spread_group.as_deref());
-            }
+            let _ = undo.send(batch);
         }
-        for (reply, outcome) in outcomes.drain(..) {
+        for (reply, outcome) in outcomes {
             reply(match (outcome, &failed) {
                 (Err(u), _) => Err(ApplyError::Unschedulable(u)),
                 (Ok(_), Some(e)) => Err(ApplyError::Store(e.clone())),
                 (Ok(p), None) => Ok(p),
             });
         }
-        batch.clear();
     }
-    (snapshot, sink)
+    sink
 }

@@ -63,19 +63,25 @@ fn refusal(failed: Failed, node: &NodeInfo, r: &Request) -> Refusal {
         Failed::Unreachable => Refusal::Unreachable,
         Failed::Cordoned => Refusal::Cordoned,
         Failed::Excluded => Refusal::Excluded,
-        Failed::Datacenter => Refusal::Datacenter { want: want(&r.datacenter), have: node.datacenter.clone() },
+        Failed::Datacenter => {
+            Refusal::Datacenter { want: want(&r.datacenter), have: node.datacenter.clone() }
+        }
         Failed::NotPinned => Refusal::NotPinned { want: want(&r.node) },
         Failed::Selector => {
             static NONE: String = String::new();
             let (key, value) = unmatched_label(node, r).unwrap_or((&NONE, &NONE));
             Refusal::Selector { key: key.clone(), want: value.clone(), have: node.labels.get(key).cloned() }
         }
-        Failed::Hypervisor => Refusal::Hypervisor { want: want(&r.hypervisor), have: node.hypervisors.clone() },
+        Failed::Hypervisor => {
+            Refusal::Hypervisor { want: want(&r.hypervisor), have: node.hypervisors.clone() }
+        }
         Failed::Arch => Refusal::Arch { want: want(&r.arch), have: node.arch.clone() },
         Failed::Cpu => Refusal::Cpu { need: need.vcpus, free: free.vcpus },
         Failed::Memory => Refusal::Memory { need: need.memory_mib, free: free.memory_mib },
         Failed::Disk => Refusal::Disk { need: need.disk_mib, free: free.disk_mib },
         Failed::Image => Refusal::Image { image: r.image.clone() },
-        Failed::Licenses => Refusal::Licenses { missing: r.licenses.difference(&node.licenses).cloned().collect() },
+        Failed::Licenses => {
+            Refusal::Licenses { missing: r.licenses.difference(&node.licenses).cloned().collect() }
+        }
     }
 }

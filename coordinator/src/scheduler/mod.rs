@@ -1,7 +1,7 @@
 //! Placement: which node takes a VM. A pure function of a [`Snapshot`] of the grid view and a [`Request`]:
 //! filters ([`filter()`]) decide which nodes can take it, scores ([`score`]) which of those is best.
 //!
-//! [`place`] never scans the whole grid when it succeeds. It reads the snapshot's index:
+//! [`place`] reads the snapshot's index and scans the whole grid only when the index finds nothing:
 //! - a pinned node is checked alone;
 //! - a request whose rarest selector pair or license is on few nodes reads exactly those nodes, so the choice
 //!   among them is exact. "Few" is m nodes out of n schedulable with m² ≤ [`CANDIDATES`] · n: a walk would
@@ -10,14 +10,15 @@
 //!   read in ascending free memory from the request's memory upward, and the first that pass every filter
 //!   are scored: [`CANDIDATES`] in all, shared among the classes, at least the best fit of each (so a
 //!   workload's preferred hypervisor kind is always among them). A class none of whose nodes reaches the
-//!   image, has a license or carries a selector label is skipped whole; otherwise a class is left after [`VISITS_PER_CLASS`]
-//!   nodes that fit in memory but fail another filter. Best fit on memory is thereby exact among the nodes
+//!   image, has a license or carries a selector label is skipped whole; otherwise a class is left after
+//!   [`VISITS_PER_CLASS`] nodes that fit in memory but fail another filter. Best fit on memory is thereby exact among the nodes
 //!   that pass the other filters early in their class; the cost is in that and in the other scores:
 //!   a node with more free memory that holds the image in cache, or is less loaded, is not seen when enough
 //!   tighter fits exist (`bench/schedule` measures what that costs in packing).
 //! - With a spread group, the walk skips nodes that already hold members of the group; if no member-free
-//!   node fits, the group's member index is read level by level (fewest members first) and the first level
-//!   with a feasible node is scored in full. Spread is thus exact, at a cost of O(members of the group).
+//!   node fits (every admitted class read to its end), the group's member index is read level by level
+//!   (fewest members first) and the first level with a feasible node is scored in full. Spread is thus
+//!   exact, at a cost of O(members of the group).
 //!
 //! When the walk yields no feasible node, the nodes with the request's rarest selector pair or license are
 //! read in full; when that yields none either, `place` falls back to [`explain`]'s scan of every node (O(n)),
@@ -97,7 +98,8 @@ pub fn place(s: &Snapshot, r: &Request) -> Result<Placement, Unschedulable> {
         return Ok(placement);
     }
     let explanation = explain(s, r);
-    let chosen = explanation.chosen.as_ref().and_then(|name| explanation.nodes.iter().find(|v| v.name == *name));
+    let chosen =
+        explanation.chosen.as_ref().and_then(|name| explanation.nodes.iter().find(|v| v.name == *name));
     match chosen.map(|v| (v.name.clone(), v.verdict.clone())) {
         Some((node, Ok(scores))) => Ok(Placement { node, score: scores.total, scores, considered: s.len() }),
         _ => Err(unschedulable(s, r, explanation)),
@@ -117,13 +119,17 @@ pub fn place_exhaustive(s: &Snapshot, r: &Request) -> Result<Placement, Unschedu
 pub fn explain(s: &Snapshot, r: &Request) -> Explanation {
     let mut nodes: Vec<&NodeInfo> = s.nodes().collect();
     nodes.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    let verdicts: Vec<(&NodeInfo, Result<(), Refusal>)> = nodes.into_iter().map(|n| (n, filter(n, r))).collect();
+    let verdicts: Vec<(&NodeInfo, Result<(), Refusal>)> =
+        nodes.into_iter().map(|n| (n, filter(n, r))).collect();
     let feasible: Vec<&NodeInfo> = verdicts.iter().filter(|(_, v)| v.is_ok()).map(|(n, _)| *n).collect();
     let min_spread = score::min_spread(r, &feasible);
     let chosen = score::best(r, &feasible).map(|(n, _)| n.name.clone());
     let nodes = verdicts
         .into_iter()
-        .map(|(n, v)| NodeVerdict { name: n.name.clone(), verdict: v.map(|()| score::score(n, r, min_spread)) })
+        .map(|(n, v)| NodeVerdict {
+            name: n.name.clone(),
+            verdict: v.map(|()| score::score(n, r, min_spread)),
+        })
         .collect();
     Explanation { chosen, nodes }
 }
@@ -133,7 +139,8 @@ fn placement(node: &NodeInfo, scores: Scores, considered: usize) -> Placement {
 }
 
 fn unschedulable(s: &Snapshot, r: &Request, explanation: Explanation) -> Unschedulable {
-    let reasons = explanation.nodes.into_iter().filter_map(|v| v.verdict.err().map(|why| (v.name, why))).collect();
+    let reasons =
+        explanation.nodes.into_iter().filter_map(|v| v.verdict.err().map(|why| (v.name, why))).collect();
     Unschedulable { nodes_total: s.len(), reasons, pinned: r.node.clone() }
 }
 
@@ -157,10 +164,16 @@ fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
         let group = r.spread_group.as_deref();
         let classes: Vec<_> = s.classes().iter().filter(|c| c.admits(r) && !c.is_empty()).collect();
         let per_class = CANDIDATES.div_ceil(classes.len().max(1));
+        // Whether every admitted class was read to its end: then no member-free node fits anywhere.
+        let mut walked_all = true;
         for class in classes {
             let found = candidates.len();
             let fitting = class.fitting(r.resources.memory_mib).filter_map(|name| s.node(name));
-            for n in fitting.filter(|n| group.is_none_or(|g| n.group_count(g) == 0)).take(VISITS_PER_CLASS) {
+            for (visits, n) in fitting.filter(|n| group.is_none_or(|g| n.group_count(g) == 0)).enumerate() {
+                if visits == VISITS_PER_CLASS {
+                    walked_all = false;
+                    break;
+                }
                 if fits(n) {
                     candidates.push(n);
                     if candidates.len() - found == per_class {
@@ -171,6 +184,7 @@ fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
         }
         if let Some(group) = group
             && candidates.is_empty()
+            && walked_all
         {
             for level in s.group_levels(group) {
                 candidates = scan(level, &mut fits);

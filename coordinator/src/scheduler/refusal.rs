@@ -3,8 +3,8 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 use serde::Serialize;
+use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
 /// The first filter a node fails, in the order the filters run (see [`super::filter`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,7 +62,9 @@ impl Refusal {
             Refusal::Selector { key, want, .. } => (format!("without label {key}={want}"), None),
             Refusal::Hypervisor { want, .. } => (format!("without a {want} hypervisor"), None),
             Refusal::Arch { want, .. } => (format!("not {want}"), None),
-            Refusal::Cpu { need, free } => (format!("insufficient vCPUs (need {need}"), Some(u64::from(*free))),
+            Refusal::Cpu { need, free } => {
+                (format!("insufficient vCPUs (need {need}"), Some(u64::from(*free)))
+            }
             Refusal::Memory { need, free } => (format!("insufficient memory (need {need} MiB"), Some(*free)),
             Refusal::Disk { need, free } => (format!("insufficient disk (need {need} MiB"), Some(*free)),
             Refusal::NotPinned { .. } => ("not the requested node".to_owned(), None),
@@ -107,7 +109,7 @@ impl fmt::Display for Unschedulable {
                 None => tallies.push((line, 1, free)),
             }
         }
-        tallies.sort_by(|a, b| b.1.cmp(&a.1));
+        tallies.sort_by_key(|t| std::cmp::Reverse(t.1));
         let plural = if self.nodes_total == 1 { "" } else { "s" };
         write!(f, "{} node{plural}: ", self.nodes_total)?;
         for (i, (line, count, max_free)) in tallies.iter().enumerate() {

@@ -112,7 +112,9 @@ impl Class {
             && r.hypervisor.as_ref().is_none_or(|kind| self.hypervisors.contains(kind))
             && (r.image.is_empty() || self.images.has(&r.image))
             && r.licenses.iter().all(|license| self.licenses.has(license))
-            && r.selector.iter().all(|(key, value)| self.labels.get(key).is_some_and(|values| values.has(value)))
+            && r.selector
+                .iter()
+                .all(|(key, value)| self.labels.get(key).is_some_and(|values| values.has(value)))
     }
 
     pub(super) fn is_empty(&self) -> bool {

@@ -193,6 +193,26 @@ fn spread_falls_back_to_the_least_populated_level_that_fits() {
 }
 
 #[test]
+fn spread_looks_past_a_long_run_of_unfit_nodes() {
+    // More member-free nodes than one walk reads fit in memory but have no disk left; past them is one that
+    // fits, and a tighter fit already holds a member.
+    let mut nodes: Vec<NodeInfo> = (0..VISITS_PER_CLASS + 8)
+        .map(|i| {
+            let mut n = node(&format!("full-{i:02}"), 2048);
+            n.allocated.disk_mib = n.capacity.disk_mib;
+            n
+        })
+        .collect();
+    let mut member = node("member", 1024);
+    member.groups.insert("web".into(), 1);
+    nodes.extend([member, node("roomy", 8192)]);
+    let s = Snapshot::new(nodes);
+    let r = Request { spread_group: Some("web".into()), ..request(1024) };
+    assert_eq!(chosen(&s, &r), "roomy");
+    assert_eq!(place_exhaustive(&s, &r).unwrap().node, "roomy");
+}
+
+#[test]
 fn overcommit_counts_against_scaled_capacity() {
     let mut n = node("n", 4096);
     n.capacity.vcpus = 4;
@@ -290,8 +310,9 @@ fn random_node(rng: &mut StdRng, name: String) -> NodeInfo {
     n.capacity.vcpus = rng.random_range(1..=16);
     n.overcommit_cpu = [1.0, 2.0, 4.0][rng.random_range(0..3)];
     n.overcommit_memory = [1.0, 1.25][rng.random_range(0..2)];
-    n.state = [NodeState::Ready, NodeState::Ready, NodeState::Ready, NodeState::NotReady, NodeState::Unreachable]
-        [rng.random_range(0..5)];
+    n.state =
+        [NodeState::Ready, NodeState::Ready, NodeState::Ready, NodeState::NotReady, NodeState::Unreachable]
+            [rng.random_range(0..5)];
     n.cordoned = rng.random_bool(0.1);
     if rng.random_bool(0.5) {
         n.labels.insert("disk".into(), if rng.random_bool(0.5) { "ssd" } else { "hdd" }.into());
@@ -384,7 +405,10 @@ fn index_agrees_with_a_full_scan_through_changes() {
                 if let (Ok(p), Ok(best)) = (&fast, &full) {
                     // Spread is exact: the choice has no more members than the full scan's.
                     if let Some(g) = &r.spread_group {
-                        assert_eq!(s.node(&p.node).unwrap().group_count(g), s.node(&best.node).unwrap().group_count(g));
+                        assert_eq!(
+                            s.node(&p.node).unwrap().group_count(g),
+                            s.node(&best.node).unwrap().group_count(g)
+                        );
                     }
                 }
                 match fast {
@@ -418,7 +442,10 @@ fn explanation_serializes_verdicts_and_scores() {
     assert_eq!(json["nodes"][0]["scores"]["fit"], 0.5);
     assert_eq!(json["nodes"][1]["reason"], "cordoned");
     assert_eq!(json["nodes"][1]["refusal"]["filter"], "cordoned");
-    assert_eq!(json["nodes"][2]["refusal"], serde_json::json!({"filter": "memory", "need": 2048, "free": 1024}));
+    assert_eq!(
+        json["nodes"][2]["refusal"],
+        serde_json::json!({"filter": "memory", "need": 2048, "free": 1024})
+    );
     let u = place(&Snapshot::new(vec![node("c", 1024)]), &request(2048)).unwrap_err();
     let json = serde_json::to_value(&u).unwrap();
     assert_eq!(json["reasons"][0]["reason"], "insufficient memory (need 2048 MiB, free 1024)");
@@ -446,7 +473,10 @@ impl ReservationSink for MemorySink {
     }
 }
 
-fn run_applier(fail: bool, requests: usize) -> (Vec<Result<Placement, ApplyError>>, Vec<Vec<Reservation>>, Snapshot) {
+fn run_applier(
+    fail: bool,
+    requests: usize,
+) -> (Vec<Result<Placement, ApplyError>>, Vec<Vec<Reservation>>, Snapshot) {
     let (batches_tx, batches) = mpsc::channel();
     let s = Snapshot::new(vec![node("a", 4096), node("b", 4096)]);
     let (handle, thread) = spawn_applier(s, MemorySink { batches: batches_tx, fail });
@@ -466,7 +496,8 @@ fn run_applier(fail: bool, requests: usize) -> (Vec<Result<Placement, ApplyError
 #[test]
 fn applier_commits_before_answering_and_never_overcommits() {
     let (outcomes, batches, s) = run_applier(false, 10);
-    let placed: Vec<&str> = outcomes.iter().filter_map(|o| o.as_ref().ok()).map(|p| p.node.as_str()).collect();
+    let placed: Vec<&str> =
+        outcomes.iter().filter_map(|o| o.as_ref().ok()).map(|p| p.node.as_str()).collect();
     assert_eq!(placed.len(), 8);
     for o in &outcomes[8..] {
         assert!(matches!(o, Err(ApplyError::Unschedulable(_))), "{o:?}");
