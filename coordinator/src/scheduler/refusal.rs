@@ -109,7 +109,7 @@ impl fmt::Display for Unschedulable {
                 None => tallies.push((line, 1, free)),
             }
         }
-        tallies.sort_by(|a, b| b.1.cmp(&a.1));
+        tallies.sort_by_key(|b| std::cmp::Reverse(b.1));
         let plural = if self.nodes_total == 1 { "" } else { "s" };
         write!(f, "{} node{plural}: ", self.nodes_total)?;
         for (i, (line, count, max_free)) in tallies.iter().enumerate() {
