@@ -78,6 +78,10 @@ impl Engine {
             let req = self.agent_request(id, index)?;
             last = self.agent_step(id, index, req).await;
             match &last {
+                // The last step's success is stored by `finish`, right after.
+                Ok(job) if job.state() == JobState::Succeeded && index + 1 == op.steps.len() => {
+                    self.note_op(id, |op| op.steps[index].state = OpState::Succeeded as i32);
+                }
                 Ok(job) if job.state() == JobState::Succeeded => {
                     self.update_op(id, |op| op.steps[index].state = OpState::Succeeded as i32);
                 }
@@ -156,6 +160,17 @@ impl Engine {
         }
     }
 
+    /// Change the operation in the view only; its next stored change (at the latest `finish`) stores it too.
+    /// For what a restart may lose: it re-attaches to the agent job by the step's idempotency key anyway.
+    fn note_op(&self, id: &str, f: impl FnOnce(&mut Operation)) {
+        self.view().observe(|s| {
+            if let Some(op) = s.ops.get_mut(id) {
+                f(op);
+                op.updated = Some(now());
+            }
+        });
+    }
+
     async fn node_slot(&self, id: &str, node: &str) -> OwnedSemaphorePermit {
         let sem = lock(&self.inner.slots)
             .entry(node.to_string())
@@ -165,7 +180,7 @@ impl Engine {
             return p;
         }
         let limit = self.inner.config.max_disk_jobs_per_node;
-        self.update_op(id, |op| {
+        self.note_op(id, |op| {
             op.state = OpState::Queued as i32;
             if let Some(s) = op.steps.first_mut() {
                 s.message = format!("waiting: node {node} runs {limit} disk jobs already");
@@ -187,7 +202,9 @@ impl Engine {
             .ok_or_else(|| format!("operation {id} vanished"))?;
         let disk_heavy = !matches!(req.job, Some(JobReq::Control(_)));
         let _permit = if disk_heavy { Some(self.node_slot(id, &node).await) } else { None };
-        self.update_op(id, |op| {
+        // Not stored on its own: a durable write here would sit between the API's answer and the agent
+        // receiving the job. The job id, or the end, stores it.
+        self.note_op(id, |op| {
             op.state = OpState::Running as i32;
             let s = &mut op.steps[index];
             s.state = OpState::Running as i32;
@@ -271,7 +288,12 @@ impl Engine {
         let known = self.view().read(|s| s.ops.get(id).map(|o| o.steps[index].agent_job_id.clone()));
         if known.as_deref() != Some(job.id.as_str()) {
             let job_id = job.id.clone();
-            self.update_op(id, |op| op.steps[index].agent_job_id = job_id);
+            // A job that has already ended is stored with the operation's end, right after.
+            if terminal(job.state()) {
+                self.note_op(id, |op| op.steps[index].agent_job_id = job_id);
+            } else {
+                self.update_op(id, |op| op.steps[index].agent_job_id = job_id);
+            }
         }
         if terminal(job.state()) {
             return Ok(job);
