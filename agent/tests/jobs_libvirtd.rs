@@ -129,6 +129,7 @@ fn control(key: &str, domain: &str, action: Action, grace_seconds: u32) -> Submi
             domain: domain.into(),
             action: action as i32,
             grace_seconds,
+            ..Default::default()
         })),
     }
 }

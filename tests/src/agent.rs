@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gridforge_agent::client::{ClientTls, connect};
+use gridforge_common::client::{ClientTls, connect};
 use gridforge_proto::v1::{
     GetJobRequest, Job, JobKind, JobState, ListJobsRequest, NodeStatsReport, NodeStatsRequest,
     SubmitJobRequest,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use gridforge_agent::client::ClientTls;
+use gridforge_common::client::ClientTls;
 
 use crate::bins;
 use crate::process::run_ok;
