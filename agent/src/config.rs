@@ -228,7 +228,8 @@ impl Config {
     }
 }
 
-/// A TOML error on one line, `line L, column C: message` (its own Display is a multi-line snippet).
+/// A TOML error on one line, `line L, column C (`the line`): message` (its own Display is a multi-line
+/// snippet); the line's text names the setting.
 fn parse_message(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim_end();
     match e.span() {
@@ -236,7 +237,8 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {message}")
+            let source: String = text.lines().nth(line - 1).unwrap_or("").trim().chars().take(80).collect();
+            format!("line {line}, column {column} ({source}): {message}")
         }
         None => message.to_string(),
     }

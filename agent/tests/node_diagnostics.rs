@@ -491,9 +491,15 @@ fn diagnose_command_with_a_config_that_does_not_parse_runs_every_check_on_the_de
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, "node_name = \"broken\"\nlisten = 7443\n").unwrap();
-    assert_config_check_fails_and_the_rest_run(&config, "line 2, column 10: invalid type: integer `7443`");
+    assert_config_check_fails_and_the_rest_run(
+        &config,
+        "line 2, column 10 (listen = 7443): invalid type: integer `7443`",
+    );
     std::fs::write(&config, "[tls]\ncert = \"/x.pem\"\nsurplus = true\n").unwrap();
-    assert_config_check_fails_and_the_rest_run(&config, "line 3, column 1: unknown field `surplus`");
+    assert_config_check_fails_and_the_rest_run(
+        &config,
+        "line 3, column 1 (surplus = true): unknown field `surplus`",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

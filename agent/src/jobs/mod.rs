@@ -866,6 +866,11 @@ impl Inner {
             _ => tracing::warn!(job = %id, state = state.as_str_name(), "job ended: {message}"),
         }
         self.journal.put_job(job);
+        // The job's end is durable before any watcher hears of it: a client told "succeeded" must never
+        // find the job running (or interrupted, after a crash) when it reads the journal or asks again.
+        if let Err(e) = self.journal.flush() {
+            tracing::error!(job = %id, "{}", gridforge_common::error_chain(&e));
+        }
         if live.started.is_some() {
             st.running.remove(id);
             if live.io {
