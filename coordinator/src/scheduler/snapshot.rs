@@ -323,3 +323,36 @@ impl Snapshot {
         self.index.groups.get(group).into_iter().flat_map(|levels| levels.values())
     }
 }
+
+#[cfg(test)]
+impl Snapshot {
+    /// The index in a canonical form (sorted, empty classes left out), to compare two snapshots' indexes.
+    pub(super) fn index_digest(&self) -> String {
+        fn sorted(c: &Counts) -> BTreeMap<&String, &usize> {
+            c.0.iter().collect()
+        }
+        let classes: BTreeMap<_, _> = (self.index.classes.iter())
+            .filter(|c| !c.is_empty() || !c.images.0.is_empty() || !c.licenses.0.is_empty())
+            .map(|c| {
+                let labels: BTreeMap<_, _> = c.labels.iter().map(|(k, v)| (k, sorted(v))).collect();
+                let labels: BTreeMap<_, _> = labels.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+                let key = (&c.datacenter, &c.arch, &c.hypervisors);
+                (
+                    key,
+                    format!(
+                        "{:?} {:?} {:?} {labels:?}",
+                        c.by_free_memory,
+                        sorted(&c.images),
+                        sorted(&c.licenses)
+                    ),
+                )
+            })
+            .collect();
+        let labels: BTreeMap<_, _> =
+            self.index.labels.iter().map(|(k, v)| (k, v.0.iter().collect::<BTreeMap<_, _>>())).collect();
+        let labels: BTreeMap<_, _> = labels.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+        let licenses: BTreeMap<_, _> = self.index.licenses.0.iter().collect();
+        let groups: BTreeMap<_, _> = self.index.groups.iter().collect();
+        format!("{classes:#?}\n{labels:?}\n{licenses:?}\n{groups:?}")
+    }
+}

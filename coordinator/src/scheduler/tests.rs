@@ -360,15 +360,34 @@ fn random_request(rng: &mut StdRng, nodes: &[String], i: usize) -> Request {
     r
 }
 
+/// Seeds of the randomized check below: fixed, so a run decides the same every time. Others can be tried with
+/// `SCHED_SEEDS=first..end` (e.g. `SCHED_SEEDS=0..1000`); a failure names its seed.
+const SEEDS: std::ops::Range<u64> = 0..8;
+
 #[test]
 fn index_agrees_with_a_full_scan_through_changes() {
-    let mut rng = StdRng::seed_from_u64(12);
+    let seeds = std::env::var("SCHED_SEEDS").ok().and_then(|v| {
+        let (first, end) = v.split_once("..")?;
+        Some(first.parse().ok()?..end.parse().ok()?)
+    });
+    for seed in seeds.unwrap_or(SEEDS) {
+        if let Err(panic) = std::panic::catch_unwind(|| index_agrees_through_changes(seed)) {
+            eprintln!("index_agrees_with_a_full_scan_through_changes failed with seed {seed}");
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// One randomized run: if a brute-force scan finds a feasible node, `place` finds one too, through upserts,
+/// removals, reservations and releases, and the kept index equals one rebuilt from scratch.
+fn index_agrees_through_changes(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let names: Vec<String> = (0..60).map(|i| format!("n{i:02}")).collect();
     let mut s = Snapshot::new(names.iter().map(|name| random_node(&mut rng, name.clone())).collect());
     // Placed VMs, to release later: (node, request).
     let mut live: Vec<(String, Request)> = Vec::new();
     let (mut found, mut refused) = (0, 0);
-    for i in 0..3000 {
+    for i in 0..1500 {
         match rng.random_range(0..10) {
             0 => {
                 // A poll or state change: a fresh node keeps the allocation and groups it had.
@@ -394,9 +413,14 @@ fn index_agrees_with_a_full_scan_through_changes() {
                 let r = random_request(&mut rng, &names, i);
                 let fast = place(&s, &r);
                 let full = place_exhaustive(&s, &r);
-                assert_eq!(fast.is_ok(), full.is_ok(), "{r:?}\nindexed {fast:?}\nfull scan {full:?}");
+                assert_eq!(
+                    fast.is_ok(),
+                    full.is_ok(),
+                    "seed {seed} step {i}: {r:?}\nindexed {fast:?}\nfull scan {full:?}"
+                );
                 // A snapshot rebuilt from scratch must decide exactly as the one kept up to date.
                 let fresh = Snapshot::new(s.nodes().cloned().collect());
+                assert_eq!(s.index_digest(), fresh.index_digest(), "seed {seed} step {i}");
                 assert_eq!(
                     place(&fresh, &r).map(|p| p.node).ok(),
                     fast.as_ref().map(|p| p.node.clone()).ok(),
@@ -426,7 +450,7 @@ fn index_agrees_with_a_full_scan_through_changes() {
             }
         }
     }
-    assert!(found > 300 && refused > 300, "found {found}, refused {refused}");
+    assert!(found > 150 && refused > 150, "seed {seed}: found {found}, refused {refused}");
 }
 
 #[test]
