@@ -4,7 +4,7 @@
 //! (defaults 1000, 10000, 64, 30; certificates, the coordinator's config, state and log go in DIR)
 //!
 //! This process runs NODES fake agents (the generated `Agent` service, mutual TLS with certificates from
-//! `gridforge_agent::pki`, CN = node name) on loopback ports, and the API client. The coordinator is the real
+//! `gridforge_common::pki`, CN = node name) on loopback ports, and the API client. The coordinator is the real
 //! `gridforge-coordinator` daemon in a child process, so that its CPU time (/proc/PID/stat) is its own:
 //! 1. enroll every node (`AddNode`, 32 at a time);
 //! 2. create VMS VMs with IN_FLIGHT calls in flight; each fake agent records when `SubmitJob` arrives,
@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gridforge_agent::client::{self, ClientTls};
-use gridforge_agent::pki::{self, CertRequest};
+use gridforge_common::client::{self, ClientTls};
+use gridforge_common::pki::{self, CertRequest};
 use gridforge_coordinator::grid::now;
 use gridforge_proto::v1::agent_server::{Agent, AgentServer};
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
