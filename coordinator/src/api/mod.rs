@@ -139,7 +139,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<RemoveNodeResponse>, Status> {
         self.allow(&request, Role::Admin, "node remove")?;
         let req = request.into_inner();
-        Ok(Response::new(self.engine.remove_node(&req.name, req.force)?))
+        Ok(Response::new(self.engine.remove_node(&req.name, req.force).await?))
     }
 
     async fn list_nodes(
@@ -163,12 +163,12 @@ impl Coordinator for CoordinatorService {
 
     async fn cordon_node(&self, request: Request<CordonNodeRequest>) -> Result<Response<Node>, Status> {
         self.allow(&request, Role::Operator, "node cordon")?;
-        Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, true)?))
+        Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, true).await?))
     }
 
     async fn uncordon_node(&self, request: Request<CordonNodeRequest>) -> Result<Response<Node>, Status> {
         self.allow(&request, Role::Operator, "node uncordon")?;
-        Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, false)?))
+        Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, false).await?))
     }
 
     async fn create_vm(
@@ -177,7 +177,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<CreateVmResponse>, Status> {
         let need = if request.get_ref().dry_run { Role::Viewer } else { Role::Operator };
         let c = self.allow(&request, need, "vm create")?;
-        Ok(Response::new(self.engine.create_vm(request.into_inner(), &c.name)?))
+        Ok(Response::new(self.engine.create_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn list_vms(&self, request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
@@ -206,22 +206,22 @@ impl Coordinator for CoordinatorService {
 
     async fn delete_vm(&self, request: Request<DeleteVmRequest>) -> Result<Response<Operation>, Status> {
         let c = self.allow(&request, Role::Operator, "vm delete")?;
-        Ok(Response::new(self.engine.delete_vm(request.into_inner(), &c.name)?))
+        Ok(Response::new(self.engine.delete_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn control_vm(&self, request: Request<ControlVmRequest>) -> Result<Response<Operation>, Status> {
         let c = self.allow(&request, Role::Operator, "vm control")?;
-        Ok(Response::new(self.engine.control_vm(request.into_inner(), &c.name)?))
+        Ok(Response::new(self.engine.control_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn resize_vm(&self, request: Request<ResizeVmRequest>) -> Result<Response<Operation>, Status> {
         let c = self.allow(&request, Role::Operator, "vm resize")?;
-        Ok(Response::new(self.engine.resize_vm(request.into_inner(), &c.name)?))
+        Ok(Response::new(self.engine.resize_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn snapshot_vm(&self, request: Request<SnapshotVmRequest>) -> Result<Response<Operation>, Status> {
         let c = self.allow(&request, Role::Operator, "vm snapshot")?;
-        Ok(Response::new(self.engine.snapshot_vm(request.into_inner(), &c.name)?))
+        Ok(Response::new(self.engine.snapshot_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn explain_vm(&self, request: Request<ExplainVmRequest>) -> Result<Response<Explanation>, Status> {

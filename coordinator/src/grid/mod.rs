@@ -17,7 +17,8 @@ pub type VmState = vm::State;
 pub type OpState = operation::State;
 pub type OpKind = operation::Kind;
 
-/// One change to the grid view. A list of changes is committed as one store transaction, then applied.
+/// One change to the grid view. A decision's list of changes is applied to the view and committed, with the
+/// other decisions queued meanwhile, in one store transaction.
 // Changes live only from a decision to its commit, a few at a time: boxing them would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]

@@ -30,7 +30,7 @@ use crate::grid::{
     volume_name,
 };
 use crate::scheduler::{self, Request, Workload};
-use crate::store::{GridView, StoreError};
+use crate::store::{GridView, Pending, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
@@ -198,7 +198,7 @@ impl Engine {
     }
 
     /// Validate, place and store a create; the reservation commits with the VM record and the operation.
-    pub fn create_vm(&self, req: CreateVmRequest, who: &str) -> Result<CreateVmResponse, OpError> {
+    pub async fn create_vm(&self, req: CreateVmRequest, who: &str) -> Result<CreateVmResponse, OpError> {
         let mut spec = req.spec.ok_or_else(|| OpError::Invalid("invalid spec: spec: required".into()))?;
         check_vm_name(&spec.name)?;
         if spec.machine.is_none() {
@@ -219,7 +219,7 @@ impl Engine {
         scrub_spec(&mut stored);
         let secrets = stored != spec;
         let name = spec.name.clone();
-        let op = self.view().update(|s| {
+        let pending = self.view().stage(|s| {
             if let Some(v) = s.vms.get(&name)
                 && v.state() != VmState::Deleted
             {
@@ -267,26 +267,23 @@ impl Engine {
             };
             Ok((op.clone(), vec![Change::PutVm(vm), Change::PutOp(op)]))
         })?;
+        let op = self.start_when_durable(pending, secrets.then_some(spec)).await?;
         tracing::info!(op = %op.id, vm = %name, node = %op.node, by = who, "create placed");
-        if secrets {
-            lock(&self.inner.secrets).insert(op.id.clone(), spec);
-        }
-        self.spawn(op.id.clone());
         Ok(CreateVmResponse { operation: Some(op), explanation: None })
     }
 
     /// Start an operation on an existing VM: take its lock, let `prepare` adjust the VM and the operation,
     /// store both in one transaction, and run it.
-    fn begin(
+    async fn begin(
         &self,
         name: &str,
         kind: OpKind,
         step_name: &str,
         summary: String,
         who: &str,
-        prepare: impl FnOnce(&GridState, &mut Vm, &mut Operation) -> Result<(), OpError>,
+        prepare: impl FnOnce(&GridState, &mut Vm, &mut Operation) -> Result<(), OpError> + Send,
     ) -> Result<Operation, OpError> {
-        let op = self.view().update(|s| {
+        let pending = self.view().stage(|s| {
             let mut vm = s
                 .vms
                 .get(name)
@@ -325,12 +322,33 @@ impl Engine {
             vm.updated = Some(t);
             Ok((op.clone(), vec![Change::PutVm(vm), Change::PutOp(op)]))
         })?;
+        let op = self.start_when_durable(pending, None).await?;
         tracing::info!(op = %op.id, vm = %name, by = who, "{}", op.summary);
-        self.spawn(op.id.clone());
         Ok(op)
     }
 
-    pub fn delete_vm(&self, req: DeleteVmRequest, who: &str) -> Result<Operation, OpError> {
+    /// Wait until a staged operation is durable, then start its runner (with its secrets, if any). In a task
+    /// of its own, so that a caller that goes away meanwhile (a cancelled API call) does not leave a stored
+    /// operation without a runner.
+    async fn start_when_durable(
+        &self,
+        pending: Pending<Operation>,
+        secrets: Option<VmSpec>,
+    ) -> Result<Operation, OpError> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let op = pending.durable().await?;
+            if let Some(spec) = secrets {
+                lock(&engine.inner.secrets).insert(op.id.clone(), spec);
+            }
+            engine.spawn(op.id.clone());
+            Ok(op)
+        })
+        .await
+        .map_err(|e| OpError::Unavailable(format!("starting the operation: {e}")))?
+    }
+
+    pub async fn delete_vm(&self, req: DeleteVmRequest, who: &str) -> Result<Operation, OpError> {
         let summary = format!("delete {}", req.name);
         self.begin(&req.name, OpKind::DeleteVm, "delete", summary, who, |_, vm, op| {
             if !req.wipe_method.is_empty() {
@@ -340,9 +358,10 @@ impl Engine {
             vm.desired_state = "deleted".into();
             Ok(())
         })
+        .await
     }
 
-    pub fn control_vm(&self, req: ControlVmRequest, who: &str) -> Result<Operation, OpError> {
+    pub async fn control_vm(&self, req: ControlVmRequest, who: &str) -> Result<Operation, OpError> {
         let action = Action::try_from(req.action).unwrap_or(Action::Unspecified);
         if action == Action::Unspecified {
             return Err(OpError::Invalid(
@@ -367,10 +386,11 @@ impl Engine {
             .into();
             Ok(())
         })
+        .await
     }
 
     /// Vertical resize on the VM's node when it has room; the new size is reserved with the operation.
-    pub fn resize_vm(&self, req: ResizeVmRequest, who: &str) -> Result<Operation, OpError> {
+    pub async fn resize_vm(&self, req: ResizeVmRequest, who: &str) -> Result<Operation, OpError> {
         let summary = format!("resize {}", req.name);
         self.begin(&req.name, OpKind::ResizeVm, "resize", summary, who, |s, vm, op| {
             let old = vm.resources.unwrap_or_default();
@@ -451,9 +471,10 @@ impl Engine {
             }
             Ok(())
         })
+        .await
     }
 
-    pub fn snapshot_vm(&self, req: SnapshotVmRequest, who: &str) -> Result<Operation, OpError> {
+    pub async fn snapshot_vm(&self, req: SnapshotVmRequest, who: &str) -> Result<Operation, OpError> {
         let summary = format!("snapshot {}", req.name);
         self.begin(&req.name, OpKind::SnapshotVm, "snapshot", summary, who, |_, vm, op| {
             let name = if req.image_name.is_empty() { vm.name.clone() } else { req.image_name.clone() };
@@ -467,6 +488,7 @@ impl Engine {
             op.params.insert("notes".into(), req.notes.clone());
             Ok(())
         })
+        .await
     }
 
     /// The operation now, and a receiver of its next events while it runs.

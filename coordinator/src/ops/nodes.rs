@@ -107,44 +107,60 @@ impl Engine {
             licenses: req.licenses.clone(),
             ..Default::default()
         };
-        self.view().update(|s| {
-            if s.nodes.contains_key(&node.name) {
-                return Err(OpError::AlreadyExists(format!("node {:?} is already in the grid", node.name)));
-            }
-            Ok(((), vec![Change::PutNode(node.clone())]))
-        })?;
+        self.view()
+            .update(|s| {
+                if s.nodes.contains_key(&node.name) {
+                    return Err(OpError::AlreadyExists(format!(
+                        "node {:?} is already in the grid",
+                        node.name
+                    )));
+                }
+                Ok(((), vec![Change::PutNode(node.clone())]))
+            })
+            .await?;
         tracing::info!(node = %node.name, address = %node.address, "node enrolled");
         Ok(node)
     }
 
-    pub fn remove_node(&self, name: &str, force: bool) -> Result<RemoveNodeResponse, OpError> {
-        let resp = self.view().update(|s| {
-            let node =
-                s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
-            let vms: Vec<String> = s.vms_on(name).map(|v| v.name.clone()).collect();
-            if !vms.is_empty() && !force {
-                return Err(OpError::Precondition(format!(
-                    "node {name} still holds {} VM(s): {}; delete them first, or --force to forget them",
-                    vms.len(),
-                    vms.join(", ")
-                )));
-            }
-            let mut changes: Vec<Change> = vms.iter().map(|v| Change::RemoveVm(v.clone())).collect();
-            changes.push(Change::RemoveNode(name.to_string()));
-            Ok((RemoveNodeResponse { node: Some(node), orphaned_vms: vms }, changes))
-        })?;
+    pub async fn remove_node(&self, name: &str, force: bool) -> Result<RemoveNodeResponse, OpError> {
+        let resp = self
+            .view()
+            .update(|s| {
+                let node = s
+                    .nodes
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
+                let vms: Vec<String> = s.vms_on(name).map(|v| v.name.clone()).collect();
+                if !vms.is_empty() && !force {
+                    return Err(OpError::Precondition(format!(
+                        "node {name} still holds {} VM(s): {}; delete them first, or --force to forget them",
+                        vms.len(),
+                        vms.join(", ")
+                    )));
+                }
+                let mut changes: Vec<Change> = vms.iter().map(|v| Change::RemoveVm(v.clone())).collect();
+                changes.push(Change::RemoveNode(name.to_string()));
+                Ok((RemoveNodeResponse { node: Some(node), orphaned_vms: vms }, changes))
+            })
+            .await?;
         if let Some(n) = &resp.node {
             self.agents().forget(&n.address);
         }
         Ok(resp)
     }
 
-    pub fn set_cordon(&self, name: &str, cordoned: bool) -> Result<Node, OpError> {
-        self.view().update(|s| {
-            let mut node =
-                s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
-            node.cordoned = cordoned;
-            Ok((node.clone(), vec![Change::PutNode(node)]))
-        })
+    pub async fn set_cordon(&self, name: &str, cordoned: bool) -> Result<Node, OpError> {
+        self.view()
+            .update(|s| {
+                let mut node = s
+                    .nodes
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
+                node.cordoned = cordoned;
+                Ok((node.clone(), vec![Change::PutNode(node)]))
+            })
+            .await
     }
 }

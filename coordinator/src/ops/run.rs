@@ -60,7 +60,7 @@ impl Engine {
         if let Err(e) = &outcome {
             tracing::warn!(op = %id, "operation failed: {e}");
         }
-        if let Err(e) = self.finish(&id, outcome) {
+        if let Err(e) = self.finish(&id, outcome).await {
             tracing::error!(op = %id, "cannot record the end of the operation: {}", crate::error_chain(&e));
         }
     }
@@ -83,7 +83,7 @@ impl Engine {
                     self.note_op(id, |op| op.steps[index].state = OpState::Succeeded as i32);
                 }
                 Ok(job) if job.state() == JobState::Succeeded => {
-                    self.update_op(id, |op| op.steps[index].state = OpState::Succeeded as i32);
+                    self.update_op(id, |op| op.steps[index].state = OpState::Succeeded as i32).await;
                 }
                 Ok(job) => return Err(job_failure(&op.node, &op.steps[index].name, job)),
                 Err(_) => return last,
@@ -148,13 +148,16 @@ impl Engine {
         Ok(SubmitJobRequest { idempotency_key: step.idempotency_key.clone(), job: Some(job) })
     }
 
-    fn update_op(&self, id: &str, f: impl FnOnce(&mut Operation)) {
-        let result = self.view().update::<_, super::OpError>(|s| {
-            let Some(mut op) = s.ops.get(id).cloned() else { return Ok(((), vec![])) };
-            f(&mut op);
-            op.updated = Some(now());
-            Ok(((), vec![Change::PutOp(op)]))
-        });
+    async fn update_op(&self, id: &str, f: impl FnOnce(&mut Operation) + Send) {
+        let result = self
+            .view()
+            .update::<_, super::OpError>(|s| {
+                let Some(mut op) = s.ops.get(id).cloned() else { return Ok(((), vec![])) };
+                f(&mut op);
+                op.updated = Some(now());
+                Ok(((), vec![Change::PutOp(op)]))
+            })
+            .await;
         if let Err(e) = result {
             tracing::error!(op = %id, "cannot store the operation: {e}");
         }
@@ -238,7 +241,8 @@ impl Engine {
                     self.update_op(id, |op| {
                         op.steps[index].attempts = tries;
                         op.steps[index].message = note.clone();
-                    });
+                    })
+                    .await;
                     self.publish(self.event(id, &step_name, note), false);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -292,7 +296,7 @@ impl Engine {
             if terminal(job.state()) {
                 self.note_op(id, |op| op.steps[index].agent_job_id = job_id);
             } else {
-                self.update_op(id, |op| op.steps[index].agent_job_id = job_id);
+                self.update_op(id, |op| op.steps[index].agent_job_id = job_id).await;
             }
         }
         if terminal(job.state()) {
@@ -357,7 +361,7 @@ impl Engine {
 
     /// Record the outcome in one transaction: the operation's end, the VM's new state, the lock and (for
     /// a failed create or a delete) the allocation released.
-    fn finish(&self, id: &str, outcome: Result<Job, String>) -> Result<(), super::OpError> {
+    async fn finish(&self, id: &str, outcome: Result<Job, String>) -> Result<(), super::OpError> {
         let op = self.view().update::<_, super::OpError>(|s| {
             let Some(mut op) = s.ops.get(id).cloned() else { return Ok((None, vec![])) };
             if is_finished(&op) {
@@ -481,7 +485,8 @@ impl Engine {
             op.updated = Some(t);
             changes.push(Change::PutOp(op.clone()));
             Ok((Some(op), changes))
-        })?;
+        })
+        .await?;
         lock(&self.inner.secrets).remove(id);
         if let Some(op) = op {
             let message = if op.error.is_empty() { op.result.clone() } else { op.error.clone() };

@@ -181,8 +181,10 @@ async fn create_then_delete_moves_states_and_releases_the_allocation() {
     store.commit(&[Change::PutNode(node(&address))]).unwrap();
     let e = engine(store.clone(), 3);
 
-    let resp =
-        e.create_vm(CreateVmRequest { spec: Some(spec("web1")), ..Default::default() }, "alice").unwrap();
+    let resp = e
+        .create_vm(CreateVmRequest { spec: Some(spec("web1")), ..Default::default() }, "alice")
+        .await
+        .unwrap();
     let op = resp.operation.unwrap();
     assert_eq!(e.view().read(|s| s.allocated("n1").memory_mib), 1024, "reserved with the operation");
     let op = finished(&e, &op.id).await;
@@ -193,10 +195,11 @@ async fn create_then_delete_moves_states_and_releases_the_allocation() {
     assert_eq!(vm.state(), VmState::Running);
     assert!(vm.operation.is_empty(), "lock released");
 
-    let dup = e.create_vm(CreateVmRequest { spec: Some(spec("web1")), ..Default::default() }, "alice");
+    let dup = e.create_vm(CreateVmRequest { spec: Some(spec("web1")), ..Default::default() }, "alice").await;
     assert!(matches!(dup, Err(super::OpError::AlreadyExists(_))));
 
-    let del = e.delete_vm(DeleteVmRequest { name: "web1".into(), ..Default::default() }, "alice").unwrap();
+    let del =
+        e.delete_vm(DeleteVmRequest { name: "web1".into(), ..Default::default() }, "alice").await.unwrap();
     let del = finished(&e, &del.id).await;
     assert_eq!(del.state(), OpState::Succeeded);
     let vm = e.view().read(|s| s.vms.get("web1").cloned()).unwrap();
@@ -217,8 +220,10 @@ async fn an_unreachable_agent_fails_the_create_naming_the_node_and_leaves_no_all
     let store = Arc::new(MemoryStore::default());
     store.commit(&[Change::PutNode(node(&address))]).unwrap();
     let e = engine(store, 2);
-    let op =
-        e.create_vm(CreateVmRequest { spec: Some(spec("web1")), ..Default::default() }, "alice").unwrap();
+    let op = e
+        .create_vm(CreateVmRequest { spec: Some(spec("web1")), ..Default::default() }, "alice")
+        .await
+        .unwrap();
     let op = finished(&e, &op.operation.unwrap().id).await;
     assert_eq!(op.state(), OpState::Failed);
     assert!(op.error.contains("node n1 unreachable after 2 tries"), "{}", op.error);
@@ -233,10 +238,13 @@ async fn a_busy_vm_refuses_a_second_operation_naming_the_holder() {
     let store = Arc::new(MemoryStore::default());
     store.commit(&[Change::PutNode(node(&address))]).unwrap();
     let e = engine(store, 3);
-    let op =
-        e.create_vm(CreateVmRequest { spec: Some(spec("web1")), ..Default::default() }, "alice").unwrap();
+    let op = e
+        .create_vm(CreateVmRequest { spec: Some(spec("web1")), ..Default::default() }, "alice")
+        .await
+        .unwrap();
     let id = op.operation.unwrap().id;
-    let err = e.delete_vm(DeleteVmRequest { name: "web1".into(), ..Default::default() }, "bob").unwrap_err();
+    let err =
+        e.delete_vm(DeleteVmRequest { name: "web1".into(), ..Default::default() }, "bob").await.unwrap_err();
     assert!(matches!(&err, super::OpError::Precondition(m) if m.contains(&id)), "{err}");
 }
 
@@ -284,8 +292,10 @@ async fn resume_after_a_restart_reattaches_to_the_submitted_job() {
     assert_eq!(op.steps[0].agent_job_id, "j-already");
     assert_eq!(agent.jobs.lock().unwrap().len(), 1, "provisioned once");
     assert_eq!(e.view().read(|s| s.vms.get("web1").map(Vm::state)), Some(VmState::Running));
-    let next =
-        e.create_vm(CreateVmRequest { spec: Some(spec("web2")), ..Default::default() }, "alice").unwrap();
+    let next = e
+        .create_vm(CreateVmRequest { spec: Some(spec("web2")), ..Default::default() }, "alice")
+        .await
+        .unwrap();
     assert_eq!(next.operation.unwrap().id, "op-000008", "ids go on after the stored ones");
 }
 
@@ -299,9 +309,9 @@ async fn disk_jobs_beyond_the_node_limit_wait_queued() {
     let config = OpsConfig { max_disk_jobs_per_node: 1, ..OpsConfig::default() };
     let e = Engine::new(view, AgentPool::new(None, Duration::from_secs(5)), config);
     let first =
-        e.create_vm(CreateVmRequest { spec: Some(spec("a")), ..Default::default() }, "alice").unwrap();
+        e.create_vm(CreateVmRequest { spec: Some(spec("a")), ..Default::default() }, "alice").await.unwrap();
     let second =
-        e.create_vm(CreateVmRequest { spec: Some(spec("b")), ..Default::default() }, "alice").unwrap();
+        e.create_vm(CreateVmRequest { spec: Some(spec("b")), ..Default::default() }, "alice").await.unwrap();
     let (first, second) = (first.operation.unwrap().id, second.operation.unwrap().id);
     let mut states = (OpState::Unspecified, OpState::Unspecified);
     for _ in 0..300 {

@@ -16,6 +16,7 @@ use crate::config::PollerConfig;
 use crate::grid::{Change, GridState, NodeState, VmState, now};
 use crate::ops::Engine;
 use crate::ops::nodes_health;
+use crate::store::Pending;
 
 pub async fn run(engine: Engine, config: PollerConfig) {
     let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
@@ -45,9 +46,18 @@ pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaph
         }));
     }
     let unreachable_after = config.unreachable_after;
+    // Recorded as they come, made durable together (the node state changes of one round share transactions).
+    let mut pending = Vec::new();
     for t in tasks {
-        if let Ok((name, result)) = t.await {
-            record(engine, &name, result, unreachable_after);
+        if let Ok((name, result)) = t.await
+            && let Some(p) = record(engine, &name, result, unreachable_after)
+        {
+            pending.push((name, p));
+        }
+    }
+    for (name, p) in pending {
+        if let Err(e) = p.durable().await {
+            tracing::error!(node = %name, "cannot store the poll: {e}");
         }
     }
 }
@@ -126,8 +136,8 @@ fn record(
     name: &str,
     result: Result<(NodeStatsReport, DiagnosticsReport), String>,
     unreachable_after: u32,
-) {
-    let outcome = engine.view().update::<_, crate::ops::OpError>(|s| {
+) -> Option<Pending<()>> {
+    let outcome = engine.view().stage::<_, crate::ops::OpError>(|s| {
         let Some(mut node) = s.nodes.get(name).cloned() else { return Ok(((), vec![])) };
         let before = (node.state, node.state_reason.clone());
         let mut vm_changes = Vec::new();
@@ -179,7 +189,11 @@ fn record(
         }
         Ok(((), vec![]))
     });
-    if let Err(e) = outcome {
-        tracing::error!(node = %name, "cannot record the poll: {e}");
+    match outcome {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::error!(node = %name, "cannot record the poll: {e}");
+            None
+        }
     }
 }

@@ -1,18 +1,33 @@
 //! The durable grid view. `GridStore` is the database (redb by default); `GridView` is the in-memory grid
-//! loaded from it once at start and moved on by changes, each list of changes one write transaction that
-//! is durable before the view shows it. Nothing but this module touches the database.
+//! loaded from it once at start and moved on by changes.
+//!
+//! Writes are group-committed. A change is decided and applied to the view under the view's lock and queued,
+//! in decision order, for one committer thread; the lock is released before anything touches the disk. The
+//! committer takes everything queued, writes it in ONE store transaction, and only once that is durable
+//! answers every caller of the batch, so no caller hears of its change before it is durable. Meanwhile other
+//! callers decide against the view that already holds the queued changes (so two decisions never see the same
+//! free capacity), and their changes go into the next batch: the slower the disk, the bigger the batches.
+//!
+//! Readers may see a queued change before it is durable (the view runs a batch ahead of the store). If a
+//! commit fails, the committer takes the view's lock, fails every caller of the batch and every caller queued
+//! behind it (their decisions may rest on the failed changes), and reloads the view from the store, so the
+//! view is again exactly what is durable. Observations made with [`GridView::observe`] are lost with the
+//! reload, as after a restart; the next poll renews them. Nothing but this module touches the database.
 
 mod memory;
 mod redb_store;
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
+use tokio::sync::oneshot;
 
 use crate::grid::{Change, Defaults, GridState, Node, Operation, Vm};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the grid store {path}: {reason}")]
     Open { path: String, reason: String },
@@ -20,6 +35,8 @@ pub enum StoreError {
     Txn(String),
     #[error("grid store record {key:?} in {table} does not decode: {reason}")]
     Decode { table: &'static str, key: String, reason: String },
+    #[error("the grid store's committer has stopped")]
+    Stopped,
 }
 
 /// Every record, as loaded at start.
@@ -31,7 +48,7 @@ pub struct Records {
 }
 
 pub trait GridStore: Send + Sync {
-    /// Read every record (once, at start).
+    /// Read every record (at start, and after a failed commit).
     fn load(&self) -> Result<Records, StoreError>;
     /// Write the changes in one durable transaction: all of them or none.
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError>;
@@ -46,45 +63,128 @@ impl<T: GridStore> GridStore for std::sync::Arc<T> {
     }
 }
 
-/// The grid view over a store. Changes are serialized: each is decided on the current view, committed, then
-/// applied, all under one lock, so two concurrent decisions never see the same free capacity.
-pub struct GridView {
+/// Most callers' changes written per transaction.
+const MAX_BATCH: usize = 4096;
+
+/// One caller's changes on their way to the store.
+struct Queued {
+    changes: Vec<Change>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+struct Shared {
     state: Mutex<GridState>,
-    store: Box<dyn GridStore>,
+    store: Arc<dyn GridStore>,
+    defaults: Defaults,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, GridState> {
+        // A panic while holding the lock leaves at worst a change applied and not queued; the view stays
+        // usable, and the next failed commit or restart reloads it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The grid view over a store, with its committer thread (stopped and joined when the view is dropped).
+pub struct GridView {
+    shared: Arc<Shared>,
+    queue: Option<Sender<Queued>>,
+    committer: Option<JoinHandle<()>>,
+}
+
+/// A change applied to the view and queued for the store: [`Pending::durable`] (async) or [`Pending::wait`]
+/// (blocking) returns the caller's value once the change is durable, or the commit's error.
+#[must_use = "a change is not durable until its Pending is awaited"]
+pub struct Pending<T> {
+    value: T,
+    done: Option<oneshot::Receiver<Result<(), StoreError>>>,
+}
+
+impl<T> Pending<T> {
+    pub async fn durable(self) -> Result<T, StoreError> {
+        if let Some(rx) = self.done {
+            rx.await.map_err(|_| StoreError::Stopped)??;
+        }
+        Ok(self.value)
+    }
+
+    /// Blocks the thread until the change is durable: not for a tokio worker.
+    pub fn wait(self) -> Result<T, StoreError> {
+        if let Some(rx) = self.done {
+            rx.blocking_recv().map_err(|_| StoreError::Stopped)??;
+        }
+        Ok(self.value)
+    }
 }
 
 impl GridView {
     pub fn open(store: Box<dyn GridStore>, defaults: Defaults) -> Result<GridView, StoreError> {
+        let store: Arc<dyn GridStore> = Arc::from(store);
         let r = store.load()?;
-        Ok(GridView { state: Mutex::new(GridState::new(r.nodes, r.vms, r.ops, defaults)), store })
+        let shared = Arc::new(Shared {
+            state: Mutex::new(GridState::new(r.nodes, r.vms, r.ops, defaults)),
+            store,
+            defaults,
+        });
+        let (tx, rx) = channel();
+        let s = shared.clone();
+        let committer = std::thread::Builder::new()
+            .name("grid-store-commit".into())
+            .spawn(move || commit_loop(&s, &rx))
+            .map_err(|e| StoreError::Txn(format!("cannot start the store's committer thread: {e}")))?;
+        Ok(GridView { shared, queue: Some(tx), committer: Some(committer) })
     }
 
     fn lock(&self) -> MutexGuard<'_, GridState> {
-        // A panic while holding the lock leaves the view as it was before the change (changes are applied
-        // only after their commit), so the view stays usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
-    /// Read the view.
+    /// Read the view (queued changes included).
     pub fn read<T>(&self, f: impl FnOnce(&GridState) -> T) -> T {
         f(&self.lock())
     }
 
-    /// Decide a change on the view (`f` returns its result and the changes), commit it, then apply it.
-    /// `f` may take operation ids (`next_op_id`); nothing else it does to the state outlives an error.
-    pub fn update<T, E: From<StoreError>>(
+    /// Decide a change on the view (`f` returns its result and the changes), apply it and queue it for the
+    /// store, all under the view's lock; the returned [`Pending`] answers once it is durable. `f` may take
+    /// operation ids (`next_op_id`); nothing else it does to the state outlives an error.
+    pub fn stage<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&mut GridState) -> Result<(T, Vec<Change>), E>,
+    ) -> Result<Pending<T>, E> {
+        let mut state = self.lock();
+        let (value, changes) = f(&mut state)?;
+        if changes.is_empty() {
+            return Ok(Pending { value, done: None });
+        }
+        let queue = self.queue.as_ref().ok_or(StoreError::Stopped)?;
+        let (done, rx) = oneshot::channel();
+        for c in &changes {
+            state.apply(c);
+        }
+        // Queued under the lock, so the queue's order is the order of the decisions.
+        if queue.send(Queued { changes, done }).is_err() {
+            drop(state);
+            self.reload();
+            return Err(StoreError::Stopped.into());
+        }
+        Ok(Pending { value, done: Some(rx) })
+    }
+
+    /// [`stage`](Self::stage), then wait (without blocking the thread) until the change is durable.
+    pub async fn update<T, E: From<StoreError>>(
         &self,
         f: impl FnOnce(&mut GridState) -> Result<(T, Vec<Change>), E>,
     ) -> Result<T, E> {
-        let mut state = self.lock();
-        let (value, changes) = f(&mut state)?;
-        if !changes.is_empty() {
-            self.store.commit(&changes)?;
-            for c in &changes {
-                state.apply(c);
-            }
-        }
-        Ok(value)
+        Ok(self.stage(f)?.durable().await?)
+    }
+
+    /// [`stage`](Self::stage), then block the thread until the change is durable: for callers outside tokio.
+    pub fn update_blocking<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&mut GridState) -> Result<(T, Vec<Change>), E>,
+    ) -> Result<T, E> {
+        Ok(self.stage(f)?.wait()?)
     }
 
     /// Change the view without storing it: observations (progress, usage) that the next poll or event
@@ -92,4 +192,76 @@ impl GridView {
     pub fn observe(&self, f: impl FnOnce(&mut GridState)) {
         f(&mut self.lock())
     }
+
+    fn reload(&self) {
+        let mut state = self.lock();
+        reload(&self.shared, &mut state);
+    }
 }
+
+impl Drop for GridView {
+    fn drop(&mut self) {
+        // The committer writes what is queued, answers it and stops once the queue is closed.
+        drop(self.queue.take());
+        if let Some(t) = self.committer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Replace the view with what the store holds. Operation ids handed out stay handed out.
+fn reload(shared: &Shared, state: &mut GridState) {
+    match shared.store.load() {
+        Ok(r) => {
+            let op_seq = state.op_seq;
+            *state = GridState::new(r.nodes, r.vms, r.ops, shared.defaults);
+            state.op_seq = state.op_seq.max(op_seq);
+        }
+        Err(e) => tracing::error!(
+            "cannot reload the grid view from the store: {e}; it may show changes that are not durable"
+        ),
+    }
+}
+
+fn commit_loop(shared: &Shared, queue: &Receiver<Queued>) {
+    let mut batch = Vec::new();
+    let mut changes = Vec::new();
+    while let Ok(first) = queue.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(q) => batch.push(q),
+                Err(_) => break,
+            }
+        }
+        for q in &mut batch {
+            changes.append(&mut q.changes);
+        }
+        let result = shared.store.commit(&changes);
+        changes.clear();
+        match result {
+            Ok(()) => {
+                for q in batch.drain(..) {
+                    let _ = q.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(callers = batch.len(), "grid store commit failed: {e}");
+                // Under the lock no decision is made: everything queued now was decided on the view with
+                // the failed changes in it, and fails with them; later decisions see the reloaded view.
+                let mut state = shared.lock();
+                while let Ok(q) = queue.try_recv() {
+                    batch.push(q);
+                }
+                reload(shared, &mut state);
+                drop(state);
+                for q in batch.drain(..) {
+                    let _ = q.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
