@@ -66,15 +66,8 @@ pub enum DaemonError {
 
 /// Run the daemon until SIGTERM or SIGINT, then stop gracefully. Blocks; makes its own async runtime.
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("agent-rt")
-        .build()
-        .map_err(|source| DaemonError::Start { what: "the async runtime", source })?;
-    let result = runtime.block_on(serve(config));
-    // Job threads stuck in a blocking call must not keep the process alive past its stop.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    result
+    gridforge_common::run_daemon("agent-rt", serve(config))
+        .map_err(|source| DaemonError::Start { what: "the async runtime", source })?
 }
 
 async fn serve(config: Config) -> Result<(), DaemonError> {

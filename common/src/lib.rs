@@ -6,6 +6,17 @@ pub mod pki;
 pub mod progress;
 pub mod tls;
 
+/// Runs a daemon's main future on its own multi-threaded runtime (threads named `thread_name`) and returns its
+/// output. Blocking work still running at the end (a job thread stuck in a system call) gets one second,
+/// then the process may exit past it.
+pub fn run_daemon<F: std::future::Future>(thread_name: &str, main: F) -> std::io::Result<F::Output> {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().thread_name(thread_name).build()?;
+    let output = runtime.block_on(main);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(output)
+}
+
 /// An error and its causes as one line, `error: cause: cause's cause`. A cause whose text already appears in
 /// the line (an error that embeds its source in its own message, or a wrapper that repeats it) is left out,
 /// so every cause is printed once.

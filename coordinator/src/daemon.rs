@@ -37,14 +37,8 @@ pub enum DaemonError {
 }
 
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("coordinator-rt")
-        .build()
-        .map_err(|source| DaemonError::Io { what: "start the async runtime".into(), source })?;
-    let result = runtime.block_on(serve(config));
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    result
+    gridforge_common::run_daemon("coordinator-rt", serve(config))
+        .map_err(|source| DaemonError::Io { what: "start the async runtime".into(), source })?
 }
 
 async fn serve(config: Config) -> Result<(), DaemonError> {
