@@ -35,13 +35,10 @@ fn watch_blocking(engine: &JobEngine, id: &str) -> Vec<gridforge_proto::v1::JobE
     events
 }
 
-/// Runs only as the child of `killed_engine_leaves_the_job_interrupted_and_its_target_safe`: starts a long
-/// random wipe, says so on stdout once it has written something, and waits to be killed.
-#[test]
-#[ignore = "run by killed_engine_leaves_the_job_interrupted_and_its_target_safe in a child process"]
-fn child_engine() {
-    let Some(dir) = std::env::var_os(CHILD_DIR) else { return };
-    let config = config_in(Path::new(&dir));
+/// The child's part (when the test binary is started again with `CHILD_DIR` set): starts a long random wipe,
+/// says so on stdout once it has written something, and waits to be killed.
+fn child_engine(dir: &Path) -> ! {
+    let config = config_in(dir);
     let engine = JobEngine::open(&config, None).unwrap();
     let disk = config.jobs.devices[0].join("big.img");
     let job = engine.submit(wipe_request("killed", &disk, "random"), "child").unwrap();
@@ -59,11 +56,14 @@ fn child_engine() {
 
 #[test]
 fn killed_engine_leaves_the_job_interrupted_and_its_target_safe() {
+    if let Some(dir) = std::env::var_os(CHILD_DIR) {
+        child_engine(Path::new(&dir));
+    }
     let node = Node::new();
     let disk = node.sparse_disk("big.img", 64 << 30);
     let mut child = ChildGuard(
         Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_engine", "--ignored", "--nocapture", "--test-threads", "1"])
+            .args(["--exact", "killed_engine_leaves_the_job_interrupted_and_its_target_safe", "--nocapture"])
             .env(CHILD_DIR, node.dir.path())
             .stdout(Stdio::piped())
             .spawn()
@@ -73,7 +73,7 @@ fn killed_engine_leaves_the_job_interrupted_and_its_target_safe() {
     let id = stdout
         .lines()
         .map_while(Result::ok)
-        // The harness prints "test child_engine ... " on the same line first.
+        // The harness prints "test killed_engine_... ... " on the same line first.
         .find_map(|line| line.split_once("RUNNING ").map(|(_, id)| id.trim().to_string()))
         .expect("the child engine reports its running job");
     child.0.kill().unwrap();

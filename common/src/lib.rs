@@ -2,6 +2,7 @@
 //! with its endpoint and mutual TLS rules, TLS and PKI files, progress events, and one-line error chains.
 
 pub mod client;
+pub mod net;
 pub mod pki;
 pub mod progress;
 pub mod tls;

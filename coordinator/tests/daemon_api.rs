@@ -1,7 +1,6 @@
 //! The daemon and gridctl as programs: mutual TLS with certificates from `gridctl pki`, grpc.health.v1,
 //! roles from the certificate's OU, exit codes, and a clean stop on SIGTERM.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -61,7 +60,7 @@ fn serves_mutual_tls_with_roles_health_and_exit_codes() {
     ok(gridctl(&pki, "", None, &["pki", "issue", "--dir", p, "--name", "vic", "--role", "viewer"]));
     ok(gridctl(&pki, "", None, &["pki", "issue", "--dir", p, "--name", "nobody"]));
 
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = gridforge_common::net::unused_loopback_port();
     let server = format!("127.0.0.1:{port}");
     let config = dir.path().join("coordinator.toml");
     std::fs::write(

@@ -5,7 +5,7 @@
 //! `ops`, the operator certificate the tests also use towards agents, is made by `gridforge-agent pki` and
 //! mapped by name in `[auth.users]`; `nobody` has neither and gets no role.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -62,11 +62,6 @@ pub struct Coordinator {
     starts: u32,
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the daemon binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Coordinator {
     /// Certificates for the coordinator and the grid's people, and the config under `dir`; not started.
     pub fn new(dir: &Path, pki: &Pki, settings: Settings) -> Coordinator {
@@ -81,7 +76,8 @@ impl Coordinator {
                 pki.issue_person(name, role);
             }
         }
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listen: SocketAddr =
+            format!("127.0.0.1:{}", gridforge_common::net::unused_loopback_port()).parse().unwrap();
         let config = dir.join("coordinator.toml");
         let s = &settings;
         let text = format!(

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -169,7 +168,7 @@ pub fn boot_timeout(typical: Duration) -> Duration {
 
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("finding a free port").port()
+    gridforge_common::net::unused_loopback_port()
 }
 
 /// The outcome of one command of [`Vm::run_all`].

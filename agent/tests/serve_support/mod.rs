@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -72,7 +72,7 @@ impl Pki {
 
 /// A free TCP port on 127.0.0.1 (bound and released; the daemon binds it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    gridforge_common::net::unused_loopback_port()
 }
 
 /// A node's directories and certificates under one temp dir, and the daemon's config file.
