@@ -1,7 +1,7 @@
 //! `bench/dispatch`: the coordinator pushing creates to many agents, and its status poller's idle cost.
 //!
-//! Usage: dispatch COORDINATOR_BIN DIR [NODES [VMS [IN_FLIGHT [IDLE_SECS]]]]
-//! (defaults 1000, 10000, 64, 30; certificates, the coordinator's config, state and log go in DIR)
+//! Usage: dispatch COORDINATOR_BIN DIR [NODES [VMS [IN_FLIGHT [IDLE_SECS [RATE [SLOTS]]]]]]
+//! (defaults 1000, 10000, 64, 30, 500, 2; SLOTS is the coordinator's `ops.max_disk_jobs_per_node`; certificates, the coordinator's config, state and log go in DIR)
 //!
 //! This process runs NODES fake agents (the generated `Agent` service, mutual TLS with certificates from
 //! `gridforge_common::pki`, CN = node name) on loopback ports, and the API client. The coordinator is the real
@@ -10,6 +10,7 @@
 //! 2. create VMS VMs with IN_FLIGHT calls in flight; each fake agent records when `SubmitJob` arrives,
 //!    by idempotency key, and answers with a job already succeeded. The overhead of one create is the time
 //!    from the API call to its agent receiving `SubmitJob`, both read from this process's monotonic clock;
+//!    then VMS/2 more, one call every 1/RATE s whatever is in flight (an open loop below saturation);
 //! 3. once every operation has finished, the coordinator's CPU time over IDLE_SECS of polling alone
 //!    (poller.interval_ms = 5000), as a share of one core.
 
@@ -371,16 +372,139 @@ async fn settle(client: &mut CoordinatorClient<Channel>) -> Duration {
     }
 }
 
+/// How the creates of one phase are issued.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// Closed loop: this many calls in flight, each followed by the next as soon as it is answered.
+    InFlight(usize),
+    /// Open loop: one call every 1/rate seconds, however many are in flight.
+    Rate(usize),
+}
+
+/// What one phase of creates measured.
+struct Phase {
+    vms: usize,
+    /// From the first call to the last answer.
+    api_done: Duration,
+    /// From the first call to the last SubmitJob received.
+    last_received: Duration,
+    /// From the last answer until no operation was active.
+    settled: Duration,
+    /// API call to answer, sorted.
+    answers: Vec<Duration>,
+    /// API call to the agent receiving SubmitJob, sorted.
+    overhead: Vec<Duration>,
+}
+
+impl Phase {
+    fn print(&self) {
+        let secs = self.api_done.as_secs_f64();
+        println!(
+            "  API answered all in {secs:.2} s: {:.0} creates/s; answer p50 {:.1} ms, p99 {:.1} ms",
+            self.vms as f64 / secs,
+            ms(percentile(&self.answers, 0.5)),
+            ms(percentile(&self.answers, 0.99)),
+        );
+        println!(
+            "  every SubmitJob received by {:.2} s: {:.0} dispatched/s; all operations finished {:.2} s after \
+             the last answer",
+            self.last_received.as_secs_f64(),
+            self.vms as f64 / self.last_received.as_secs_f64(),
+            self.settled.as_secs_f64(),
+        );
+        println!(
+            "  API call -> agent receives SubmitJob ({} of {} matched; monotonic clock, one process): \
+             p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.overhead.len(),
+            self.vms,
+            ms(percentile(&self.overhead, 0.5)),
+            ms(percentile(&self.overhead, 0.99)),
+            ms(self.overhead.last().copied().unwrap_or_default()),
+        );
+    }
+}
+
+/// One create: its answer time, and the call's instant under its provision step's idempotency key.
+async fn create_one(
+    mut c: CoordinatorClient<Channel>,
+    i: usize,
+    called: &Mutex<HashMap<String, Instant>>,
+) -> Duration {
+    let req = CreateVmRequest { spec: Some(spec(i)), ..Default::default() };
+    let t0 = Instant::now();
+    let resp = c.create_vm(req).await.unwrap_or_else(|e| panic!("creating vm {i}: {e}"));
+    let answered = t0.elapsed();
+    let op = resp.into_inner().operation.expect("an operation");
+    called.lock().unwrap().insert(format!("{}/provision", op.id), t0);
+    answered
+}
+
+/// Create the VMs numbered `range`, paced by `pace`, and match each call with its SubmitJob.
+async fn creates(
+    client: &CoordinatorClient<Channel>,
+    range: std::ops::Range<usize>,
+    pace: Pace,
+    counters: &Counters,
+) -> Phase {
+    let called: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let vms = range.len();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    match pace {
+        Pace::InFlight(in_flight) => {
+            let next = Arc::new(AtomicUsize::new(range.start));
+            for _ in 0..in_flight {
+                let (c, next, called, end) = (client.clone(), next.clone(), called.clone(), range.end);
+                tasks.spawn(async move {
+                    let mut answers = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= end {
+                            return answers;
+                        }
+                        answers.push(create_one(c.clone(), i, &called).await);
+                    }
+                });
+            }
+        }
+        Pace::Rate(rate) => {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for i in range {
+                tick.tick().await;
+                let (c, called) = (client.clone(), called.clone());
+                tasks.spawn(async move { vec![create_one(c, i, &called).await] });
+            }
+        }
+    }
+    let mut answers: Vec<Duration> = tasks.join_all().await.into_iter().flatten().collect();
+    let api_done = start.elapsed();
+    let settled = settle(&mut client.clone()).await;
+    let received = counters.received.lock().unwrap().clone();
+    let called = called.lock().unwrap().clone();
+    let mut overhead: Vec<Duration> =
+        called.iter().filter_map(|(key, t0)| received.get(key).map(|at| at.duration_since(*t0))).collect();
+    let last_received = called
+        .keys()
+        .filter_map(|key| received.get(key))
+        .max()
+        .map_or(Duration::ZERO, |at| at.duration_since(start));
+    overhead.sort();
+    answers.sort();
+    Phase { vms, api_done, last_received, settled, answers, overhead }
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: dispatch COORDINATOR_BIN DIR [NODES [VMS [IN_FLIGHT [IDLE_SECS]]]]");
+        eprintln!("usage: dispatch COORDINATOR_BIN DIR [NODES [VMS [IN_FLIGHT [IDLE_SECS [RATE [SLOTS]]]]]]");
         std::process::exit(2);
     }
     let arg = |i: usize, default: usize| args.get(i).map_or(default, |a| a.parse().expect("a number"));
     let (bin, dir) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
     let (nodes, vms, in_flight, idle_secs) = (arg(3, 1000), arg(4, 10_000), arg(5, 64), arg(6, 30));
+    let (rate, slots) = (arg(7, 500), arg(8, 2));
     raise_nofile(3 * nodes as u64 + 256);
     let _ = std::fs::remove_dir_all(&dir);
     let pki_dir = dir.join("pki");
@@ -404,16 +528,14 @@ async fn main() {
     let counters = Arc::new(Counters::default());
     let addresses = start_agents(&pki_dir, nodes, &counters).await;
 
-    let port =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("port").port();
-    let api = format!("127.0.0.1:{port}");
+    let api = format!("127.0.0.1:{}", gridforge_common::net::unused_loopback_port());
     let config = dir.join("coordinator.toml");
     let ca = pki::ca_cert_path(&pki_dir);
     std::fs::write(
         &config,
         format!(
             "listen = \"{api}\"\nstate_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-             [poller]\ninterval_ms = 5000\n",
+             [poller]\ninterval_ms = 5000\n[ops]\nmax_disk_jobs_per_node = {slots}\n",
             state_dir.display(),
             ca.display(),
             coord_cert.cert.display(),
@@ -458,70 +580,25 @@ async fn main() {
     tasks.join_all().await;
     println!("enrolled {nodes} nodes in {:.1} s (32 at a time)", t.elapsed().as_secs_f64());
 
-    // Creates.
-    let called: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..in_flight {
-        let (mut c, next, called) = (client.clone(), next.clone(), called.clone());
-        tasks.spawn(async move {
-            let mut answers = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= vms {
-                    return answers;
-                }
-                let req = CreateVmRequest { spec: Some(spec(i)), ..Default::default() };
-                let t0 = Instant::now();
-                let resp = c.create_vm(req).await.unwrap_or_else(|e| panic!("creating vm {i}: {e}"));
-                let answered = t0.elapsed();
-                let op = resp.into_inner().operation.expect("an operation");
-                called.lock().unwrap().insert(format!("{}/provision", op.id), t0);
-                answers.push(answered);
-            }
-        });
-    }
-    let mut answers: Vec<Duration> = tasks.join_all().await.into_iter().flatten().collect();
-    let api_done = start.elapsed();
+    // Creates: as fast as IN_FLIGHT calls allow, then paced at RATE per second (an open loop: each call made at
+    // its time, however many are in flight), so that the overhead is seen both at saturation and below it.
+    let closed = creates(&client, 0..vms, Pace::InFlight(in_flight), &counters).await;
+    println!(
+        "creates: {vms} VMs over {nodes} nodes, {in_flight} API calls in flight over one mTLS channel, \
+         {slots} disk jobs per node at once"
+    );
+    closed.print();
+    let paced_vms = vms / 2;
+    let paced = creates(&client, vms..vms + paced_vms, Pace::Rate(rate), &counters).await;
+    println!(
+        "creates: {paced_vms} more VMs, one API call every {:.2} ms ({rate}/s) whatever is in flight",
+        1e3 / rate as f64
+    );
+    paced.print();
     let mut client = client;
-    let settled = settle(&mut client).await;
-    let all_done = start.elapsed();
-
-    let received = counters.received.lock().unwrap().clone();
-    let called = called.lock().unwrap().clone();
-    let mut overhead: Vec<Duration> =
-        called.iter().filter_map(|(key, t0)| received.get(key).map(|at| at.duration_since(*t0))).collect();
-    let last_received = received.values().max().map_or(Duration::ZERO, |at| at.duration_since(start));
-    overhead.sort();
-    answers.sort();
     let listed = client.list_vms(ListVmsRequest::default()).await.expect("ListVms").into_inner().vms;
     let running =
         listed.iter().filter(|v| v.state() == gridforge_coordinator::grid::VmState::Running).count();
-    println!("creates: {vms} VMs over {nodes} nodes, {in_flight} API calls in flight over one mTLS channel");
-    println!(
-        "  API answered all in {:.2} s: {:.0} creates/s; answer p50 {:.1} ms, p99 {:.1} ms",
-        api_done.as_secs_f64(),
-        vms as f64 / api_done.as_secs_f64(),
-        ms(percentile(&answers, 0.5)),
-        ms(percentile(&answers, 0.99)),
-    );
-    println!(
-        "  every SubmitJob received by {:.2} s: {:.0} dispatched/s; all operations finished after {:.2} s \
-         ({:.2} s after the last answer)",
-        last_received.as_secs_f64(),
-        vms as f64 / last_received.as_secs_f64(),
-        all_done.as_secs_f64(),
-        settled.as_secs_f64(),
-    );
-    println!(
-        "  API call -> agent receives SubmitJob ({} of {vms} matched; monotonic clock, one process): \
-         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        overhead.len(),
-        ms(percentile(&overhead, 0.5)),
-        ms(percentile(&overhead, 0.99)),
-        ms(overhead.last().copied().unwrap_or_default()),
-    );
     println!("  vms running in the grid view: {running} of {}", listed.len());
 
     // Idle polling.

@@ -79,6 +79,10 @@ pub struct OpsConfig {
     pub retry_backoff_ms: u64,
     /// Disk-heavy jobs (provision, delete, resize, snapshot) running at once per node; more wait queued.
     pub max_disk_jobs_per_node: usize,
+    /// How long an API call that starts an operation waits for its first agent job to reach the agent (or to
+    /// be queued, or to fail) before it answers anyway. The answer then says where the operation is, and
+    /// callers that send faster than the agents take jobs are slowed down instead of piling up work.
+    pub dispatch_wait_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -141,7 +145,12 @@ impl Default for PollerConfig {
 
 impl Default for OpsConfig {
     fn default() -> Self {
-        OpsConfig { retry_attempts: 5, retry_backoff_ms: 1000, max_disk_jobs_per_node: 2 }
+        OpsConfig {
+            retry_attempts: 5,
+            retry_backoff_ms: 1000,
+            max_disk_jobs_per_node: 2,
+            dispatch_wait_ms: 250,
+        }
     }
 }
 

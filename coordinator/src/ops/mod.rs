@@ -13,6 +13,7 @@ pub(crate) use run::status_text;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use gridforge_agent::jobs::{scrub_spec, validate_spec};
 use gridforge_proto::v1::{
@@ -69,6 +70,8 @@ struct Inner {
     secrets: Mutex<HashMap<String, VmSpec>>,
     /// Per node: slots for disk-heavy agent jobs.
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Operations whose starter waits to hear that the first agent job was handed over (see `dispatched`).
+    dispatch: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,6 +171,7 @@ impl Engine {
                 events: Mutex::default(),
                 secrets: Mutex::default(),
                 slots: Mutex::default(),
+                dispatch: Mutex::default(),
             }),
         }
     }
@@ -336,16 +340,32 @@ impl Engine {
         secrets: Option<VmSpec>,
     ) -> Result<Operation, OpError> {
         let engine = self.clone();
-        tokio::spawn(async move {
+        let (op, handed_over) = tokio::spawn(async move {
             let op = pending.durable().await?;
             if let Some(spec) = secrets {
                 lock(&engine.inner.secrets).insert(op.id.clone(), spec);
             }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            lock(&engine.inner.dispatch).insert(op.id.clone(), tx);
             engine.spawn(op.id.clone());
-            Ok(op)
+            Ok::<_, OpError>((op, rx))
         })
         .await
-        .map_err(|e| OpError::Unavailable(format!("starting the operation: {e}")))?
+        .map_err(|e| OpError::Unavailable(format!("starting the operation: {e}")))??;
+        // Answer once the agent has the job, or the job waits for a slot, or its first try failed, or the
+        // bound passed: whichever comes first. Then with the operation as it is now.
+        let wait = Duration::from_millis(self.inner.config.dispatch_wait_ms);
+        if tokio::time::timeout(wait, handed_over).await.is_err() {
+            lock(&self.inner.dispatch).remove(&op.id);
+        }
+        Ok(self.view().read(|s| s.ops.get(&op.id).cloned()).unwrap_or(op))
+    }
+
+    /// The operation's first agent job was handed over (or queued, or its try failed): its starter may answer.
+    fn dispatched(&self, id: &str) {
+        if let Some(tx) = lock(&self.inner.dispatch).remove(id) {
+            let _ = tx.send(());
+        }
     }
 
     pub async fn delete_vm(&self, req: DeleteVmRequest, who: &str) -> Result<Operation, OpError> {

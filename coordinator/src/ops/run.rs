@@ -57,6 +57,7 @@ fn volume(name: &str) -> Option<DiskTarget> {
 impl Engine {
     pub(super) async fn run(&self, id: String) {
         let outcome = self.run_steps(&id).await;
+        self.dispatched(&id);
         if let Err(e) = &outcome {
             tracing::warn!(op = %id, "operation failed: {e}");
         }
@@ -190,6 +191,7 @@ impl Engine {
             }
         });
         self.publish(self.event(id, "queued", format!("waiting for a disk job slot on {node}")), false);
+        self.dispatched(id);
         sem.acquire_owned().await.expect("slot semaphores are never closed")
     }
 
@@ -227,6 +229,9 @@ impl Engine {
             } else {
                 self.submit_and_follow(id, index, &address, req.clone()).await
             };
+            if outcome.is_err() {
+                self.dispatched(id);
+            }
             match outcome {
                 Ok(job) => return Ok(job),
                 Err(StepError::Fatal(m)) => return Err(format!("node {node}: {step_name}: {m}")),
@@ -282,8 +287,9 @@ impl Engine {
     ) -> Result<Job, StepError> {
         let timeout = self.agents().call_timeout;
         let mut client = self.agents().client(address).await.map_err(|e| StepError::Retry(e.to_string()))?;
-        let job = tokio::time::timeout(timeout, client.submit_job(req))
-            .await
+        let submitted = tokio::time::timeout(timeout, client.submit_job(req)).await;
+        self.dispatched(id);
+        let job = submitted
             .map_err(|_| StepError::Retry(format!("SubmitJob took more than {timeout:?}")))?
             .map_err(|s| classify(&s))?
             .into_inner();

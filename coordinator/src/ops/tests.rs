@@ -208,6 +208,7 @@ async fn create_then_delete_moves_states_and_releases_the_allocation() {
     assert_eq!(e.view().read(|s| s.allocated("n1")), Resources::default());
 
     // What the store holds is what the view showed.
+    e.view().flushed().await.unwrap();
     let reloaded = engine(store, 3);
     assert_eq!(reloaded.view().read(|s| s.vms.get("web1").map(Vm::state)), Some(VmState::Deleted));
 }

@@ -187,6 +187,14 @@ impl GridView {
         Ok(self.stage(f)?.wait()?)
     }
 
+    /// Returns once every change staged before the call is durable (changes commit in the order staged).
+    pub async fn flushed(&self) -> Result<(), StoreError> {
+        let queue = self.queue.as_ref().ok_or(StoreError::Stopped)?;
+        let (done, rx) = oneshot::channel();
+        queue.send(Queued { changes: Vec::new(), done }).map_err(|_| StoreError::Stopped)?;
+        Pending { value: (), done: Some(rx) }.durable().await
+    }
+
     /// Change the view without storing it: observations (progress, usage) that the next poll or event
     /// renews anyway.
     pub fn observe(&self, f: impl FnOnce(&mut GridState)) {
