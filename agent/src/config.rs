@@ -74,6 +74,27 @@ pub struct ImagesConfig {
     pub efi_binary: Option<PathBuf>,
 }
 
+impl ImagesConfig {
+    /// How the store's index is checked: the trusted key, or no check where `insecure_images` allows it.
+    pub fn trust(&self) -> Result<crate::image::Trust, UntrustedStore> {
+        if !self.trusted_key.is_empty() {
+            return crate::image::sign::parse_trusted_key(&self.trusted_key)
+                .map(crate::image::Trust::Key)
+                .map_err(UntrustedStore::Key);
+        }
+        if self.insecure_images { Ok(crate::image::Trust::Insecure) } else { Err(UntrustedStore::NoKey) }
+    }
+}
+
+/// Why the image store cannot be trusted as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum UntrustedStore {
+    #[error("images.trusted_key")]
+    Key(#[source] crate::image::ImageError),
+    #[error("no trusted key configured (images.trusted_key)")]
+    NoKey,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LibvirtConfig {

@@ -2,6 +2,7 @@
 //! hypervisor, real TLS certificates (rcgen), a real loop device, and the `diagnose` command of the binary.
 
 mod common;
+mod image_store_common;
 mod jobs_support;
 mod serve_support;
 
@@ -23,7 +24,7 @@ use jobs_support::*;
 use tonic::transport::Channel;
 
 /// Every check, in the order the report lists them.
-const CHECKS: [&str; 13] = [
+const CHECKS: [&str; 14] = [
     "agent",
     "libvirt",
     "hypervisor",
@@ -33,6 +34,7 @@ const CHECKS: [&str; 13] = [
     "block-devices",
     "pool",
     "image-cache",
+    "image-store",
     "tls",
     "clock",
     "state-dir",
@@ -133,6 +135,48 @@ async fn diagnostics_report_every_check_with_the_test_driver() {
     let jobs = find(&report, "jobs");
     assert_eq!(jobs.status(), Status::Ok, "{jobs:?}");
     assert!(jobs.reason.starts_with("0 running, 0 queued"), "{jobs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_image_store_check_lists_the_images_and_those_in_the_cache() {
+    use gridforge_agent::image::{Cache, Kind, Store, Trust, pack, sign};
+    use gridforge_common::progress::Progress;
+    let store = image_store_common::make_store();
+    let rootfs = store.tmp.path().join("rootfs");
+    std::fs::write(rootfs.join("etc/debian_version"), "13.0\n").unwrap();
+    pack::pack_rootfs(&rootfs, &store.store_dir, "debian", "13", Kind::Os, &store.key, 3).unwrap();
+
+    // No store configured: nothing listed, and the check says so.
+    let mut node = Node::new();
+    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[]);
+    let c = find(&report, "image-store");
+    assert_eq!(c.status(), Status::Ok, "{c:?}");
+    assert!(c.reason.starts_with("none configured (images.store)"), "{c:?}");
+    assert!(report.images.is_empty() && report.cached_images.is_empty(), "{report:?}");
+
+    // A signed store with two images, one of them fetched into the cache as a provision does.
+    node.config.images.store = store.store_dir.display().to_string();
+    node.config.images.trusted_key = sign::encode_public(&store.key.verifying_key());
+    let opened = Store::open(&node.config.images.store, Trust::Key(store.key.verifying_key())).unwrap();
+    let cache = Cache::new(&node.config.cache_dir).unwrap();
+    cache.fetch(&opened, opened.find("debian", "12").unwrap(), &Progress::none()).unwrap();
+    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[]);
+    let c = find(&report, "image-store");
+    assert_eq!(c.status(), Status::Ok, "{c:?}");
+    assert_eq!(
+        c.reason,
+        format!("{} lists 2 images (signed index verified), 1 of them cached", store.store_dir.display()),
+    );
+    assert_eq!(report.images, ["debian:12", "debian:13"]);
+    assert_eq!(report.cached_images, ["debian:12"]);
+
+    // A store that is not there: FAIL naming it, nothing listed.
+    node.config.images.store = store.tmp.path().join("no-such-store").display().to_string();
+    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[]);
+    let c = find(&report, "image-store");
+    assert_eq!(c.status(), Status::Fail, "{c:?}");
+    assert!(c.reason.starts_with(&node.config.images.store), "{c:?}");
+    assert!(report.images.is_empty(), "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

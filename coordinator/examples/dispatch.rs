@@ -185,11 +185,17 @@ impl Agent for FakeAgent {
                 ok("kvm", "/dev/kvm usable"),
                 ok("pool", "/var/lib/gridforge/pool: 18 TiB free"),
                 ok("image-cache", "12 images cached"),
+                ok(
+                    "image-store",
+                    "https://images.example/ lists 2 images (signed index verified), 1 of them cached",
+                ),
                 ok("tls", "certificate valid for 800 days"),
                 ok("clock", "synchronized"),
                 ok("jobs", "journal open, 0 running"),
             ],
             arch: "x86_64".into(),
+            images: vec!["debian-12-minimal:1".into(), "debian-12-minimal:2".into()],
+            cached_images: vec!["debian-12-minimal:1".into()],
         }))
     }
 

@@ -380,6 +380,19 @@ fn refusals_name_the_cause() {
         ["node-a", "node-b"].iter().map(|m| n(&node(&ctl, m), &["allocated", "memoryMib"])).sum();
     assert_eq!(allocated, 128, "keep-me's allocation only");
     assert_eq!(provisions(&grid, "too-big"), 0);
+
+    // An image no node's store lists: refused by placement, naming it, before any agent is asked.
+    let image = format!("{}:{}", gridforge_tests::images::TINY_IMAGE, gridforge_tests::images::TINY_VERSION);
+    let listed = node(&ctl, "node-a");
+    assert_eq!(listed["images"], serde_json::json!([image]), "the agent's store listing: {listed}");
+    let mut spec = gridforge_tests::images::vm_spec("no-image", 1, 64, 64);
+    spec["image"]["version"] = "9".into();
+    let path = grid.path().join("no-image.json");
+    std::fs::write(&path, spec.to_string()).unwrap();
+    let out = ctl.fails(&["vm", "create", "-f", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "{}", out.describe());
+    assert!(out.stderr.contains("1 image tiny:9 not reachable"), "{}", out.stderr);
+    assert_eq!(provisions(&grid, "no-image"), 0);
 }
 
 #[test]

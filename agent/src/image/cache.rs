@@ -16,6 +16,11 @@ use super::{ImageError, is_sha256_hex};
 
 const COPY_CHUNK: usize = 1 << 20;
 
+/// Where the blob with this digest lives in the cache rooted at `dir` (without opening, so creating, it).
+pub fn blob_path_in(dir: &Path, sha256: &str) -> PathBuf {
+    dir.join("sha256").join(sha256)
+}
+
 #[derive(Debug)]
 pub struct Cache {
     dir: PathBuf,

@@ -177,20 +177,12 @@ fn provision(
     target: &Target,
     domain: Option<&DomainPlan>,
 ) -> Result<Outcome, Failure> {
-    let images = &ctx.inner.config.images;
-    let trust = if !images.trusted_key.is_empty() {
-        let key = crate::image::sign::parse_trusted_key(&images.trusted_key)
-            .map_err(|e| Failure::at("fetch", Code::ImageUntrusted, error_chain(&e)))?;
-        Trust::Key(key)
-    } else if images.insecure_images {
-        Trust::Insecure
-    } else {
-        return Err(Failure::at(
-            "fetch",
-            Code::ImageUntrusted,
-            "no trusted key configured (images.trusted_key)",
-        ));
-    };
+    let trust = ctx
+        .inner
+        .config
+        .images
+        .trust()
+        .map_err(|e| Failure::at("fetch", Code::ImageUntrusted, error_chain(&e)))?;
     let created_volume = match target {
         Target::Volume { name, exists: false, .. } => {
             let hv = ctx.hypervisor()?;

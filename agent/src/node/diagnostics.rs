@@ -33,9 +33,10 @@ pub enum JobList<'a> {
     Unknown(String),
 }
 
-/// Every check, in a fixed order, and the hypervisor kind.
+/// Every check, in a fixed order, the hypervisor kind and the images the node's store lists.
 pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
     let libvirt = LibvirtFacts::gather(ctx);
+    let (store_check, listing) = image_store_check(&ctx.config.images, &ctx.config.cache_dir);
     let checks = vec![
         check(
             "agent",
@@ -50,6 +51,7 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
         block_devices_check(&ctx.config.jobs.devices),
         libvirt.pool_check(),
         image_cache_check(&ctx.config.cache_dir),
+        store_check,
         tls_check(&ctx.config.tls),
         clock_check(),
         state_dir_check(&ctx.config.state_dir),
@@ -62,6 +64,8 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
         hypervisor_kind: libvirt.kind().map(|k| k.as_str().to_string()).unwrap_or_default(),
         checks,
         arch: std::env::consts::ARCH.to_string(),
+        images: listing.images,
+        cached_images: listing.cached,
     }
 }
 
@@ -327,6 +331,81 @@ fn image_cache_check(cache: &Path) -> Check {
         Ok(s) => check("image-cache", Status::Ok, format!("{used}; {}", space_text(s))),
         Err(e) => check("image-cache", Status::Warn, format!("{used}; free space unknown: {e}")),
     }
+}
+
+/// How long a read of the store's index serves the checks after it (a coordinator asks every few seconds).
+const INDEX_TTL: Duration = Duration::from_secs(30);
+
+/// The images a store lists ("name:version") with the sha256 of each blob, or why it cannot be read.
+type IndexListing = Result<Vec<(String, String)>, String>;
+
+/// What the image-store check found: every image the store lists, and those whose blob is in the cache.
+#[derive(Default)]
+struct StoreListing {
+    images: Vec<String>,
+    cached: Vec<String>,
+}
+
+/// The store's index, read and verified at most once per [`INDEX_TTL`] for each store location.
+fn store_index(images: &crate::config::ImagesConfig) -> IndexListing {
+    type Reads = std::collections::HashMap<String, (std::time::Instant, IndexListing)>;
+    static READS: std::sync::Mutex<Option<Reads>> = std::sync::Mutex::new(None);
+    let key = format!("{}\n{}\n{}", images.store, images.trusted_key, images.insecure_images);
+    let mut reads = READS.lock().unwrap_or_else(|p| p.into_inner());
+    let reads = reads.get_or_insert_with(Reads::new);
+    if let Some((at, listing)) = reads.get(&key)
+        && at.elapsed() < INDEX_TTL
+    {
+        return listing.clone();
+    }
+    let listing = images.trust().map_err(|e| error_chain(&e)).and_then(|trust| {
+        let store = crate::image::Store::open(&images.store, trust).map_err(|e| error_chain(&e))?;
+        Ok(store
+            .index()
+            .images
+            .iter()
+            .map(|e| (format!("{}:{}", e.name, e.version), e.sha256.clone()))
+            .collect())
+    });
+    reads.insert(key, (std::time::Instant::now(), listing.clone()));
+    listing
+}
+
+fn image_store_check(images: &crate::config::ImagesConfig, cache: &Path) -> (Check, StoreListing) {
+    if images.store.is_empty() {
+        let c = check(
+            "image-store",
+            Status::Ok,
+            "none configured (images.store): provisions from images are refused",
+        );
+        return (c, StoreListing::default());
+    }
+    let index = match store_index(images) {
+        Ok(index) => index,
+        Err(e) => {
+            return (
+                check("image-store", Status::Fail, format!("{}: {e}", images.store)),
+                StoreListing::default(),
+            );
+        }
+    };
+    let mut listing = StoreListing::default();
+    for (image, sha256) in index {
+        if crate::image::is_sha256_hex(&sha256) && crate::image::cache::blob_path_in(cache, &sha256).is_file()
+        {
+            listing.cached.push(image.clone());
+        }
+        listing.images.push(image);
+    }
+    let signed =
+        if images.trusted_key.is_empty() { "unsigned index accepted" } else { "signed index verified" };
+    let reason = format!(
+        "{} lists {} images ({signed}), {} of them cached",
+        images.store,
+        listing.images.len(),
+        listing.cached.len()
+    );
+    (check("image-store", Status::Ok, reason), listing)
 }
 
 fn tls_check(tls: &crate::config::TlsConfig) -> Check {

@@ -186,6 +186,15 @@ impl Output {
             n.missed_polls
         );
         println!("VMs:          {}", if n.vms.is_empty() { "-".into() } else { n.vms.join(", ") });
+        let images: Vec<String> = n
+            .images
+            .iter()
+            .map(|i| if n.cached_images.contains(i) { format!("{i} (cached)") } else { i.clone() })
+            .collect();
+        println!("Images:       {}", if images.is_empty() { "-".into() } else { images.join(", ") });
+        if !n.licenses.is_empty() {
+            println!("Licenses:     {}", n.licenses.join(", "));
+        }
         if !n.drift.is_empty() {
             println!("Drift:");
             for d in &n.drift {

@@ -188,7 +188,7 @@ impl GridState {
             overcommit_memory: ratio(n.overcommit_memory, self.defaults.overcommit_memory),
             allocated: to_sched(&allocated),
             images: n.images.iter().cloned().collect(),
-            cached_images: Default::default(),
+            cached_images: n.cached_images.iter().cloned().collect(),
             licenses: n.licenses.iter().cloned().collect(),
             cpu_load: n.cpu_load,
             groups,

@@ -107,6 +107,11 @@ fn step(name: &str, op: &str, node: &str) -> OperationStep {
 }
 
 /// The scheduler's request for a spec and its constraints.
+/// An image as the agents list it: "name:version".
+fn image_key(i: &gridforge_proto::v1::ImageRef) -> String {
+    format!("{}:{}", i.name, i.version)
+}
+
 pub fn schedule_request(spec: &VmSpec, p: &PlacementConstraints) -> Request {
     let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let workload = match p.workload.as_str() {
@@ -118,9 +123,8 @@ pub fn schedule_request(spec: &VmSpec, p: &PlacementConstraints) -> Request {
     Request {
         vm: spec.name.clone(),
         resources: crate::grid::to_sched(&spec_resources(spec)),
-        // The agents do not report what their image stores hold, so the image filter stays off: the agent
-        // fails the provision with IMAGE_NOT_FOUND instead.
-        image: String::new(),
+        image: spec.image.as_ref().map(image_key).unwrap_or_default(),
+        layers: spec.layers.iter().map(image_key).collect(),
         datacenter: some(&p.datacenter),
         node: some(&p.node),
         selector: p.node_selector.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),

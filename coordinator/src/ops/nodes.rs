@@ -97,6 +97,8 @@ impl Engine {
                 vec![diag.hypervisor_kind.clone()]
             },
             arch: diag.arch.clone(),
+            images: diag.images.clone(),
+            cached_images: diag.cached_images.clone(),
             capacity: Some(capacity(&stats)),
             overcommit_cpu: req.overcommit_cpu,
             overcommit_memory: req.overcommit_memory,

@@ -133,6 +133,7 @@ fn node(address: &str) -> Node {
         address: address.into(),
         state: NodeState::Ready as i32,
         capacity: Some(Resources { vcpus: 4, memory_mib: 8192, disk_mib: 100_000 }),
+        images: vec!["tiny:1".into()],
         ..Default::default()
     }
 }

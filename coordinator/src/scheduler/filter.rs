@@ -45,8 +45,13 @@ pub(super) fn check(node: &NodeInfo, r: &Request) -> Result<(), Failed> {
     fail(need.vcpus > free.vcpus, Failed::Cpu)?;
     fail(need.memory_mib > free.memory_mib, Failed::Memory)?;
     fail(need.disk_mib > free.disk_mib, Failed::Disk)?;
-    fail(!r.image.is_empty() && !node.images.contains(&r.image), Failed::Image)?;
+    fail(unreachable_image(node, r).is_some(), Failed::Image)?;
     fail(!r.licenses.is_subset(&node.licenses), Failed::Licenses)
+}
+
+/// The first image of the request the node does not reach.
+fn unreachable_image<'a>(node: &NodeInfo, r: &'a Request) -> Option<&'a String> {
+    r.needed_images().find(|i| !node.images.contains(*i))
 }
 
 /// The first selector pair the node's labels do not match.
@@ -79,7 +84,7 @@ fn refusal(failed: Failed, node: &NodeInfo, r: &Request) -> Refusal {
         Failed::Cpu => Refusal::Cpu { need: need.vcpus, free: free.vcpus },
         Failed::Memory => Refusal::Memory { need: need.memory_mib, free: free.memory_mib },
         Failed::Disk => Refusal::Disk { need: need.disk_mib, free: free.disk_mib },
-        Failed::Image => Refusal::Image { image: r.image.clone() },
+        Failed::Image => Refusal::Image { image: unreachable_image(node, r).cloned().unwrap_or_default() },
         Failed::Licenses => {
             Refusal::Licenses { missing: r.licenses.difference(&node.licenses).cloned().collect() }
         }

@@ -120,6 +120,8 @@ pub struct Request {
     pub resources: Resources,
     /// "name:version"; empty for a VM that needs no image (a blank disk).
     pub image: String,
+    /// Layer images ("name:version") overlaid on `image`: the node must reach them too.
+    pub layers: Vec<String>,
     pub datacenter: Option<String>,
     /// Pinned node.
     pub node: Option<String>,
@@ -134,4 +136,11 @@ pub struct Request {
     pub workload: Option<Workload>,
     /// Nodes never to use (e.g. a migration's source).
     pub exclude: BTreeSet<String>,
+}
+
+impl Request {
+    /// The images the node must reach: the OS image (when there is one), then the layers.
+    pub fn needed_images(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.image).filter(|i| !i.is_empty()).chain(&self.layers)
+    }
 }

@@ -110,7 +110,7 @@ impl Class {
         r.datacenter.as_ref().is_none_or(|dc| *dc == self.datacenter)
             && r.arch.as_ref().is_none_or(|arch| *arch == self.arch)
             && r.hypervisor.as_ref().is_none_or(|kind| self.hypervisors.contains(kind))
-            && (r.image.is_empty() || self.images.has(&r.image))
+            && r.needed_images().all(|i| self.images.has(i))
             && r.licenses.iter().all(|license| self.licenses.has(license))
             && r.selector
                 .iter()

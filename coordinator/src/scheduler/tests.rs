@@ -82,6 +82,7 @@ fn each_filter_says_why() {
         (|_, r| r.resources.memory_mib = 5000, "insufficient memory (need 5000 MiB, free 4096)"),
         (|_, r| r.resources.disk_mib = 200 * 1024, "insufficient disk (need 204800 MiB, free 102400)"),
         (|_, r| r.image = "alpine:3".into(), "image alpine:3 not reachable"),
+        (|_, r| r.layers = vec![IMAGE.into(), "app:2".into()], "image app:2 not reachable"),
         (
             |n, r| {
                 n.licenses.insert("sap".into());
