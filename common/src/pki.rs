@@ -105,6 +105,16 @@ pub fn ca_key_path(dir: &Path) -> PathBuf {
     dir.join("ca.key")
 }
 
+/// The certificate `name` in `dir`: `NAME.pem`.
+pub fn cert_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.pem"))
+}
+
+/// The private key of certificate `name` in `dir`: `NAME.key`.
+pub fn key_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.key"))
+}
+
 /// Make a new CA in `dir` (created if missing): `ca.pem` and `ca.key` (mode 0600), valid for `days`.
 pub fn init(dir: &Path, days: u32) -> Result<Issued, PkiError> {
     let (cert_path, key_path) = (ca_cert_path(dir), ca_key_path(dir));
@@ -126,8 +136,7 @@ pub fn init(dir: &Path, days: u32) -> Result<Issued, PkiError> {
 /// extended key usage serverAuth and clientAuth.
 pub fn issue(dir: &Path, req: &CertRequest) -> Result<Issued, PkiError> {
     check_name(&req.name)?;
-    let cert_path = dir.join(format!("{}.pem", req.name));
-    let key_path = dir.join(format!("{}.key", req.name));
+    let (cert_path, key_path) = (cert_path(dir, &req.name), key_path(dir, &req.name));
     refuse_existing(&[&cert_path, &key_path])?;
     let (ca_cert, ca_key) = (ca_cert_path(dir), ca_key_path(dir));
     let ca_key_pem = read(&ca_key)?;
