@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use gridforge_common::tls::TlsFiles;
 use serde::Deserialize;
 
 /// Default location of the configuration file.
@@ -39,22 +40,13 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// Staging trees for provisions (must keep ownership and modes: not FAT or NFS).
     pub work_dir: PathBuf,
-    pub tls: TlsConfig,
+    /// Mutual TLS of the gRPC service: `ca` is the CA whose certificates clients must present (the
+    /// coordinator's CA), `cert` and `key` the agent's certificate chain and key.
+    #[serde(deserialize_with = "tls_files")]
+    pub tls: TlsFiles,
     pub images: ImagesConfig,
     pub libvirt: LibvirtConfig,
     pub jobs: JobsConfig,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// CA whose certificates clients must present (the coordinator's CA).
-    pub ca: PathBuf,
-    /// The agent's certificate chain and key (PEM).
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Serve plaintext gRPC without client authentication. Local development only.
-    pub insecure: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -142,7 +134,7 @@ impl Default for Config {
             metrics_listen: Some("127.0.0.1:9464".parse().expect("valid address")),
             cache_dir: PathBuf::from("/var/cache/gridforge-agent"),
             work_dir: state_dir.join("work"),
-            tls: TlsConfig::default(),
+            tls: default_tls(),
             images: ImagesConfig::default(),
             libvirt: LibvirtConfig::default(),
             jobs: JobsConfig {
@@ -150,17 +142,6 @@ impl Default for Config {
                 ..Default::default()
             },
             state_dir,
-        }
-    }
-}
-
-impl Default for TlsConfig {
-    fn default() -> Self {
-        Self {
-            ca: PathBuf::from("/etc/gridforge/tls/ca.pem"),
-            cert: PathBuf::from("/etc/gridforge/tls/agent.pem"),
-            key: PathBuf::from("/etc/gridforge/tls/agent.key"),
-            insecure: false,
         }
     }
 }
@@ -263,6 +244,16 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
         }
         None => message.to_string(),
     }
+}
+
+/// `/etc/gridforge/tls/ca.pem`, `agent.pem` and `agent.key`.
+fn default_tls() -> TlsFiles {
+    TlsFiles::in_dir(Path::new("/etc/gridforge/tls"), "agent")
+}
+
+/// The `[tls]` table over the agent's defaults.
+fn tls_files<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TlsFiles, D::Error> {
+    TlsFiles::deserialize_or(d, default_tls())
 }
 
 /// An address, or none for an empty string.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use gridforge_common::error_chain;
+use gridforge_common::systemd;
 use gridforge_common::tls::{self, TlsError};
 use gridforge_proto::v1::agent_server::AgentServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -179,9 +180,11 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         "gridforge-agent serving"
     );
     systemd::notify_ready(&grpc_addr);
-    if let Some(interval) = systemd::watchdog_interval() {
-        tokio::spawn(watchdog(engine.clone(), interval));
-    }
+    // A wedged engine stops the pings and systemd restarts the agent.
+    systemd::spawn_watchdog("the job engine", {
+        let engine = engine.clone();
+        move || engine.get("")
+    });
 
     tokio::select! {
         name = signals.next() => tracing::info!(signal = name, "stopping"),
@@ -252,26 +255,6 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
-        }
-    }
-}
-
-/// Ping systemd's watchdog while the engine answers: a wedged engine stops the pings and systemd restarts
-/// the agent.
-async fn watchdog(engine: JobEngine, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let probe = {
-            let engine = engine.clone();
-            tokio::task::spawn_blocking(move || engine.get("").is_none())
-        };
-        match tokio::time::timeout(interval, probe).await {
-            Ok(Ok(_)) => systemd::notify_watchdog(),
-            _ => tracing::error!(
-                "the job engine did not answer within {interval:?}; withholding the watchdog ping"
-            ),
         }
     }
 }
@@ -377,47 +360,4 @@ pub fn render_metrics(engine: &JobEngine, node: &str, started: SystemTime) -> St
 
 fn escape_label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// systemd's notification protocol (`Type=notify`); every call does nothing without `NOTIFY_SOCKET`.
-pub mod systemd {
-    use std::net::SocketAddr;
-    use std::time::Duration;
-
-    use sd_notify::NotifyState;
-
-    fn send(states: &[NotifyState<'_>]) {
-        if std::env::var_os("NOTIFY_SOCKET").is_none() {
-            return;
-        }
-        if let Err(e) = sd_notify::notify(false, states) {
-            tracing::warn!("cannot notify systemd: {e}");
-        }
-    }
-
-    pub fn notify_ready(addr: &SocketAddr) {
-        let status = format!("serving on {addr}");
-        send(&[NotifyState::Ready, NotifyState::Status(&status)]);
-    }
-
-    pub fn notify_stopping(status: &str) {
-        send(&[NotifyState::Stopping, NotifyState::Status(status)]);
-    }
-
-    pub fn notify_watchdog() {
-        send(&[NotifyState::Watchdog]);
-    }
-
-    /// Half of `WATCHDOG_USEC` when systemd expects pings from this process. As sd_watchdog_enabled(3):
-    /// `WATCHDOG_PID`, when set, must be this process.
-    pub fn watchdog_interval() -> Option<Duration> {
-        std::env::var_os("NOTIFY_SOCKET")?;
-        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|u| *u > 0)?;
-        if let Ok(pid) = std::env::var("WATCHDOG_PID")
-            && pid.parse::<u32>().ok() != Some(std::process::id())
-        {
-            return None;
-        }
-        Some(Duration::from_micros(usec / 2).max(Duration::from_millis(10)))
-    }
 }

@@ -1,16 +1,13 @@
 //! The installed files: `systemd/gridforge-agent.service` passes `systemd-analyze verify` and keeps its
 //! contract, and `systemd/agent.toml` is a valid configuration equal to the built-in defaults it documents.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use gridforge_agent::config::Config;
+use gridforge_testsupport::repo_file;
+use gridforge_testsupport::systemd::assert_unit_verifies;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gridforge-agent");
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
 
 fn unit_text() -> String {
     std::fs::read_to_string(repo_file("systemd/gridforge-agent.service")).unwrap()
@@ -26,24 +23,7 @@ fn unit_passes_systemd_analyze_verify() {
     let unit = unit_text();
     let exec = "ExecStart=/usr/local/bin/gridforge-agent serve --config /etc/gridforge/agent.toml";
     assert!(unit.lines().any(|l| l == exec), "ExecStart is the documented one");
-    // verify checks that the ExecStart binary exists: point it at the built one.
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("gridforge-agent.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/gridforge-agent", BIN)).unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&copy)
-        .env("SYSTEMD_LOG_LEVEL", "notice")
-        .output()
-        .expect("running systemd-analyze");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // Other units on the host (the dependencies named in After=) may be missing here; nothing may be said
-    // about this one.
-    let about_ours: Vec<&str> =
-        stderr.lines().chain(stdout.lines()).filter(|l| l.contains("gridforge-agent")).collect();
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stdout}\n{stderr}");
-    assert!(about_ours.is_empty(), "systemd-analyze verify warns about the unit:\n{}", about_ours.join("\n"));
+    assert_unit_verifies(&unit, "gridforge-agent.service", "/usr/local/bin/gridforge-agent", Path::new(BIN));
 }
 
 #[test]

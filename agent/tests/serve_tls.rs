@@ -142,7 +142,7 @@ async fn clients_without_a_trusted_certificate_are_refused() {
     let node = Node::new("");
     let daemon = node.start();
     let other = tempfile::tempdir().unwrap();
-    let other_pki = Pki::new(other.path());
+    let other_pki = make_pki(other.path());
     let ca = std::fs::read(node.pki.ca()).unwrap();
 
     // TLS that trusts the agent but presents no certificate: the handshake is refused.

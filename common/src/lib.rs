@@ -1,10 +1,12 @@
 //! What every gridforge program needs, so that the agent and the coordinator do it one way: the gRPC client
-//! with its endpoint and mutual TLS rules, TLS and PKI files, progress events, and one-line error chains.
+//! with its endpoint and mutual TLS rules, TLS and PKI files and the `pki` command-line arguments, systemd
+//! notifications and the watchdog, progress events, and one-line error chains.
 
 pub mod client;
 pub mod net;
 pub mod pki;
 pub mod progress;
+pub mod systemd;
 pub mod tls;
 
 /// Runs a daemon's main future on its own multi-threaded runtime (threads named `thread_name`) and returns its

@@ -95,6 +95,60 @@ impl CertRequest {
     }
 }
 
+/// The arguments of `pki init` (the agent's and gridctl's): where the CA goes and how long it is valid.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CaArgs {
+    /// Directory for the CA (created if missing).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Validity in days.
+    #[arg(long, default_value_t = DEFAULT_CA_DAYS)]
+    pub days: u32,
+}
+
+impl CaArgs {
+    /// Make the CA: [`init`].
+    pub fn init(&self) -> Result<Issued, PkiError> {
+        init(&self.dir, self.days)
+    }
+}
+
+/// The arguments of `pki issue` (the agent's and gridctl's): the CA's directory, the certificate's name,
+/// its subject alternative names and its validity. gridctl adds `--role`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CertArgs {
+    /// Directory holding ca.pem and ca.key (made by `pki init`).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Certificate name: the subject CN and the file names.
+    #[arg(long)]
+    pub name: String,
+    /// DNS subject alternative name (repeatable). Without --dns and --ip the names are NAME, localhost and
+    /// 127.0.0.1.
+    #[arg(long)]
+    pub dns: Vec<String>,
+    /// IP address subject alternative name (repeatable).
+    #[arg(long)]
+    pub ip: Vec<IpAddr>,
+    /// Validity in days.
+    #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+    pub days: u32,
+}
+
+impl CertArgs {
+    /// Issue the certificate, with subject OU `organizational_unit` when given: [`issue`].
+    pub fn issue(&self, organizational_unit: Option<&str>) -> Result<Issued, PkiError> {
+        let req = CertRequest {
+            dns: self.dns.clone(),
+            ips: self.ip.clone(),
+            days: self.days,
+            organizational_unit: organizational_unit.map(str::to_string),
+            ..CertRequest::new(&self.name)
+        };
+        issue(&self.dir, &req)
+    }
+}
+
 /// The CA certificate in `dir`.
 pub fn ca_cert_path(dir: &Path) -> PathBuf {
     dir.join("ca.pem")
@@ -103,6 +157,16 @@ pub fn ca_cert_path(dir: &Path) -> PathBuf {
 /// The CA private key in `dir`.
 pub fn ca_key_path(dir: &Path) -> PathBuf {
     dir.join("ca.key")
+}
+
+/// The certificate `name` in `dir`: `NAME.pem`.
+pub fn cert_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.pem"))
+}
+
+/// The private key of certificate `name` in `dir`: `NAME.key`.
+pub fn key_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.key"))
 }
 
 /// Make a new CA in `dir` (created if missing): `ca.pem` and `ca.key` (mode 0600), valid for `days`.
@@ -126,8 +190,7 @@ pub fn init(dir: &Path, days: u32) -> Result<Issued, PkiError> {
 /// extended key usage serverAuth and clientAuth.
 pub fn issue(dir: &Path, req: &CertRequest) -> Result<Issued, PkiError> {
     check_name(&req.name)?;
-    let cert_path = dir.join(format!("{}.pem", req.name));
-    let key_path = dir.join(format!("{}.key", req.name));
+    let (cert_path, key_path) = (cert_path(dir, &req.name), key_path(dir, &req.name));
     refuse_existing(&[&cert_path, &key_path])?;
     let (ca_cert, ca_key) = (ca_cert_path(dir), ca_key_path(dir));
     let ca_key_pem = read(&ca_key)?;

@@ -1,13 +1,17 @@
 //! Mutual TLS for gridforge's gRPC services (rustls through tonic). The server presents its certificate and
 //! accepts only clients whose certificate chains to the configured CA; the client presents its certificate
 //! and trusts only that CA. Every PEM file is read and checked here first, so that a missing or broken file
-//! is reported by path before any socket is opened.
+//! is reported by path before any socket is opened. [`TlsFiles`] is the `[tls]` table of a daemon's
+//! config file that names those files.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Deserializer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use x509_parser::pem::Pem;
+
+use crate::pki;
 
 /// A TLS handshake that has not finished after this long is dropped (a stalled peer must not hold a slot).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +45,58 @@ impl TlsError {
             | TlsError::BadCertificate { path, .. }
             | TlsError::UnsupportedKey { path, .. } => path,
         }
+    }
+}
+
+/// The `[tls]` table of a daemon's config file: the files of its side of mutual TLS, or plaintext.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA that the certificates of the daemon's clients must chain to (PEM).
+    pub ca: PathBuf,
+    /// The daemon's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The daemon's private key (PEM).
+    pub key: PathBuf,
+    /// Serve plaintext gRPC without client authentication. Local development only.
+    pub insecure: bool,
+}
+
+/// The table as written: every key may be left out. A type error says `expected struct TlsConfig`, as it
+/// did when each config had a struct of that name.
+#[derive(Default, Deserialize)]
+#[serde(expecting = "struct TlsConfig", deny_unknown_fields, default)]
+struct TlsTable {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure: Option<bool>,
+}
+
+impl TlsFiles {
+    /// What `pki init` and `pki issue --name NAME` make in `dir`: `ca.pem`, `NAME.pem` and `NAME.key`; TLS
+    /// on.
+    pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
+        TlsFiles {
+            ca: pki::ca_cert_path(dir),
+            cert: pki::cert_path(dir, name),
+            key: pki::key_path(dir, name),
+            insecure: false,
+        }
+    }
+
+    /// Read a `[tls]` table: a key it leaves out keeps its value in `defaults`, an unknown key is refused.
+    /// For a config's `#[serde(deserialize_with = "...")]`, which passes that config's own defaults.
+    pub fn deserialize_or<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        defaults: TlsFiles,
+    ) -> Result<TlsFiles, D::Error> {
+        let table = TlsTable::deserialize(deserializer)?;
+        Ok(TlsFiles {
+            ca: table.ca.unwrap_or(defaults.ca),
+            cert: table.cert.unwrap_or(defaults.cert),
+            key: table.key.unwrap_or(defaults.key),
+            insecure: table.insecure.unwrap_or(defaults.insecure),
+        })
     }
 }
 
@@ -124,4 +180,55 @@ pub fn client_config(
         config = config.domain_name(domain);
     }
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Config {
+        #[serde(deserialize_with = "tls", default = "defaults")]
+        tls: TlsFiles,
+    }
+
+    fn defaults() -> TlsFiles {
+        TlsFiles::in_dir(Path::new("/etc/t"), "node")
+    }
+
+    fn tls<'de, D: Deserializer<'de>>(d: D) -> Result<TlsFiles, D::Error> {
+        TlsFiles::deserialize_or(d, defaults())
+    }
+
+    fn parse(text: &str) -> Result<TlsFiles, String> {
+        toml::from_str::<Config>(text).map(|c| c.tls).map_err(|e| e.message().to_string())
+    }
+
+    #[test]
+    fn keys_left_out_keep_the_defaults() {
+        let d = defaults();
+        assert_eq!(d.ca, Path::new("/etc/t/ca.pem"));
+        assert_eq!(
+            (d.cert.as_path(), d.key.as_path()),
+            (Path::new("/etc/t/node.pem"), Path::new("/etc/t/node.key"))
+        );
+        assert_eq!(parse("").unwrap(), d);
+        assert_eq!(parse("[tls]\n").unwrap(), d);
+        let t = parse("[tls]\ncert = \"/x.pem\"\ninsecure = true\n").unwrap();
+        assert_eq!(t, TlsFiles { cert: "/x.pem".into(), insecure: true, ..d });
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        let e = parse("[tls]\nsurplus = 1\n").unwrap_err();
+        assert!(
+            e.starts_with("unknown field `surplus`, expected one of `ca`, `cert`, `key`, `insecure`"),
+            "{e}"
+        );
+        let e = parse("tls = 1\n").unwrap_err();
+        assert!(e.contains("expected struct TlsConfig"), "{e}");
+        let e = parse("[tls]\ninsecure = \"yes\"\n").unwrap_err();
+        assert!(e.contains("expected a boolean"), "{e}");
+    }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gridforge_common::tls::TlsFiles;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,24 +27,16 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Holds grid.redb.
     pub state_dir: PathBuf,
-    pub tls: TlsConfig,
+    /// `ca` is the CA that client (gridctl) certificates must chain to; `cert` and `key` are the
+    /// coordinator's, served to clients and presented to agents. `insecure` (plaintext without client
+    /// authentication) is refused unless `listen` is a loopback address.
+    #[serde(deserialize_with = "tls_files")]
+    pub tls: TlsFiles,
     pub agents: AgentsConfig,
     pub poller: PollerConfig,
     pub ops: OpsConfig,
     pub scheduler: SchedulerConfig,
     pub auth: AuthConfig,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
-    /// CA that client (gridctl) certificates must chain to.
-    pub ca: PathBuf,
-    /// The coordinator's certificate and key, served to clients and presented to agents.
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Serve plaintext without client authentication; refused unless `listen` is a loopback address.
-    pub insecure: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -110,23 +103,12 @@ impl Default for Config {
         Config {
             listen: "0.0.0.0:7444".parse().expect("address"),
             state_dir: "/var/lib/gridforge-coordinator".into(),
-            tls: TlsConfig::default(),
+            tls: default_tls(),
             agents: AgentsConfig::default(),
             poller: PollerConfig::default(),
             ops: OpsConfig::default(),
             scheduler: SchedulerConfig::default(),
             auth: AuthConfig::default(),
-        }
-    }
-}
-
-impl Default for TlsConfig {
-    fn default() -> Self {
-        TlsConfig {
-            ca: "/etc/gridforge/tls/ca.pem".into(),
-            cert: "/etc/gridforge/tls/coordinator.pem".into(),
-            key: "/etc/gridforge/tls/coordinator.key".into(),
-            insecure: false,
         }
     }
 }
@@ -225,6 +207,16 @@ impl Config {
             domain: None,
         }
     }
+}
+
+/// `/etc/gridforge/tls/ca.pem`, `coordinator.pem` and `coordinator.key`.
+fn default_tls() -> TlsFiles {
+    TlsFiles::in_dir(Path::new("/etc/gridforge/tls"), "coordinator")
+}
+
+/// The `[tls]` table over the coordinator's defaults.
+fn tls_files<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TlsFiles, D::Error> {
+    TlsFiles::deserialize_or(d, default_tls())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use gridforge_agent::daemon::systemd;
+use gridforge_common::systemd;
 use gridforge_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -106,9 +106,11 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }));
     tracing::info!(listen = %addr, tls = !config.tls.insecure, version = env!("CARGO_PKG_VERSION"), "gridforge-coordinator serving");
     systemd::notify_ready(&addr);
-    if let Some(interval) = systemd::watchdog_interval() {
-        tokio::spawn(watchdog(engine.clone(), interval));
-    }
+    // Pings while the grid view answers (its lock is not wedged).
+    systemd::spawn_watchdog("the grid view", {
+        let engine = engine.clone();
+        move || engine.view().read(|s| s.nodes.len())
+    });
     tokio::select! {
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
         _ = int.recv() => tracing::info!(signal = "SIGINT", "stopping"),
@@ -130,20 +132,4 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Ping systemd's watchdog while the grid view answers (its lock is not wedged).
-async fn watchdog(engine: Engine, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tick.tick().await;
-        let e = engine.clone();
-        let probe = tokio::task::spawn_blocking(move || e.view().read(|s| s.nodes.len()));
-        match tokio::time::timeout(interval, probe).await {
-            Ok(Ok(_)) => systemd::notify_watchdog(),
-            _ => tracing::error!(
-                "the grid view did not answer within {interval:?}; withholding the watchdog ping"
-            ),
-        }
-    }
 }

@@ -1,16 +1,13 @@
 //! The installed files: `systemd/gridforge-coordinator.service` passes `systemd-analyze verify`, and
 //! `systemd/coordinator.toml` is a valid configuration.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use gridforge_coordinator::config::Config;
+use gridforge_testsupport::repo_file;
+use gridforge_testsupport::systemd::assert_unit_verifies;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gridforge-coordinator");
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
 
 #[test]
 fn unit_passes_systemd_analyze_verify() {
@@ -22,21 +19,12 @@ fn unit_passes_systemd_analyze_verify() {
     {
         assert!(unit.lines().any(|l| l == line), "{line}");
     }
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("gridforge-coordinator.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/gridforge-coordinator", BIN)).unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&copy)
-        .env("SYSTEMD_LOG_LEVEL", "notice")
-        .output()
-        .expect("running systemd-analyze");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let about_ours: Vec<&str> =
-        stderr.lines().chain(stdout.lines()).filter(|l| l.contains("gridforge-coordinator")).collect();
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stdout}\n{stderr}");
-    assert!(about_ours.is_empty(), "systemd-analyze verify warns about the unit:\n{}", about_ours.join("\n"));
+    assert_unit_verifies(
+        &unit,
+        "gridforge-coordinator.service",
+        "/usr/local/bin/gridforge-coordinator",
+        Path::new(BIN),
+    );
 }
 
 #[test]

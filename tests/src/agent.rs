@@ -14,12 +14,13 @@ use gridforge_proto::v1::{
     GetJobRequest, Job, JobKind, JobState, ListJobsRequest, NodeStatsReport, NodeStatsRequest,
     SubmitJobRequest,
 };
+use gridforge_testsupport::AgentConfig;
 use serde_json::Value;
 
 use crate::bins;
 use crate::images::ImageStore;
 use crate::netns::Netns;
-use crate::pki::Pki;
+use crate::pki::{Pki, PkiCommands};
 use crate::process::{self, Daemon};
 
 /// Every agent listens on this port of its own namespace's address.
@@ -67,43 +68,13 @@ impl Agent {
         std::fs::create_dir_all(dir.join("pool")).unwrap();
         pki.issue(cert_name, &[IpAddr::V4(ns.addr)]);
         let config = dir.join("agent.toml");
-        let text = format!(
-            r#"node_name = "{name}"
-listen = "{addr}:{AGENT_PORT}"
-metrics_listen = ""
-state_dir = "{root}/state"
-cache_dir = "{root}/cache"
-work_dir = "{root}/work"
-
-[tls]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-
-[images]
-store = "{store}"
-trusted_key = "{trusted}"
-
-[libvirt]
-uri = "{TEST_DRIVER}"
-pool = "{POOL}"
-pool_path = "{root}/pool"
-domain_type = "qemu"
-
-[jobs]
-devices = []
-report_signing_key = "{root}/state/report-signing.key"
-shutdown_grace_secs = 2
-"#,
-            addr = ns.addr,
-            root = dir.display(),
-            ca = pki.ca().display(),
-            cert = pki.cert(cert_name).display(),
-            key = pki.key(cert_name).display(),
-            store = store.dir.display(),
-            trusted = store.trusted_key.display(),
-        );
-        std::fs::write(&config, text).unwrap();
+        let libvirt =
+            format!("pool = \"{POOL}\"\npool_path = \"{}/pool\"\ndomain_type = \"qemu\"", dir.display());
+        AgentConfig::new(name, SocketAddr::new(IpAddr::V4(ns.addr), AGENT_PORT), dir, pki, cert_name)
+            .images(&store.dir, &store.trusted_key)
+            .libvirt(TEST_DRIVER, &libvirt)
+            .jobs_extra("shutdown_grace_secs = 2")
+            .write(&config);
         Agent {
             name: name.to_string(),
             ns: ns.clone(),

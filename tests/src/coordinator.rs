@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::bins;
-use crate::pki::Pki;
+use crate::pki::{Pki, PkiCommands};
 use crate::process::{self, Daemon, Outcome};
 
 /// Certificate names of the grid's people, by role.

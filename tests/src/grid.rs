@@ -12,7 +12,7 @@ use crate::agent::{self, Agent};
 use crate::coordinator::{self, Coordinator, Gridctl, Settings};
 use crate::images::{ImageStore, vm_spec};
 use crate::netns::Network;
-use crate::pki::Pki;
+use crate::pki::{Pki, PkiCommands};
 
 /// Names of the nodes, in namespace order.
 pub const NODE_NAMES: [&str; 8] =

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use gridforge_common::error_chain;
+use gridforge_common::tls::TlsFiles;
 use gridforge_proto::v1::{Check, DiagnosticsReport, Job, JobState, check::Status, job::Outcome};
 
 use super::stats::{self, Space};
@@ -408,7 +409,7 @@ fn image_store_check(images: &crate::config::ImagesConfig, cache: &Path) -> (Che
     (check("image-store", Status::Ok, reason), listing)
 }
 
-fn tls_check(tls: &crate::config::TlsConfig) -> Check {
+fn tls_check(tls: &TlsFiles) -> Check {
     if tls.insecure {
         return check("tls", Status::Warn, "plaintext gRPC (insecure = true)");
     }

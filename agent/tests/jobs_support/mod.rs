@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gridforge_agent::config::{Config, JobsConfig, LibvirtConfig, TlsConfig};
+use gridforge_agent::config::{Config, JobsConfig, LibvirtConfig};
 use gridforge_agent::jobs::JobEngine;
 use gridforge_agent::node::NodeContext;
 use gridforge_agent::server::{AgentService, agent_server};
+use gridforge_common::tls::TlsFiles;
 use gridforge_proto::v1::agent_client::AgentClient;
 use gridforge_proto::v1::{
     DiskTarget, GetJobRequest, Job, JobEvent, JobState, SubmitJobRequest, WatchJobRequest, WipeJob,
@@ -65,7 +66,7 @@ pub fn config_in(dir: &Path) -> Config {
         work_dir: dir.join("work"),
         metrics_listen: None,
         libvirt: LibvirtConfig { uri: String::new(), ..defaults.libvirt },
-        tls: TlsConfig { insecure: true, ..defaults.tls },
+        tls: TlsFiles { insecure: true, ..defaults.tls },
         jobs: JobsConfig {
             devices: vec![dir.join("disks")],
             report_signing_key: dir.join("state/report-signing.key"),

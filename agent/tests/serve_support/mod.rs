@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use gridforge_common::client::{ClientTls, connect};
+use gridforge_common::client::connect;
 use gridforge_proto::v1::agent_client::AgentClient;
+use gridforge_testsupport::AgentConfig;
+pub use gridforge_testsupport::Pki;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::HealthCheckRequest;
 pub use tonic_health::pb::health_check_response::ServingStatus;
@@ -38,36 +40,13 @@ pub fn agent_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A CA and certificates made by `gridforge-agent pki`: `agent` (the server) and `ops` (a client).
-pub struct Pki {
-    pub dir: PathBuf,
-}
-
-impl Pki {
-    pub fn new(dir: &Path) -> Pki {
-        let d = dir.to_str().unwrap();
-        agent_ok(&["pki", "init", "--dir", d, "--days", "30"]);
-        agent_ok(&["pki", "issue", "--dir", d, "--name", "agent"]);
-        agent_ok(&["pki", "issue", "--dir", d, "--name", "ops"]);
-        Pki { dir: dir.to_path_buf() }
-    }
-
-    pub fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    pub fn cert(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.pem"))
-    }
-
-    pub fn key(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.key"))
-    }
-
-    /// Client TLS with the certificate `name`.
-    pub fn client(&self, name: &str) -> ClientTls {
-        ClientTls { ca: self.ca(), cert: self.cert(name), key: self.key(name), domain: None }
-    }
+/// A CA and certificates made by `gridforge-agent pki` in `dir`: `agent` (the server) and `ops` (a client).
+pub fn make_pki(dir: &Path) -> Pki {
+    let d = dir.to_str().unwrap();
+    agent_ok(&["pki", "init", "--dir", d, "--days", "30"]);
+    agent_ok(&["pki", "issue", "--dir", d, "--name", "agent"]);
+    agent_ok(&["pki", "issue", "--dir", d, "--name", "ops"]);
+    Pki::at(dir)
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; the daemon binds it right after).
@@ -93,39 +72,18 @@ impl Node {
     /// A node whose `libvirt.uri` is `uri`.
     pub fn with_libvirt(uri: &str, jobs_extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::new(&dir.path().join("pki"));
+        let pki = make_pki(&dir.path().join("pki"));
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let root = dir.path();
         std::fs::create_dir_all(root.join("disks")).unwrap();
         let config = root.join("agent.toml");
-        let text = format!(
-            r#"node_name = "test-node"
-listen = "{grpc}"
-metrics_listen = "{metrics}"
-state_dir = "{root}/state"
-cache_dir = "{root}/cache"
-work_dir = "{root}/work"
-
-[tls]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-
-[libvirt]
-uri = "{uri}"
-
-[jobs]
-devices = ["{root}/disks"]
-report_signing_key = "{root}/state/report-signing.key"
-{jobs_extra}
-"#,
-            root = root.display(),
-            ca = pki.ca().display(),
-            cert = pki.cert("agent").display(),
-            key = pki.key("agent").display(),
-        );
-        std::fs::write(&config, text).unwrap();
+        AgentConfig::new("test-node", grpc, root, &pki, "agent")
+            .metrics_listen(metrics)
+            .libvirt(uri, "")
+            .devices(&[root.join("disks")])
+            .jobs_extra(jobs_extra)
+            .write(&config);
         Node { dir, pki, grpc, metrics, config }
     }
 

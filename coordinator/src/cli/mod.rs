@@ -4,13 +4,12 @@
 mod output;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gridforge_common::client::{self, ClientTls};
-use gridforge_common::pki::{self, CertRequest, DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS};
+use gridforge_common::pki::{CaArgs, CertArgs};
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
     AddNodeRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest, ExplainVmRequest,
@@ -269,29 +268,15 @@ enum OpCommand {
 #[derive(Subcommand)]
 enum PkiCommand {
     /// Make the grid CA: DIR/ca.pem and DIR/ca.key (mode 0600). Existing files are never overwritten.
-    Init {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long, default_value_t = DEFAULT_CA_DAYS)]
-        days: u32,
-    },
+    Init(CaArgs),
     /// Issue DIR/NAME.pem and DIR/NAME.key signed by the CA in DIR (CN=NAME; server and client use): for
     /// the coordinator, a node (NAME = the node name) or a person (with --role).
     Issue {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        cert: CertArgs,
         /// Role granted to the holder (the certificate's OU).
         #[arg(long, value_enum)]
         role: Option<RoleArg>,
-        /// DNS subject alternative name (repeatable). Without --dns and --ip: NAME, localhost, 127.0.0.1.
-        #[arg(long)]
-        dns: Vec<String>,
-        #[arg(long)]
-        ip: Vec<IpAddr>,
-        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
-        days: u32,
     },
 }
 
@@ -398,22 +383,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn run_pki(p: &PkiCommand, out: &output::Output) -> Result<(), Failure> {
     let issued = match p {
-        PkiCommand::Init { dir, days } => pki::init(dir, *days),
-        PkiCommand::Issue { dir, name, role, dns, ip, days } => {
-            let role = role.map(|r| match r {
-                RoleArg::Admin => "admin",
-                RoleArg::Operator => "operator",
-                RoleArg::Viewer => "viewer",
-            });
-            let req = CertRequest {
-                dns: dns.clone(),
-                ips: ip.clone(),
-                days: *days,
-                organizational_unit: role.map(str::to_string),
-                ..CertRequest::new(name)
-            };
-            pki::issue(dir, &req)
-        }
+        PkiCommand::Init(ca) => ca.init(),
+        PkiCommand::Issue { cert, role } => cert.issue(role.map(|r| match r {
+            RoleArg::Admin => "admin",
+            RoleArg::Operator => "operator",
+            RoleArg::Viewer => "viewer",
+        })),
     }
     .map_err(|e| fail(1, crate::error_chain(&e)))?;
     out.issued(&issued);
