@@ -358,7 +358,10 @@ async fn connect(address: &str, tls: &ClientTls) -> CoordinatorClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match client::channel(address, Some(tls)).await {
-            Ok(c) => return CoordinatorClient::new(c),
+            Ok(c) => {
+                return CoordinatorClient::new(c)
+                    .max_decoding_message_size(gridforge_coordinator::cli::LISTING_LIMIT);
+            }
             Err(e) if Instant::now() > deadline => panic!("the coordinator does not answer: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }

@@ -340,6 +340,9 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The largest answer gridctl accepts.
+pub const LISTING_LIMIT: usize = 1 << 30;
+
 async fn connect(cli: &Cli) -> Result<CoordinatorClient<Channel>, Failure> {
     let tls = match (&cli.ca, &cli.cert, &cli.key) {
         (Some(ca), Some(cert), Some(key)) => {
@@ -355,7 +358,8 @@ async fn connect(cli: &Cli) -> Result<CoordinatorClient<Channel>, Failure> {
     };
     let channel =
         client::channel(&cli.server, tls.as_ref()).await.map_err(|e| fail(6, crate::error_chain(&e)))?;
-    Ok(CoordinatorClient::new(channel))
+    // A whole grid's listing (`vm list` of tens of thousands of VMs) is past tonic's 4 MiB default.
+    Ok(CoordinatorClient::new(channel).max_decoding_message_size(LISTING_LIMIT))
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
