@@ -197,8 +197,8 @@ impl Config {
 
     /// Parse configuration text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: parse_message(text, &e) })?;
+        let cfg: Config = gridforge_common::config::parse_toml(text)
+            .map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })?;
         let invalid = |field, reason: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
             field,
@@ -227,22 +227,6 @@ impl Config {
     /// The redb job journal.
     pub fn journal_path(&self) -> PathBuf {
         self.state_dir.join("journal.redb")
-    }
-}
-
-/// A TOML error on one line, `line L, column C (`the line`): message` (its own Display is a multi-line
-/// snippet); the line's text names the setting.
-fn parse_message(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim_end();
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            let source: String = text.lines().nth(line - 1).unwrap_or("").trim().chars().take(80).collect();
-            format!("line {line}, column {column} ({source}): {message}")
-        }
-        None => message.to_string(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! notifications and the watchdog, progress events, and one-line error chains.
 
 pub mod client;
+pub mod config;
 pub mod net;
 pub mod pki;
 pub mod progress;

@@ -77,3 +77,21 @@ impl<R: Read> Read for ProgressReader<R> {
         Ok(n)
     }
 }
+
+/// A terminal progress bar for one step's bytes, prefixed with the step's name. A total of 0 means unknown
+/// (a stream being unpacked): a spinner with the bytes so far.
+pub fn byte_bar(total: u64, step: String) -> indicatif::ProgressBar {
+    let (bar, template) = if total == 0 {
+        (indicatif::ProgressBar::no_length(), "{prefix:>9}  {spinner} {bytes} {bytes_per_sec}")
+    } else {
+        (
+            indicatif::ProgressBar::new(total),
+            "{prefix:>9}  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template).expect("a valid template").progress_chars("=> "),
+    );
+    bar.set_prefix(step);
+    bar
+}

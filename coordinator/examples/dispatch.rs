@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -250,17 +250,7 @@ impl Agent for FakeAgent {
 }
 
 /// The coordinator daemon, stopped with SIGTERM when dropped.
-struct Coordinator(Child);
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe {
-            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
+use gridforge_testsupport::process::TermOnDrop as Coordinator;
 
 /// The user plus system CPU time of process `pid` so far.
 fn cpu_time(pid: u32) -> Duration {

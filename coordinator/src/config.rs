@@ -157,7 +157,7 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let invalid = |reason: String| ConfigError::Invalid { path: path.to_path_buf(), reason };
-        let config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let config: Config = gridforge_common::config::parse_toml(text).map_err(invalid)?;
         if config.tls.insecure && !config.listen.ip().is_loopback() {
             return Err(invalid(format!(
                 "tls.insecure serves plaintext without authentication and is allowed only on a loopback \

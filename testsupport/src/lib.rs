@@ -1,11 +1,12 @@
 //! What the tests of several packages share (the agent's, the coordinator's and the cross-program tests in
 //! `tests/`): the layout of a CA directory, an agent's config file, and the check of an installed systemd
-//! unit. Nothing here starts a program; each test suite runs the binaries its own way.
+//! unit, and a guard that stops a daemon started as a child.
 //!
 //! Helpers panic on failure, as test code does.
 
 pub mod agent_config;
 pub mod pki;
+pub mod process;
 pub mod systemd;
 
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@ use gridforge_agent::image::index::IndexEntry;
 use gridforge_common::error_chain;
 use gridforge_common::progress::{Progress, ProgressEvent};
 use gridforge_proto::v1::{Filesystem, JobEvent, ProvisionResult, partition::Role};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 fn now() -> pbjson_types::Timestamp {
     gridforge_agent::node::timestamp(std::time::SystemTime::now())
@@ -60,19 +60,7 @@ impl Output {
                     if let Some(b) = state.0.take() {
                         b.finish();
                     }
-                    // A total of 0 means unknown (a stream being unpacked): a spinner with bytes.
-                    let (b, template) = if ev.bytes_total == 0 {
-                        (ProgressBar::no_length(), "{prefix:>9}  {spinner} {bytes} {bytes_per_sec}")
-                    } else {
-                        (
-                            ProgressBar::new(ev.bytes_total),
-                            "{prefix:>9}  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                        )
-                    };
-                    b.set_style(
-                        ProgressStyle::with_template(template).expect("template").progress_chars("=> "),
-                    );
-                    b.set_prefix(ev.step);
+                    let b = gridforge_common::progress::byte_bar(ev.bytes_total, ev.step.to_string());
                     *state = (Some(b), ev.step);
                 }
                 if let Some(b) = &state.0 {

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use clap::ValueEnum;
 use gridforge_common::pki::Issued;
 use gridforge_proto::v1::{Explanation, Node, Operation, OperationEvent, RemoveNodeResponse, Vm, drift};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -472,17 +472,7 @@ impl Progress {
         if byte_progress && self.tty {
             if self.bar.is_none() || self.step != ev.agent_step {
                 self.finish();
-                let (b, template) = if ev.bytes_total == 0 {
-                    (ProgressBar::no_length(), "{prefix:>9}  {spinner} {bytes} {bytes_per_sec}")
-                } else {
-                    (
-                        ProgressBar::new(ev.bytes_total),
-                        "{prefix:>9}  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                    )
-                };
-                b.set_style(ProgressStyle::with_template(template).expect("template").progress_chars("=> "));
-                b.set_prefix(ev.agent_step.clone());
-                self.bar = Some(b);
+                self.bar = Some(gridforge_common::progress::byte_bar(ev.bytes_total, ev.agent_step.clone()));
                 self.step = ev.agent_step.clone();
             }
             if let Some(b) = &self.bar {

@@ -139,7 +139,8 @@ fn record(
 ) -> Option<Pending<()>> {
     let outcome = engine.view().stage::<_, crate::ops::OpError>(|s| {
         let Some(mut node) = s.nodes.get(name).cloned() else { return Ok(((), vec![])) };
-        let before = (node.state, node.state_reason.clone(), node.images.clone(), node.cached_images.clone());
+        let before = (node.state, node.state_reason.clone());
+        let mut images_changed = false;
         let mut vm_changes = Vec::new();
         match &result {
             Ok((stats, diag)) => {
@@ -150,8 +151,11 @@ fn record(
                 node.last_seen = Some(now());
                 node.checks = diag.checks.clone();
                 node.agent_version = diag.agent_version.clone();
-                node.images = diag.images.clone();
-                node.cached_images = diag.cached_images.clone();
+                if node.images != diag.images || node.cached_images != diag.cached_images {
+                    images_changed = true;
+                    node.images = diag.images.clone();
+                    node.cached_images = diag.cached_images.clone();
+                }
                 let n = stats.cpu_busy.len().max(1) as f64;
                 node.cpu_load = stats.cpu_busy.iter().sum::<f64>() / n;
                 node.memory_used_bytes = stats.memory.map_or(0, |m| m.used_bytes);
@@ -181,7 +185,7 @@ fn record(
         for v in vm_changes {
             s.vms.insert(v.name.clone(), v);
         }
-        if before != (node.state, node.state_reason.clone(), node.images.clone(), node.cached_images.clone()) {
+        if images_changed || before != (node.state, node.state_reason.clone()) {
             tracing::info!(node = %name, state = node.state().as_str_name(), reason = %node.state_reason, "node state");
             return Ok(((), vec![Change::PutNode(node)]));
         }
