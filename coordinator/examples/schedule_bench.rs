@@ -124,6 +124,8 @@ fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
         licenses,
         cpu_load: rng.random_range(0.0..1.0),
         groups: BTreeMap::new(),
+        disk_jobs: 0,
+        disk_slots: 2,
     }
 }
 

@@ -64,6 +64,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let defaults = Defaults {
         overcommit_cpu: config.scheduler.overcommit_cpu,
         overcommit_memory: config.scheduler.overcommit_memory,
+        disk_slots: u32::try_from(config.ops.max_disk_jobs_per_node).unwrap_or(u32::MAX),
     };
     let view = GridView::open(Box::new(store), defaults)?;
     let (nodes, vms) = view.read(|s| (s.nodes.len(), s.vms.len()));

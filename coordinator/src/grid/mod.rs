@@ -35,11 +35,14 @@ pub enum Change {
 pub struct Defaults {
     pub overcommit_cpu: f64,
     pub overcommit_memory: f64,
+    /// Disk-heavy jobs a node runs at once (`ops.max_disk_jobs_per_node`): placement prefers a node with one
+    /// free. 0: no limit.
+    pub disk_slots: u32,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
-        Defaults { overcommit_cpu: 4.0, overcommit_memory: 1.0 }
+        Defaults { overcommit_cpu: 4.0, overcommit_memory: 1.0, disk_slots: 2 }
     }
 }
 
@@ -51,6 +54,8 @@ pub struct GridState {
     pub ops: BTreeMap<String, Operation>,
     /// Names of the VMs (not DELETED) placed on each node.
     pub vms_by_node: BTreeMap<String, BTreeSet<String>>,
+    /// Per node, its unfinished disk-heavy operations (see [`disk_job_node`]).
+    pub disk_jobs: BTreeMap<String, u32>,
     /// The scheduler's view of the nodes, kept in step with every change.
     pub snapshot: Snapshot,
     pub defaults: Defaults,
@@ -66,6 +71,7 @@ impl GridState {
             vms: BTreeMap::new(),
             ops: BTreeMap::new(),
             vms_by_node: BTreeMap::new(),
+            disk_jobs: BTreeMap::new(),
             snapshot: Snapshot::new(Vec::new()),
             defaults,
             op_seq: 0,
@@ -81,6 +87,9 @@ impl GridState {
         }
         for o in ops {
             state.op_seq = state.op_seq.max(op_number(&o.id));
+            if let Some(node) = disk_job_node(&o) {
+                *state.disk_jobs.entry(node.to_owned()).or_default() += 1;
+            }
             state.ops.insert(o.id.clone(), o);
         }
         let infos = state.nodes.values().map(|n| state.node_info(n)).collect();
@@ -122,9 +131,29 @@ impl GridState {
             }
             Change::PutOp(o) => {
                 self.op_seq = self.op_seq.max(op_number(&o.id));
-                self.ops.insert(o.id.clone(), o.clone());
+                let before = self.ops.insert(o.id.clone(), o.clone());
+                let old = before.as_ref().and_then(disk_job_node);
+                let new = disk_job_node(o);
+                if old != new {
+                    if let Some(node) = old {
+                        self.count_disk_job(node, -1);
+                    }
+                    if let Some(node) = new {
+                        self.count_disk_job(node, 1);
+                    }
+                }
             }
         }
+    }
+
+    fn count_disk_job(&mut self, node: &str, delta: i32) {
+        let count = self.disk_jobs.entry(node.to_owned()).or_default();
+        *count = count.saturating_add_signed(delta);
+        let count = *count;
+        if count == 0 {
+            self.disk_jobs.remove(node);
+        }
+        self.snapshot.set_disk_jobs(node, count);
     }
 
     fn unindex_vm(&mut self, name: &str) {
@@ -192,6 +221,8 @@ impl GridState {
             licenses: n.licenses.iter().cloned().collect(),
             cpu_load: n.cpu_load,
             groups,
+            disk_jobs: self.disk_jobs.get(&n.name).copied().unwrap_or(0),
+            disk_slots: self.defaults.disk_slots,
         }
     }
 
@@ -226,6 +257,17 @@ pub fn holds_allocation(v: &Vm) -> bool {
 
 pub fn is_finished(o: &Operation) -> bool {
     matches!(o.state(), OpState::Succeeded | OpState::Failed)
+}
+
+/// Whether an operation of this kind runs a disk-heavy agent job (one of a node's disk-job slots): all but
+/// power control.
+pub fn is_disk_heavy(kind: OpKind) -> bool {
+    !matches!(kind, OpKind::ControlVm | OpKind::Unspecified)
+}
+
+/// The node whose disk-job slots an operation takes or waits for: an unfinished disk-heavy one's node.
+pub fn disk_job_node(o: &Operation) -> Option<&str> {
+    (is_disk_heavy(o.kind()) && !is_finished(o) && !o.node.is_empty()).then_some(o.node.as_str())
 }
 
 fn op_number(id: &str) -> u64 {
@@ -320,5 +362,34 @@ mod tests {
         op.state = OpState::Succeeded as i32;
         g.apply(&Change::PutOp(op));
         assert!(g.lock_holder("a").is_none());
+    }
+
+    #[test]
+    fn unfinished_disk_heavy_operations_count_against_their_node() {
+        let op = |id: &str, kind: OpKind, state: OpState| Operation {
+            id: id.into(),
+            kind: kind as i32,
+            node: "n1".into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        let loaded = vec![op("op-000001", OpKind::CreateVm, OpState::Running)];
+        let mut g = GridState::new(vec![node("n1", 4, 4096)], vec![], loaded, Defaults::default());
+        let jobs = |g: &GridState| g.snapshot.node("n1").unwrap().disk_jobs;
+        assert_eq!(jobs(&g), 1, "counted from the operations loaded at start");
+        g.apply(&Change::PutOp(op("op-000002", OpKind::DeleteVm, OpState::Queued)));
+        g.apply(&Change::PutOp(op("op-000003", OpKind::ControlVm, OpState::Running)));
+        assert_eq!(jobs(&g), 2, "power control takes no disk-job slot");
+        assert!(!g.snapshot.node("n1").unwrap().has_free_slot());
+        g.apply(&Change::PutOp(op("op-000002", OpKind::DeleteVm, OpState::Running)));
+        assert_eq!(jobs(&g), 2, "a state change within unfinished counts once");
+        g.apply(&Change::PutOp(op("op-000001", OpKind::CreateVm, OpState::Succeeded)));
+        g.apply(&Change::PutOp(op("op-000002", OpKind::DeleteVm, OpState::Failed)));
+        assert_eq!(jobs(&g), 0);
+        assert!(g.disk_jobs.is_empty());
+        // A VM change re-reads the node's record: the count must survive it.
+        g.apply(&Change::PutOp(op("op-000004", OpKind::SnapshotVm, OpState::Running)));
+        g.apply(&Change::PutVm(vm("a", "n1", 512, "")));
+        assert_eq!(jobs(&g), 1);
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 
 use super::{Engine, RESOURCES_STEP, lock};
-use crate::grid::{Change, OpKind, OpState, Operation, VmState, is_finished, now};
+use crate::grid::{Change, OpKind, OpState, Operation, VmState, is_disk_heavy, is_finished, now};
 
 /// Why one try of a step did not end with a finished job.
 enum StepError {
@@ -196,16 +196,15 @@ impl Engine {
     }
 
     async fn agent_step(&self, id: &str, index: usize, req: SubmitJobRequest) -> Result<Job, String> {
-        let (node, step_name, secrets_lost) = self
+        let (node, step_name, secrets_lost, disk_heavy) = self
             .view()
             .read(|s| {
                 s.ops.get(id).map(|o| {
                     let lost = o.secrets_in_memory && !lock(&self.inner.secrets).contains_key(id);
-                    (o.node.clone(), o.steps[index].name.clone(), lost)
+                    (o.node.clone(), o.steps[index].name.clone(), lost, is_disk_heavy(o.kind()))
                 })
             })
             .ok_or_else(|| format!("operation {id} vanished"))?;
-        let disk_heavy = !matches!(req.job, Some(JobReq::Control(_)));
         let _permit = if disk_heavy { Some(self.node_slot(id, &node).await) } else { None };
         // Not stored on its own: a durable write here would sit between the API's answer and the agent
         // receiving the job. The job id, or the end, stores it.

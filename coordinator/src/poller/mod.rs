@@ -1,5 +1,5 @@
-//! The status poller: every interval, NodeStats and Diagnostics of each node with bounded fan-out. A node
-//! that answers is Ready, or NotReady while a check FAILs; one that misses `unreachable_after` polls in a
+//! The status poller: every interval, NodeStats and Diagnostics of each node with bounded fan-out, the calls
+//! spread over half the interval. A node that answers is Ready, or NotReady while a check FAILs; one that misses `unreachable_after` polls in a
 //! row is Unreachable. The domains an agent reports are compared with the VMs the grid places there: drift
 //! is shown on the node and the VM, never "fixed". Only state changes are stored; usage stays in memory.
 
@@ -24,18 +24,27 @@ pub async fn run(engine: Engine, config: PollerConfig) {
     let slots = Arc::new(Semaphore::new(config.concurrency));
     loop {
         tick.tick().await;
-        poll_all(&engine, &config, &slots).await;
+        poll_all(&engine, &config, &slots, Duration::from_millis(config.interval_ms / 2)).await;
     }
 }
 
-/// One round over every node; returns when each node has answered or timed out.
-pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaphore>) {
+/// One round over every node; returns when each node has answered or timed out. The polls start in waves
+/// evenly spread over `spread` (half the interval in the daemon), so that a thousand nodes are not a burst of two
+/// thousand calls every interval that delays the operations' agent calls meanwhile.
+pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaphore>, spread: Duration) {
     let nodes: Vec<(String, String)> =
         engine.view().read(|s| s.nodes.values().map(|n| (n.name.clone(), n.address.clone())).collect());
     let timeout =
         Duration::from_millis(config.interval_ms.max(1000)) + Duration::from_millis(config.sample_ms.into());
     let mut tasks = Vec::with_capacity(nodes.len());
-    for (name, address) in nodes {
+    // In waves of `concurrency` nodes: a wave's calls share wake-ups and writes, which spreading every call
+    // on its own would cost in CPU.
+    let start = tokio::time::Instant::now();
+    let wave = config.concurrency.max(1);
+    let waves = u32::try_from(nodes.len().div_ceil(wave)).unwrap_or(u32::MAX).max(1);
+    for (i, (name, address)) in nodes.into_iter().enumerate() {
+        let w = u32::try_from(i / wave).unwrap_or(u32::MAX);
+        tokio::time::sleep_until(start + spread / waves * w).await;
         let permit = slots.clone().acquire_owned().await.expect("poller semaphore");
         let (engine, sample_ms) = (engine.clone(), config.sample_ms);
         tasks.push(tokio::spawn(async move {

@@ -9,7 +9,8 @@
 //! - otherwise, in every feasibility class the request admits (datacenter, arch, hypervisor kind), nodes are
 //!   read in ascending free memory from the request's memory upward, and the first that pass every filter
 //!   are scored: [`CANDIDATES`] in all, shared among the classes, at least the best fit of each (so a
-//!   workload's preferred hypervisor kind is always among them). A class none of whose nodes reaches the
+//!   workload's preferred hypervisor kind is always among them). Nodes whose disk-job slots are all taken are
+//!   scored but not counted, so the walk goes on to nodes that can start the job at once. A class none of whose nodes reaches the
 //!   image, has a license or carries a selector label is skipped whole; otherwise a class is left after
 //!   [`VISITS_PER_CLASS`] nodes that fit in memory but fail another filter. Best fit on memory is thereby exact among the nodes
 //!   that pass the other filters early in their class; the cost is in that and in the other scores:
@@ -167,7 +168,9 @@ fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
         // Whether every admitted class was read to its end: then no member-free node fits anywhere.
         let mut walked_all = true;
         for class in classes {
-            let found = candidates.len();
+            // Feasible nodes of this class with a free disk-job slot; those without one are scored too but do
+            // not end the class's walk, so a burst does not queue on the tightest node while others idle.
+            let mut found = 0;
             let fitting = class.fitting(r.resources.memory_mib).filter_map(|name| s.node(name));
             for (visits, n) in fitting.filter(|n| group.is_none_or(|g| n.group_count(g) == 0)).enumerate() {
                 if visits == VISITS_PER_CLASS {
@@ -176,7 +179,8 @@ fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
                 }
                 if fits(n) {
                     candidates.push(n);
-                    if candidates.len() - found == per_class {
+                    found += usize::from(n.has_free_slot());
+                    if found == per_class {
                         break;
                     }
                 }

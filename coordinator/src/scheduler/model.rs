@@ -67,6 +67,10 @@ pub struct NodeInfo {
     pub cpu_load: f64,
     /// Spread (anti-affinity / tenant) group -> number of that group's VMs on this node.
     pub groups: BTreeMap<String, u32>,
+    /// Disk-heavy operations placed on the node and not finished (queued or running).
+    pub disk_jobs: u32,
+    /// Disk-heavy jobs the node runs at once (the coordinator's per-node limit); 0 means no limit.
+    pub disk_slots: u32,
 }
 
 impl NodeInfo {
@@ -84,6 +88,11 @@ impl NodeInfo {
             memory_mib: memory.saturating_sub(self.allocated.memory_mib),
             disk_mib: self.capacity.disk_mib.saturating_sub(self.allocated.disk_mib),
         }
+    }
+
+    /// Whether one more disk-heavy job would start at once rather than wait for a slot.
+    pub fn has_free_slot(&self) -> bool {
+        self.disk_slots == 0 || self.disk_jobs < self.disk_slots
     }
 
     /// How many VMs of `group` this node holds.

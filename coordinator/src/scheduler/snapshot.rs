@@ -281,6 +281,13 @@ impl Snapshot {
         }
     }
 
+    /// Sets how many disk-heavy operations are placed on `node` and not finished (a score, not in the index).
+    pub fn set_disk_jobs(&mut self, node: &str, count: u32) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.disk_jobs = count;
+        }
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
         self.nodes.get(name)
     }

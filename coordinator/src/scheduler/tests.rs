@@ -27,6 +27,8 @@ fn node(name: &str, memory_mib: u64) -> NodeInfo {
         licenses: BTreeSet::new(),
         cpu_load: 0.0,
         groups: BTreeMap::new(),
+        disk_jobs: 0,
+        disk_slots: 2,
     }
 }
 
@@ -56,6 +58,38 @@ fn best_fit_takes_the_tightest_node() {
     let mut b = node("b", 4096);
     b.allocated.memory_mib = 4096 - 100;
     assert_eq!(chosen(&Snapshot::new(vec![a, b]), &request(90)), "b");
+}
+
+#[test]
+fn a_node_with_a_free_disk_slot_beats_a_tighter_fit_without_one() {
+    let mut tight = node("tight", 100);
+    tight.disk_jobs = 2;
+    let s = Snapshot::new(vec![node("roomy", 512), tight.clone()]);
+    let p = place(&s, &request(90)).unwrap();
+    assert_eq!(p.node, "roomy", "the tight node's two slots are taken: {p:?}");
+    assert_eq!(p.scores.slot, 1.0);
+    tight.disk_jobs = 1;
+    let s = Snapshot::new(vec![node("roomy", 512), tight]);
+    assert_eq!(chosen(&s, &request(90)), "tight", "one slot free: best fit again");
+}
+
+#[test]
+fn the_walk_goes_past_busy_nodes_to_one_that_can_start_now() {
+    // More busy tight fits than a decision scores; the one idle node fits loosest of all.
+    let mut nodes: Vec<NodeInfo> = (0..CANDIDATES + 4)
+        .map(|i| {
+            let mut n = node(&format!("busy-{i:02}"), 1000 + i as u64);
+            n.disk_jobs = 2;
+            n
+        })
+        .collect();
+    nodes.push(node("idle", 4096));
+    let mut s = Snapshot::new(nodes);
+    assert_eq!(chosen(&s, &request(900)), "idle");
+    assert_eq!(chosen(&s, &request(900)), place_exhaustive(&s, &request(900)).unwrap().node);
+    // Once it is busy too, best fit among the busy decides.
+    s.set_disk_jobs("idle", 2);
+    assert_eq!(chosen(&s, &request(900)), "busy-00");
 }
 
 #[test]
