@@ -76,6 +76,9 @@ pub struct OpsConfig {
     /// be queued, or to fail) before it answers anyway. The answer then says where the operation is, and
     /// callers that send faster than the agents take jobs are slowed down instead of piling up work.
     pub dispatch_wait_ms: u64,
+    /// Finished operations older than this are purged from the grid view, except each VM's latest
+    /// (hours; 0 keeps them all).
+    pub keep_finished_hours: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -132,6 +135,7 @@ impl Default for OpsConfig {
             retry_backoff_ms: 1000,
             max_disk_jobs_per_node: 2,
             dispatch_wait_ms: 250,
+            keep_finished_hours: 168,
         }
     }
 }
@@ -166,12 +170,12 @@ impl Config {
             )));
         }
         for (name, role) in &config.auth.users {
-            if role.parse::<crate::api::Role>().is_err() {
+            if role.parse::<crate::auth::Role>().is_err() {
                 return Err(invalid(format!("auth.users.{name}: {role:?} is not admin, operator or viewer")));
             }
         }
         if !config.auth.default_role.is_empty()
-            && config.auth.default_role.parse::<crate::api::Role>().is_err()
+            && config.auth.default_role.parse::<crate::auth::Role>().is_err()
         {
             return Err(invalid(format!(
                 "auth.default_role: {:?} is not admin, operator or viewer",

@@ -73,6 +73,12 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let resumed = engine.resume();
     tracing::info!(nodes, vms, resumed, store = %config.store_path().display(), "grid view loaded");
     tokio::spawn(crate::poller::run(engine.clone(), config.poller.clone()));
+    if config.ops.keep_finished_hours > 0 {
+        tokio::spawn(purge_operations(
+            engine.clone(),
+            Duration::from_secs(config.ops.keep_finished_hours.saturating_mul(3600)),
+        ));
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
@@ -133,4 +139,24 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Every hour (and at start), forget the finished operations older than `keep`, in transactions of at most
+/// 10,000 so that a long history does not hold the view's lock for long.
+async fn purge_operations(engine: Engine, keep: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let before = std::time::SystemTime::now().checked_sub(keep).unwrap_or(std::time::UNIX_EPOCH);
+        loop {
+            match engine.purge_operations(before, 10_000).await {
+                Ok(0) => break,
+                Ok(n) => tracing::info!(operations = n, "purged finished operations"),
+                Err(e) => {
+                    tracing::error!("cannot purge finished operations: {e}");
+                    break;
+                }
+            }
+        }
+    }
 }

@@ -279,7 +279,7 @@ fn placement_lifecycle_cordon_and_an_unreachable_node() {
 
 #[test]
 fn refusals_name_the_cause() {
-    let grid = Grid::with_coordinator(2, Settings::default());
+    let mut grid = Grid::with_coordinator(2, Settings::default());
     let ctl = grid.admin();
     let c = grid.coordinator.as_ref().unwrap();
     grid.enroll("node-a", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
@@ -325,6 +325,29 @@ fn refusals_name_the_cause() {
     // A certificate of the grid that maps to no role.
     let out = c.gridctl(coordinator::NOBODY).fails(&["node", "list"]);
     assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+
+    // Users in the grid view: an admin gives `nobody` a role, which survives a restart, and takes it away.
+    let users = ctl.json(&["user", "add", coordinator::NOBODY, "--role", "viewer"]);
+    assert_eq!(s(&users["users"][0], "role"), "viewer", "{users}");
+    assert_eq!(s(&users["users"][0], "addedBy"), coordinator::ADMIN, "{users}");
+    grid.coordinator().restart();
+    let c = grid.coordinator.as_ref().unwrap();
+    let nobody = c.gridctl(coordinator::NOBODY);
+    assert_eq!(nobody.json(&["node", "list"]).as_array().unwrap().len(), 2, "a viewer now");
+    let out = nobody.fails(&["vm", "delete", "no-such-vm"]);
+    assert_eq!(out.status.code(), Some(4), "a viewer still: {}", out.describe());
+    let listed = ctl.json(&["user", "list"]);
+    assert_eq!(s(&listed["users"][0], "name"), coordinator::NOBODY, "{listed}");
+    assert_eq!(s(&listed["configured"], coordinator::OPERATOR), "operator", "the configuration's: {listed}");
+    let out = nobody.fails(&["user", "add", coordinator::VIEWER, "--role", "admin"]);
+    assert!(out.stderr.contains("user add needs admin"), "{}", out.describe());
+    let out = ctl.fails(&["user", "add", coordinator::ADMIN, "--role", "viewer"]);
+    assert!(out.stderr.contains("cannot change its own role"), "{}", out.describe());
+    let out = ctl.fails(&["user", "remove", coordinator::VIEWER]);
+    assert_eq!(out.status.code(), Some(3), "viewer's role is its OU, not a grid user: {}", out.describe());
+    ctl.json(&["user", "remove", coordinator::NOBODY]);
+    let out = c.gridctl(coordinator::NOBODY).fails(&["node", "list"]);
+    assert_eq!(out.status.code(), Some(4), "no role again: {}", out.describe());
 
     // A viewer reads, and is denied a delete.
     create(&grid, "keep-me", 1, 128, &[]);

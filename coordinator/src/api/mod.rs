@@ -2,7 +2,6 @@
 //! and translates requests into engine calls and engine errors into statuses (one mapping, here).
 
 use std::pin::Pin;
-use std::str::FromStr;
 
 use gridforge_proto::v1::coordinator_server::Coordinator;
 use gridforge_proto::v1::{
@@ -12,6 +11,9 @@ use gridforge_proto::v1::{
     Operation, OperationEvent, RemoveNodeRequest, RemoveNodeResponse, ResizeVmRequest, SnapshotVmRequest, Vm,
     WatchOperationRequest,
 };
+use gridforge_proto::v1::{
+    AddUserRequest, GridUser, ListUsersRequest, ListUsersResponse, RemoveUserRequest, RemoveUserResponse,
+};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -19,28 +21,7 @@ use crate::config::AuthConfig;
 use crate::grid::{GridState, VmState, is_finished};
 use crate::ops::{Engine, OpError, explain, schedule_request};
 
-/// What a caller may do. Ordered: each role may do what the ones before it may.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    /// Read the grid view.
-    Viewer,
-    /// Also create, change and delete VMs, cordon and uncordon nodes.
-    Operator,
-    /// Also enroll and remove nodes.
-    Admin,
-}
-
-impl FromStr for Role {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Role, ()> {
-        match s {
-            "viewer" => Ok(Role::Viewer),
-            "operator" => Ok(Role::Operator),
-            "admin" => Ok(Role::Admin),
-            _ => Err(()),
-        }
-    }
-}
+pub use crate::auth::Role;
 
 /// The caller: certificate CN and role.
 #[derive(Clone, Debug)]
@@ -52,7 +33,14 @@ pub struct Caller {
 /// Name for callers without TLS (plaintext on loopback, development only): an admin.
 pub const LOCAL_CALLER: &str = "local";
 
-pub fn caller<T>(request: &Request<T>, auth: &AuthConfig, tls: bool) -> Caller {
+/// The caller of `request` and its role: from the grid view's users (`grid_role`), else the configuration's
+/// `[auth.users]`, else the certificate's OU (when `auth.role_from_ou`), else `auth.default_role`.
+pub fn caller<T>(
+    request: &Request<T>,
+    auth: &AuthConfig,
+    tls: bool,
+    grid_role: impl FnOnce(&str) -> Option<Role>,
+) -> Caller {
     let cert = request.peer_certs().and_then(|c| c.first().cloned());
     let Some(cert) = cert else {
         return Caller { name: LOCAL_CALLER.into(), role: if tls { None } else { Some(Role::Admin) } };
@@ -65,10 +53,8 @@ pub fn caller<T>(request: &Request<T>, auth: &AuthConfig, tls: bool) -> Caller {
     };
     let name = first(&mut cert.subject().iter_common_name()).unwrap_or_else(|| cert.subject().to_string());
     let ou = first(&mut cert.subject().iter_organizational_unit());
-    let role = auth
-        .users
-        .get(&name)
-        .and_then(|r| r.parse().ok())
+    let role = grid_role(&name)
+        .or_else(|| auth.users.get(&name).and_then(|r| r.parse().ok()))
         .or_else(|| if auth.role_from_ou { ou.and_then(|o| o.parse().ok()) } else { None })
         .or_else(|| auth.default_role.parse().ok());
     Caller { name, role }
@@ -103,7 +89,9 @@ impl CoordinatorService {
 
     /// The caller, if its role allows `need`; PERMISSION_DENIED naming both otherwise.
     fn allow<T>(&self, request: &Request<T>, need: Role, what: &str) -> Result<Caller, Status> {
-        let c = caller(request, &self.auth, self.tls);
+        let users =
+            |name: &str| self.engine.view().read(|s| s.users.get(name).and_then(|u| u.role.parse().ok()));
+        let c = caller(request, &self.auth, self.tls, users);
         match c.role {
             Some(r) if r >= need => Ok(c),
             Some(r) => Err(Status::permission_denied(
@@ -322,5 +310,36 @@ impl Coordinator for CoordinatorService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn add_user(&self, request: Request<AddUserRequest>) -> Result<Response<GridUser>, Status> {
+        let c = self.allow(&request, Role::Admin, "user add")?;
+        let req = request.into_inner();
+        Ok(Response::new(self.engine.add_user(&req.name, &req.role, &c.name).await?))
+    }
+
+    async fn remove_user(
+        &self,
+        request: Request<RemoveUserRequest>,
+    ) -> Result<Response<RemoveUserResponse>, Status> {
+        let c = self.allow(&request, Role::Admin, "user remove")?;
+        let name = request.into_inner().name;
+        let removed = self.engine.remove_user(&name, &c.name).await.map_err(|e| match e {
+            OpError::NotFound(m) if self.auth.users.contains_key(&name) => Status::not_found(format!(
+                "{m}; {name}'s role comes from the configuration ([auth.users]): change it there"
+            )),
+            e => e.into(),
+        })?;
+        Ok(Response::new(RemoveUserResponse { removed: Some(removed) }))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        self.allow(&request, Role::Viewer, "user list")?;
+        let users = self.engine.view().read(|s| s.users.values().cloned().collect());
+        let configured = self.auth.users.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Ok(Response::new(ListUsersResponse { users, configured }))
     }
 }

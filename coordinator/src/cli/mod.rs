@@ -12,10 +12,11 @@ use gridforge_common::client::{self, ClientTls};
 use gridforge_common::pki::{CaArgs, CertArgs};
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
-    AddNodeRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest, ExplainVmRequest,
-    GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest, ListOperationsRequest,
-    ListVmsRequest, Operation, PlacementConstraints, RemoveNodeRequest, ResizeVmRequest, SnapshotVmRequest,
-    VmSpec, WatchOperationRequest, control_job::Action, operation,
+    AddNodeRequest, AddUserRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest,
+    ExplainVmRequest, GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest,
+    ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest, Operation,
+    PlacementConstraints, RemoveNodeRequest, RemoveUserRequest, ResizeVmRequest, SnapshotVmRequest, VmSpec,
+    WatchOperationRequest, control_job::Action, operation,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -77,6 +78,26 @@ enum Command {
     /// Certificates for a grid: the CA, the coordinator's, each node's and each person's.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Who may use the coordinator: certificate names and their roles, kept in the grid view (checked
+    /// before the configuration's [auth]).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Give the certificate named NAME (its CN) a role; for a known user, change it. Admin only.
+    Add {
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// The users of the grid view, then the names the configuration's [auth.users] adds.
+    #[command(alias = "ls")]
+    List,
+    /// Take NAME out of the grid view (its certificate then gets what the configuration gives it).
+    #[command(alias = "rm")]
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -287,6 +308,16 @@ enum RoleArg {
     Viewer,
 }
 
+impl RoleArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            RoleArg::Admin => "admin",
+            RoleArg::Operator => "operator",
+            RoleArg::Viewer => "viewer",
+        }
+    }
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -372,6 +403,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Node(n) => run_node(&mut c, n, &out).await,
         Command::Vm(v) => run_vm(&mut c, v, &out).await,
         Command::Op(o) => run_op(&mut c, o, &out).await,
+        Command::User(u) => run_user(&mut c, u, &out).await,
         Command::Pki(_) => Ok(()),
     };
     result.map_err(|mut f| {
@@ -388,11 +420,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 fn run_pki(p: &PkiCommand, out: &output::Output) -> Result<(), Failure> {
     let issued = match p {
         PkiCommand::Init(ca) => ca.init(),
-        PkiCommand::Issue { cert, role } => cert.issue(role.map(|r| match r {
-            RoleArg::Admin => "admin",
-            RoleArg::Operator => "operator",
-            RoleArg::Viewer => "viewer",
-        })),
+        PkiCommand::Issue { cert, role } => cert.issue(role.map(RoleArg::as_str)),
     }
     .map_err(|e| fail(1, crate::error_chain(&e)))?;
     out.issued(&issued);
@@ -592,6 +620,28 @@ async fn run_op(
             out.operation(&c.get_operation(GetOperationRequest { id: id.clone() }).await?.into_inner())
         }
         OpCommand::Watch { id } => return follow(c, id, out).await,
+    }
+    Ok(())
+}
+
+async fn run_user(
+    c: &mut CoordinatorClient<Channel>,
+    cmd: &UserCommand,
+    out: &output::Output,
+) -> Result<(), Failure> {
+    match cmd {
+        UserCommand::Add { name, role } => {
+            let req = AddUserRequest { name: name.clone(), role: role.as_str().into() };
+            out.users(&ListUsersResponse {
+                users: vec![c.add_user(req).await?.into_inner()],
+                ..Default::default()
+            })
+        }
+        UserCommand::List => out.users(&c.list_users(ListUsersRequest {}).await?.into_inner()),
+        UserCommand::Remove { name } => {
+            let r = c.remove_user(RemoveUserRequest { name: name.clone() }).await?.into_inner();
+            out.user_removed(&r);
+        }
     }
     Ok(())
 }

@@ -6,7 +6,10 @@ use std::time::SystemTime;
 
 use clap::ValueEnum;
 use gridforge_common::pki::Issued;
-use gridforge_proto::v1::{Explanation, Node, Operation, OperationEvent, RemoveNodeResponse, Vm, drift};
+use gridforge_proto::v1::{
+    Explanation, ListUsersResponse, Node, Operation, OperationEvent, RemoveNodeResponse, RemoveUserResponse,
+    Vm, drift,
+};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
@@ -220,6 +223,37 @@ impl Output {
         if !r.orphaned_vms.is_empty() {
             println!("forgotten VMs (still on the node): {}", r.orphaned_vms.join(", "));
         }
+    }
+
+    pub fn users(&self, r: &ListUsersResponse) {
+        if self.format == Format::Json {
+            return json(r);
+        }
+        let mut t = Table::new(&["NAME", "ROLE", "FROM", "BY", "AGE"]);
+        for u in &r.users {
+            t.row(vec![
+                u.name.clone(),
+                u.role.clone(),
+                "grid".into(),
+                u.added_by.clone(),
+                age(u.updated.as_ref()),
+            ]);
+        }
+        let mut configured: Vec<_> =
+            r.configured.iter().filter(|(k, _)| !r.users.iter().any(|u| &u.name == *k)).collect();
+        configured.sort();
+        for (name, role) in configured {
+            t.row(vec![name.clone(), role.clone(), "config".into(), String::new(), String::new()]);
+        }
+        t.print();
+    }
+
+    pub fn user_removed(&self, r: &RemoveUserResponse) {
+        if self.format == Format::Json {
+            return json(r);
+        }
+        let name = r.removed.as_ref().map(|u| u.name.as_str()).unwrap_or("");
+        println!("user {name} removed");
     }
 
     pub fn vms(&self, vms: &[Vm]) {

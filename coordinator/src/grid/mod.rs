@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
-pub use gridforge_proto::v1::{Node, Operation, OperationStep, Resources, Vm, VmSpec};
+pub use gridforge_proto::v1::{GridUser, Node, Operation, OperationStep, Resources, Vm, VmSpec};
 use gridforge_proto::v1::{node, operation, vm};
 
 use crate::scheduler::{self, NodeInfo, Snapshot};
@@ -28,6 +28,10 @@ pub enum Change {
     PutVm(Vm),
     RemoveVm(String),
     PutOp(Operation),
+    /// Forget a finished operation (the purge of old history).
+    RemoveOp(String),
+    PutUser(GridUser),
+    RemoveUser(String),
 }
 
 /// Overcommit ratios for nodes that set none.
@@ -52,6 +56,8 @@ pub struct GridState {
     pub nodes: BTreeMap<String, Node>,
     pub vms: BTreeMap<String, Vm>,
     pub ops: BTreeMap<String, Operation>,
+    /// API users by certificate CN (the configuration's [auth] applies to names not here).
+    pub users: BTreeMap<String, GridUser>,
     /// Names of the VMs (not DELETED) placed on each node.
     pub vms_by_node: BTreeMap<String, BTreeSet<String>>,
     /// Per node, its unfinished disk-heavy operations (see [`disk_job_node`]).
@@ -70,6 +76,7 @@ impl GridState {
             nodes: BTreeMap::new(),
             vms: BTreeMap::new(),
             ops: BTreeMap::new(),
+            users: BTreeMap::new(),
             vms_by_node: BTreeMap::new(),
             disk_jobs: BTreeMap::new(),
             snapshot: Snapshot::new(Vec::new()),
@@ -129,6 +136,14 @@ impl GridState {
                     self.refresh_node(&v.node);
                 }
             }
+            Change::RemoveOp(id) => {
+                if let Some(node) = self.ops.remove(id).as_ref().and_then(disk_job_node) {
+                    let node = node.to_owned();
+                    self.count_disk_job(&node, -1);
+                }
+            }
+            Change::PutUser(u) => drop(self.users.insert(u.name.clone(), u.clone())),
+            Change::RemoveUser(name) => drop(self.users.remove(name)),
             Change::PutOp(o) => {
                 self.op_seq = self.op_seq.max(op_number(&o.id));
                 let before = self.ops.insert(o.id.clone(), o.clone());

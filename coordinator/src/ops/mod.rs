@@ -8,6 +8,7 @@ mod nodes;
 mod run;
 #[cfg(test)]
 mod tests;
+mod users;
 
 pub(crate) use run::status_text;
 
@@ -198,6 +199,35 @@ impl Engine {
             self.spawn(id.clone());
         }
         ids.len()
+    }
+
+    /// Forgets finished operations last updated before `before`, except the latest of each VM (which its
+    /// record names), at most `limit` per call, oldest first, in one transaction. Returns how many went.
+    pub async fn purge_operations(
+        &self,
+        before: std::time::SystemTime,
+        limit: usize,
+    ) -> Result<usize, OpError> {
+        let cutoff = gridforge_agent::node::timestamp(before);
+        let older = |t: &Option<pbjson_types::Timestamp>| {
+            t.as_ref().is_some_and(|t| (t.seconds, t.nanos) < (cutoff.seconds, cutoff.nanos))
+        };
+        self.view()
+            .update(|s| {
+                let current: std::collections::HashSet<&str> =
+                    s.vms.values().map(|v| v.operation.as_str()).collect();
+                let changes: Vec<Change> = s
+                    .ops
+                    .values()
+                    .filter(|o| {
+                        crate::grid::is_finished(o) && older(&o.updated) && !current.contains(o.id.as_str())
+                    })
+                    .take(limit)
+                    .map(|o| Change::RemoveOp(o.id.clone()))
+                    .collect();
+                Ok::<_, OpError>((changes.len(), changes))
+            })
+            .await
     }
 
     fn spawn(&self, id: String) {

@@ -328,3 +328,54 @@ async fn disk_jobs_beyond_the_node_limit_wait_queued() {
     assert!(waiting.contains("waiting"), "{waiting}");
     assert_eq!(*agent.submits.lock().unwrap(), 1, "the second job is not submitted while the slot is taken");
 }
+
+#[tokio::test]
+async fn purge_forgets_old_finished_operations_but_each_vms_latest_and_the_unfinished() {
+    let store = Arc::new(MemoryStore::default());
+    let at = |secs: i64| Some(pbjson_types::Timestamp { seconds: secs, nanos: 0 });
+    let op = |id: &str, state: OpState, secs: i64| Operation {
+        id: id.into(),
+        vm: "web1".into(),
+        state: state as i32,
+        updated: at(secs),
+        ..Default::default()
+    };
+    let vm = Vm { name: "web1".into(), operation: "op-000003".into(), ..Default::default() };
+    store
+        .commit(&[
+            Change::PutOp(op("op-000001", OpState::Succeeded, 100)),
+            Change::PutOp(op("op-000002", OpState::Failed, 100)),
+            Change::PutOp(op("op-000003", OpState::Succeeded, 100)),
+            Change::PutOp(op("op-000004", OpState::Running, 100)),
+            Change::PutOp(op("op-000005", OpState::Succeeded, 5000)),
+            Change::PutVm(vm),
+        ])
+        .unwrap();
+    let e = engine(store.clone(), 1);
+    let before = std::time::UNIX_EPOCH + Duration::from_secs(1000);
+    assert_eq!(e.purge_operations(before, 1).await.unwrap(), 1, "at most the limit per call");
+    assert_eq!(e.purge_operations(before, 10).await.unwrap(), 1);
+    assert_eq!(e.purge_operations(before, 10).await.unwrap(), 0);
+    let kept: Vec<String> = e.view().read(|s| s.ops.keys().cloned().collect());
+    assert_eq!(kept, ["op-000003", "op-000004", "op-000005"], "the VM's latest, the running, the recent");
+    assert_eq!(store.load().unwrap().ops.len(), 3, "durable");
+}
+
+#[tokio::test]
+async fn users_are_kept_in_the_grid_view_and_nobody_changes_its_own() {
+    let store = Arc::new(MemoryStore::default());
+    let e = engine(store.clone(), 1);
+    let u = e.add_user("carol", "operator", "alice").await.unwrap();
+    assert_eq!((u.role.as_str(), u.added_by.as_str()), ("operator", "alice"));
+    assert!(
+        matches!(e.add_user("carol", "root", "alice").await, Err(super::OpError::Invalid(m)) if m.contains("root"))
+    );
+    assert!(matches!(e.add_user("", "viewer", "alice").await, Err(super::OpError::Invalid(_))));
+    assert!(matches!(e.add_user("alice", "viewer", "alice").await, Err(super::OpError::Precondition(_))));
+    assert!(matches!(e.remove_user("carol", "carol").await, Err(super::OpError::Precondition(_))));
+    e.add_user("carol", "viewer", "alice").await.unwrap();
+    assert_eq!(store.load().unwrap().users[0].role, "viewer", "a role change is stored");
+    e.remove_user("carol", "alice").await.unwrap();
+    assert!(matches!(e.remove_user("carol", "alice").await, Err(super::OpError::NotFound(_))));
+    assert!(store.load().unwrap().users.is_empty());
+}

@@ -6,11 +6,11 @@ use std::sync::Mutex;
 use prost::Message;
 
 use super::{GridStore, Records, StoreError};
-use crate::grid::{Change, Node, Operation, Vm};
+use crate::grid::{Change, GridUser, Node, Operation, Vm};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    tables: Mutex<[BTreeMap<String, Vec<u8>>; 3]>,
+    tables: Mutex<[BTreeMap<String, Vec<u8>>; 4]>,
 }
 
 impl GridStore for MemoryStore {
@@ -33,6 +33,11 @@ impl GridStore for MemoryStore {
                 .map(|b| Operation::decode(b.as_slice()))
                 .collect::<Result<_, _>>()
                 .map_err(|_| decode("ops"))?,
+            users: t[3]
+                .values()
+                .map(|b| GridUser::decode(b.as_slice()))
+                .collect::<Result<_, _>>()
+                .map_err(|_| decode("users"))?,
         })
     }
 
@@ -45,6 +50,9 @@ impl GridStore for MemoryStore {
                 Change::PutVm(v) => drop(t[1].insert(v.name.clone(), v.encode_to_vec())),
                 Change::RemoveVm(name) => drop(t[1].remove(name)),
                 Change::PutOp(o) => drop(t[2].insert(o.id.clone(), o.encode_to_vec())),
+                Change::RemoveOp(id) => drop(t[2].remove(id)),
+                Change::PutUser(u) => drop(t[3].insert(u.name.clone(), u.encode_to_vec())),
+                Change::RemoveUser(name) => drop(t[3].remove(name)),
             }
         }
         Ok(())

@@ -25,7 +25,7 @@ pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 use tokio::sync::oneshot;
 
-use crate::grid::{Change, Defaults, GridState, Node, Operation, Vm};
+use crate::grid::{Change, Defaults, GridState, GridUser, Node, Operation, Vm};
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,6 +45,16 @@ pub struct Records {
     pub nodes: Vec<Node>,
     pub vms: Vec<Vm>,
     pub ops: Vec<Operation>,
+    pub users: Vec<GridUser>,
+}
+
+impl Records {
+    /// The in-memory grid view of these records.
+    pub fn into_state(self, defaults: Defaults) -> GridState {
+        let mut state = GridState::new(self.nodes, self.vms, self.ops, defaults);
+        state.users = self.users.into_iter().map(|u| (u.name.clone(), u)).collect();
+        state
+    }
 }
 
 pub trait GridStore: Send + Sync {
@@ -122,11 +132,7 @@ impl GridView {
     pub fn open(store: Box<dyn GridStore>, defaults: Defaults) -> Result<GridView, StoreError> {
         let store: Arc<dyn GridStore> = Arc::from(store);
         let r = store.load()?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(GridState::new(r.nodes, r.vms, r.ops, defaults)),
-            store,
-            defaults,
-        });
+        let shared = Arc::new(Shared { state: Mutex::new(r.into_state(defaults)), store, defaults });
         let (tx, rx) = channel();
         let s = shared.clone();
         let committer = std::thread::Builder::new()
@@ -222,7 +228,7 @@ fn reload(shared: &Shared, state: &mut GridState) {
     match shared.store.load() {
         Ok(r) => {
             let op_seq = state.op_seq;
-            *state = GridState::new(r.nodes, r.vms, r.ops, shared.defaults);
+            *state = r.into_state(shared.defaults);
             state.op_seq = state.op_seq.max(op_seq);
         }
         Err(e) => tracing::error!(

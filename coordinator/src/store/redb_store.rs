@@ -7,11 +7,12 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{GridStore, Records, StoreError};
-use crate::grid::{Change, Node, Operation, Vm};
+use crate::grid::{Change, GridUser, Node, Operation, Vm};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 
 pub struct RedbStore {
     db: Database,
@@ -30,7 +31,7 @@ impl RedbStore {
         let db = Database::create(path).map_err(|e| open(&e))?;
         // Create the tables so that a read of a new store finds them.
         let w = db.begin_write().map_err(|e| open(&e))?;
-        for t in [NODES, VMS, OPS] {
+        for t in [NODES, VMS, OPS, USERS] {
             w.open_table(t).map_err(|e| open(&e))?;
         }
         w.commit().map_err(|e| open(&e))?;
@@ -64,6 +65,7 @@ impl GridStore for RedbStore {
             nodes: read_table::<Node>(&r, NODES, "nodes")?,
             vms: read_table::<Vm>(&r, VMS, "vms")?,
             ops: read_table::<Operation>(&r, OPS, "operations")?,
+            users: read_table::<GridUser>(&r, USERS, "users")?,
         })
     }
 
@@ -73,6 +75,7 @@ impl GridStore for RedbStore {
             let mut nodes = w.open_table(NODES).map_err(txn)?;
             let mut vms = w.open_table(VMS).map_err(txn)?;
             let mut ops = w.open_table(OPS).map_err(txn)?;
+            let mut users = w.open_table(USERS).map_err(txn)?;
             for c in changes {
                 match c {
                     Change::PutNode(n) => {
@@ -86,6 +89,11 @@ impl GridStore for RedbStore {
                     Change::PutOp(o) => {
                         drop(ops.insert(o.id.as_str(), o.encode_to_vec().as_slice()).map_err(txn)?)
                     }
+                    Change::RemoveOp(id) => drop(ops.remove(id.as_str()).map_err(txn)?),
+                    Change::PutUser(u) => {
+                        drop(users.insert(u.name.as_str(), u.encode_to_vec().as_slice()).map_err(txn)?)
+                    }
+                    Change::RemoveUser(name) => drop(users.remove(name.as_str()).map_err(txn)?),
                 }
             }
         }
