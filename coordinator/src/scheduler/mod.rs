@@ -21,9 +21,12 @@
 //!   (fewest members first) and the first level with a feasible node is scored in full. Spread is thus
 //!   exact, at a cost of O(members of the group).
 //!
-//! When the walk yields no feasible node, the nodes with the request's rarest selector pair or license are
-//! read in full; when that yields none either, `place` falls back to [`explain`]'s scan of every node (O(n)),
-//! so whenever any node could take the request, `place` finds one, and when none can, it says why, per node.
+//! When the walk yields no feasible node because it left classes early, the classes are read to their ends
+//! (one cheap filter check per node, no per-node reasons: nodes whose vCPUs or disk ran out before their
+//! memory crowd the tight end of a class on a grid packed by best fit). When that yields none either, the nodes
+//! with the request's rarest selector pair or license are read in full, and then `place` falls back to
+//! [`explain`]'s scan of every node (O(n), building every node's refusal), so whenever any node could take the
+//! request, `place` finds one, and when none can, it says why, per node.
 
 mod applier;
 mod filter;
@@ -46,9 +49,9 @@ pub use refusal::{Refusal, Unschedulable};
 pub use score::Scores;
 pub use snapshot::Snapshot;
 
-/// Nodes a walk reads in one class before giving up on it. When no class yields a feasible node within this
-/// many, `place` reads the nodes of the request's rarest label or license, then every node (constraints
-/// that few nodes with room meet).
+/// Nodes a walk reads in one class before leaving it. When no class yields a feasible node within this
+/// many, `place` reads the classes to their ends, then the nodes of the request's rarest label or license,
+/// then every node with its reasons (constraints that few nodes with room meet).
 pub const VISITS_PER_CLASS: usize = 32;
 
 /// Feasible nodes scored per decision when the index is walked, shared among the feasibility classes the
@@ -146,7 +149,7 @@ fn unschedulable(s: &Snapshot, r: &Request, explanation: Explanation) -> Unsched
 }
 
 /// The fast path: `None` when it found no feasible node (there may still be one; see [`VISITS_PER_CLASS`]).
-fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
+fn place_indexed<'a>(s: &'a Snapshot, r: &Request) -> Option<Placement> {
     let mut considered = 0;
     let mut fits = |n: &NodeInfo| {
         considered += 1;
@@ -165,26 +168,37 @@ fn place_indexed(s: &Snapshot, r: &Request) -> Option<Placement> {
         let group = r.spread_group.as_deref();
         let classes: Vec<_> = s.classes().iter().filter(|c| c.admits(r) && !c.is_empty()).collect();
         let per_class = CANDIDATES.div_ceil(classes.len().max(1));
-        // Whether every admitted class was read to its end: then no member-free node fits anywhere.
-        let mut walked_all = true;
-        for class in classes {
-            // Feasible nodes of this class with a free disk-job slot; those without one are scored too but do
-            // not end the class's walk, so a burst does not queue on the tightest node while others idle.
-            let mut found = 0;
-            let fitting = class.fitting(r.resources.memory_mib).filter_map(|name| s.node(name));
-            for (visits, n) in fitting.filter(|n| group.is_none_or(|g| n.group_count(g) == 0)).enumerate() {
-                if visits == VISITS_PER_CLASS {
-                    walked_all = false;
-                    break;
-                }
-                if fits(n) {
-                    candidates.push(n);
-                    found += usize::from(n.has_free_slot());
-                    if found == per_class {
+        // Reads each class up to `limit` nodes; true when every class was read to its end (then no
+        // member-free node fits anywhere).
+        let mut walk = |limit: usize, candidates: &mut Vec<&'a NodeInfo>| {
+            let mut walked_all = true;
+            for class in &classes {
+                // Feasible nodes of this class with a free disk-job slot; those without one are scored too but
+                // do not end the class's walk, so a burst does not queue on the tightest node while others idle.
+                let mut found = 0;
+                let fitting = class.fitting(r.resources.memory_mib).filter_map(|name| s.node(name));
+                for (visits, n) in fitting.filter(|n| group.is_none_or(|g| n.group_count(g) == 0)).enumerate()
+                {
+                    if visits == limit {
+                        walked_all = false;
                         break;
+                    }
+                    if fits(n) {
+                        candidates.push(n);
+                        found += usize::from(n.has_free_slot());
+                        if found == per_class {
+                            break;
+                        }
                     }
                 }
             }
+            walked_all
+        };
+        let mut walked_all = walk(VISITS_PER_CLASS, &mut candidates);
+        if candidates.is_empty() && !walked_all {
+            // Many tight fits refused by another filter (nodes whose vCPUs or disk ran out before their memory):
+            // read the classes to their ends, still without building any node's refusal.
+            walked_all = walk(usize::MAX, &mut candidates);
         }
         if let Some(group) = group
             && candidates.is_empty()

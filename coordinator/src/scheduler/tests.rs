@@ -248,6 +248,26 @@ fn spread_looks_past_a_long_run_of_unfit_nodes() {
 }
 
 #[test]
+fn a_long_run_of_vcpu_full_tight_fits_is_read_past_without_a_full_scan() {
+    // Best fit leaves nodes whose vCPUs ran out before their memory at the tight end of the index; past more of
+    // them than one walk reads is one that fits. Nodes too small to fit are never read.
+    let mut nodes: Vec<NodeInfo> = (0..VISITS_PER_CLASS + 8)
+        .map(|i| {
+            let mut n = node(&format!("cpu-full-{i:02}"), 2048);
+            n.allocated.vcpus = n.capacity.vcpus;
+            n
+        })
+        .collect();
+    nodes.extend((0..50).map(|i| node(&format!("small-{i:02}"), 512)));
+    nodes.push(node("roomy", 8192));
+    let s = Snapshot::new(nodes);
+    let p = place(&s, &request(1024)).unwrap();
+    assert_eq!(p.node, "roomy");
+    // The first walk's nodes, then the class to its end: the fitting nodes only, never the small ones.
+    assert_eq!(p.considered, VISITS_PER_CLASS + (VISITS_PER_CLASS + 8 + 1), "of {}: {p:?}", s.len());
+}
+
+#[test]
 fn overcommit_counts_against_scaled_capacity() {
     let mut n = node("n", 4096);
     n.capacity.vcpus = 4;
