@@ -21,12 +21,12 @@
 //!   (fewest members first) and the first level with a feasible node is scored in full. Spread is thus
 //!   exact, at a cost of O(members of the group).
 //!
-//! When the walk yields no feasible node because it left classes early, the classes are read to their ends
+//! When the walk yields no feasible node, the nodes with the request's rarest selector pair or license are
+//! read in full; when that yields none and the walk left classes early, the classes are read to their ends
 //! (one cheap filter check per node, no per-node reasons: nodes whose vCPUs or disk ran out before their
-//! memory crowd the tight end of a class on a grid packed by best fit). When that yields none either, the nodes
-//! with the request's rarest selector pair or license are read in full, and then `place` falls back to
-//! [`explain`]'s scan of every node (O(n), building every node's refusal), so whenever any node could take the
-//! request, `place` finds one, and when none can, it says why, per node.
+//! memory crowd the tight end of a class on a grid packed by best fit). When that yields none either, `place`
+//! falls back to [`explain`]'s scan of every node (O(n), building every node's refusal), so whenever any node
+//! could take the request, `place` finds one, and when none can, it says why, per node.
 
 mod applier;
 mod filter;
@@ -50,7 +50,7 @@ pub use score::Scores;
 pub use snapshot::Snapshot;
 
 /// Nodes a walk reads in one class before leaving it. When no class yields a feasible node within this
-/// many, `place` reads the classes to their ends, then the nodes of the request's rarest label or license,
+/// many, `place` reads the nodes of the request's rarest label or license, then the classes to their ends,
 /// then every node with its reasons (constraints that few nodes with room meet).
 pub const VISITS_PER_CLASS: usize = 32;
 
@@ -170,7 +170,9 @@ fn place_indexed<'a>(s: &'a Snapshot, r: &Request) -> Option<Placement> {
         let per_class = CANDIDATES.div_ceil(classes.len().max(1));
         // Reads each class up to `limit` nodes; true when every class was read to its end (then no
         // member-free node fits anywhere).
-        let mut walk = |limit: usize, candidates: &mut Vec<&'a NodeInfo>| {
+        let walk = |limit: usize,
+                    candidates: &mut Vec<&'a NodeInfo>,
+                    fits: &mut dyn FnMut(&NodeInfo) -> bool| {
             let mut walked_all = true;
             for class in &classes {
                 // Feasible nodes of this class with a free disk-job slot; those without one are scored too but
@@ -194,11 +196,16 @@ fn place_indexed<'a>(s: &'a Snapshot, r: &Request) -> Option<Placement> {
             }
             walked_all
         };
-        let mut walked_all = walk(VISITS_PER_CLASS, &mut candidates);
+        let mut walked_all = walk(VISITS_PER_CLASS, &mut candidates, &mut fits);
+        if let Some(names) = rarest
+            && candidates.is_empty()
+        {
+            candidates = scan(names, &mut fits);
+        }
         if candidates.is_empty() && !walked_all {
             // Many tight fits refused by another filter (nodes whose vCPUs or disk ran out before their memory):
             // read the classes to their ends, still without building any node's refusal.
-            walked_all = walk(usize::MAX, &mut candidates);
+            walked_all = walk(usize::MAX, &mut candidates, &mut fits);
         }
         if let Some(group) = group
             && candidates.is_empty()
@@ -210,11 +217,6 @@ fn place_indexed<'a>(s: &'a Snapshot, r: &Request) -> Option<Placement> {
                     break;
                 }
             }
-        }
-        if let Some(names) = rarest
-            && candidates.is_empty()
-        {
-            candidates = scan(names, &mut fits);
         }
     }
     let (node, scores) = score::best(r, &candidates)?;
