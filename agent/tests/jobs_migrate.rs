@@ -1,10 +1,12 @@
 //! Cold migration between two `gridforge-agent serve` daemons on 127.0.0.1, each with its own node
 //! certificate from one CA (made by `gridforge-agent pki`) and its own libvirt test driver (a custom
-//! `test:///FILE` state; the source's defines VM `vm1` on a sparse file disk). MIGRATE_RECEIVE on B and
-//! MIGRATE_SEND on A move the disk: B's copy has the same bytes and stays sparse, B defines the domain, A
-//! undefines it and wipes its disk with a report that `gridforge-agent report verify` accepts. Streams with a
-//! wrong transfer id, from the wrong certificate, a second stream, a stream whose digest does not match and a
-//! stream cut off halfway are refused or fail with nothing defined on B; a running domain is not sent.
+//! `test:///FILE` state with the agent's pool; the source's holds volume and domain `vm1` on a sparse file).
+//! MIGRATE_RECEIVE on B and MIGRATE_SEND on A move the disk: B's new volume has the same bytes and stays
+//! sparse, B defines the domain, A undefines it, wipes its disk with a report that `gridforge-agent report
+//! verify` accepts and frees the volume. Streams with a wrong transfer id, from the wrong certificate, a second
+//! stream, a stream whose digest does not match and a stream cut off halfway are refused or fail with nothing
+//! defined on B and the disk removed, as are a cancelled and a timed-out receive; a running domain and a
+//! receiver whose certificate has another name are not sent to.
 
 mod jobs_support;
 mod serve_support;
@@ -20,7 +22,7 @@ use gridforge_proto::v1::agent_client::AgentClient;
 use gridforge_proto::v1::{
     CancelJobRequest, ControlJob, DiskChunk, DiskExtent, DiskStreamEnd, DiskStreamStart, DiskTarget,
     JobState, Machine, MigrateReceiveJob, MigrateSendJob, NodeStatsRequest, SubmitJobRequest, VmSpec,
-    WatchJobRequest, control_job::Action, disk_chunk, disk_target, error::Code, job::Outcome,
+    WatchJobRequest, WipeJob, control_job::Action, disk_chunk, disk_target, error::Code, job::Outcome,
     submit_job_request,
 };
 use gridforge_testsupport::{AgentConfig, Pki};
@@ -87,14 +89,30 @@ impl Agent {
     }
 }
 
-/// Libvirt test driver state with one running domain `name` on `disk`.
-fn driver_state(name: &str, disk: &Path) -> String {
+/// Libvirt test driver state: the agent's pool `gridforge` in `pool` (the test driver only records its
+/// volumes; the files are the test's and the agent's), with volume and domain `vm` (running) when given.
+fn driver_state(pool: &Path, vm: Option<&str>) -> String {
+    let pool_dir = pool.display();
+    let (volume, domain) = match vm {
+        None => (String::new(), String::new()),
+        Some(vm) => (
+            format!("<volume type='file'><name>{vm}.raw</name><capacity>{DISK_BYTES}</capacity></volume>"),
+            format!(
+                "<domain type='test'><name>{vm}</name><memory>524288</memory><vcpu>1</vcpu>\
+                 <os><type>hvm</type></os><devices><disk type='file' device='disk'>\
+                 <source file='{pool_dir}/{vm}.raw'/><target dev='vda' bus='virtio'/></disk></devices>\
+                 </domain>"
+            ),
+        ),
+    };
     format!(
-        "<node><domain type='test'><name>{name}</name><memory>524288</memory><vcpu>1</vcpu>\
-         <os><type>hvm</type></os><devices><disk type='file' device='disk'>\
-         <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain></node>",
-        disk.display()
+        "<node>{domain}<pool type='dir'><name>gridforge</name><target><path>{pool_dir}</path></target>\
+         {volume}</pool></node>"
     )
+}
+
+fn volume(name: &str) -> Option<DiskTarget> {
+    Some(DiskTarget { target: Some(disk_target::Target::Volume(name.to_string())) })
 }
 
 fn sha256_file(path: &Path) -> String {
@@ -105,13 +123,13 @@ fn device(path: &Path) -> Option<DiskTarget> {
     Some(DiskTarget { target: Some(disk_target::Target::Device(path.display().to_string())) })
 }
 
-fn receive_request(key: &str, transfer_id: &str, target: &Path, vm: &str) -> SubmitJobRequest {
+fn receive_request(key: &str, transfer_id: &str, target: Option<DiskTarget>, vm: &str) -> SubmitJobRequest {
     SubmitJobRequest {
         idempotency_key: key.to_string(),
         job: Some(submit_job_request::Job::MigrateReceive(MigrateReceiveJob {
             transfer_id: transfer_id.to_string(),
             sender: "node-a".to_string(),
-            target: device(target),
+            target,
             size_bytes: DISK_BYTES,
             spec: Some(VmSpec {
                 name: vm.to_string(),
@@ -222,9 +240,11 @@ async fn cold_migration_between_two_agents() {
     }
 
     // A's disk: 64 MiB with three allocated extents, the rest holes.
-    let a_root = dir.path().join("a");
-    let a_disk = a_root.join("disks/vm1.img");
-    std::fs::create_dir_all(a_root.join("disks")).unwrap();
+    let (a_root, b_root) = (dir.path().join("a"), dir.path().join("b"));
+    let (a_pool, b_pool) = (a_root.join("pool"), b_root.join("pool"));
+    std::fs::create_dir_all(&a_pool).unwrap();
+    std::fs::create_dir_all(&b_pool).unwrap();
+    let a_disk = a_pool.join("vm1.raw");
     let file = std::fs::File::create(&a_disk).unwrap();
     file.set_len(DISK_BYTES).unwrap();
     let pattern: Vec<u8> = (0..3 * MIB as usize / 2).map(|i| (i * 7 % 251) as u8).collect();
@@ -235,13 +255,13 @@ async fn cold_migration_between_two_agents() {
     drop(file);
     let original = sha256_file(&a_disk);
 
-    let a = Agent::start(&pki, &a_root, "node-a", &driver_state("vm1", &a_disk));
-    let b = Agent::start(&pki, &dir.path().join("b"), "node-b", "<node/>");
+    let a = Agent::start(&pki, &a_root, "node-a", &driver_state(&a_pool, Some("vm1")));
+    let b = Agent::start(&pki, &b_root, "node-b", &driver_state(&b_pool, None));
     let mut ca = a.client(&pki, "ops").await;
     let mut cb = b.client(&pki, "ops").await;
 
     // Requests are checked field by field.
-    let mut bad = receive_request("bad-id", "short", &b.disk("x.img"), "vmx");
+    let mut bad = receive_request("bad-id", "short", device(&b.disk("x.img")), "vmx");
     let e = cb.submit_job(bad.clone()).await.unwrap_err();
     assert_eq!(e.code(), Status::InvalidArgument, "{e:?}");
     assert!(e.message().starts_with("migrate_receive.transfer_id: "), "{}", e.message());
@@ -282,7 +302,7 @@ async fn cold_migration_between_two_agents() {
     // A receive waiting for its stream: wrong id, wrong certificate, a second stream, a wrong digest.
     let t1 = "t1-digest-mismatch-0001";
     let bad1 = b.disk("bad1.img");
-    let r1 = cb.submit_job(receive_request("r1", t1, &bad1, "vm-bad1")).await.unwrap().into_inner();
+    let r1 = cb.submit_job(receive_request("r1", t1, device(&bad1), "vm-bad1")).await.unwrap().into_inner();
     wait_for_step(&mut cb, &r1.id, "wait").await;
     assert!(bad1.exists(), "the receive allocates its disk first");
     let e = send_one(&b, &pki, "node-a", "t-no-such-transfer-000", "00").await;
@@ -304,36 +324,41 @@ async fn cold_migration_between_two_agents() {
     let e = first.answer().await.expect_err("a wrong digest is refused");
     assert_eq!(e.code(), Status::DataLoss, "{e:?}");
     assert!(e.message().contains("digest mismatch"), "{}", e.message());
-    let (r1, _) = run_job(&mut cb, receive_request("r1", t1, &bad1, "vm-bad1"), JOB_LIMIT).await;
+    let (r1, _) = run_job(&mut cb, receive_request("r1", t1, device(&bad1), "vm-bad1"), JOB_LIMIT).await;
     assert_eq!(r1.state(), JobState::Failed);
     assert_eq!(job_error(&r1).code(), Code::DigestMismatch, "{r1:?}");
     assert!(!bad1.exists(), "the failed receive removed the file it created");
 
-    // A stream cut off halfway.
+    // A stream cut off halfway, into a new volume.
     let t2 = "t2-broken-stream-00002";
-    let bad2 = b.disk("bad2.img");
-    let r2 = cb.submit_job(receive_request("r2", t2, &bad2, "vm-bad2")).await.unwrap().into_inner();
+    let bad2 = b_pool.join("bad2.raw");
+    let r2 =
+        cb.submit_job(receive_request("r2", t2, volume("bad2.raw"), "vm-bad2")).await.unwrap().into_inner();
     wait_for_step(&mut cb, &r2.id, "wait").await;
     let cut = open_stream(b.client(&pki, "node-a").await);
     cut.push(start(t2)).await;
     cut.push(extent(0)).await;
     wait_for_step(&mut cb, &r2.id, "receive").await;
     cut.call.abort();
-    let (r2, _) = run_job(&mut cb, receive_request("r2", t2, &bad2, "vm-bad2"), JOB_LIMIT).await;
+    let (r2, _) = run_job(&mut cb, receive_request("r2", t2, volume("bad2.raw"), "vm-bad2"), JOB_LIMIT).await;
     assert_eq!(r2.state(), JobState::Failed, "{r2:?}");
-    assert!(!bad2.exists(), "the failed receive removed the file it created");
+    assert!(!bad2.exists(), "the failed receive removed the volume it created");
     assert!(domains(&mut cb).await.is_empty(), "nothing was defined on B");
 
     // A receive that is cancelled, or whose sender never comes, removes its disk too.
-    let r4 = cb.submit_job(receive_request("r4", "t4-cancelled-00000004", &b.disk("c.img"), "vm-c")).await;
+    let r4 =
+        cb.submit_job(receive_request("r4", "t4-cancelled-00000004", device(&b.disk("c.img")), "vm-c")).await;
     let r4 = r4.unwrap().into_inner();
     wait_for_step(&mut cb, &r4.id, "wait").await;
     cb.cancel_job(CancelJobRequest { job_id: r4.id.clone() }).await.unwrap();
-    let (r4, _) =
-        run_job(&mut cb, receive_request("r4", "t4-cancelled-00000004", &b.disk("c.img"), "vm-c"), JOB_LIMIT)
-            .await;
+    let (r4, _) = run_job(
+        &mut cb,
+        receive_request("r4", "t4-cancelled-00000004", device(&b.disk("c.img")), "vm-c"),
+        JOB_LIMIT,
+    )
+    .await;
     assert_eq!(r4.state(), JobState::Cancelled, "{r4:?}");
-    let mut late = receive_request("r5", "t5-timed-out-00000005", &b.disk("t.img"), "vm-t");
+    let mut late = receive_request("r5", "t5-timed-out-00000005", device(&b.disk("t.img")), "vm-t");
     if let Some(submit_job_request::Job::MigrateReceive(m)) = &mut late.job {
         m.timeout_seconds = 1;
     }
@@ -357,16 +382,20 @@ async fn cold_migration_between_two_agents() {
 
     // The migration.
     let t3 = "t3-migration-vm1-00003";
-    let b_disk = b.disk("vm1.img");
-    let receive = cb.submit_job(receive_request("r3", t3, &b_disk, "vm1")).await.unwrap().into_inner();
-    let again = cb.submit_job(receive_request("r3", t3, &b_disk, "vm1")).await.unwrap().into_inner();
+    // The default target: a new volume "vm1.raw" in B's pool.
+    let b_disk = b_pool.join("vm1.raw");
+    let receive = cb.submit_job(receive_request("r3", t3, None, "vm1")).await.unwrap().into_inner();
+    let again = cb.submit_job(receive_request("r3", t3, None, "vm1")).await.unwrap().into_inner();
     assert_eq!(again.id, receive.id, "the idempotency key returns the same job");
-    let e = cb.submit_job(receive_request("r3-again", t3, &b.disk("other.img"), "vm9")).await.unwrap_err();
+    let e = cb
+        .submit_job(receive_request("r3-again", t3, device(&b.disk("other.img")), "vm9"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Status::FailedPrecondition, "{e:?}");
     wait_for_step(&mut cb, &receive.id, "wait").await;
     let (send, send_events) = run_job(&mut ca, send_request("s3", t3, b.grpc), JOB_LIMIT).await;
     assert_eq!(send.state(), JobState::Succeeded, "{send:?}");
-    let (receive, _) = run_job(&mut cb, receive_request("r3", t3, &b_disk, "vm1"), JOB_LIMIT).await;
+    let (receive, _) = run_job(&mut cb, receive_request("r3", t3, None, "vm1"), JOB_LIMIT).await;
     assert_eq!(receive.state(), JobState::Succeeded, "{receive:?}");
 
     let Some(Outcome::MigrateSend(sent)) = &send.outcome else { panic!("{:?}", send.outcome) };
@@ -397,6 +426,12 @@ async fn cold_migration_between_two_agents() {
     assert!(wipe.verified);
     let zeros = vec![0u8; 3 * MIB as usize / 2];
     assert_eq!(jobs_support::head(&a_disk, zeros.len()), zeros, "A's disk is wiped");
+    let gone = SubmitJobRequest {
+        idempotency_key: "wipe-gone".into(),
+        job: Some(submit_job_request::Job::Wipe(WipeJob { target: volume("vm1.raw"), ..Default::default() })),
+    };
+    let e = ca.submit_job(gone).await.unwrap_err();
+    assert_eq!(e.code(), Status::NotFound, "A's pool no longer has the volume: {e:?}");
     let report = dir.path().join("report.json");
     std::fs::write(&report, &wipe.report_json).unwrap();
     let key = a_root.join("state/report-signing.key.pub");
