@@ -279,7 +279,7 @@ async fn cold_migration_between_two_agents() {
     assert!(e.message().starts_with("migrate_send.receiver_address: "), "{}", e.message());
     let mut bad = send_request("bad-receiver", "t-0123456789abcdef-x", b.grpc);
     if let Some(submit_job_request::Job::MigrateSend(m)) = &mut bad.job {
-        m.receiver = "localhost".into();
+        m.receiver = "node b".into();
     }
     let e = ca.submit_job(bad).await.unwrap_err();
     assert!(e.message().starts_with("migrate_send.receiver: "), "{}", e.message());
@@ -367,7 +367,7 @@ async fn cold_migration_between_two_agents() {
     assert!(job_error(&r5).message.contains("no stream from node-a arrived within 1 s"), "{r5:?}");
     assert!(!b.disk("c.img").exists() && !b.disk("t.img").exists(), "both disks were removed");
 
-    // The sender checks the receiver's name: a certificate for another name is refused, the source kept.
+    // The sender checks the receiver's CN: another node's certificate is refused, the source kept.
     let mut wrong = send_request("s-wrong", "t-wrong-receiver-0000", b.grpc);
     if let Some(submit_job_request::Job::MigrateSend(m)) = &mut wrong.job {
         m.receiver = "ops".into();
@@ -376,7 +376,7 @@ async fn cold_migration_between_two_agents() {
     assert_eq!(wrong.state(), JobState::Failed, "{wrong:?}");
     let message = &job_error(&wrong).message;
     assert!(message.contains("connecting to the receiver ops"), "{message}");
-    assert!(message.contains("certificate not valid for name \"ops\""), "{message}");
+    assert!(message.contains("the peer's certificate is for \"node-b\", not \"ops\""), "{message}");
     assert_eq!(sha256_file(&a_disk), original, "the source is untouched");
     assert_eq!(domains(&mut ca).await, ["vm1"]);
 

@@ -588,8 +588,8 @@ struct Sent {
     sha256: String,
 }
 
-/// Connect to the receiver as this agent (mutual TLS, the receiver's certificate checked for its name) and
-/// stream the extents; Ok once the receiver answered that it verified the disk.
+/// Connect to the receiver as this agent (mutual TLS, the receiver's certificate CN checked) and stream the
+/// extents; Ok once the receiver answered that it verified the disk.
 fn stream_disk(
     ctx: &JobContext<'_>,
     m: &MigrateSend,
@@ -600,11 +600,12 @@ fn stream_disk(
 ) -> Result<Sent, Failure> {
     let step = "send";
     let tls_files = &ctx.inner.config.tls;
+    // The receiver's certificate is checked against the address's host, then its CN against `receiver`.
     let tls = ClientTls {
         ca: tls_files.ca.clone(),
         cert: tls_files.cert.clone(),
         key: tls_files.key.clone(),
-        domain: Some(m.receiver.clone()),
+        domain: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -613,7 +614,7 @@ fn stream_disk(
         .build()
         .map_err(|e| Failure::at(step, Code::Internal, format!("cannot start the stream's runtime: {e}")))?;
     let mut client = runtime
-        .block_on(gridforge_common::client::connect(&m.receiver_address, Some(&tls)))
+        .block_on(gridforge_common::client::connect_peer(&m.receiver_address, &tls, &m.receiver))
         .map_err(|e| {
             Failure::at(
                 step,
