@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use gridforge_common::client::connect;
 use gridforge_proto::v1::agent_client::AgentClient;
 use gridforge_proto::v1::{
-    CancelJobRequest, ControlJob, DiskChunk, DiskExtent, DiskStreamEnd, DiskStreamStart, DiskTarget,
-    JobState, Machine, MigrateReceiveJob, MigrateSendJob, NodeStatsRequest, SubmitJobRequest, VmSpec,
-    WatchJobRequest, WipeJob, control_job::Action, disk_chunk, disk_target, error::Code, job::Outcome,
-    submit_job_request,
+    CancelJobRequest, ControlJob, Customization, DiskChunk, DiskExtent, DiskStreamEnd, DiskStreamStart,
+    DiskTarget, JobState, Machine, MigrateReceiveJob, MigrateSendJob, NodeStatsRequest, SubmitJobRequest,
+    VmSpec, WatchJobRequest, WipeJob, control_job::Action, disk_chunk, disk_target, error::Code,
+    job::Outcome, submit_job_request,
 };
 use gridforge_testsupport::{AgentConfig, Pki};
 use jobs_support::{job_error, run_job};
@@ -134,6 +134,8 @@ fn receive_request(key: &str, transfer_id: &str, target: Option<DiskTarget>, vm:
             spec: Some(VmSpec {
                 name: vm.to_string(),
                 machine: Some(Machine { vcpus: 1, memory_mib: 512, ..Default::default() }),
+                // The VM's whole spec may come along; its secrets are never kept.
+                customize: Some(Customization { root_password: "secret-pw".into(), ..Default::default() }),
                 ..Default::default()
             }),
             timeout_seconds: 60,
@@ -397,6 +399,7 @@ async fn cold_migration_between_two_agents() {
     assert_eq!(send.state(), JobState::Succeeded, "{send:?}");
     let (receive, _) = run_job(&mut cb, receive_request("r3", t3, None, "vm1"), JOB_LIMIT).await;
     assert_eq!(receive.state(), JobState::Succeeded, "{receive:?}");
+    assert!(!format!("{:?}", receive.request).contains("secret-pw"), "{:?}", receive.request);
 
     let Some(Outcome::MigrateSend(sent)) = &send.outcome else { panic!("{:?}", send.outcome) };
     let Some(Outcome::MigrateReceive(got)) = &receive.outcome else { panic!("{:?}", receive.outcome) };

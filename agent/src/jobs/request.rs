@@ -820,9 +820,13 @@ pub fn scrub_spec(spec: &mut VmSpec) {
 /// The request as journaled and reported: every secret removed.
 pub(crate) fn without_secrets(req: &SubmitJobRequest) -> SubmitJobRequest {
     let mut copy = req.clone();
-    if let Some(JobReq::Provision(p)) = &mut copy.job
-        && let Some(spec) = &mut p.spec
-    {
+    // A MigrateReceive uses only its spec's name and machine, but a coordinator may pass the VM's whole spec.
+    let spec = match &mut copy.job {
+        Some(JobReq::Provision(p)) => p.spec.as_mut(),
+        Some(JobReq::MigrateReceive(m)) => m.spec.as_mut(),
+        _ => None,
+    };
+    if let Some(spec) = spec {
         scrub_spec(spec);
     }
     copy
