@@ -55,6 +55,65 @@ pub async fn channel(endpoint: &str, tls: Option<&ClientTls>) -> Result<Channel,
     ep.connect().await.map_err(|e| ClientError::Connect { endpoint: url, reason: error_chain(&e) })
 }
 
+/// Connect to the peer agent at `endpoint` (`host:port` or `https://host:port`) with mutual TLS as `tls`, and
+/// require the peer's certificate to have the common name `peer`. The certificate is first verified as
+/// [`channel`] verifies it (chained to the CA, issued for the endpoint's host or `tls.domain`); a certificate
+/// for another name fails the connection with an error naming both. For agents dialing each other (a
+/// migration's sender checks that it reached the receiver the job names).
+pub async fn connect_peer(
+    endpoint: &str,
+    tls: &ClientTls,
+    peer: &str,
+) -> Result<AgentClient<Channel>, ClientError> {
+    use hyper_util::rt::TokioIo;
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::rustls::pki_types::ServerName;
+
+    let url = endpoint_url(endpoint, true)?;
+    let bad = |reason: String| ClientError::Endpoint { endpoint: endpoint.to_string(), reason };
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
+    let authority = uri.authority().ok_or_else(|| bad("no host:port".into()))?.clone();
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let name = tls.domain.clone().unwrap_or_else(|| host.clone());
+    let server_name = ServerName::try_from(name.clone())
+        .map_err(|e| bad(format!("{name:?} is not a host name or address: {e}")))?;
+    let config = tls::rustls_client_config(&tls.ca, &tls.cert, &tls.key)?;
+    let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(443));
+    let (peer, conn_addr) = (peer.to_string(), addr.clone());
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let (config, server_name, peer, addr) =
+            (config.clone(), server_name.clone(), peer.clone(), conn_addr.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            let stream = TlsConnector::from(config).connect(server_name, tcp).await?;
+            let found = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|der| tls::common_name(der));
+            if found.as_deref() != Some(peer.as_str()) {
+                let found = found.map_or_else(|| "no common name".to_string(), |cn| format!("{cn:?}"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("the peer's certificate is for {found}, not {peer:?}"),
+                ));
+            }
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    // The connector does TLS: the channel itself speaks HTTP/2 over what it hands back.
+    let plain = format!("http://{authority}");
+    let channel = Endpoint::from_shared(plain)
+        .map_err(|e| bad(error_chain(&e)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| ClientError::Connect { endpoint: url, reason: error_chain(&e) })?;
+    Ok(AgentClient::new(channel))
+}
+
 /// The URL for `endpoint`, refusing a scheme that contradicts the TLS choice.
 fn endpoint_url(endpoint: &str, tls: bool) -> Result<String, ClientError> {
     let bad =

@@ -33,6 +33,9 @@ pub enum TlsError {
     BadCertificate { what: &'static str, path: PathBuf, reason: String },
     #[error("the {what} {path} is not a private key in a form rustls reads ({label})")]
     UnsupportedKey { what: &'static str, path: PathBuf, label: String },
+    /// rustls refused a file that parsed (e.g. a key that does not match its certificate).
+    #[error("cannot use the {what} {path}: {reason}")]
+    Unusable { what: &'static str, path: PathBuf, reason: String },
 }
 
 impl TlsError {
@@ -43,7 +46,8 @@ impl TlsError {
             | TlsError::BadPem { path, .. }
             | TlsError::Missing { path, .. }
             | TlsError::BadCertificate { path, .. }
-            | TlsError::UnsupportedKey { path, .. } => path,
+            | TlsError::UnsupportedKey { path, .. }
+            | TlsError::Unusable { path, .. } => path,
         }
     }
 }
@@ -180,6 +184,52 @@ pub fn client_config(
         config = config.domain_name(domain);
     }
     Ok(config)
+}
+
+/// The client side of mutual TLS as a rustls config, for a connector of our own ([`crate::client::connect_peer`]):
+/// trust only `ca`, present `cert` and `key`, speak HTTP/2. The same files and checks as [`client_config`].
+pub fn rustls_client_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<std::sync::Arc<tokio_rustls::rustls::ClientConfig>, TlsError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+
+    let unusable = |what: &'static str, path: &Path, reason: String| TlsError::Unusable {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let ca_pem = read_certificates("CA certificate", ca)?;
+    let cert_pem = read_certificates("client certificate", cert)?;
+    let key_pem = read_private_key("client private key", key)?;
+    let mut roots = RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(&ca_pem) {
+        let der = der.map_err(|e| unusable("CA certificate", ca, e.to_string()))?;
+        roots.add(der).map_err(|e| unusable("CA certificate", ca, e.to_string()))?;
+    }
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unusable("client certificate", cert, e.to_string()))?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| unusable("client private key", key, e.to_string()))?;
+    let provider = std::sync::Arc::new(crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| unusable("client certificate", cert, e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, private)
+        .map_err(|e| unusable("client private key", key, e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+/// The subject common name of a DER certificate, if it has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string)
 }
 
 #[cfg(test)]

@@ -247,6 +247,13 @@ impl Agent for FakeAgent {
             vms,
         }))
     }
+
+    async fn receive_disk(
+        &self,
+        _request: Request<tonic::Streaming<gridforge_proto::v1::DiskChunk>>,
+    ) -> Result<Response<gridforge_proto::v1::ReceiveDiskResponse>, Status> {
+        Err(Status::unimplemented("the fake agent receives no disks"))
+    }
 }
 
 /// The coordinator daemon, stopped with SIGTERM when dropped.

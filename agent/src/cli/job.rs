@@ -359,6 +359,8 @@ fn print_job(job: &Job) {
                 Outcome::Snapshot(r) => serde_json::to_string(r),
                 Outcome::Resize(r) => serde_json::to_string(r),
                 Outcome::Control(r) => serde_json::to_string(r),
+                Outcome::MigrateSend(r) => serde_json::to_string(r),
+                Outcome::MigrateReceive(r) => serde_json::to_string(r),
                 Outcome::Error(_) | Outcome::Wipe(_) => unreachable!("handled above"),
             };
             println!("result:   {}", value.unwrap_or_default());

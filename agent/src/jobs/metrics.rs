@@ -7,7 +7,7 @@ use std::time::Duration;
 use gridforge_proto::v1::{JobKind, JobState};
 
 /// Steps whose byte progress counts as bytes written to a target.
-pub(crate) const WRITE_STEPS: &[&str] = &["write", "wipe", "format", "encrypt", "resize"];
+pub(crate) const WRITE_STEPS: &[&str] = &["write", "wipe", "format", "encrypt", "resize", "receive"];
 
 /// Upper bounds (seconds) of the duration histogram's buckets.
 const BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
@@ -19,6 +19,8 @@ const KINDS: &[JobKind] = &[
     JobKind::Snapshot,
     JobKind::Control,
     JobKind::Delete,
+    JobKind::MigrateSend,
+    JobKind::MigrateReceive,
 ];
 const STATES: &[JobState] = &[
     JobState::Queued,

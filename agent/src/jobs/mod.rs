@@ -10,6 +10,7 @@
 
 mod journal;
 mod metrics;
+mod migrate;
 mod request;
 mod run;
 
@@ -33,6 +34,7 @@ use crate::wipe::CancelToken;
 
 use journal::Journal;
 use metrics::Metrics;
+pub use migrate::{DiskSource, ReceiveFailure, Receiving, SourceError, StreamDigest, TransferRefused};
 use request::{Prepared, Work};
 pub use request::{scrub_spec, validate_spec};
 
@@ -141,6 +143,8 @@ pub(crate) struct Inner {
     /// Signalled whenever a job finishes (shutdown waits on it).
     finished: Condvar,
     signing_key: Mutex<Option<Arc<SigningKey>>>,
+    /// MigrateReceive jobs waiting for (or reading) their disk stream, by transfer id.
+    transfers: migrate::Transfers,
 }
 
 #[derive(Default)]
@@ -215,21 +219,24 @@ fn is_final(state: JobState) -> bool {
     !matches!(state, JobState::Queued | JobState::Running | JobState::Unspecified)
 }
 
-/// Make an interrupted job's target safe and say what was done, for the job's final message. Provision, Wipe
-/// and Delete targets hold nothing worth keeping half-done: their first MiB is zeroed. A Resize's disk holds
+/// Make an interrupted job's target safe and say what was done, for the job's final message. Provision, Wipe,
+/// Delete and MigrateReceive targets hold nothing worth keeping half-done: their first MiB is zeroed (a
+/// MigrateSend only reads its disk until the receiver verified it, and its wipe is a Delete's). A Resize's disk holds
 /// the tenant's data, which an interrupted grow keeps; Control and Snapshot do not write to a disk.
 fn secure_interrupted(kind: JobKind, target: &str) -> String {
     if target.is_empty() {
         return String::new();
     }
     match kind {
-        JobKind::Provision | JobKind::Wipe | JobKind::Delete => match make_safe(Path::new(target)) {
-            Ok(()) => "; the target's first MiB was zeroed".to_string(),
-            Err(e) => {
-                tracing::error!(target, "cannot make the target safe: {e}");
-                format!("; zeroing the target's first MiB failed: {e}")
+        JobKind::Provision | JobKind::Wipe | JobKind::Delete | JobKind::MigrateReceive => {
+            match make_safe(Path::new(target)) {
+                Ok(()) => "; the target's first MiB was zeroed".to_string(),
+                Err(e) => {
+                    tracing::error!(target, "cannot make the target safe: {e}");
+                    format!("; zeroing the target's first MiB failed: {e}")
+                }
             }
-        },
+        }
         JobKind::Resize => {
             "; the disk keeps its data: check its last file system (e2fsck -f) and resubmit the resize"
                 .to_string()
@@ -326,6 +333,7 @@ impl JobEngine {
             state: Mutex::new(state),
             finished: Condvar::new(),
             signing_key: Mutex::new(None),
+            transfers: migrate::Transfers::default(),
         });
         inner.purge_expired();
         let weak = Arc::downgrade(&inner);
@@ -354,6 +362,7 @@ impl JobEngine {
             default_wipe_method: &config.jobs.default_wipe_method,
             snapshot_store: &config.images.snapshot_store,
             snapshot_signing_key: &config.images.snapshot_signing_key,
+            mutual_tls: !config.tls.insecure,
         };
         let prepared = request::prepare(&req, client, &checks)?;
         self.inner.enqueue(&req, prepared)
@@ -574,6 +583,16 @@ impl Inner {
         }
         if let Some(d) = &prepared.domain {
             holds.push(format!("domain {d}"));
+        }
+        holds.extend(prepared.hold.clone());
+        if let Some(id) = migrate::receive_transfer_id(req)
+            && let Some(used) = st.jobs.values().find(|e| migrate::receive_transfer_id_of(&e.job) == Some(id))
+        {
+            return Err(SubmitError::Precondition(format!(
+                "migrate_receive.transfer_id: {id} was already used by job {} ({}); transfer ids are one-time",
+                used.job.id,
+                used.job.state().as_str_name()
+            )));
         }
         for h in &holds {
             if let Some(holder) = st.holders.get(h).and_then(|id| st.jobs.get(id)) {

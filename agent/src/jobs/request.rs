@@ -5,8 +5,8 @@ use std::path::{Component, Path, PathBuf};
 
 use gridforge_common::error_chain;
 use gridforge_proto::v1::{
-    DiskTarget, JobKind, Machine, SubmitJobRequest, VmSpec, control_job::Action, disk_target,
-    submit_job_request::Job as JobReq,
+    DiskTarget, JobKind, Machine, MigrateReceiveJob, MigrateSendJob, SubmitJobRequest, VmSpec,
+    control_job::Action, disk_target, submit_job_request::Job as JobReq,
 };
 use zeroize::Zeroize;
 
@@ -47,6 +47,31 @@ pub(crate) enum Work {
     Delete { domain: String, target: Target, method: wipe::Method, operator: String },
     Resize { target: Target, size_bytes: u64 },
     Snapshot { target: Target, name: String, version: String, notes: String },
+    MigrateSend(Box<MigrateSend>),
+    MigrateReceive(Box<MigrateReceive>),
+}
+
+/// The source side of a cold migration.
+#[derive(Clone, Debug)]
+pub(crate) struct MigrateSend {
+    pub domain: String,
+    pub target: Target,
+    pub transfer_id: String,
+    pub receiver_address: String,
+    pub receiver: String,
+    pub method: wipe::Method,
+    pub operator: String,
+}
+
+/// The destination side of a cold migration.
+#[derive(Clone, Debug)]
+pub(crate) struct MigrateReceive {
+    pub transfer_id: String,
+    pub sender: String,
+    pub target: Target,
+    pub size_bytes: u64,
+    pub domain: Option<DomainPlan>,
+    pub timeout: std::time::Duration,
 }
 
 impl Drop for Work {
@@ -71,6 +96,8 @@ pub(crate) struct Prepared {
     pub kind: JobKind,
     pub target: Option<PathBuf>,
     pub domain: Option<String>,
+    /// A further name the job holds while unfinished (a migration's "transfer <id>").
+    pub hold: Option<String>,
     pub work: Work,
 }
 
@@ -90,6 +117,8 @@ pub(crate) struct Checks<'a> {
     /// `images.snapshot_store` and `images.snapshot_signing_key` (empty: not configured).
     pub snapshot_store: &'a Path,
     pub snapshot_signing_key: &'a Path,
+    /// Whether the agent has mutual TLS (migrations need it to authenticate the peer agent).
+    pub mutual_tls: bool,
 }
 
 pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SubmitError {
@@ -113,7 +142,10 @@ pub(crate) fn prepare(
     checks: &Checks<'_>,
 ) -> Result<Prepared, SubmitError> {
     let job = req.job.as_ref().ok_or_else(|| {
-        invalid("job", "required: one of provision, wipe, control, resize, snapshot, delete")
+        invalid(
+            "job",
+            "required: one of provision, wipe, control, resize, snapshot, delete, migrate_send, migrate_receive",
+        )
     })?;
     match job {
         JobReq::Provision(p) => {
@@ -141,7 +173,7 @@ pub(crate) fn prepare(
             let domain = match &spec.machine {
                 Some(machine) => {
                     hypervisor(checks, "provision.spec.machine")?;
-                    Some(domain_plan(&spec.name, machine)?)
+                    Some(domain_plan(&spec.name, machine, "provision.spec.machine")?)
                 }
                 None => None,
             };
@@ -149,6 +181,7 @@ pub(crate) fn prepare(
                 kind: JobKind::Provision,
                 target: Some(target.path().to_path_buf()),
                 domain: domain.as_ref().map(|d| d.name.clone()),
+                hold: None,
                 work: Work::Provision { spec: Box::new(spec.clone()), target, domain },
             })
         }
@@ -168,6 +201,7 @@ pub(crate) fn prepare(
                 kind: JobKind::Wipe,
                 target: Some(target.path().to_path_buf()),
                 domain: None,
+                hold: None,
                 work: Work::Wipe { target, method, verify, operator },
             })
         }
@@ -188,6 +222,7 @@ pub(crate) fn prepare(
                 kind: JobKind::Control,
                 target: None,
                 domain: Some(c.domain.clone()),
+                hold: None,
                 work: Work::Control {
                     domain: c.domain.clone(),
                     action,
@@ -203,15 +238,18 @@ pub(crate) fn prepare(
             let method = parse_method(&d.wipe_method, "delete.wipe_method", checks)?;
             let target = match &d.target {
                 Some(t) => resolve_target(Some(t), "delete.target", false, checks)?,
-                None => domain_disk(hv, &d.domain)?,
+                None => domain_disk(hv, &d.domain, "delete.domain")?,
             };
             Ok(Prepared {
                 kind: JobKind::Delete,
                 target: Some(target.path().to_path_buf()),
                 domain: Some(d.domain.clone()),
+                hold: None,
                 work: Work::Delete { domain: d.domain.clone(), target, method, operator: client.to_string() },
             })
         }
+        JobReq::MigrateSend(m) => prepare_migrate_send(m, client, checks),
+        JobReq::MigrateReceive(m) => prepare_migrate_receive(m, checks),
         JobReq::Resize(r) => {
             let target = resolve_target(r.target.as_ref(), "resize.target", false, checks)?;
             let size_bytes = resize_size(r.size_mib, target.path())?;
@@ -220,6 +258,7 @@ pub(crate) fn prepare(
                 kind: JobKind::Resize,
                 target: Some(target.path().to_path_buf()),
                 domain: None,
+                hold: None,
                 work: Work::Resize { target, size_bytes },
             })
         }
@@ -259,6 +298,7 @@ pub(crate) fn prepare(
                 kind: JobKind::Snapshot,
                 target: Some(target.path().to_path_buf()),
                 domain: None,
+                hold: None,
                 work: Work::Snapshot {
                     target,
                     name: s.image_name.clone(),
@@ -267,6 +307,206 @@ pub(crate) fn prepare(
                 },
             })
         }
+    }
+}
+
+/// Longest wait of a MigrateReceive, and its default.
+const MAX_RECEIVE_TIMEOUT_SECS: u32 = 7 * 24 * 3600;
+const DEFAULT_RECEIVE_TIMEOUT_SECS: u32 = 3600;
+
+fn prepare_migrate_send(
+    m: &MigrateSendJob,
+    client: &str,
+    checks: &Checks<'_>,
+) -> Result<Prepared, SubmitError> {
+    check_domain_name(&m.domain, "migrate_send.domain")?;
+    check_transfer_id(&m.transfer_id, "migrate_send.transfer_id")?;
+    check_peer_name(&m.receiver, "migrate_send.receiver")?;
+    check_address(&m.receiver_address, "migrate_send.receiver_address")?;
+    let method = parse_method(&m.wipe_method, "migrate_send.wipe_method", checks)?;
+    require_mutual_tls(checks, "migrate_send")?;
+    let hv = hypervisor(checks, "migrate_send")?;
+    let what = format!("migrate_send.domain {:?}", m.domain);
+    match hv.state(&m.domain).map_err(|e| hypervisor_error(&what, e))? {
+        None => return Err(SubmitError::NotFound(format!("{what}: no such domain on this agent"))),
+        Some(DomainState::Shutoff) => {}
+        Some(state) => {
+            return Err(SubmitError::Precondition(format!(
+                "migrate_send: domain {} is {}; a cold migration needs it shut off (stop it first)",
+                m.domain,
+                state.as_str()
+            )));
+        }
+    }
+    let target = match &m.target {
+        Some(t) => resolve_target(Some(t), "migrate_send.target", false, checks)?,
+        None => domain_disk(hv, &m.domain, "migrate_send.domain")?,
+    };
+    Ok(Prepared {
+        kind: JobKind::MigrateSend,
+        target: Some(target.path().to_path_buf()),
+        domain: Some(m.domain.clone()),
+        hold: Some(format!("transfer {}", m.transfer_id)),
+        work: Work::MigrateSend(Box::new(MigrateSend {
+            domain: m.domain.clone(),
+            target,
+            transfer_id: m.transfer_id.clone(),
+            receiver_address: m.receiver_address.clone(),
+            receiver: m.receiver.clone(),
+            method,
+            operator: client.to_string(),
+        })),
+    })
+}
+
+fn prepare_migrate_receive(m: &MigrateReceiveJob, checks: &Checks<'_>) -> Result<Prepared, SubmitError> {
+    check_transfer_id(&m.transfer_id, "migrate_receive.transfer_id")?;
+    check_peer_name(&m.sender, "migrate_receive.sender")?;
+    let field = "migrate_receive.size_bytes";
+    if m.size_bytes == 0 {
+        return Err(invalid(field, "required: the disk's size in bytes"));
+    }
+    if !m.size_bytes.is_multiple_of(512) {
+        return Err(invalid(field, format!("{} is not a multiple of 512", m.size_bytes)));
+    }
+    let timeout_secs = match m.timeout_seconds {
+        0 => DEFAULT_RECEIVE_TIMEOUT_SECS,
+        s if s > MAX_RECEIVE_TIMEOUT_SECS => {
+            return Err(invalid(
+                "migrate_receive.timeout_seconds",
+                format!("{s} is more than {MAX_RECEIVE_TIMEOUT_SECS} (7 days)"),
+            ));
+        }
+        s => s,
+    };
+    require_mutual_tls(checks, "migrate_receive")?;
+    let spec = m.spec.as_ref().ok_or_else(|| invalid("migrate_receive.spec", "required: the VM's name"))?;
+    check_domain_name(&spec.name, "migrate_receive.spec.name")?;
+    let domain = match &spec.machine {
+        Some(machine) => {
+            let hv = hypervisor(checks, "migrate_receive.spec.machine")?;
+            let plan = domain_plan(&spec.name, machine, "migrate_receive.spec.machine")?;
+            let what = format!("migrate_receive.spec.name {:?}", spec.name);
+            if hv.state(&spec.name).map_err(|e| hypervisor_error(&what, e))?.is_some() {
+                return Err(SubmitError::Precondition(format!(
+                    "migrate_receive: domain {} is already defined on this agent",
+                    spec.name
+                )));
+            }
+            Some(plan)
+        }
+        None => None,
+    };
+    let default_target =
+        DiskTarget { target: Some(disk_target::Target::Volume(format!("{}.raw", spec.name))) };
+    let target = resolve_target(
+        Some(m.target.as_ref().unwrap_or(&default_target)),
+        "migrate_receive.target",
+        true,
+        checks,
+    )?;
+    match &target {
+        Target::Volume { name, exists: true, .. } => {
+            return Err(invalid(
+                "migrate_receive.target.volume",
+                format!("volume {name:?} already exists; a migration receives into a new volume"),
+            ));
+        }
+        Target::Volume { .. } => {}
+        Target::Device(path) => match disk_size(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(SubmitError::NotFound(format!(
+                    "migrate_receive.target.device: cannot read the size of {}: {e}",
+                    path.display()
+                )));
+            }
+            Ok((_, false)) => {
+                return Err(invalid(
+                    "migrate_receive.target.device",
+                    format!("{} already exists; a migration receives into a new file", path.display()),
+                ));
+            }
+            Ok((size, true)) if size < m.size_bytes => {
+                return Err(invalid(
+                    "migrate_receive.target.device",
+                    format!(
+                        "block device {} holds {size} bytes, less than size_bytes {}",
+                        path.display(),
+                        m.size_bytes
+                    ),
+                ));
+            }
+            Ok(_) => check_not_in_use(checks, path, "migrate_receive")?,
+        },
+    }
+    Ok(Prepared {
+        kind: JobKind::MigrateReceive,
+        target: Some(target.path().to_path_buf()),
+        domain: domain.as_ref().map(|d| d.name.clone()),
+        hold: Some(format!("transfer {}", m.transfer_id)),
+        work: Work::MigrateReceive(Box::new(MigrateReceive {
+            transfer_id: m.transfer_id.clone(),
+            sender: m.sender.clone(),
+            target,
+            size_bytes: m.size_bytes,
+            domain,
+            timeout: std::time::Duration::from_secs(timeout_secs.into()),
+        })),
+    })
+}
+
+/// A transfer id: 16-128 characters of `[A-Za-z0-9._-]` (the coordinator makes one per migration).
+fn check_transfer_id(id: &str, field: &str) -> Result<(), SubmitError> {
+    if id.is_empty() {
+        return Err(invalid(field, "required: the one-time id of the transfer"));
+    }
+    if !(16..=128).contains(&id.len())
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(invalid(field, format!("{id:?} is not 16-128 characters of A-Z a-z 0-9 . _ -")));
+    }
+    Ok(())
+}
+
+/// A peer agent's certificate name, as `pki issue --name` takes it.
+fn check_peer_name(name: &str, field: &str) -> Result<(), SubmitError> {
+    if name.is_empty() {
+        return Err(invalid(field, "required: the peer agent's certificate name (CN)"));
+    }
+    if name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(invalid(
+            field,
+            format!("{name:?} is not a certificate name (1-64 of A-Z a-z 0-9 . _ -)"),
+        ));
+    }
+    Ok(())
+}
+
+/// `host:port` (or `https://host:port`) of a peer agent.
+fn check_address(address: &str, field: &str) -> Result<(), SubmitError> {
+    if address.is_empty() {
+        return Err(invalid(field, "required: host:port of the receiving agent"));
+    }
+    let rest = address.strip_prefix("https://").unwrap_or(address);
+    let port_ok = rest
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok || rest.contains(['/', ' ']) {
+        return Err(invalid(field, format!("{address:?} is not host:port")));
+    }
+    Ok(())
+}
+
+fn require_mutual_tls(checks: &Checks<'_>, what: &str) -> Result<(), SubmitError> {
+    if checks.mutual_tls {
+        Ok(())
+    } else {
+        Err(SubmitError::Precondition(format!(
+            "{what}: this agent runs without TLS (tls.insecure); a migration needs mutual TLS to \
+             authenticate the peer agent"
+        )))
     }
 }
 
@@ -426,8 +666,8 @@ fn check_volume_name(name: &str, field: &str) -> Result<(), SubmitError> {
 }
 
 /// The disk of a defined domain, as a volume when it lies in the pool.
-fn domain_disk(hv: &dyn Hypervisor, domain: &str) -> Result<Target, SubmitError> {
-    let what = format!("delete.domain {domain:?}");
+fn domain_disk(hv: &dyn Hypervisor, domain: &str, field: &str) -> Result<Target, SubmitError> {
+    let what = format!("{field} {domain:?}");
     let disk = hv.domain_disk(domain).map_err(|e| hypervisor_error(&what, e))?;
     let disk = std::fs::canonicalize(&disk).unwrap_or(disk);
     let pool = hv.pool().map_err(|e| hypervisor_error(&what, e))?;
@@ -508,10 +748,10 @@ fn device_allowed(devices: &[PathBuf], canonical: &Path) -> bool {
     })
 }
 
-fn domain_plan(name: &str, machine: &Machine) -> Result<DomainPlan, SubmitError> {
+fn domain_plan(name: &str, machine: &Machine, field_prefix: &str) -> Result<DomainPlan, SubmitError> {
     let mut nics = Vec::new();
     for (i, nic) in machine.nics.iter().enumerate() {
-        let field = |f: &str| format!("provision.spec.machine.nics[{i}].{f}");
+        let field = |f: &str| format!("{field_prefix}.nics[{i}].{f}");
         use gridforge_proto::v1::nic::Attach;
         let (network, bridge) = match &nic.attach {
             Some(Attach::Network(n)) if !n.is_empty() => (Some(n.clone()), None),
@@ -580,9 +820,13 @@ pub fn scrub_spec(spec: &mut VmSpec) {
 /// The request as journaled and reported: every secret removed.
 pub(crate) fn without_secrets(req: &SubmitJobRequest) -> SubmitJobRequest {
     let mut copy = req.clone();
-    if let Some(JobReq::Provision(p)) = &mut copy.job
-        && let Some(spec) = &mut p.spec
-    {
+    // A MigrateReceive uses only its spec's name and machine, but a coordinator may pass the VM's whole spec.
+    let spec = match &mut copy.job {
+        Some(JobReq::Provision(p)) => p.spec.as_mut(),
+        Some(JobReq::MigrateReceive(m)) => m.spec.as_mut(),
+        _ => None,
+    };
+    if let Some(spec) = spec {
         scrub_spec(spec);
     }
     copy

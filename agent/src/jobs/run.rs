@@ -40,16 +40,26 @@ impl Failure {
         Self { code, step: None, message: message.into() }
     }
 
-    fn at(step: &str, code: Code, message: impl Into<String>) -> Self {
+    pub(super) fn at(step: &str, code: Code, message: impl Into<String>) -> Self {
         Self { code, step: Some(step.to_string()), message: message.into() }
     }
 
-    fn hypervisor(step: &str, e: HypervisorError) -> Self {
+    pub(super) fn hypervisor(step: &str, e: HypervisorError) -> Self {
         let code = match e {
             HypervisorError::NoDomain(_) | HypervisorError::NoVolume(..) => Code::NotFound,
             _ => Code::Hypervisor,
         };
         Self::at(step, code, error_chain(&e))
+    }
+
+    pub(super) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The same failure, its message led by what had been done before it.
+    pub(super) fn after(mut self, done: &str) -> Self {
+        self.message = format!("{done}; {}", self.message);
+        self
     }
 
     pub(crate) fn into_proto(self, current_step: &str) -> JobFailure {
@@ -69,14 +79,14 @@ pub(crate) struct JobContext<'a> {
 }
 
 impl JobContext<'_> {
-    fn hypervisor(&self) -> Result<&dyn Hypervisor, Failure> {
+    pub(super) fn hypervisor(&self) -> Result<&dyn Hypervisor, Failure> {
         self.inner.hypervisor.as_deref().ok_or_else(|| {
             Failure::new(Code::Hypervisor, "no hypervisor is configured on this agent (libvirt.uri)")
         })
     }
 
     /// A safe point: stop here if the job was cancelled.
-    fn checkpoint(&self, step: &str) -> Result<(), Failure> {
+    pub(super) fn checkpoint(&self, step: &str) -> Result<(), Failure> {
         if self.cancel.is_cancelled() { Err(Failure::at(step, Code::Cancelled, "cancelled")) } else { Ok(()) }
     }
 }
@@ -96,12 +106,14 @@ pub(crate) fn run(ctx: &JobContext<'_>, work: Work) -> Result<Outcome, Failure> 
         Work::Snapshot { target, name, version, notes } => {
             snapshot(ctx, target.path(), name, version, notes).map(Outcome::Snapshot)
         }
+        Work::MigrateSend(m) => super::migrate::send(ctx, m).map(Outcome::MigrateSend),
+        Work::MigrateReceive(m) => super::migrate::receive(ctx, m).map(Outcome::MigrateReceive),
     }
 }
 
 /// Refuse to touch a disk that a domain not shut off uses (the domain may have started while the job was
 /// queued). Without a hypervisor there are no domains to ask about.
-fn check_disk_idle(ctx: &JobContext<'_>, disk: &Path) -> Result<(), Failure> {
+pub(super) fn check_disk_idle(ctx: &JobContext<'_>, disk: &Path) -> Result<(), Failure> {
     let Some(hv) = ctx.inner.hypervisor.as_deref() else { return Ok(()) };
     match super::request::domain_using(hv, disk) {
         Ok(None) => Ok(()),
@@ -249,7 +261,7 @@ fn provision_onto(
     Ok(Outcome::Provision(result))
 }
 
-fn define_domain(ctx: &JobContext<'_>, d: &DomainPlan, disk: &Path) -> Result<(), Failure> {
+pub(super) fn define_domain(ctx: &JobContext<'_>, d: &DomainPlan, disk: &Path) -> Result<(), Failure> {
     ctx.checkpoint("define")?;
     let hv = ctx.hypervisor()?;
     ctx.progress.note("define", format!("defining domain {}", d.name));
@@ -370,6 +382,18 @@ fn delete(
     method: &wipe::Method,
     operator: &str,
 ) -> Result<Outcome, Failure> {
+    delete_vm(ctx, domain, target, method, operator).map(Outcome::Wipe)
+}
+
+/// Power off and undefine `domain`, wipe its disk with a signed report and free the volume: a Delete, and
+/// the last part of a MigrateSend.
+pub(super) fn delete_vm(
+    ctx: &JobContext<'_>,
+    domain: &str,
+    target: &Target,
+    method: &wipe::Method,
+    operator: &str,
+) -> Result<WipeResult, Failure> {
     let hv = ctx.hypervisor()?;
     match hv.state(domain).map_err(|e| Failure::hypervisor("stop", e))? {
         None => ctx.progress.note("undefine", format!("domain {domain} is not defined (already undefined)")),
@@ -389,5 +413,5 @@ fn delete(
         ctx.progress.note("free", format!("deleting volume {name}"));
         hv.delete_volume(name).map_err(|e| Failure::hypervisor("free", e))?;
     }
-    Ok(Outcome::Wipe(result))
+    Ok(result)
 }

@@ -7,19 +7,24 @@ use std::time::Duration;
 use gridforge_common::error_chain;
 use gridforge_proto::v1::agent_server::{Agent, AgentServer};
 use gridforge_proto::v1::{
-    CancelJobRequest, DiagnosticsReport, DiagnosticsRequest, GetJobRequest, Job, JobEvent, ListJobsRequest,
-    ListJobsResponse, NodeStatsReport, NodeStatsRequest, SubmitJobRequest, WatchJobRequest,
+    CancelJobRequest, DiagnosticsReport, DiagnosticsRequest, DiskChunk, GetJobRequest, Job, JobEvent,
+    ListJobsRequest, ListJobsResponse, NodeStatsReport, NodeStatsRequest, ReceiveDiskResponse,
+    SubmitJobRequest, WatchJobRequest, disk_chunk,
 };
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Config;
-use crate::jobs::{CancelError, JobEngine, SubmitError, WatchError};
+use crate::jobs::{
+    CancelError, DiskSource, JobEngine, ReceiveFailure, SourceError, SubmitError, TransferRefused, WatchError,
+};
 use crate::node::{self, NodeContext};
 
 /// Caller name for requests without a client certificate (plaintext, local development).
 pub const LOCAL_CLIENT: &str = "local";
+/// How long a ReceiveDisk caller has to send its first message.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// NodeStats sampling window when the request gives none, and the longest allowed.
 const DEFAULT_SAMPLE_MS: u32 = 500;
 const MAX_SAMPLE_MS: u32 = 10_000;
@@ -69,6 +74,47 @@ impl From<WatchError> for Status {
         match e {
             WatchError::NotFound(_) => Status::not_found(e.to_string()),
             WatchError::Journal(_) => Status::internal(error_chain(&e)),
+        }
+    }
+}
+
+impl From<TransferRefused> for Status {
+    fn from(e: TransferRefused) -> Status {
+        match e {
+            TransferRefused::WrongSender { .. } => Status::permission_denied(e.to_string()),
+            TransferRefused::Unknown(_)
+            | TransferRefused::Used { .. }
+            | TransferRefused::WrongSize { .. } => Status::failed_precondition(e.to_string()),
+        }
+    }
+}
+
+impl From<ReceiveFailure> for Status {
+    fn from(e: ReceiveFailure) -> Status {
+        match e {
+            ReceiveFailure::Invalid(m) => Status::invalid_argument(m),
+            ReceiveFailure::Mismatch(m) => Status::data_loss(m),
+            ReceiveFailure::Failed(m) => Status::aborted(m),
+        }
+    }
+}
+
+/// A ReceiveDisk stream as the job engine reads it: from the job's thread, driven by the server's runtime.
+struct StreamSource {
+    stream: Streaming<DiskChunk>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl DiskSource for StreamSource {
+    fn next(&mut self, wait: Duration) -> Result<Option<DiskChunk>, SourceError> {
+        // The timer is made inside the runtime's context: block_on enters it, the caller's thread is not in it.
+        let stream = &mut self.stream;
+        let next = self.runtime.block_on(async move { tokio::time::timeout(wait, stream.message()).await });
+        match next {
+            Ok(Ok(msg)) => Ok(msg),
+            Ok(Err(status)) => Err(SourceError::Broken(format!("{:?}: {}", status.code(), status.message()))),
+            // Streaming::message is cancel-safe: a message not yet whole stays buffered for the next call.
+            Err(_) => Err(SourceError::Idle),
         }
     }
 }
@@ -170,5 +216,28 @@ impl Agent for AgentService {
         let report =
             blocking(move || node::node_stats(&node, Duration::from_millis(sample_ms.into()))).await?;
         Ok(Response::new(report))
+    }
+
+    async fn receive_disk(
+        &self,
+        request: Request<Streaming<DiskChunk>>,
+    ) -> Result<Response<ReceiveDiskResponse>, Status> {
+        let client = client_name(&request);
+        if client == LOCAL_CLIENT {
+            return Err(Status::permission_denied(
+                "ReceiveDisk needs the sending agent's client certificate (mutual TLS)",
+            ));
+        }
+        let mut stream = request.into_inner();
+        let first = tokio::time::timeout(START_TIMEOUT, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no start message within 30 s"))??;
+        let Some(DiskChunk { chunk: Some(disk_chunk::Chunk::Start(start)) }) = first else {
+            return Err(Status::invalid_argument("the first message of ReceiveDisk must be `start`"));
+        };
+        let source = StreamSource { stream, runtime: tokio::runtime::Handle::current() };
+        let answer = self.engine.receive_disk(start, &client, Box::new(source))?;
+        let result = answer.await.map_err(|_| Status::aborted("the receive job ended without an answer"))?;
+        Ok(Response::new(result?))
     }
 }

@@ -113,6 +113,13 @@ impl Agent for Fake {
     async fn node_stats(&self, _r: Request<NodeStatsRequest>) -> Result<Response<NodeStatsReport>, Status> {
         Ok(Response::new(NodeStatsReport::default()))
     }
+
+    async fn receive_disk(
+        &self,
+        _r: Request<tonic::Streaming<gridforge_proto::v1::DiskChunk>>,
+    ) -> Result<Response<gridforge_proto::v1::ReceiveDiskResponse>, Status> {
+        Err(Status::unimplemented("the fake agent receives no disks"))
+    }
 }
 
 async fn serve(agent: Arc<FakeAgent>) -> String {

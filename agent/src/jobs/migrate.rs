@@ -1,0 +1,760 @@
+//! Cold migration between two agents: a MigrateReceive job allocates the disk and waits for one ReceiveDisk
+//! stream (the gRPC server hands it over with [`JobEngine::receive_disk`] once the caller's certificate name
+//! and the transfer id check out); a MigrateSend job streams the allocated extents of a shut-off domain's
+//! disk to it and, only once the receiver has verified its copy and defined the domain, removes the source
+//! the way a Delete does.
+//!
+//! Both sides compute one digest over the stream ([`StreamDigest`]); the receiver compares it with the
+//! sender's before it defines anything. A receive that does not end verified removes what it allocated (or
+//! zeroes the first MiB of a device it was given) and defines nothing.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use gridforge_common::client::ClientTls;
+use gridforge_common::error_chain;
+use gridforge_proto::v1::{
+    DiskChunk, DiskExtent, DiskStreamEnd, DiskStreamStart, Job, MigrateReceiveResult, MigrateSendResult,
+    ReceiveDiskResponse, SubmitJobRequest, disk_chunk, error::Code, submit_job_request::Job as JobReq,
+};
+use sha2::{Digest, Sha256};
+
+use super::request::{MigrateReceive, MigrateSend, Target};
+use super::run::{Failure, JobContext, check_disk_idle, define_domain, delete_vm};
+use super::{JobEngine, lock, make_safe};
+use crate::hypervisor::DomainState;
+
+/// The migration mode results report: the domain is shut off for the whole transfer.
+const MODE: &str = "cold";
+/// Bytes of disk data per stream message.
+const CHUNK: usize = 1 << 20;
+/// Stream messages the sender reads ahead of the network.
+const SEND_AHEAD: usize = 4;
+/// How often a waiting or receiving job looks at its cancel token and deadline.
+const POLL: Duration = Duration::from_millis(250);
+
+/// The running sha256 of a disk stream: for each extent message its big-endian u64 offset, big-endian u64
+/// length and data, then the big-endian u64 disk size.
+pub struct StreamDigest(Sha256);
+
+impl StreamDigest {
+    pub fn new() -> Self {
+        StreamDigest(Sha256::new())
+    }
+
+    pub fn extent(&mut self, offset: u64, data: &[u8]) {
+        self.0.update(offset.to_be_bytes());
+        self.0.update((data.len() as u64).to_be_bytes());
+        self.0.update(data);
+    }
+
+    /// The hex digest, after the disk size.
+    pub fn finish(mut self, size_bytes: u64) -> String {
+        self.0.update(size_bytes.to_be_bytes());
+        hex::encode(self.0.finalize())
+    }
+}
+
+impl Default for StreamDigest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The rest of a ReceiveDisk stream after its `start`, as the server reads it.
+pub trait DiskSource: Send {
+    /// The next message; `Ok(None)` when the stream ended.
+    fn next(&mut self, wait: Duration) -> Result<Option<DiskChunk>, SourceError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Nothing arrived within the wait; the stream is still open.
+    #[error("nothing arrived yet")]
+    Idle,
+    /// The stream broke (the caller went away, the connection dropped).
+    #[error("{0}")]
+    Broken(String),
+}
+
+/// Why a receive ended without a verified disk, for the stream's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveFailure {
+    /// The stream broke the protocol (order, bounds, missing end) (INVALID_ARGUMENT).
+    #[error("{0}")]
+    Invalid(String),
+    /// The data does not match the sender's digest or counts (DATA_LOSS).
+    #[error("{0}")]
+    Mismatch(String),
+    /// The job failed for another reason: timeout, cancel, I/O, defining the domain (ABORTED).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Why a stream was not handed to a job.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferRefused {
+    /// No MigrateReceive job waits for this id (FAILED_PRECONDITION).
+    #[error("no migrate-receive job on this agent waits for transfer {0:?}")]
+    Unknown(String),
+    /// The job already took a stream (FAILED_PRECONDITION).
+    #[error("transfer {id:?} of job {job} already has its stream; a transfer takes one")]
+    Used { id: String, job: String },
+    /// The caller is not the job's sender (PERMISSION_DENIED).
+    #[error("transfer {id:?} is for sender {expected:?}, not {client:?}")]
+    WrongSender { id: String, expected: String, client: String },
+    /// The sender's disk is not the size the job allocated (FAILED_PRECONDITION).
+    #[error("transfer {id:?} expects a disk of {expected} bytes, the sender's has {got}")]
+    WrongSize { id: String, expected: u64, got: u64 },
+}
+
+/// The answer a stream's caller waits for: the verified disk, or why not.
+pub type Receiving = tokio::sync::oneshot::Receiver<Result<ReceiveDiskResponse, ReceiveFailure>>;
+
+/// A stream handed to its job.
+struct Incoming {
+    start: DiskStreamStart,
+    source: Box<dyn DiskSource>,
+    reply: tokio::sync::oneshot::Sender<Result<ReceiveDiskResponse, ReceiveFailure>>,
+}
+
+struct Slot {
+    job: String,
+    sender: String,
+    size_bytes: u64,
+    /// Taken by the one stream the transfer accepts.
+    handoff: Option<mpsc::Sender<Incoming>>,
+}
+
+/// The receive jobs that wait for a stream, by transfer id.
+#[derive(Default)]
+pub(super) struct Transfers(Mutex<HashMap<String, Slot>>);
+
+/// A registered transfer; unregistered when dropped.
+struct Registration<'a> {
+    transfers: &'a Transfers,
+    id: String,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        lock(&self.transfers.0).remove(&self.id);
+    }
+}
+
+/// The transfer id of a MigrateReceive request.
+pub(super) fn receive_transfer_id(req: &SubmitJobRequest) -> Option<&str> {
+    match &req.job {
+        Some(JobReq::MigrateReceive(m)) => Some(&m.transfer_id),
+        _ => None,
+    }
+}
+
+pub(super) fn receive_transfer_id_of(job: &Job) -> Option<&str> {
+    job.request.as_ref().and_then(receive_transfer_id)
+}
+
+impl JobEngine {
+    /// Hand a ReceiveDisk stream to the MigrateReceive job waiting for `start.transfer_id`, if `client` (the
+    /// caller's certificate name) is that job's sender and no stream was handed over before. The job reads
+    /// `source` and answers on the returned channel once the disk is verified and its domain defined.
+    pub fn receive_disk(
+        &self,
+        start: DiskStreamStart,
+        client: &str,
+        source: Box<dyn DiskSource>,
+    ) -> Result<Receiving, TransferRefused> {
+        let id = start.transfer_id.clone();
+        let mut transfers = lock(&self.inner.transfers.0);
+        let slot = transfers.get_mut(&id).ok_or_else(|| TransferRefused::Unknown(id.clone()))?;
+        if slot.sender != client {
+            return Err(TransferRefused::WrongSender {
+                id,
+                expected: slot.sender.clone(),
+                client: client.to_string(),
+            });
+        }
+        let Some(handoff) = slot.handoff.take() else {
+            return Err(TransferRefused::Used { id, job: slot.job.clone() });
+        };
+        if start.size_bytes != slot.size_bytes {
+            let expected = slot.size_bytes;
+            slot.handoff = Some(handoff);
+            return Err(TransferRefused::WrongSize { id, expected, got: start.size_bytes });
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = slot.job.clone();
+        drop(transfers);
+        handoff.send(Incoming { start, source, reply }).map_err(|_| TransferRefused::Unknown(id.clone()))?;
+        tracing::info!(job = %job, transfer = %id, sender = client, "disk stream accepted");
+        Ok(answer)
+    }
+}
+
+/// What a receive allocated, to remove again when it fails.
+enum Allocated {
+    Volume(String),
+    File,
+    /// A device given to the job: its first MiB is zeroed instead.
+    Device,
+}
+
+/// Run a MigrateReceive job.
+pub(super) fn receive(ctx: &JobContext<'_>, m: &MigrateReceive) -> Result<MigrateReceiveResult, Failure> {
+    let deadline = Instant::now() + m.timeout;
+    let path = m.target.path();
+    let allocated = allocate(ctx, m)?;
+    let result = receive_onto(ctx, m, deadline);
+    if let Err(failure) = &result {
+        tracing::warn!(job = ctx.id, "migrate-receive failed; removing what it allocated: {failure:?}");
+        discard(ctx, path, &allocated);
+    }
+    result
+}
+
+fn allocate(ctx: &JobContext<'_>, m: &MigrateReceive) -> Result<Allocated, Failure> {
+    let step = "allocate";
+    let path = m.target.path();
+    let io = |what: &str, e: std::io::Error| {
+        Failure::at(step, Code::Io, format!("{what} {}: {e}", path.display()))
+    };
+    let allocated = match &m.target {
+        Target::Volume { name, .. } => {
+            let hv = ctx.hypervisor()?;
+            ctx.progress.note(step, format!("creating volume {name} ({} bytes) in the pool", m.size_bytes));
+            hv.create_volume(name, m.size_bytes).map_err(|e| Failure::hypervisor(step, e))?;
+            Allocated::Volume(name.clone())
+        }
+        Target::Device(path) if !path.exists() => {
+            ctx.progress
+                .note(step, format!("creating sparse file {} ({} bytes)", path.display(), m.size_bytes));
+            let file = File::create_new(path).map_err(|e| io("creating", e))?;
+            file.set_len(m.size_bytes).map_err(|e| io("sizing", e))?;
+            Allocated::File
+        }
+        Target::Device(_) => Allocated::Device,
+    };
+    // A pool volume's file is made by the hypervisor; a pool that only records volumes (libvirt's test
+    // driver) leaves it to us.
+    if let Allocated::Volume(_) = allocated {
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(path);
+        let grow = file
+            .and_then(|f| if f.metadata()?.len() < m.size_bytes { f.set_len(m.size_bytes) } else { Ok(()) });
+        if let Err(e) = grow {
+            let failure = io("opening the new volume", e);
+            discard(ctx, path, &allocated);
+            return Err(failure);
+        }
+    }
+    Ok(allocated)
+}
+
+/// Remove a failed receive's disk: a volume or file it created is deleted, a device has its head zeroed.
+fn discard(ctx: &JobContext<'_>, path: &Path, allocated: &Allocated) {
+    let removed = match allocated {
+        Allocated::Volume(name) => match ctx.inner.hypervisor.as_deref() {
+            Some(hv) => hv.delete_volume(name).map_err(|e| error_chain(&e)).and_then(|()| {
+                // The file of a pool that only records volumes.
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                    _ => Ok(()),
+                }
+            }),
+            None => Err("no hypervisor".to_string()),
+        },
+        Allocated::File => std::fs::remove_file(path).map_err(|e| e.to_string()),
+        Allocated::Device => make_safe(path),
+    };
+    if let Err(e) = removed {
+        tracing::error!(job = ctx.id, disk = %path.display(), "cannot remove the failed receive's disk: {e}");
+        if let Err(z) = make_safe(path) {
+            tracing::error!(job = ctx.id, "cannot zero the head of {}: {z}", path.display());
+        }
+    }
+}
+
+fn receive_onto(
+    ctx: &JobContext<'_>,
+    m: &MigrateReceive,
+    deadline: Instant,
+) -> Result<MigrateReceiveResult, Failure> {
+    let path = m.target.path();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Failure::at("allocate", Code::Io, format!("opening {}: {e}", path.display())))?;
+    let (handoff, waiting) = mpsc::channel();
+    let transfers = &ctx.inner.transfers;
+    lock(&transfers.0).insert(
+        m.transfer_id.clone(),
+        Slot {
+            job: ctx.id.to_string(),
+            sender: m.sender.clone(),
+            size_bytes: m.size_bytes,
+            handoff: Some(handoff),
+        },
+    );
+    let registration = Registration { transfers, id: m.transfer_id.clone() };
+    ctx.progress.note("wait", format!("waiting for transfer {} from {}", m.transfer_id, m.sender));
+    let incoming = loop {
+        match waiting.recv_timeout(POLL) {
+            Ok(incoming) => break incoming,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Failure::at("wait", Code::Internal, "the transfer was unregistered"));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                ctx.checkpoint("wait")?;
+                if Instant::now() >= deadline {
+                    return Err(Failure::at(
+                        "wait",
+                        Code::Io,
+                        format!("no stream from {} arrived within {} s", m.sender, m.timeout.as_secs()),
+                    ));
+                }
+            }
+        }
+    };
+    // A second stream finds the slot used until the job ends, and then no slot.
+    let Incoming { start, mut source, reply } = incoming;
+    let answer = |result: Result<ReceiveDiskResponse, ReceiveFailure>| {
+        // The caller may be gone (its connection broke); the job's own outcome says what happened.
+        let _ = reply.send(result);
+    };
+    let received = match read_stream(ctx, m, &file, &start, source.as_mut(), deadline) {
+        Ok(r) => r,
+        Err((failure, answer_text)) => {
+            answer(Err(answer_text));
+            return Err(failure);
+        }
+    };
+    drop(source);
+    let defined = m.domain.as_ref().map(|d| d.name.clone()).unwrap_or_default();
+    if let Some(d) = &m.domain {
+        let hv = ctx.hypervisor()?;
+        if let Err(failure) = define_domain(ctx, d, path) {
+            // A domain defined but not started as asked is undefined again: nothing half-done stays.
+            if matches!(hv.state(&d.name), Ok(Some(_))) {
+                let _ = hv.destroy(&d.name);
+                if let Err(e) = hv.undefine(&d.name) {
+                    tracing::error!(job = ctx.id, "cannot undefine {} again: {}", d.name, error_chain(&e));
+                }
+            }
+            answer(Err(ReceiveFailure::Failed(format!("defining domain {}: {}", d.name, failure.message()))));
+            return Err(failure);
+        }
+    }
+    drop(registration);
+    let response = ReceiveDiskResponse {
+        sha256: received.sha256.clone(),
+        bytes: received.bytes,
+        disk_path: path.display().to_string(),
+        domain: defined.clone(),
+    };
+    answer(Ok(response));
+    ctx.progress.note("define", format!("disk verified ({}); receive done", received.sha256));
+    Ok(MigrateReceiveResult {
+        mode: MODE.to_string(),
+        sender: m.sender.clone(),
+        disk_path: path.display().to_string(),
+        size_bytes: m.size_bytes,
+        bytes_received: received.bytes,
+        extents_received: received.extents,
+        sha256: received.sha256,
+        domain: defined,
+    })
+}
+
+struct Received {
+    bytes: u64,
+    extents: u64,
+    sha256: String,
+}
+
+type StreamError = (Failure, ReceiveFailure);
+
+/// Write the stream's extents to `file` and check its end against what arrived; the disk is synced before
+/// it counts as verified.
+fn read_stream(
+    ctx: &JobContext<'_>,
+    m: &MigrateReceive,
+    file: &File,
+    start: &DiskStreamStart,
+    source: &mut dyn DiskSource,
+    deadline: Instant,
+) -> Result<Received, StreamError> {
+    let step = "receive";
+    let invalid = |msg: String| (Failure::at(step, Code::Io, msg.clone()), ReceiveFailure::Invalid(msg));
+    let failed =
+        |code: Code, msg: String| (Failure::at(step, code, msg.clone()), ReceiveFailure::Failed(msg));
+    let size = m.size_bytes;
+    let total = start.data_bytes;
+    let mut digest = StreamDigest::new();
+    let (mut bytes, mut extents, mut next_free) = (0u64, 0u64, None::<u64>);
+    ctx.progress.report(step, 0, total, "");
+    let end = loop {
+        if ctx.cancel.is_cancelled() {
+            return Err(failed(Code::Cancelled, "cancelled while receiving the disk".into()));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(failed(
+                Code::Io,
+                format!("the stream from {} did not finish within {} s", m.sender, m.timeout.as_secs()),
+            ));
+        }
+        let msg = match source.next((deadline - now).min(POLL)) {
+            Ok(msg) => msg,
+            Err(SourceError::Idle) => continue,
+            Err(e @ SourceError::Broken(_)) => {
+                return Err(failed(Code::Io, format!("the stream from {} broke: {e}", m.sender)));
+            }
+        };
+        let Some(DiskChunk { chunk: Some(chunk) }) = msg else {
+            match msg {
+                None => {
+                    return Err(invalid(format!(
+                        "the stream from {} ended after {bytes} bytes without its end message",
+                        m.sender
+                    )));
+                }
+                Some(_) => return Err(invalid("an empty stream message".into())),
+            }
+        };
+        match chunk {
+            disk_chunk::Chunk::Extent(DiskExtent { offset, data }) => {
+                let len = data.len() as u64;
+                if len == 0 {
+                    return Err(invalid(format!("an empty extent at offset {offset}")));
+                }
+                if next_free.is_some_and(|free| offset < free) {
+                    return Err(invalid(format!(
+                        "extent at offset {offset} overlaps or precedes the previous one (ends at {})",
+                        next_free.unwrap_or_default()
+                    )));
+                }
+                if offset.checked_add(len).is_none_or(|e| e > size) {
+                    return Err(invalid(format!(
+                        "extent of {len} bytes at offset {offset} lies beyond the disk's {size} bytes"
+                    )));
+                }
+                file.write_all_at(&data, offset).map_err(|e| {
+                    failed(Code::Io, format!("writing {} at offset {offset}: {e}", m.target.path().display()))
+                })?;
+                if next_free != Some(offset) {
+                    extents += 1;
+                }
+                digest.extent(offset, &data);
+                bytes += len;
+                next_free = Some(offset + len);
+                ctx.progress.report(step, bytes, total.max(bytes), "");
+            }
+            disk_chunk::Chunk::End(end) => break end,
+            disk_chunk::Chunk::Start(_) => return Err(invalid("a second start message".into())),
+        }
+    };
+    let sha256 = digest.finish(size);
+    ctx.progress.note("verify", "comparing the stream's digest with the sender's");
+    let mismatch = |msg: String| {
+        (Failure::at("verify", Code::DigestMismatch, msg.clone()), ReceiveFailure::Mismatch(msg))
+    };
+    if end.sha256 != sha256 {
+        return Err(mismatch(format!(
+            "digest mismatch: the sender sent {:?}, the data received hashes to {sha256}",
+            end.sha256
+        )));
+    }
+    if end.bytes != bytes || end.extents != extents {
+        return Err(mismatch(format!(
+            "the sender sent {} bytes in {} extents, {bytes} bytes in {extents} extents arrived",
+            end.bytes, end.extents
+        )));
+    }
+    file.sync_all().map_err(|e| {
+        let msg = format!("syncing {}: {e}", m.target.path().display());
+        (Failure::at("verify", Code::Io, msg.clone()), ReceiveFailure::Failed(msg))
+    })?;
+    Ok(Received { bytes, extents, sha256 })
+}
+
+/// The allocated extents of `file` (size `size`), from SEEK_DATA and SEEK_HOLE: (offset, length), in order.
+/// A file system or device that does not report holes yields one extent over everything.
+fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{Whence, lseek};
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match lseek(file, pos as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(nix::errno::Errno::EINVAL) if pos == 0 => return Ok(vec![(0, size)]),
+            Err(e) => return Err(e.into()),
+        };
+        if data >= size {
+            break;
+        }
+        let hole = match lseek(file, data as i64, Whence::SeekHole) {
+            Ok(h) => (h as u64).min(size),
+            Err(nix::errno::Errno::ENXIO) => size,
+            Err(e) => return Err(e.into()),
+        };
+        if hole > data {
+            extents.push((data, hole - data));
+        }
+        pos = hole;
+    }
+    Ok(extents)
+}
+
+/// Size in bytes of a file or block device.
+fn disk_size(file: &File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(std::io::SeekFrom::End(0))
+}
+
+/// Run a MigrateSend job.
+pub(super) fn send(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendResult, Failure> {
+    let hv = ctx.hypervisor()?;
+    let step = "check";
+    let path = m.target.path();
+    match hv.state(&m.domain).map_err(|e| Failure::hypervisor(step, e))? {
+        Some(DomainState::Shutoff) => {}
+        None => {
+            return Err(Failure::at(step, Code::NotFound, format!("no domain {:?} on this agent", m.domain)));
+        }
+        Some(state) => {
+            return Err(Failure::at(
+                step,
+                Code::Target,
+                format!(
+                    "domain {} is {}; a cold migration needs it shut off (stop it first)",
+                    m.domain,
+                    state.as_str()
+                ),
+            ));
+        }
+    }
+    check_disk_idle(ctx, path)?;
+    let io = |what: String, e: std::io::Error| Failure::at(step, Code::Io, format!("{what}: {e}"));
+    let file = File::open(path).map_err(|e| io(format!("opening {}", path.display()), e))?;
+    let size = disk_size(&file).map_err(|e| io(format!("reading the size of {}", path.display()), e))?;
+    let extents = data_extents(&file, size)
+        .map_err(|e| io(format!("finding the data extents of {}", path.display()), e))?;
+    let data_bytes: u64 = extents.iter().map(|(_, len)| len).sum();
+    ctx.progress
+        .note(step, format!("{} of {} bytes allocated in {} extents", data_bytes, size, extents.len()));
+    ctx.checkpoint("send")?;
+
+    let sent = stream_disk(ctx, m, &file, size, &extents, data_bytes)?;
+    drop(file);
+
+    // The receiver holds a verified copy and its domain: only now is the source removed.
+    let done = format!("the receiver {} verified its copy ({})", m.receiver, sent.sha256);
+    ctx.progress.note("send", done.clone());
+    match hv.state(&m.domain).map_err(|e| Failure::hypervisor("undefine", e).after(&done))? {
+        Some(DomainState::Shutoff) | None => {}
+        Some(state) => {
+            return Err(Failure::at(
+                "undefine",
+                Code::Target,
+                format!(
+                    "domain {} was started during the transfer ({}); it and its disk are kept here, so the VM now \
+                     exists on both nodes: resolve by hand",
+                    m.domain,
+                    state.as_str()
+                ),
+            )
+            .after(&done));
+        }
+    }
+    let wipe = delete_vm(ctx, &m.domain, &m.target, &m.method, &m.operator).map_err(|f| f.after(&done))?;
+    Ok(MigrateSendResult {
+        mode: MODE.to_string(),
+        receiver: m.receiver.clone(),
+        size_bytes: size,
+        bytes_sent: data_bytes,
+        extents_sent: extents.len() as u64,
+        sha256: sent.sha256,
+        wipe: Some(wipe),
+    })
+}
+
+struct Sent {
+    sha256: String,
+}
+
+/// Connect to the receiver as this agent (mutual TLS, the receiver's certificate CN checked) and stream the
+/// extents; Ok once the receiver answered that it verified the disk.
+fn stream_disk(
+    ctx: &JobContext<'_>,
+    m: &MigrateSend,
+    file: &File,
+    size: u64,
+    extents: &[(u64, u64)],
+    data_bytes: u64,
+) -> Result<Sent, Failure> {
+    let step = "send";
+    let tls_files = &ctx.inner.config.tls;
+    // The receiver's certificate is checked against the address's host, then its CN against `receiver`.
+    let tls = ClientTls {
+        ca: tls_files.ca.clone(),
+        cert: tls_files.cert.clone(),
+        key: tls_files.key.clone(),
+        domain: None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("send-{}", ctx.id))
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::at(step, Code::Internal, format!("cannot start the stream's runtime: {e}")))?;
+    let mut client = runtime
+        .block_on(gridforge_common::client::connect_peer(&m.receiver_address, &tls, &m.receiver))
+        .map_err(|e| {
+            Failure::at(
+                step,
+                Code::Io,
+                format!(
+                    "connecting to the receiver {} at {}: {}",
+                    m.receiver,
+                    m.receiver_address,
+                    error_chain(&e)
+                ),
+            )
+        })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<DiskChunk>(SEND_AHEAD);
+    let call = runtime
+        .spawn(async move { client.receive_disk(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let start = DiskStreamStart { transfer_id: m.transfer_id.clone(), size_bytes: size, data_bytes };
+    let fed = feed(ctx, file, size, extents, data_bytes, start, &tx);
+    // Dropping the sender ends the stream: after `end` the receiver verifies; without it (a read error or a
+    // cancel) the receiver discards what it got.
+    drop(tx);
+    let answer = runtime.block_on(call);
+    runtime.shutdown_background();
+    let answer = answer
+        .map_err(|e| Failure::at(step, Code::Internal, format!("the stream task failed: {e}")))?
+        .map(tonic::Response::into_inner);
+    let sha256 = match (fed, answer) {
+        // Our own failure comes first: the receiver's answer to a cut stream only repeats it.
+        (Err(f), _) => {
+            return Err(
+                f.after(&format!("the source on this node is kept; {} discards its copy", m.receiver))
+            );
+        }
+        (Ok(_), Err(status)) => {
+            return Err(Failure::at(
+                step,
+                Code::Io,
+                format!(
+                    "the receiver {} refused the disk ({:?}): {}; the source on this node is kept",
+                    m.receiver,
+                    status.code(),
+                    status.message()
+                ),
+            ));
+        }
+        (Ok(ours), Ok(theirs)) => {
+            if theirs.sha256 != ours {
+                return Err(Failure::at(
+                    step,
+                    Code::DigestMismatch,
+                    format!(
+                        "the receiver reports digest {}, ours is {ours}; the source is kept",
+                        theirs.sha256
+                    ),
+                ));
+            }
+            ours
+        }
+    };
+    Ok(Sent { sha256 })
+}
+
+/// Read the extents and push the stream's messages; the digest on success. Stops early when the call ended
+/// (the receiver refused or broke off): the call's answer says why.
+fn feed(
+    ctx: &JobContext<'_>,
+    file: &File,
+    size: u64,
+    extents: &[(u64, u64)],
+    data_bytes: u64,
+    start: DiskStreamStart,
+    tx: &tokio::sync::mpsc::Sender<DiskChunk>,
+) -> Result<String, Failure> {
+    let step = "send";
+    let push = |chunk: disk_chunk::Chunk| tx.blocking_send(DiskChunk { chunk: Some(chunk) }).is_ok();
+    if !push(disk_chunk::Chunk::Start(start)) {
+        return Ok(String::new());
+    }
+    let mut digest = StreamDigest::new();
+    let mut sent = 0u64;
+    ctx.progress.report(step, 0, data_bytes, "");
+    for &(offset, len) in extents {
+        let mut pos = offset;
+        while pos < offset + len {
+            ctx.checkpoint(step)?;
+            let n = CHUNK.min((offset + len - pos) as usize);
+            let mut data = vec![0u8; n];
+            file.read_exact_at(&mut data, pos)
+                .map_err(|e| Failure::at(step, Code::Io, format!("reading the disk at offset {pos}: {e}")))?;
+            digest.extent(pos, &data);
+            if !push(disk_chunk::Chunk::Extent(DiskExtent { offset: pos, data })) {
+                return Ok(String::new());
+            }
+            pos += n as u64;
+            sent += n as u64;
+            ctx.progress.report(step, sent, data_bytes, "");
+        }
+    }
+    let sha256 = digest.finish(size);
+    let end = DiskStreamEnd { sha256: sha256.clone(), extents: extents.len() as u64, bytes: sent };
+    push(disk_chunk::Chunk::End(end));
+    Ok(sha256)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_are_the_allocated_ranges_of_a_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("d"))
+            .unwrap();
+        let size = 16 << 20;
+        file.set_len(size).unwrap();
+        assert_eq!(data_extents(&file, size).unwrap(), []);
+        file.write_all_at(&[1u8; 8192], 1 << 20).unwrap();
+        file.write_all_at(&[2u8; 4096], size - 4096).unwrap();
+        file.sync_all().unwrap();
+        let extents = data_extents(&file, size).unwrap();
+        assert_eq!(extents, [(1 << 20, 8192), (size - 4096, 4096)]);
+    }
+
+    #[test]
+    fn the_digest_covers_offsets_lengths_data_and_size() {
+        let digest = |extents: &[(u64, &[u8])], size| {
+            let mut d = StreamDigest::new();
+            for (offset, data) in extents {
+                d.extent(*offset, data);
+            }
+            d.finish(size)
+        };
+        let base = digest(&[(0, b"ab"), (4096, b"c")], 8192);
+        assert_eq!(base.len(), 64);
+        assert_ne!(base, digest(&[(0, b"ab"), (8192, b"c")], 8192), "offsets count");
+        assert_ne!(base, digest(&[(0, b"abc")], 8192), "extent boundaries count");
+        assert_ne!(base, digest(&[(0, b"ab"), (4096, b"c")], 16384), "the size counts");
+        assert_eq!(base, digest(&[(0, b"ab"), (4096, b"c")], 8192));
+    }
+}
