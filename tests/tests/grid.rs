@@ -483,3 +483,79 @@ fn coordinator_killed_mid_create_finishes_or_fails_cleanly_and_provisions_once()
         assert_eq!(n(&node(&ctl, name), &["allocated", "memoryMib"]), held, "{name}");
     }
 }
+
+#[test]
+fn a_vm_migrates_cold_to_the_node_placement_picks_and_the_source_is_wiped() {
+    // Nodes stay Ready when their agent dies, so that a migration meets the dead agent itself.
+    let mut grid = Grid::with_coordinator(3, Settings { unreachable_after: 1000, ..Settings::default() });
+    let ctl = grid.admin();
+    grid.enroll("node-a", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
+    grid.enroll("node-b", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
+    grid.enroll("node-c", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
+    create(&grid, "mover", 1, 256, &["--node", "node-a"]);
+    let agent = |name: &str| grid.agents.iter().find(|a| a.name == name).unwrap();
+    assert_eq!(domain_state(agent("node-a"), "mover").as_deref(), Some("running"));
+
+    // Refusals that change nothing.
+    let out = ctl.fails(&["vm", "migrate", "mover", "--to", "node-a"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("already on node node-a"), "{}", out.stderr);
+    let out = ctl.fails(&["vm", "migrate", "mover", "--live"]);
+    assert!(out.stderr.contains("migrate cold"), "{}", out.describe());
+    ctl.json(&["node", "cordon", "node-c"]);
+    let out = ctl.fails(&["vm", "migrate", "mover", "--to", "node-c"]);
+    assert_eq!(out.status.code(), Some(5), "{}", out.describe());
+    assert!(out.stderr.contains("cordoned"), "the refusal names the cause: {}", out.stderr);
+    let out = ctl.fails(&["vm", "migrate", "no-such-vm"]);
+    assert_eq!(out.status.code(), Some(3), "{}", out.describe());
+    assert_eq!(s(&vm(&ctl, "mover"), "state"), "RUNNING");
+
+    // Placement picks the destination: node-b (the source is excluded, node-c cordoned).
+    let t = Instant::now();
+    let op = ctl.json(&["vm", "migrate", "mover", "--wait"]);
+    eprintln!("vm migrate --wait: {:.1} s; {}", t.elapsed().as_secs_f64(), s(&op, "result"));
+    assert_eq!(s(&op, "state"), "SUCCEEDED", "{op}");
+    assert!(s(&op, "result").contains("cold migration from node-a to node-b"), "{op}");
+    assert!(n(&op, &["downtimeMs"]) > 0, "the downtime of a running VM is measured: {op}");
+    let steps: Vec<&str> = op["steps"].as_array().unwrap().iter().map(|st| s(st, "name")).collect();
+    assert_eq!(steps, ["stop", "receive", "send"], "{op}");
+    let moved = vm(&ctl, "mover");
+    assert_eq!((s(&moved, "node"), s(&moved, "state")), ("node-b", "RUNNING"), "{moved}");
+    assert_eq!(s(&moved, "migratingTo"), "", "{moved}");
+    assert_eq!(domain_state(agent("node-b"), "mover").as_deref(), Some("running"));
+    assert_eq!(domain_state(agent("node-a"), "mover"), None, "undefined on the source");
+    assert_eq!(n(&node(&ctl, "node-a"), &["allocated", "memoryMib"]), 0, "the source's allocation released");
+    assert_eq!(n(&node(&ctl, "node-b"), &["allocated", "memoryMib"]), 256);
+
+    // The source's copy was wiped, with a report its agent's key verifies.
+    let report = grid.path().join("migrate-wipe-report.json");
+    std::fs::write(&report, s(&op["params"], "wipe_report")).unwrap();
+    let key = agent("node-a").dir.join("state/report-signing.key.pub");
+    let mut verify = std::process::Command::new(gridforge_tests::bins::path(gridforge_tests::bins::AGENT));
+    verify.args(["report", "verify"]).arg(&report).arg("--key").arg(&key);
+    gridforge_tests::process::run_ok(&mut verify, Duration::from_secs(30));
+
+    // And back, stopped: no stop step, no downtime, stays stopped.
+    ctl.json(&["vm", "stop", "mover", "--wait"]);
+    let op = ctl.json(&["vm", "migrate", "mover", "--to", "node-a", "--wait"]);
+    assert_eq!(s(&op, "state"), "SUCCEEDED", "{op}");
+    let steps: Vec<&str> = op["steps"].as_array().unwrap().iter().map(|st| s(st, "name")).collect();
+    assert_eq!(steps, ["receive", "send"], "{op}");
+    let back = vm(&ctl, "mover");
+    assert_eq!((s(&back, "node"), s(&back, "state")), ("node-a", "STOPPED"), "{back}");
+    assert_eq!(domain_state(agent("node-a"), "mover").as_deref(), Some("shutoff"));
+
+    // The destination's agent is down: the migration fails naming it, and nothing is half-done: the VM
+    // runs on the source again, with its disk, and the destination's reservation is released.
+    ctl.json(&["vm", "start", "mover", "--wait"]);
+    grid.agent("node-b").sigkill();
+    let out = ctl.run(&["vm", "migrate", "mover", "--to", "node-b", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("node-b"), "the failure names the node: {}", out.stderr);
+    assert!(out.stderr.contains("stays on the source, started again"), "{}", out.stderr);
+    let stayed = vm(&ctl, "mover");
+    assert_eq!((s(&stayed, "node"), s(&stayed, "state")), ("node-a", "RUNNING"), "{stayed}");
+    assert_eq!(domain_state(&grid.agents[0], "mover").as_deref(), Some("running"));
+    assert_eq!(n(&node(&ctl, "node-b"), &["allocated", "memoryMib"]), 0, "no phantom reservation");
+    assert_eq!(n(&node(&ctl, "node-a"), &["allocated", "memoryMib"]), 256);
+}

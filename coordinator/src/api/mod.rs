@@ -12,7 +12,8 @@ use gridforge_proto::v1::{
     WatchOperationRequest,
 };
 use gridforge_proto::v1::{
-    AddUserRequest, GridUser, ListUsersRequest, ListUsersResponse, RemoveUserRequest, RemoveUserResponse,
+    AddUserRequest, GridUser, ListUsersRequest, ListUsersResponse, MigrateVmRequest, RemoveUserRequest,
+    RemoveUserResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -210,6 +211,11 @@ impl Coordinator for CoordinatorService {
     async fn snapshot_vm(&self, request: Request<SnapshotVmRequest>) -> Result<Response<Operation>, Status> {
         let c = self.allow(&request, Role::Operator, "vm snapshot")?;
         Ok(Response::new(self.engine.snapshot_vm(request.into_inner(), &c.name).await?))
+    }
+
+    async fn migrate_vm(&self, request: Request<MigrateVmRequest>) -> Result<Response<Operation>, Status> {
+        let c = self.allow(&request, Role::Operator, "vm migrate")?;
+        Ok(Response::new(self.engine.migrate_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn explain_vm(&self, request: Request<ExplainVmRequest>) -> Result<Response<Explanation>, Status> {

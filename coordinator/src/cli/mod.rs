@@ -14,7 +14,7 @@ use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
     AddNodeRequest, AddUserRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest,
     ExplainVmRequest, GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest,
-    ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest, Operation,
+    ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest, MigrateVmRequest, Operation,
     PlacementConstraints, RemoveNodeRequest, RemoveUserRequest, ResizeVmRequest, SnapshotVmRequest, VmSpec,
     WatchOperationRequest, control_job::Action, operation,
 };
@@ -234,6 +234,27 @@ enum VmCommand {
     /// Immediate power off.
     Destroy {
         name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
+    /// Move the VM to another node: placement picks it (never the source) unless --to names it. Cold: a
+    /// running VM is shut down, its disk streamed (holes stay holes) and verified on the destination, started
+    /// there, and only then wiped on the source (the signed report kept on the operation). The downtime is
+    /// measured and shown.
+    Migrate {
+        name: String,
+        /// Destination node.
+        #[arg(long)]
+        to: Option<String>,
+        /// Keep the domain running while its memory moves (not available: the agents migrate cold).
+        #[arg(long, conflicts_with = "cold")]
+        live: bool,
+        /// Shut the VM down for the move (the default, and the only mode the agents have).
+        #[arg(long)]
+        cold: bool,
+        /// Wipe method for the source's copy (default: the agent's).
+        #[arg(long)]
+        wipe_method: Option<String>,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -551,6 +572,15 @@ async fn run_vm(
                 disk_mib: disk_mib.unwrap_or(0),
             };
             (c.resize_vm(req).await?.into_inner(), wait.wait)
+        }
+        VmCommand::Migrate { name, to, live, cold: _, wipe_method, wait } => {
+            let req = MigrateVmRequest {
+                name: name.clone(),
+                to: to.clone().unwrap_or_default(),
+                live: *live,
+                wipe_method: wipe_method.clone().unwrap_or_default(),
+            };
+            (c.migrate_vm(req).await?.into_inner(), wait.wait)
         }
         VmCommand::Snapshot { name, image_name, image_version, wait } => {
             let req = SnapshotVmRequest {

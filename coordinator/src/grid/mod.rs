@@ -87,9 +87,7 @@ impl GridState {
             state.nodes.insert(n.name.clone(), n);
         }
         for v in vms {
-            if holds_allocation(&v) {
-                state.vms_by_node.entry(v.node.clone()).or_default().insert(v.name.clone());
-            }
+            state.index_vm(&v);
             state.vms.insert(v.name.clone(), v);
         }
         for o in ops {
@@ -115,25 +113,20 @@ impl GridState {
                 self.snapshot.remove_node(name);
             }
             Change::PutVm(v) => {
-                let old_node = self.vms.get(&v.name).map(|old| old.node.clone());
-                self.unindex_vm(&v.name);
-                if holds_allocation(v) {
-                    self.vms_by_node.entry(v.node.clone()).or_default().insert(v.name.clone());
-                }
+                let old = self.unindex_vm(&v.name);
+                self.index_vm(v);
                 self.vms.insert(v.name.clone(), v.clone());
-                if let Some(old) = old_node
-                    && old != v.node
-                {
-                    self.refresh_node(&old);
+                let nodes: BTreeSet<String> =
+                    old.into_iter().chain(allocation_nodes(v).map(str::to_owned)).collect();
+                for node in &nodes {
+                    self.refresh_node(node);
                 }
-                self.refresh_node(&v.node);
             }
             Change::RemoveVm(name) => {
-                if let Some(v) = self.vms.remove(name) {
-                    if let Some(set) = self.vms_by_node.get_mut(&v.node) {
-                        set.remove(name);
-                    }
-                    self.refresh_node(&v.node);
+                let old = self.unindex_vm(name);
+                self.vms.remove(name);
+                for node in &old {
+                    self.refresh_node(node);
                 }
             }
             Change::RemoveOp(id) => {
@@ -171,11 +164,21 @@ impl GridState {
         self.snapshot.set_disk_jobs(node, count);
     }
 
-    fn unindex_vm(&mut self, name: &str) {
-        if let Some(old) = self.vms.get(name)
-            && let Some(set) = self.vms_by_node.get_mut(&old.node)
-        {
-            set.remove(name);
+    /// Takes the VM out of the per-node index; the nodes it was under.
+    fn unindex_vm(&mut self, name: &str) -> Vec<String> {
+        let Some(old) = self.vms.get(name) else { return Vec::new() };
+        let nodes: Vec<String> = allocation_nodes(old).map(str::to_owned).collect();
+        for node in &nodes {
+            if let Some(set) = self.vms_by_node.get_mut(node) {
+                set.remove(name);
+            }
+        }
+        nodes
+    }
+
+    fn index_vm(&mut self, v: &Vm) {
+        for node in allocation_nodes(v) {
+            self.vms_by_node.entry(node.to_owned()).or_default().insert(v.name.clone());
         }
     }
 
@@ -268,6 +271,15 @@ pub fn to_sched(r: &Resources) -> scheduler::Resources {
 /// Whether a VM record reserves capacity on its node.
 pub fn holds_allocation(v: &Vm) -> bool {
     !v.node.is_empty() && v.state() != VmState::Deleted
+}
+
+/// The nodes a VM record reserves capacity on: its node, and while it migrates its destination too.
+pub fn allocation_nodes(v: &Vm) -> impl Iterator<Item = &str> {
+    let held = holds_allocation(v);
+    let node = held.then_some(v.node.as_str());
+    let dest = (held && v.state() == VmState::Migrating && !v.migrating_to.is_empty())
+        .then_some(v.migrating_to.as_str());
+    node.into_iter().chain(dest)
 }
 
 pub fn is_finished(o: &Operation) -> bool {

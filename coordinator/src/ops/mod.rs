@@ -4,6 +4,7 @@
 //! until it ends; disk-heavy steps take one of a node's slots (the rest wait QUEUED). Unfinished operations
 //! are resumed from the store at start.
 
+mod migrate;
 mod nodes;
 mod run;
 #[cfg(test)]
@@ -97,7 +98,7 @@ fn check_vm_name(name: &str) -> Result<(), OpError> {
 /// The resize step that changes a domain's vCPUs and memory (the disk's is "resize").
 pub(crate) const RESOURCES_STEP: &str = "resources";
 
-fn step(name: &str, op: &str, node: &str) -> OperationStep {
+pub(super) fn step(name: &str, op: &str, node: &str) -> OperationStep {
     OperationStep {
         name: name.to_string(),
         state: OpState::Queued as i32,

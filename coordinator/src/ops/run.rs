@@ -46,11 +46,11 @@ fn classify(status: &tonic::Status) -> StepError {
     }
 }
 
-fn terminal(state: JobState) -> bool {
+pub(super) fn terminal(state: JobState) -> bool {
     matches!(state, JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Interrupted)
 }
 
-fn volume(name: &str) -> Option<DiskTarget> {
+pub(super) fn volume(name: &str) -> Option<DiskTarget> {
     Some(DiskTarget { target: Some(disk_target::Target::Volume(name.to_string())) })
 }
 
@@ -71,13 +71,16 @@ impl Engine {
         let Some(op) = self.view().read(|s| s.ops.get(id).cloned()) else {
             return Err(format!("operation {id} vanished"));
         };
+        if op.kind() == OpKind::MigrateVm {
+            return self.run_migration(id).await;
+        }
         let mut last = Err("the operation has no step".to_string());
         for index in 0..op.steps.len() {
             if op.steps[index].state() == OpState::Succeeded {
                 continue;
             }
             let req = self.agent_request(id, index)?;
-            last = self.agent_step(id, index, req).await;
+            last = self.agent_step(id, index, req, true).await;
             match &last {
                 // The last step's success is stored by `finish`, right after.
                 Ok(job) if job.state() == JobState::Succeeded && index + 1 == op.steps.len() => {
@@ -94,7 +97,7 @@ impl Engine {
     }
 
     /// The agent job of step `index`, from the operation and its VM record.
-    fn agent_request(&self, id: &str, index: usize) -> Result<SubmitJobRequest, String> {
+    pub(super) fn agent_request(&self, id: &str, index: usize) -> Result<SubmitJobRequest, String> {
         let (op, vm) = self
             .view()
             .read(|s| s.ops.get(id).cloned().map(|o| (s.vms.get(&o.vm).cloned(), o)))
@@ -144,29 +147,40 @@ impl Engine {
                 image_version: param("image_version"),
                 notes: param("notes"),
             }),
+            OpKind::MigrateVm => self.migrate_job(&op, &vm, &step.name)?,
             OpKind::Unspecified => return Err("operation of no kind".into()),
         };
         Ok(SubmitJobRequest { idempotency_key: step.idempotency_key.clone(), job: Some(job) })
     }
 
-    async fn update_op(&self, id: &str, f: impl FnOnce(&mut Operation) + Send) {
+    pub(super) async fn update_op(&self, id: &str, f: impl FnOnce(&mut Operation) + Send) {
+        self.update_op_returning(id, f).await;
+    }
+
+    /// [`update_op`](Self::update_op), returning what `f` returns (its default if the operation is gone).
+    pub(super) async fn update_op_returning<T: Default + Send>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Operation) -> T + Send,
+    ) -> T {
         let result = self
             .view()
             .update::<_, super::OpError>(|s| {
-                let Some(mut op) = s.ops.get(id).cloned() else { return Ok(((), vec![])) };
-                f(&mut op);
+                let Some(mut op) = s.ops.get(id).cloned() else { return Ok((T::default(), vec![])) };
+                let value = f(&mut op);
                 op.updated = Some(now());
-                Ok(((), vec![Change::PutOp(op)]))
+                Ok((value, vec![Change::PutOp(op)]))
             })
             .await;
-        if let Err(e) = result {
+        result.unwrap_or_else(|e| {
             tracing::error!(op = %id, "cannot store the operation: {e}");
-        }
+            T::default()
+        })
     }
 
     /// Change the operation in the view only; its next stored change (at the latest `finish`) stores it too.
     /// For what a restart may lose: it re-attaches to the agent job by the step's idempotency key anyway.
-    fn note_op(&self, id: &str, f: impl FnOnce(&mut Operation)) {
+    pub(super) fn note_op(&self, id: &str, f: impl FnOnce(&mut Operation)) {
         self.view().observe(|s| {
             if let Some(op) = s.ops.get_mut(id) {
                 f(op);
@@ -195,13 +209,23 @@ impl Engine {
         sem.acquire_owned().await.expect("slot semaphores are never closed")
     }
 
-    async fn agent_step(&self, id: &str, index: usize, req: SubmitJobRequest) -> Result<Job, String> {
+    /// Runs step `index` as one agent job on the step's node: submitted, then (with `follow`) followed to its
+    /// end. Without `follow`, the job as the agent accepted it.
+    pub(super) async fn agent_step(
+        &self,
+        id: &str,
+        index: usize,
+        req: SubmitJobRequest,
+        follow: bool,
+    ) -> Result<Job, String> {
         let (node, step_name, secrets_lost, disk_heavy) = self
             .view()
             .read(|s| {
                 s.ops.get(id).map(|o| {
                     let lost = o.secrets_in_memory && !lock(&self.inner.secrets).contains_key(id);
-                    (o.node.clone(), o.steps[index].name.clone(), lost, is_disk_heavy(o.kind()))
+                    let step = &o.steps[index];
+                    let node = if step.node.is_empty() { o.node.clone() } else { step.node.clone() };
+                    (node, step.name.clone(), lost, is_disk_heavy(o.kind()))
                 })
             })
             .ok_or_else(|| format!("operation {id} vanished"))?;
@@ -226,7 +250,7 @@ impl Engine {
             let outcome = if secrets_lost {
                 self.attach_only(id, index, &address, &req).await
             } else {
-                self.submit_and_follow(id, index, &address, req.clone()).await
+                self.submit_and_follow(id, index, &address, req.clone(), follow).await
             };
             if outcome.is_err() {
                 self.dispatched(id);
@@ -268,7 +292,7 @@ impl Engine {
         let list = ListJobsRequest { kind: JobKind::Provision as i32, ..Default::default() };
         let jobs = client.list_jobs(list).await.map_err(|s| classify(&s))?.into_inner().jobs;
         if jobs.iter().any(|j| j.idempotency_key == req.idempotency_key) {
-            return self.submit_and_follow(id, index, address, req.clone()).await;
+            return self.submit_and_follow(id, index, address, req.clone(), true).await;
         }
         Err(StepError::Fatal(
             "the coordinator restarted before this create reached its agent, and its secrets (passwords, \
@@ -283,6 +307,7 @@ impl Engine {
         index: usize,
         address: &str,
         req: SubmitJobRequest,
+        follow: bool,
     ) -> Result<Job, StepError> {
         let timeout = self.agents().call_timeout;
         let mut client = self.agents().client(address).await.map_err(|e| StepError::Retry(e.to_string()))?;
@@ -304,7 +329,7 @@ impl Engine {
                 self.update_op(id, |op| op.steps[index].agent_job_id = job_id).await;
             }
         }
-        if terminal(job.state()) {
+        if terminal(job.state()) || !follow {
             return Ok(job);
         }
         let step_name =
@@ -425,6 +450,11 @@ impl Engine {
                                 );
                             }
                         }
+                        (OpKind::MigrateVm, _) => {
+                            let from = vm.node.clone();
+                            super::migrate::settle(&op, &mut vm, true);
+                            op.result = super::migrate::result_line(&op, &from);
+                        }
                         (OpKind::Unspecified, _) => {}
                     }
                     if vm.operation == op.id {
@@ -465,6 +495,9 @@ impl Engine {
                             if kind == OpKind::DeleteVm {
                                 vm.state = VmState::Failed as i32;
                             }
+                            if kind == OpKind::MigrateVm {
+                                super::migrate::settle(&op, &mut vm, false);
+                            }
                             vm.error = e.clone();
                             if vm.operation == op.id {
                                 vm.operation.clear();
@@ -504,7 +537,7 @@ impl Engine {
 }
 
 /// "node n1: provision: fetch: image debian:12 not found (IMAGE_NOT_FOUND)" for a job that did not succeed.
-fn job_failure(node: &str, step: &str, job: &Job) -> String {
+pub(super) fn job_failure(node: &str, step: &str, job: &Job) -> String {
     match &job.outcome {
         Some(Outcome::Error(e)) => {
             let code =

@@ -90,7 +90,10 @@ pub fn drift_of(state: &GridState, node: &str, stats: &NodeStatsReport) -> Vec<D
     let vcpus: BTreeMap<&str, u32> = stats.vms.iter().map(|v| (v.name.as_str(), v.vcpus)).collect();
     let mut out = Vec::new();
     for vm in state.vms_on(node) {
-        if matches!(vm.state(), VmState::Provisioning | VmState::Deleting | VmState::Failed) {
+        if matches!(
+            vm.state(),
+            VmState::Provisioning | VmState::Deleting | VmState::Failed | VmState::Migrating
+        ) {
             continue;
         }
         match domains.get(vm.name.as_str()) {
