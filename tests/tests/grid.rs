@@ -559,3 +559,63 @@ fn a_vm_migrates_cold_to_the_node_placement_picks_and_the_source_is_wiped() {
     assert_eq!(n(&node(&ctl, "node-b"), &["allocated", "memoryMib"]), 0, "no phantom reservation");
     assert_eq!(n(&node(&ctl, "node-a"), &["allocated", "memoryMib"]), 256);
 }
+
+#[test]
+fn a_drain_moves_every_vm_off_and_says_what_could_not_move() {
+    let grid = Grid::with_coordinator(3, Settings::default());
+    let ctl = grid.admin();
+    grid.enroll("node-a", Shape { vcpus: 4, memory_mib: 2048 }, &[]);
+    grid.enroll("node-b", Shape { vcpus: 4, memory_mib: 512 }, &[]);
+    grid.enroll("node-c", Shape { vcpus: 4, memory_mib: 512 }, &[]);
+    for name in ["d1", "d2", "d3"] {
+        create(&grid, name, 1, 256, &["--node", "node-a"]);
+    }
+    // Too big for either other node.
+    create(&grid, "big", 1, 1024, &["--node", "node-a"]);
+
+    let t = Instant::now();
+    let out = ctl.run(&[
+        "node",
+        "drain",
+        "node-a",
+        "--max-parallel",
+        "2",
+        "--deadline",
+        "2m",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    eprintln!("node drain --wait: {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(out.status.code(), Some(1), "one VM cannot move: {}", out.describe());
+    assert!(out.stderr.contains("3 of 4 VMs moved off node-a"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("big: ") && out.stderr.contains("insufficient memory"),
+        "why: {}",
+        out.stderr
+    );
+    let ops = ctl.json(&["op", "list"]);
+    let drain =
+        ops.as_array().unwrap().iter().find(|o| s(o, "kind") == "DRAIN_NODE").expect("the drain").clone();
+    for st in drain["steps"].as_array().unwrap() {
+        let want = if s(st, "name") == "big" { "FAILED" } else { "SUCCEEDED" };
+        assert_eq!(s(st, "state"), want, "{st}");
+    }
+    let mut placed = BTreeMap::new();
+    for name in ["d1", "d2", "d3"] {
+        let v = vm(&ctl, name);
+        assert_eq!(s(&v, "state"), "RUNNING", "{v}");
+        *placed.entry(s(&v, "node").to_string()).or_insert(0) += 1;
+    }
+    assert!(!placed.contains_key("node-a"), "{placed:?}");
+    assert_eq!(s(&vm(&ctl, "big"), "node"), "node-a");
+    assert!(node(&ctl, "node-a")["cordoned"].as_bool().unwrap_or(false), "a drain cordons");
+
+    // Once the last VM is gone the node is Drained; uncordon takes it back.
+    ctl.json(&["vm", "delete", "big", "--wait"]);
+    let table = ctl.run(&["node", "list", "-o", "table"]);
+    let row = table.stdout.lines().find(|l| l.starts_with("node-a")).unwrap_or_default().to_string();
+    assert!(row.contains("Ready,Drained"), "{}", table.stdout);
+    ctl.json(&["node", "uncordon", "node-a"]);
+    assert!(!node(&ctl, "node-a")["cordoned"].as_bool().unwrap_or(false));
+}

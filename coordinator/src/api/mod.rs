@@ -12,8 +12,8 @@ use gridforge_proto::v1::{
     WatchOperationRequest,
 };
 use gridforge_proto::v1::{
-    AddUserRequest, GridUser, ListUsersRequest, ListUsersResponse, MigrateVmRequest, RemoveUserRequest,
-    RemoveUserResponse,
+    AddUserRequest, DrainNodeRequest, GridUser, ListUsersRequest, ListUsersResponse, MigrateVmRequest,
+    RemoveUserRequest, RemoveUserResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -158,6 +158,11 @@ impl Coordinator for CoordinatorService {
     async fn uncordon_node(&self, request: Request<CordonNodeRequest>) -> Result<Response<Node>, Status> {
         self.allow(&request, Role::Operator, "node uncordon")?;
         Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, false).await?))
+    }
+
+    async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<Operation>, Status> {
+        let c = self.allow(&request, Role::Operator, "node drain")?;
+        Ok(Response::new(self.engine.drain_node(request.into_inner(), &c.name).await?))
     }
 
     async fn create_vm(

@@ -13,7 +13,7 @@ use gridforge_common::pki::{CaArgs, CertArgs};
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
     AddNodeRequest, AddUserRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest,
-    ExplainVmRequest, GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest,
+    DrainNodeRequest, ExplainVmRequest, GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest,
     ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest, MigrateVmRequest, Operation,
     PlacementConstraints, RemoveNodeRequest, RemoveUserRequest, ResizeVmRequest, SnapshotVmRequest, VmSpec,
     WatchOperationRequest, control_job::Action, operation,
@@ -141,6 +141,19 @@ enum NodeCommand {
     /// No new VMs on the node; those there stay.
     Cordon {
         name: String,
+    },
+    /// Cordon the node, then migrate every VM off it (placement picks each destination); the operation
+    /// reports what moved where and what could not, and why. A drained node shows Drained.
+    Drain {
+        name: String,
+        /// Deadline after which no further migration starts, e.g. 90s, 10m, 1h.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        deadline: std::time::Duration,
+        /// Migrations at once.
+        #[arg(long, default_value_t = 2)]
+        max_parallel: u32,
+        #[command(flatten)]
+        wait: WaitArg,
     },
     Uncordon {
         name: String,
@@ -339,6 +352,19 @@ impl RoleArg {
     }
 }
 
+/// "90s", "10m", "1h" or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration such as 90s, 10m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: the unit is s, m or h")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -483,6 +509,18 @@ async fn run_node(
             let r =
                 c.remove_node(RemoveNodeRequest { name: name.clone(), force: *force }).await?.into_inner();
             out.removed(&r);
+        }
+        NodeCommand::Drain { name, deadline, max_parallel, wait } => {
+            let req = DrainNodeRequest {
+                name: name.clone(),
+                max_parallel: *max_parallel,
+                deadline_seconds: u32::try_from(deadline.as_secs().max(1)).unwrap_or(u32::MAX),
+            };
+            let op = c.drain_node(req).await?.into_inner();
+            if wait.wait {
+                return follow(c, &op.id, out).await;
+            }
+            out.operations(&[op]);
         }
         NodeCommand::Cordon { name } => {
             out.nodes(&[c.cordon_node(CordonNodeRequest { name: name.clone() }).await?.into_inner()])

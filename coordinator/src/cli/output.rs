@@ -88,7 +88,8 @@ fn enum_word(name: &str) -> String {
 fn node_status(n: &Node) -> String {
     let mut s = enum_word(n.state().as_str_name());
     if n.cordoned {
-        s.push_str(",Cordoned");
+        // Cordoned with nothing left on it: what a drain leaves.
+        s.push_str(if n.vms.is_empty() { ",Drained" } else { ",Cordoned" });
     }
     s
 }

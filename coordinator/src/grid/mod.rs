@@ -289,7 +289,7 @@ pub fn is_finished(o: &Operation) -> bool {
 /// Whether an operation of this kind runs a disk-heavy agent job (one of a node's disk-job slots): all but
 /// power control.
 pub fn is_disk_heavy(kind: OpKind) -> bool {
-    !matches!(kind, OpKind::ControlVm | OpKind::Unspecified)
+    !matches!(kind, OpKind::ControlVm | OpKind::DrainNode | OpKind::Unspecified)
 }
 
 /// The node whose disk-job slots an operation takes or waits for: an unfinished disk-heavy one's node.

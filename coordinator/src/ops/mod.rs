@@ -4,6 +4,7 @@
 //! until it ends; disk-heavy steps take one of a node's slots (the rest wait QUEUED). Unfinished operations
 //! are resumed from the store at start.
 
+mod drain;
 mod migrate;
 mod nodes;
 mod run;

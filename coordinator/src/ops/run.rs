@@ -71,8 +71,10 @@ impl Engine {
         let Some(op) = self.view().read(|s| s.ops.get(id).cloned()) else {
             return Err(format!("operation {id} vanished"));
         };
-        if op.kind() == OpKind::MigrateVm {
-            return self.run_migration(id).await;
+        match op.kind() {
+            OpKind::MigrateVm => return self.run_migration(id).await,
+            OpKind::DrainNode => return self.run_drain(id).await,
+            _ => {}
         }
         let mut last = Err("the operation has no step".to_string());
         for index in 0..op.steps.len() {
@@ -148,6 +150,7 @@ impl Engine {
                 notes: param("notes"),
             }),
             OpKind::MigrateVm => self.migrate_job(&op, &vm, &step.name)?,
+            OpKind::DrainNode => return Err("a drain runs no agent job of its own".into()),
             OpKind::Unspecified => return Err("operation of no kind".into()),
         };
         Ok(SubmitJobRequest { idempotency_key: step.idempotency_key.clone(), job: Some(job) })
@@ -455,7 +458,7 @@ impl Engine {
                             super::migrate::settle(&op, &mut vm, true);
                             op.result = super::migrate::result_line(&op, &from);
                         }
-                        (OpKind::Unspecified, _) => {}
+                        (OpKind::DrainNode | OpKind::Unspecified, _) => {}
                     }
                     if vm.operation == op.id {
                         vm.operation.clear();
@@ -513,7 +516,10 @@ impl Engine {
                     op.error = e.clone();
                 }
             }
-            if let Some(step) = op.steps.iter_mut().find(|s| s.state() != OpState::Succeeded) {
+            // A drain's steps say per VM how it ended already.
+            if op.kind() != OpKind::DrainNode
+                && let Some(step) = op.steps.iter_mut().find(|s| s.state() != OpState::Succeeded)
+            {
                 step.state = op.state;
                 if let Err(e) = &outcome {
                     step.message = e.clone();
