@@ -37,6 +37,26 @@ pub struct Config {
     pub ops: OpsConfig,
     pub scheduler: SchedulerConfig,
     pub auth: AuthConfig,
+    pub fencing: FencingConfig,
+}
+
+/// How a lost node is powered off before its VMs are rebuilt elsewhere.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FencingConfig {
+    /// "manual": wait for `gridctl node fenced NODE`; "command": run `command` (exit 0 = fenced).
+    pub actuator: String,
+    /// Program and arguments; `{node}` and `{address}` are replaced, e.g.
+    /// ["ipmitool", "-H", "{node}-bmc", "-U", "admin", "-f", "/etc/gridforge/ipmi.pass", "chassis", "power", "off"].
+    pub command: Vec<String>,
+    /// A command that has not exited by then is killed, and the node stays Lost.
+    pub timeout_secs: u64,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        FencingConfig { actuator: "manual".into(), command: Vec::new(), timeout_secs: 60 }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -61,6 +81,8 @@ pub struct PollerConfig {
     pub unreachable_after: u32,
     /// NodeStats sampling window.
     pub sample_ms: u32,
+    /// Seconds a node stays Unreachable before it is Lost: then fenced, and its VMs rebuilt elsewhere.
+    pub lost_after_secs: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -112,6 +134,7 @@ impl Default for Config {
             ops: OpsConfig::default(),
             scheduler: SchedulerConfig::default(),
             auth: AuthConfig::default(),
+            fencing: FencingConfig::default(),
         }
     }
 }
@@ -124,7 +147,13 @@ impl Default for AgentsConfig {
 
 impl Default for PollerConfig {
     fn default() -> Self {
-        PollerConfig { interval_ms: 5000, concurrency: 64, unreachable_after: 3, sample_ms: 200 }
+        PollerConfig {
+            interval_ms: 5000,
+            concurrency: 64,
+            unreachable_after: 3,
+            sample_ms: 200,
+            lost_after_secs: 120,
+        }
     }
 }
 
@@ -181,6 +210,14 @@ impl Config {
                 "auth.default_role: {:?} is not admin, operator or viewer",
                 config.auth.default_role
             )));
+        }
+        match config.fencing.actuator.as_str() {
+            "manual" => {}
+            "command" if !config.fencing.command.is_empty() => {}
+            "command" => return Err(invalid("fencing.command: required with actuator = \"command\"".into())),
+            other => {
+                return Err(invalid(format!("fencing.actuator: {other:?} is not \"manual\" or \"command\"")));
+            }
         }
         if config.poller.interval_ms == 0
             || config.poller.concurrency == 0

@@ -69,7 +69,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let view = GridView::open(Box::new(store), defaults)?;
     let (nodes, vms) = view.read(|s| (s.nodes.len(), s.vms.len()));
     let agents = AgentPool::new(agent_tls, Duration::from_secs(config.agents.call_timeout_secs));
-    let engine = Engine::new(view, agents, config.ops.clone());
+    let engine = Engine::with_fencing(view, agents, config.ops.clone(), config.fencing.clone());
     let resumed = engine.resume();
     tracing::info!(nodes, vms, resumed, store = %config.store_path().display(), "grid view loaded");
     tokio::spawn(crate::poller::run(engine.clone(), config.poller.clone()));

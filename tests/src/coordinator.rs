@@ -37,6 +37,10 @@ pub struct Settings {
     pub retry_attempts: u32,
     pub retry_backoff_ms: u64,
     pub call_timeout_secs: u64,
+    /// Seconds Unreachable before a node is Lost (and fenced).
+    pub lost_after_secs: u64,
+    /// The `command` fencing actuator's program and arguments; empty: the `manual` actuator.
+    pub fencing_command: Vec<String>,
 }
 
 impl Default for Settings {
@@ -48,6 +52,8 @@ impl Default for Settings {
             retry_attempts: 3,
             retry_backoff_ms: 200,
             call_timeout_secs: 5,
+            lost_after_secs: 120,
+            fencing_command: Vec::new(),
         }
     }
 }
@@ -95,6 +101,12 @@ call_timeout_secs = {call_timeout}
 [poller]
 interval_ms = {interval}
 unreachable_after = {unreachable}
+lost_after_secs = {lost_after}
+
+[fencing]
+actuator = "{actuator}"
+command = {command}
+timeout_secs = 30
 
 [ops]
 retry_attempts = {attempts}
@@ -114,6 +126,9 @@ default_role = ""
             call_timeout = s.call_timeout_secs,
             interval = s.poll_interval_ms,
             unreachable = s.unreachable_after,
+            lost_after = s.lost_after_secs,
+            actuator = if s.fencing_command.is_empty() { "manual" } else { "command" },
+            command = serde_json::to_string(&s.fencing_command).unwrap(),
             attempts = s.retry_attempts,
             backoff = s.retry_backoff_ms,
         );

@@ -619,3 +619,117 @@ fn a_drain_moves_every_vm_off_and_says_what_could_not_move() {
     ctl.json(&["node", "uncordon", "node-a"]);
     assert!(!node(&ctl, "node-a")["cordoned"].as_bool().unwrap_or(false));
 }
+
+/// The `command` fencing actuator of the loss test: it waits for the test's go (`gate`), fails while `fail`
+/// exists, and "powers the node off" by killing its agent.
+const ACTUATOR: &str = r#"#!/bin/sh
+dir=$(dirname "$0")
+node=$1
+while [ ! -e "$dir/gate" ]; do
+  if [ -e "$dir/fail" ]; then echo "bmc of $node does not answer" >&2; exit 3; fi
+  sleep 0.1
+done
+kill -9 "$(cat "$dir/$node.pid")"
+echo "$node powered off"
+"#;
+
+#[test]
+fn a_lost_node_is_fenced_before_its_vms_are_rebuilt_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let actuator = dir.path().join("power-off");
+    std::fs::write(&actuator, ACTUATOR).unwrap();
+    let fail = dir.path().join("fail");
+    std::fs::write(&fail, "").unwrap();
+    let settings = Settings {
+        lost_after_secs: 2,
+        fencing_command: vec!["/bin/sh".into(), actuator.display().to_string(), "{node}".into()],
+        ..Settings::default()
+    };
+    let mut grid = Grid::with_coordinator(3, settings);
+    let ctl = grid.admin();
+    grid.enroll("node-a", Shape { vcpus: 4, memory_mib: 2048 }, &[]);
+    grid.enroll("node-b", Shape { vcpus: 4, memory_mib: 512 }, &[]);
+    grid.enroll("node-c", Shape { vcpus: 4, memory_mib: 512 }, &[]);
+    create(&grid, "keeper", 1, 256, &["--node", "node-a"]);
+    create(&grid, "too-big", 1, 1024, &["--node", "node-a"]);
+    let pid = grid.agents[0].pid().unwrap();
+    std::fs::write(dir.path().join("node-a.pid"), pid.to_string()).unwrap();
+
+    // Cut node-a off its network: Unreachable, then Lost, then fenced by the actuator, which fails first.
+    let cut = |state: &str| {
+        let ns = &grid.agents[0].ns;
+        gridforge_tests::process::run_ok(
+            ns.command("ip").args(["link", "set", "eth0", state]),
+            Duration::from_secs(10),
+        )
+    };
+    cut("down");
+    let t = Instant::now();
+    let failed =
+        wait_for("the first fencing to fail", Duration::from_secs(30), Duration::from_millis(100), || {
+            let ops = ctl.json(&["op", "list"]);
+            ops.as_array()
+                .unwrap()
+                .iter()
+                .find(|o| s(o, "kind") == "FENCE_NODE" && s(o, "state") == "FAILED")
+                .cloned()
+        });
+    eprintln!("cut off -> fencing failed in {:.1} s: {}", t.elapsed().as_secs_f64(), s(&failed, "error"));
+    assert!(s(&failed, "error").contains("does not answer"), "the actuator's own words: {failed}");
+    let lost = node(&ctl, "node-a");
+    assert_eq!(s(&lost, "state"), "LOST", "{lost}");
+    assert!(!lost["fenced"].as_bool().unwrap_or(false), "{lost}");
+    std::thread::sleep(Duration::from_secs(1));
+    let keeper = vm(&ctl, "keeper");
+    assert_eq!(s(&keeper, "node"), "node-a", "nothing is rebuilt while the node is not fenced: {keeper}");
+    let ops = ctl.json(&["op", "list"]);
+    let auto_fences = ops.as_array().unwrap().iter().filter(|o| s(o, "kind") == "FENCE_NODE").count();
+    assert_eq!(auto_fences, 1, "fenced once per loss, not every poll: {ops}");
+
+    // Again by hand, with the actuator working: it holds until the gate opens; only then the rebuild.
+    std::fs::remove_file(&fail).unwrap();
+    let fence = first(ctl.json(&["node", "fence", "node-a"]));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(s(&vm(&ctl, "keeper"), "node"), "node-a", "not before the actuator reports it off");
+    std::fs::write(dir.path().join("gate"), "").unwrap();
+    let t = Instant::now();
+    let rebuilt =
+        wait_for("keeper to run elsewhere", Duration::from_secs(30), Duration::from_millis(100), || {
+            let v = vm(&ctl, "keeper");
+            (s(&v, "state") == "RUNNING" && s(&v, "node") != "node-a").then_some(v)
+        });
+    eprintln!("fenced -> keeper running on {} in {:.1} s", s(&rebuilt, "node"), t.elapsed().as_secs_f64());
+    assert_eq!(s(&rebuilt, "rebuiltFrom"), "node-a", "{rebuilt}");
+    let done = ctl.json(&["op", "show", s(&fence, "id")]);
+    assert_eq!(s(&done, "state"), "SUCCEEDED", "{done}");
+    assert!(s(&done, "result").contains("node-a powered off"), "{done}");
+    let on = grid.agents.iter().find(|a| a.name == s(&rebuilt, "node")).unwrap();
+    assert_eq!(domain_state(on, "keeper").as_deref(), Some("running"));
+    let pending =
+        wait_for("too-big to be pending", Duration::from_secs(10), Duration::from_millis(100), || {
+            let v = vm(&ctl, "too-big");
+            (s(&v, "state") == "PENDING").then_some(v)
+        });
+    assert!(s(&pending, "error").contains("insufficient memory"), "says why: {pending}");
+    assert_eq!(
+        n(&node(&ctl, "node-b"), &["allocated", "memoryMib"])
+            + n(&node(&ctl, "node-c"), &["allocated", "memoryMib"]),
+        256
+    );
+
+    // node-a comes back: it stays cordoned, is unfenced once it holds no stale domain, and takes nothing new.
+    cut("up");
+    grid.agent("node-a").sigkill();
+    grid.agent("node-a").start();
+    let back = wait_for(
+        "node-a to be back and unfenced",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let n = node(&ctl, "node-a");
+            (s(&n, "state") == "READY" && !n["fenced"].as_bool().unwrap_or(false)).then_some(n)
+        },
+    );
+    assert!(back["cordoned"].as_bool().unwrap_or(false), "{back}");
+    assert_eq!(domain_state(&grid.agents[0], "keeper"), None, "the stale copy does not run");
+}

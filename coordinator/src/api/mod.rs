@@ -12,8 +12,8 @@ use gridforge_proto::v1::{
     WatchOperationRequest,
 };
 use gridforge_proto::v1::{
-    AddUserRequest, DrainNodeRequest, GridUser, ListUsersRequest, ListUsersResponse, MigrateVmRequest,
-    RemoveUserRequest, RemoveUserResponse,
+    AddUserRequest, DrainNodeRequest, FenceNodeRequest, GridUser, ListUsersRequest, ListUsersResponse,
+    MigrateVmRequest, RemoveUserRequest, RemoveUserResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -158,6 +158,19 @@ impl Coordinator for CoordinatorService {
     async fn uncordon_node(&self, request: Request<CordonNodeRequest>) -> Result<Response<Node>, Status> {
         self.allow(&request, Role::Operator, "node uncordon")?;
         Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, false).await?))
+    }
+
+    async fn fence_node(&self, request: Request<FenceNodeRequest>) -> Result<Response<Operation>, Status> {
+        let c = self.allow(&request, Role::Admin, "node fence")?;
+        Ok(Response::new(self.engine.fence_node(&request.into_inner().name, &c.name).await?))
+    }
+
+    async fn confirm_fenced(&self, request: Request<FenceNodeRequest>) -> Result<Response<Node>, Status> {
+        let c = self.allow(&request, Role::Admin, "node fenced")?;
+        let name = request.into_inner().name;
+        let node = self.engine.confirm_fenced(&name).await?;
+        tracing::warn!(node = %name, by = %c.name, "confirmed fenced");
+        Ok(Response::new(node))
     }
 
     async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<Operation>, Status> {

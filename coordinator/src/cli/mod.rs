@@ -13,10 +13,10 @@ use gridforge_common::pki::{CaArgs, CertArgs};
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
     AddNodeRequest, AddUserRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest,
-    DrainNodeRequest, ExplainVmRequest, GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest,
-    ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest, MigrateVmRequest, Operation,
-    PlacementConstraints, RemoveNodeRequest, RemoveUserRequest, ResizeVmRequest, SnapshotVmRequest, VmSpec,
-    WatchOperationRequest, control_job::Action, operation,
+    DrainNodeRequest, ExplainVmRequest, FenceNodeRequest, GetNodeRequest, GetOperationRequest, GetVmRequest,
+    ListNodesRequest, ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest,
+    MigrateVmRequest, Operation, PlacementConstraints, RemoveNodeRequest, RemoveUserRequest, ResizeVmRequest,
+    SnapshotVmRequest, VmSpec, WatchOperationRequest, control_job::Action, operation,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -140,6 +140,15 @@ enum NodeCommand {
     },
     /// No new VMs on the node; those there stay.
     Cordon {
+        name: String,
+    },
+    /// Fence a LOST node through the configured actuator (again, after a failed try).
+    Fence {
+        name: String,
+    },
+    /// Confirm that a LOST node is powered off (what the manual actuator waits for): its VMs are then
+    /// rebuilt elsewhere. Say so only when it is true: a VM must never run twice.
+    Fenced {
         name: String,
     },
     /// Cordon the node, then migrate every VM off it (placement picks each destination); the operation
@@ -521,6 +530,12 @@ async fn run_node(
                 return follow(c, &op.id, out).await;
             }
             out.operations(&[op]);
+        }
+        NodeCommand::Fence { name } => {
+            out.operations(&[c.fence_node(FenceNodeRequest { name: name.clone() }).await?.into_inner()])
+        }
+        NodeCommand::Fenced { name } => {
+            out.nodes(&[c.confirm_fenced(FenceNodeRequest { name: name.clone() }).await?.into_inner()])
         }
         NodeCommand::Cordon { name } => {
             out.nodes(&[c.cordon_node(CordonNodeRequest { name: name.clone() }).await?.into_inner()])

@@ -91,6 +91,9 @@ fn node_status(n: &Node) -> String {
         // Cordoned with nothing left on it: what a drain leaves.
         s.push_str(if n.vms.is_empty() { ",Drained" } else { ",Cordoned" });
     }
+    if n.fenced {
+        s.push_str(",Fenced");
+    }
     s
 }
 

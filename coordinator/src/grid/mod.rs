@@ -222,7 +222,7 @@ impl GridState {
             name: n.name.clone(),
             state: match n.state() {
                 NodeState::Ready => scheduler::NodeState::Ready,
-                NodeState::Unreachable => scheduler::NodeState::Unreachable,
+                NodeState::Unreachable | NodeState::Lost => scheduler::NodeState::Unreachable,
                 NodeState::NotReady | NodeState::Unspecified => scheduler::NodeState::NotReady,
             },
             cordoned: n.cordoned,
@@ -270,7 +270,7 @@ pub fn to_sched(r: &Resources) -> scheduler::Resources {
 
 /// Whether a VM record reserves capacity on its node.
 pub fn holds_allocation(v: &Vm) -> bool {
-    !v.node.is_empty() && v.state() != VmState::Deleted
+    !v.node.is_empty() && !matches!(v.state(), VmState::Deleted | VmState::Pending)
 }
 
 /// The nodes a VM record reserves capacity on: its node, and while it migrates its destination too.
@@ -289,7 +289,7 @@ pub fn is_finished(o: &Operation) -> bool {
 /// Whether an operation of this kind runs a disk-heavy agent job (one of a node's disk-job slots): all but
 /// power control.
 pub fn is_disk_heavy(kind: OpKind) -> bool {
-    !matches!(kind, OpKind::ControlVm | OpKind::DrainNode | OpKind::Unspecified)
+    !matches!(kind, OpKind::ControlVm | OpKind::DrainNode | OpKind::FenceNode | OpKind::Unspecified)
 }
 
 /// The node whose disk-job slots an operation takes or waits for: an unfinished disk-heavy one's node.

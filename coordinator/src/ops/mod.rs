@@ -5,6 +5,7 @@
 //! are resumed from the store at start.
 
 mod drain;
+mod fence;
 mod migrate;
 mod nodes;
 mod run;
@@ -67,6 +68,7 @@ struct Inner {
     view: GridView,
     agents: AgentPool,
     config: OpsConfig,
+    fencing: crate::config::FencingConfig,
     /// Progress of running operations, for WatchOperation.
     events: Mutex<HashMap<String, broadcast::Sender<OperationEvent>>>,
     /// Full specs (with secrets) of creates whose agent job is not submitted yet. Never stored.
@@ -169,12 +171,23 @@ pub fn explain(snapshot: &scheduler::Snapshot, req: &Request) -> Explanation {
 }
 
 impl Engine {
+    /// An engine whose lost nodes wait for `gridctl node fenced` (the manual actuator).
     pub fn new(view: GridView, agents: AgentPool, config: OpsConfig) -> Engine {
+        Engine::with_fencing(view, agents, config, crate::config::FencingConfig::default())
+    }
+
+    pub fn with_fencing(
+        view: GridView,
+        agents: AgentPool,
+        config: OpsConfig,
+        fencing: crate::config::FencingConfig,
+    ) -> Engine {
         Engine {
             inner: Arc::new(Inner {
                 view,
                 agents,
                 config,
+                fencing,
                 events: Mutex::default(),
                 secrets: Mutex::default(),
                 slots: Mutex::default(),
@@ -234,7 +247,11 @@ impl Engine {
 
     fn spawn(&self, id: String) {
         let engine = self.clone();
-        tokio::spawn(async move { engine.run(id).await });
+        // Boxed with its Send bound written out: operations start operations (a fence its rebuilds), and the
+        // compiler cannot see through that cycle of async fns on its own.
+        let run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move { engine.run(id).await });
+        tokio::spawn(run);
     }
 
     /// Validate, place and store a create; the reservation commits with the VM record and the operation.

@@ -74,6 +74,7 @@ impl Engine {
         match op.kind() {
             OpKind::MigrateVm => return self.run_migration(id).await,
             OpKind::DrainNode => return self.run_drain(id).await,
+            OpKind::FenceNode => return self.run_fence(id).await,
             _ => {}
         }
         let mut last = Err("the operation has no step".to_string());
@@ -95,6 +96,9 @@ impl Engine {
                 Err(_) => return last,
             }
         }
+        if op.kind() == OpKind::CleanNode && last.is_ok() {
+            self.unfence(&op.node).await;
+        }
         last
     }
 
@@ -105,8 +109,12 @@ impl Engine {
             .read(|s| s.ops.get(id).cloned().map(|o| (s.vms.get(&o.vm).cloned(), o)))
             .map(|(v, o)| (o, v))
             .ok_or_else(|| format!("operation {id} vanished"))?;
-        let vm = vm.ok_or_else(|| format!("vm {} is no longer in the grid", op.vm))?;
         let step = &op.steps[index];
+        if matches!(op.kind(), OpKind::RebuildVm | OpKind::CleanNode) {
+            let job = self.recovery_job(&op, vm.as_ref(), &step.name)?;
+            return Ok(SubmitJobRequest { idempotency_key: step.idempotency_key.clone(), job: Some(job) });
+        }
+        let vm = vm.ok_or_else(|| format!("vm {} is no longer in the grid", op.vm))?;
         let param = |k: &str| op.params.get(k).cloned().unwrap_or_default();
         let job = match op.kind() {
             OpKind::CreateVm => {
@@ -150,7 +158,8 @@ impl Engine {
                 notes: param("notes"),
             }),
             OpKind::MigrateVm => self.migrate_job(&op, &vm, &step.name)?,
-            OpKind::DrainNode => return Err("a drain runs no agent job of its own".into()),
+            OpKind::DrainNode | OpKind::FenceNode => return Err("this operation runs no agent job".into()),
+            OpKind::RebuildVm | OpKind::CleanNode => unreachable!("handled above"),
             OpKind::Unspecified => return Err("operation of no kind".into()),
         };
         Ok(SubmitJobRequest { idempotency_key: step.idempotency_key.clone(), job: Some(job) })
@@ -408,14 +417,22 @@ impl Engine {
                     op.state = OpState::Succeeded as i32;
                     vm.error.clear();
                     match (op.kind(), &job.outcome) {
-                        (OpKind::CreateVm, outcome) => {
+                        (OpKind::CreateVm | OpKind::RebuildVm, outcome) => {
                             if let Some(Outcome::Provision(p)) = outcome {
                                 vm.provision = Some(p.clone());
                             }
                             let start =
                                 vm.spec.as_ref().and_then(|s| s.machine.as_ref()).is_some_and(|m| m.start);
                             vm.state = if start { VmState::Running } else { VmState::Stopped } as i32;
-                            op.result = format!("provisioned on {}", vm.node);
+                            op.result = if op.kind() == OpKind::RebuildVm {
+                                format!(
+                                    "rebuilt on {} from its spec (a fresh disk: the old one went with node {}; \
+                                     passwords are never stored, so accounts have none)",
+                                    vm.node, vm.rebuilt_from
+                                )
+                            } else {
+                                format!("provisioned on {}", vm.node)
+                            };
                         }
                         (OpKind::DeleteVm, outcome) => {
                             if let Some(Outcome::Wipe(w)) = outcome {
@@ -458,7 +475,7 @@ impl Engine {
                             super::migrate::settle(&op, &mut vm, true);
                             op.result = super::migrate::result_line(&op, &from);
                         }
-                        (OpKind::DrainNode | OpKind::Unspecified, _) => {}
+                        (OpKind::DrainNode | OpKind::FenceNode | OpKind::CleanNode | OpKind::Unspecified, _) => {}
                     }
                     if vm.operation == op.id {
                         vm.operation.clear();
@@ -497,6 +514,10 @@ impl Engine {
                             }
                             if kind == OpKind::DeleteVm {
                                 vm.state = VmState::Failed as i32;
+                            }
+                            // Placed again when room appears (the next poll round tries).
+                            if kind == OpKind::RebuildVm {
+                                vm.state = VmState::Pending as i32;
                             }
                             if kind == OpKind::MigrateVm {
                                 super::migrate::settle(&op, &mut vm, false);

@@ -54,12 +54,11 @@ pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaph
             (name, result)
         }));
     }
-    let unreachable_after = config.unreachable_after;
     // Recorded as they come, made durable together (the node state changes of one round share transactions).
     let mut pending = Vec::new();
     for t in tasks {
         if let Ok((name, result)) = t.await
-            && let Some(p) = record(engine, &name, result, unreachable_after)
+            && let Some(p) = record(engine, &name, result, config)
         {
             pending.push((name, p));
         }
@@ -68,6 +67,72 @@ pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaph
         if let Err(e) = p.durable().await {
             tracing::error!(node = %name, "cannot store the poll: {e}");
         }
+    }
+    recover(engine).await;
+}
+
+/// After a round: fence the nodes that became LOST (once per loss), clean the fenced ones that answer again,
+/// and rebuild what a fenced node held or what waits PENDING.
+async fn recover(engine: &Engine) {
+    let (lost, back, rebuild) = engine.view().read(|s| {
+        let fenced_since = |n: &crate::grid::Node| {
+            s.ops.values().any(|o| {
+                o.kind() == crate::grid::OpKind::FenceNode
+                    && o.node == n.name
+                    && o.created.as_ref().map(|t| (t.seconds, t.nanos))
+                        >= n.unreachable_since.as_ref().map(|t| (t.seconds, t.nanos))
+            })
+        };
+        let lost: Vec<String> = s
+            .nodes
+            .values()
+            .filter(|n| n.state() == NodeState::Lost && !n.fenced && !fenced_since(n))
+            .map(|n| n.name.clone())
+            .collect();
+        // One clean per return: none since the node's latest fencing.
+        let newest = |kind: crate::grid::OpKind, node: &str| {
+            s.ops
+                .values()
+                .filter(|o| o.kind() == kind && o.node == node)
+                .filter_map(|o| o.created.as_ref().map(|t| (t.seconds, t.nanos)))
+                .max()
+        };
+        let back: Vec<(String, Vec<String>)> = s
+            .nodes
+            .values()
+            .filter(|n| n.fenced && n.state() != NodeState::Lost)
+            .filter(|n| {
+                newest(crate::grid::OpKind::CleanNode, &n.name)
+                    < newest(crate::grid::OpKind::FenceNode, &n.name)
+            })
+            .map(|n| {
+                // Only the domains of VMs the grid now places elsewhere: a domain it does not know is shown
+                // as drift, never wiped.
+                let stale = n.drift.iter().filter(|d| {
+                    d.kind() == drift::Kind::UnknownDomain
+                        && s.vms.get(&d.vm).is_some_and(|v| v.node != n.name)
+                });
+                (n.name.clone(), stale.map(|d| d.vm.clone()).collect())
+            })
+            .collect();
+        let rebuild = s.vms.values().any(|v| {
+            v.state() == VmState::Pending
+                || (crate::grid::holds_allocation(v) && s.nodes.get(&v.node).is_some_and(|n| n.fenced))
+        });
+        (lost, back, rebuild)
+    });
+    for name in lost {
+        if let Err(e) = engine.fence_node(&name, "poller").await {
+            tracing::error!(node = %name, "cannot start fencing: {e}");
+        }
+    }
+    for (name, stale) in back {
+        if let Err(e) = engine.clean_node(&name, stale).await {
+            tracing::error!(node = %name, "cannot clean the node: {e}");
+        }
+    }
+    if rebuild {
+        engine.rebuild_pending().await;
     }
 }
 
@@ -147,7 +212,7 @@ fn record(
     engine: &Engine,
     name: &str,
     result: Result<(NodeStatsReport, DiagnosticsReport), String>,
-    unreachable_after: u32,
+    config: &PollerConfig,
 ) -> Option<Pending<()>> {
     let outcome = engine.view().stage::<_, crate::ops::OpError>(|s| {
         let Some(mut node) = s.nodes.get(name).cloned() else { return Ok(((), vec![])) };
@@ -160,6 +225,7 @@ fn record(
                 node.state = state as i32;
                 node.state_reason = reason;
                 node.missed_polls = 0;
+                node.unreachable_since = None;
                 node.last_seen = Some(now());
                 node.checks = diag.checks.clone();
                 node.agent_version = diag.agent_version.clone();
@@ -187,7 +253,15 @@ fn record(
             }
             Err(e) => {
                 node.missed_polls += 1;
-                if node.missed_polls >= unreachable_after {
+                let t = now();
+                let since = *node.unreachable_since.get_or_insert(t);
+                let for_secs = u64::try_from(t.seconds - since.seconds).unwrap_or(0);
+                if node.state() == NodeState::Lost {
+                    // Stays LOST (its reason, stored once, says since when).
+                } else if node.missed_polls >= config.unreachable_after && for_secs >= config.lost_after_secs {
+                    node.state = NodeState::Lost as i32;
+                    node.state_reason = format!("unreachable for {for_secs} s, missed {} polls: {e}", node.missed_polls);
+                } else if node.missed_polls >= config.unreachable_after {
                     node.state = NodeState::Unreachable as i32;
                     node.state_reason = format!("missed {} polls: {e}", node.missed_polls);
                 }
