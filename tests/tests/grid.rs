@@ -56,6 +56,12 @@ fn domain_state(agent: &Agent, name: &str) -> Option<String> {
     agent.stats().vms.into_iter().find(|v| v.name == name).map(|v| v.state)
 }
 
+fn sha256_file(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
 /// Provision jobs for `vm` over all agents.
 fn provisions(grid: &Grid, vm: &str) -> usize {
     grid.agents.iter().map(|a| a.provision_jobs(vm).len()).sum()
@@ -510,7 +516,10 @@ fn a_vm_migrates_cold_to_the_node_placement_picks_and_the_source_is_wiped() {
     assert_eq!(out.status.code(), Some(3), "{}", out.describe());
     assert_eq!(s(&vm(&ctl, "mover"), "state"), "RUNNING");
 
-    // Placement picks the destination: node-b (the source is excluded, node-c cordoned).
+    // Placement picks the destination: node-b (the source is excluded, node-c cordoned). The disk's bytes
+    // are compared file to file, the agents' pools being directories.
+    let pool_file = |node: &str| agent(node).dir.join("pool/mover.raw");
+    let before = sha256_file(&pool_file("node-a"));
     let t = Instant::now();
     let op = ctl.json(&["vm", "migrate", "mover", "--wait"]);
     eprintln!("vm migrate --wait: {:.1} s; {}", t.elapsed().as_secs_f64(), s(&op, "result"));
@@ -524,6 +533,11 @@ fn a_vm_migrates_cold_to_the_node_placement_picks_and_the_source_is_wiped() {
     assert_eq!(s(&moved, "migratingTo"), "", "{moved}");
     assert_eq!(domain_state(agent("node-b"), "mover").as_deref(), Some("running"));
     assert_eq!(domain_state(agent("node-a"), "mover"), None, "undefined on the source");
+    assert_eq!(sha256_file(&pool_file("node-b")), before, "the destination holds the same bytes");
+    // libvirt's test driver forgets the volume without deleting its file: what is left must be zeroes.
+    if let Ok(left) = std::fs::read(pool_file("node-a")) {
+        assert!(left.iter().all(|&b| b == 0), "the source's copy is wiped");
+    }
     assert_eq!(n(&node(&ctl, "node-a"), &["allocated", "memoryMib"]), 0, "the source's allocation released");
     assert_eq!(n(&node(&ctl, "node-b"), &["allocated", "memoryMib"]), 256);
 
