@@ -11,7 +11,7 @@ use gridforge_proto::v1::{DrainNodeRequest, Job, JobState, MigrateVmRequest, Ope
 use tokio::sync::Semaphore;
 
 use super::{Engine, OpError};
-use crate::grid::{Change, OpKind, OpState, is_finished, now};
+use crate::grid::{Change, OpKind, OpState, is_finished};
 
 const DEFAULT_PARALLEL: u32 = 2;
 const DEFAULT_DEADLINE_SECS: u32 = 600;
@@ -22,32 +22,20 @@ impl Engine {
     pub async fn drain_node(&self, req: DrainNodeRequest, who: &str) -> Result<Operation, OpError> {
         let name = req.name.clone();
         let pending = self.view().stage(|s| {
-            let mut node =
-                s.nodes.get(&name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
+            let mut node = super::known_node(s, &name)?;
             if let Some(o) =
                 s.ops.values().find(|o| o.kind() == OpKind::DrainNode && o.node == name && !is_finished(o))
             {
                 return Err(OpError::Precondition(format!("node {name} is being drained by {}", o.id)));
             }
             let id = s.next_op_id();
-            let t = now();
             let steps: Vec<OperationStep> = s
                 .vms_on(&name)
                 .filter(|v| v.node == name)
                 .map(|v| super::step(&v.name, &id, &name))
                 .collect();
-            let mut op = Operation {
-                id: id.clone(),
-                kind: OpKind::DrainNode as i32,
-                node: name.clone(),
-                state: OpState::Queued as i32,
-                summary: format!("drain {name} ({} VMs)", steps.len()),
-                steps,
-                requested_by: who.to_string(),
-                created: Some(t),
-                updated: Some(t),
-                ..Default::default()
-            };
+            let summary = format!("drain {name} ({} VMs)", steps.len());
+            let mut op = super::new_op(&id, OpKind::DrainNode, ("", &name), steps, who, summary);
             let parallel = if req.max_parallel == 0 { DEFAULT_PARALLEL } else { req.max_parallel };
             let deadline =
                 if req.deadline_seconds == 0 { DEFAULT_DEADLINE_SECS } else { req.deadline_seconds };

@@ -20,10 +20,8 @@ use gridforge_proto::v1::{
     DeleteJob, Job, JobState, Node, Operation, ProvisionJob, submit_job_request::Job as JobReq,
 };
 
-use super::{Engine, OpError, step};
-use crate::grid::{
-    Change, GridState, NodeState, OpKind, OpState, Vm, VmState, is_finished, now, volume_name,
-};
+use super::{Engine, OpError, new_op, step};
+use crate::grid::{Change, GridState, NodeState, OpKind, Vm, VmState, is_finished, now, volume_name};
 use crate::scheduler;
 
 pub(crate) const FENCE_STEP: &str = "fence";
@@ -40,8 +38,7 @@ impl Engine {
     /// Starts fencing a LOST node (the poller, or `gridctl node fence` after a failed try).
     pub async fn fence_node(&self, name: &str, who: &str) -> Result<Operation, OpError> {
         let pending = self.view().stage(|s| {
-            let mut node =
-                s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
+            let mut node = super::known_node(s, name)?;
             if node.state() != NodeState::Lost {
                 return Err(OpError::Precondition(format!(
                     "node {name} is {}, not LOST: only a lost node is fenced",
@@ -55,19 +52,9 @@ impl Engine {
                 return Err(OpError::Precondition(format!("node {name} is being fenced by {}", o.id)));
             }
             let id = s.next_op_id();
-            let t = now();
-            let op = Operation {
-                id: id.clone(),
-                kind: OpKind::FenceNode as i32,
-                node: name.to_string(),
-                state: OpState::Queued as i32,
-                steps: vec![step(FENCE_STEP, &id, name)],
-                requested_by: who.to_string(),
-                created: Some(t),
-                updated: Some(t),
-                summary: format!("fence {name} ({})", self.inner.fencing.actuator),
-                ..Default::default()
-            };
+            let summary = format!("fence {name} ({})", self.inner.fencing.actuator);
+            let op =
+                new_op(&id, OpKind::FenceNode, ("", name), vec![step(FENCE_STEP, &id, name)], who, summary);
             node.cordoned = true;
             Ok((op.clone(), vec![Change::PutNode(node), Change::PutOp(op)]))
         })?;
@@ -209,19 +196,9 @@ impl Engine {
                         vm.error.clear();
                         vm.operation = id.clone();
                         vm.updated = Some(t);
-                        let op = Operation {
-                            id: id.clone(),
-                            kind: OpKind::RebuildVm as i32,
-                            vm: name.to_string(),
-                            node: p.node.clone(),
-                            state: OpState::Queued as i32,
-                            steps: vec![step(PROVISION_STEP, &id, &p.node)],
-                            requested_by: "rebuild".into(),
-                            created: Some(t),
-                            updated: Some(t),
-                            summary: format!("rebuild {name} on {} (node {} lost)", p.node, vm.rebuilt_from),
-                            ..Default::default()
-                        };
+                        let summary = format!("rebuild {name} on {} (node {} lost)", p.node, vm.rebuilt_from);
+                        let steps = vec![step(PROVISION_STEP, &id, &p.node)];
+                        let op = new_op(&id, OpKind::RebuildVm, (name, &p.node), steps, "rebuild", summary);
                         return Ok((Some(op.clone()), vec![Change::PutVm(vm), Change::PutOp(op)]));
                     }
                     Err(u) => Some(format!("no node can take it: {u}")),
@@ -287,19 +264,9 @@ impl Engine {
                 return Ok((None, vec![Change::PutNode(node)]));
             }
             let id = s.next_op_id();
-            let t = now();
-            let op = Operation {
-                id: id.clone(),
-                kind: OpKind::CleanNode as i32,
-                node: name.to_string(),
-                state: OpState::Queued as i32,
-                steps: stale.iter().map(|d| step(d, &id, name)).collect(),
-                requested_by: "poller".into(),
-                created: Some(t),
-                updated: Some(t),
-                summary: format!("wipe {} stale domains on {name}, back after it was fenced", stale.len()),
-                ..Default::default()
-            };
+            let summary = format!("wipe {} stale domains on {name}, back after it was fenced", stale.len());
+            let steps = stale.iter().map(|d| step(d, &id, name)).collect();
+            let op = new_op(&id, OpKind::CleanNode, ("", name), steps, "poller", summary);
             Ok((Some(op.clone()), vec![Change::PutOp(op)]))
         })?;
         let Some(op) = pending.durable().await? else { return Ok(None) };

@@ -101,6 +101,36 @@ fn check_vm_name(name: &str) -> Result<(), OpError> {
 /// The resize step that changes a domain's vCPUs and memory (the disk's is "resize").
 pub(crate) const RESOURCES_STEP: &str = "resources";
 
+/// A new QUEUED operation of `kind` on `vm` (empty for a node's) at `node`, with its steps.
+pub(super) fn new_op(
+    id: &str,
+    kind: OpKind,
+    (vm, node): (&str, &str),
+    steps: Vec<OperationStep>,
+    who: &str,
+    summary: String,
+) -> Operation {
+    let t = now();
+    Operation {
+        id: id.to_string(),
+        kind: kind as i32,
+        vm: vm.to_string(),
+        node: node.to_string(),
+        state: OpState::Queued as i32,
+        steps,
+        requested_by: who.to_string(),
+        created: Some(t),
+        updated: Some(t),
+        summary,
+        ..Default::default()
+    }
+}
+
+/// The record of node `name`, or NOT_FOUND.
+pub(super) fn known_node(s: &GridState, name: &str) -> Result<crate::grid::Node, OpError> {
+    s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))
+}
+
 pub(super) fn step(name: &str, op: &str, node: &str) -> OperationStep {
     OperationStep {
         name: name.to_string(),
@@ -308,20 +338,10 @@ impl Engine {
                 updated: Some(t),
                 ..Default::default()
             };
-            let op = Operation {
-                id: id.clone(),
-                kind: OpKind::CreateVm as i32,
-                vm: name.clone(),
-                node: chosen.node.clone(),
-                state: OpState::Queued as i32,
-                steps: vec![step("provision", &id, &chosen.node)],
-                requested_by: who.to_string(),
-                created: Some(t),
-                updated: Some(t),
-                summary: format!("create {name} on {}", chosen.node),
-                secrets_in_memory: secrets,
-                ..Default::default()
-            };
+            let steps = vec![step("provision", &id, &chosen.node)];
+            let summary = format!("create {name} on {}", chosen.node);
+            let mut op = new_op(&id, OpKind::CreateVm, (&name, &chosen.node), steps, who, summary);
+            op.secrets_in_memory = secrets;
             Ok((op.clone(), vec![Change::PutVm(vm), Change::PutOp(op)]))
         })?;
         let op = self.start_when_durable(pending, secrets.then_some(spec)).await?;
@@ -361,19 +381,8 @@ impl Engine {
             }
             let id = s.next_op_id();
             let t = now();
-            let mut op = Operation {
-                id: id.clone(),
-                kind: kind as i32,
-                vm: name.to_string(),
-                node: vm.node.clone(),
-                state: OpState::Queued as i32,
-                steps: vec![step(step_name, &id, &vm.node)],
-                requested_by: who.to_string(),
-                created: Some(t),
-                updated: Some(t),
-                summary,
-                ..Default::default()
-            };
+            let steps = vec![step(step_name, &id, &vm.node)];
+            let mut op = new_op(&id, kind, (name, &vm.node), steps, who, summary);
             prepare(s, &mut vm, &mut op)?;
             vm.operation = id;
             vm.updated = Some(t);

@@ -128,11 +128,7 @@ impl Engine {
         let resp = self
             .view()
             .update(|s| {
-                let node = s
-                    .nodes
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
+                let node = super::known_node(s, name)?;
                 let vms: Vec<String> = s.vms_on(name).map(|v| v.name.clone()).collect();
                 if !vms.is_empty() && !force {
                     return Err(OpError::Precondition(format!(
@@ -155,11 +151,7 @@ impl Engine {
     pub async fn set_cordon(&self, name: &str, cordoned: bool) -> Result<Node, OpError> {
         self.view()
             .update(|s| {
-                let mut node = s
-                    .nodes
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))?;
+                let mut node = super::known_node(s, name)?;
                 node.cordoned = cordoned;
                 Ok((node.clone(), vec![Change::PutNode(node)]))
             })
