@@ -559,19 +559,33 @@ fn a_vm_migrates_cold_to_the_node_placement_picks_and_the_source_is_wiped() {
     assert_eq!((s(&back, "node"), s(&back, "state")), ("node-a", "STOPPED"), "{back}");
     assert_eq!(domain_state(agent("node-a"), "mover").as_deref(), Some("shutoff"));
 
+    // A resize with no room left where the VM is: refused, or with --allow-migrate moved first to a node that
+    // has room for the new size, then resized there.
+    create(&grid, "filler", 1, 600, &["--node", "node-a"]);
+    let out = ctl.fails(&["vm", "resize", "mover", "--memory-mib", "512"]);
+    assert_eq!(out.status.code(), Some(5), "{}", out.describe());
+    assert!(out.stderr.contains("--allow-migrate"), "the refusal says what would do it: {}", out.stderr);
+    let out = ctl.run(&["vm", "resize", "mover", "--memory-mib", "512", "--allow-migrate", "--wait"]);
+    assert!(out.success(), "{}", out.describe());
+    assert!(out.stderr.contains("migrating first"), "{}", out.describe());
+    let resized = vm(&ctl, "mover");
+    assert_eq!(s(&resized, "node"), "node-b", "{resized}");
+    assert_eq!(n(&resized, &["resources", "memoryMib"]), 512, "{resized}");
+
     // The destination's agent is down: the migration fails naming it, and nothing is half-done: the VM
     // runs on the source again, with its disk, and the destination's reservation is released.
+    ctl.json(&["node", "uncordon", "node-c"]);
     ctl.json(&["vm", "start", "mover", "--wait"]);
-    grid.agent("node-b").sigkill();
-    let out = ctl.run(&["vm", "migrate", "mover", "--to", "node-b", "--wait"]);
+    grid.agent("node-c").sigkill();
+    let out = ctl.run(&["vm", "migrate", "mover", "--to", "node-c", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());
-    assert!(out.stderr.contains("node-b"), "the failure names the node: {}", out.stderr);
+    assert!(out.stderr.contains("node-c"), "the failure names the node: {}", out.stderr);
     assert!(out.stderr.contains("stays on the source, started again"), "{}", out.stderr);
     let stayed = vm(&ctl, "mover");
-    assert_eq!((s(&stayed, "node"), s(&stayed, "state")), ("node-a", "RUNNING"), "{stayed}");
-    assert_eq!(domain_state(&grid.agents[0], "mover").as_deref(), Some("running"));
-    assert_eq!(n(&node(&ctl, "node-b"), &["allocated", "memoryMib"]), 0, "no phantom reservation");
-    assert_eq!(n(&node(&ctl, "node-a"), &["allocated", "memoryMib"]), 256);
+    assert_eq!((s(&stayed, "node"), s(&stayed, "state")), ("node-b", "RUNNING"), "{stayed}");
+    assert_eq!(domain_state(&grid.agents[1], "mover").as_deref(), Some("running"));
+    assert_eq!(n(&node(&ctl, "node-c"), &["allocated", "memoryMib"]), 0, "no phantom reservation");
+    assert_eq!(n(&node(&ctl, "node-b"), &["allocated", "memoryMib"]), 512);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use gridforge_proto::v1::{
     DrainNodeRequest, ExplainVmRequest, FenceNodeRequest, GetNodeRequest, GetOperationRequest, GetVmRequest,
     ListNodesRequest, ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest,
     MigrateVmRequest, Operation, PlacementConstraints, RemoveNodeRequest, RemoveUserRequest, ResizeVmRequest,
-    SnapshotVmRequest, VmSpec, WatchOperationRequest, control_job::Action, operation,
+    Resources, SnapshotVmRequest, VmSpec, WatchOperationRequest, control_job::Action, operation,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -289,6 +289,9 @@ enum VmCommand {
         memory_mib: Option<u64>,
         #[arg(long)]
         disk_mib: Option<u64>,
+        /// When the VM's node has no room, migrate it first to a node that has (then resize there).
+        #[arg(long)]
+        allow_migrate: bool,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -617,14 +620,29 @@ async fn run_vm(
         VmCommand::Suspend { name, wait } => (control(c, name, Action::Suspend, 0).await?, wait.wait),
         VmCommand::Resume { name, wait } => (control(c, name, Action::Resume, 0).await?, wait.wait),
         VmCommand::Destroy { name, wait } => (control(c, name, Action::Destroy, 0).await?, wait.wait),
-        VmCommand::Resize { name, vcpus, memory_mib, disk_mib, wait } => {
+        VmCommand::Resize { name, vcpus, memory_mib, disk_mib, allow_migrate, wait } => {
             let req = ResizeVmRequest {
                 name: name.clone(),
                 vcpus: vcpus.unwrap_or(0),
                 memory_mib: memory_mib.unwrap_or(0),
                 disk_mib: disk_mib.unwrap_or(0),
             };
-            (c.resize_vm(req).await?.into_inner(), wait.wait)
+            match c.resize_vm(req.clone()).await {
+                Err(status) if *allow_migrate && status.code() == Code::ResourceExhausted => {
+                    eprintln!("gridctl: {}: migrating first", status.message());
+                    let room_for =
+                        Resources { vcpus: req.vcpus, memory_mib: req.memory_mib, disk_mib: req.disk_mib };
+                    let migrate = MigrateVmRequest {
+                        name: name.clone(),
+                        room_for: Some(room_for),
+                        ..Default::default()
+                    };
+                    let op = c.migrate_vm(migrate).await?.into_inner();
+                    follow(c, &op.id, out).await?;
+                    (c.resize_vm(req).await?.into_inner(), wait.wait)
+                }
+                answer => (answer?.into_inner(), wait.wait),
+            }
         }
         VmCommand::Migrate { name, to, live, cold: _, wipe_method, wait } => {
             let req = MigrateVmRequest {
@@ -632,6 +650,7 @@ async fn run_vm(
                 to: to.clone().unwrap_or_default(),
                 live: *live,
                 wipe_method: wipe_method.clone().unwrap_or_default(),
+                room_for: None,
             };
             (c.migrate_vm(req).await?.into_inner(), wait.wait)
         }

@@ -70,7 +70,12 @@ impl Engine {
             // Its disk comes from the source: the destination needs no image.
             r.image.clear();
             r.layers.clear();
-            r.resources = crate::grid::to_sched(&vm.resources.unwrap_or_default());
+            let (own, room) = (vm.resources.unwrap_or_default(), req.room_for.unwrap_or_default());
+            r.resources = scheduler::Resources {
+                vcpus: own.vcpus.max(room.vcpus),
+                memory_mib: own.memory_mib.max(room.memory_mib),
+                disk_mib: own.disk_mib.max(room.disk_mib),
+            };
             r.node = (!req.to.is_empty()).then(|| req.to.clone());
             r.exclude.insert(vm.node.clone());
             let placed =

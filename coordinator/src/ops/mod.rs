@@ -518,7 +518,7 @@ impl Engine {
             }
             if !short.is_empty() {
                 return Err(OpError::Unschedulable(format!(
-                    "node {} has no room to resize {} in place: {} (moving a VM is not supported yet)",
+                    "node {} has no room to resize {} in place: {} (--allow-migrate moves it to a node with room first)",
                     vm.node,
                     vm.name,
                     short.join("; ")
