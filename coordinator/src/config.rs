@@ -44,8 +44,13 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FencingConfig {
-    /// "manual": wait for `gridctl node fenced NODE`; "command": run `command` (exit 0 = fenced).
+    /// "manual": wait for `gridctl node fenced NODE`; "command": run `command` (exit 0 = fenced); "libvirt":
+    /// destroy the libvirt domain `domain` at `libvirt_uri` (nodes that are themselves VMs).
     pub actuator: String,
+    /// The libvirt actuator's connection, e.g. "qemu+ssh://host1/system", and the node's domain there
+    /// (`{node}` is replaced).
+    pub libvirt_uri: String,
+    pub domain: String,
     /// Program and arguments; `{node}` and `{address}` are replaced, e.g.
     /// ["ipmitool", "-H", "{node}-bmc", "-U", "admin", "-f", "/etc/gridforge/ipmi.pass", "chassis", "power", "off"].
     pub command: Vec<String>,
@@ -55,7 +60,13 @@ pub struct FencingConfig {
 
 impl Default for FencingConfig {
     fn default() -> Self {
-        FencingConfig { actuator: "manual".into(), command: Vec::new(), timeout_secs: 60 }
+        FencingConfig {
+            actuator: "manual".into(),
+            command: Vec::new(),
+            libvirt_uri: String::new(),
+            domain: "{node}".into(),
+            timeout_secs: 60,
+        }
     }
 }
 
@@ -215,8 +226,14 @@ impl Config {
             "manual" => {}
             "command" if !config.fencing.command.is_empty() => {}
             "command" => return Err(invalid("fencing.command: required with actuator = \"command\"".into())),
+            "libvirt" if !config.fencing.libvirt_uri.is_empty() => {}
+            "libvirt" => {
+                return Err(invalid("fencing.libvirt_uri: required with actuator = \"libvirt\"".into()));
+            }
             other => {
-                return Err(invalid(format!("fencing.actuator: {other:?} is not \"manual\" or \"command\"")));
+                return Err(invalid(format!(
+                    "fencing.actuator: {other:?} is not \"manual\", \"command\" or \"libvirt\""
+                )));
             }
         }
         if config.poller.interval_ms == 0

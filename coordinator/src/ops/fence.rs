@@ -104,15 +104,22 @@ impl Engine {
                     .collect();
                 self.note_op(id, |o| o.steps[0].message = format!("running {}", argv.join(" ")));
                 let text = run_actuator(&argv, Duration::from_secs(fencing.timeout_secs)).await?;
-                self.view()
-                    .update::<_, OpError>(|s| {
-                        let Some(mut n) = s.nodes.get(&node).cloned() else { return Ok(((), vec![])) };
-                        n.fenced = true;
-                        Ok(((), vec![Change::PutNode(n)]))
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
+                self.set_fenced(&node).await?;
                 format!("{} exited 0{text}", argv[0])
+            }
+            "libvirt" => {
+                let (uri, domain) = (fencing.libvirt_uri.clone(), fencing.domain.replace("{node}", &node));
+                self.note_op(id, |o| o.steps[0].message = format!("destroying domain {domain} at {uri}"));
+                let timeout = Duration::from_secs(fencing.timeout_secs);
+                let off = tokio::task::spawn_blocking(move || destroy_domain(&uri, &domain));
+                let text = tokio::time::timeout(timeout, off)
+                    .await
+                    .map_err(|_| {
+                        format!("libvirt actuator: no answer within {timeout:?}: the node stays LOST")
+                    })?
+                    .map_err(|e| format!("libvirt actuator: {e}"))??;
+                self.set_fenced(&node).await?;
+                text
             }
             _ => {
                 let waiting =
@@ -275,17 +282,24 @@ impl Engine {
         Ok(Some(op))
     }
 
-    /// After a CLEAN_NODE operation's steps: the node is unfenced.
-    pub(super) async fn unfence(&self, node: &str) {
-        let result = self
-            .view()
+    async fn mark_fenced(&self, node: &str, fenced: bool) -> Result<(), String> {
+        self.view()
             .update::<_, OpError>(|s| {
                 let Some(mut n) = s.nodes.get(node).cloned() else { return Ok(((), vec![])) };
-                n.fenced = false;
+                n.fenced = fenced;
                 Ok(((), vec![Change::PutNode(n)]))
             })
-            .await;
-        if let Err(e) = result {
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn set_fenced(&self, node: &str) -> Result<(), String> {
+        self.mark_fenced(node, true).await
+    }
+
+    /// After a CLEAN_NODE operation's steps: the node is unfenced.
+    pub(super) async fn unfence(&self, node: &str) {
+        if let Err(e) = self.mark_fenced(node, false).await {
             tracing::error!(node, "cannot unfence: {e}");
         }
     }
@@ -331,4 +345,29 @@ async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> String {
         let _ = tokio::io::AsyncReadExt::read_to_string(&mut p, &mut text).await;
     }
     text
+}
+
+/// Powers off the libvirt domain of a node that is itself a VM, through the agent's own libvirt layer;
+/// a domain already shut off counts as fenced.
+fn destroy_domain(uri: &str, domain: &str) -> Result<String, String> {
+    use gridforge_agent::hypervisor::{DomainState, Hypervisor, HypervisorError, Libvirt};
+    let cfg = gridforge_agent::config::LibvirtConfig { uri: uri.to_string(), ..Default::default() };
+    let libvirt = Libvirt::new(&cfg, &std::env::temp_dir());
+    let fail = |e: HypervisorError| {
+        format!("domain {domain} at {uri}: {}: the node stays LOST", crate::error_chain(&e))
+    };
+    match libvirt.state(domain).map_err(fail)? {
+        None => Err(format!("no domain {domain} at {uri}: the node stays LOST")),
+        Some(DomainState::Shutoff) => Ok(format!("domain {domain} was shut off already")),
+        Some(_) => {
+            libvirt.destroy(domain).map_err(fail)?;
+            match libvirt.state(domain).map_err(fail)? {
+                Some(DomainState::Shutoff) => Ok(format!("domain {domain} destroyed")),
+                other => Err(format!(
+                    "domain {domain} at {uri} is {} after destroy: the node stays LOST",
+                    other.map_or("gone", DomainState::as_str)
+                )),
+            }
+        }
+    }
 }

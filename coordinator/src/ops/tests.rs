@@ -386,3 +386,38 @@ async fn users_are_kept_in_the_grid_view_and_nobody_changes_its_own() {
     assert!(matches!(e.remove_user("carol", "alice").await, Err(super::OpError::NotFound(_))));
     assert!(store.load().unwrap().users.is_empty());
 }
+
+#[tokio::test]
+async fn the_libvirt_actuator_destroys_a_lost_nodes_domain_and_only_then_is_it_fenced() {
+    // libvirt's test driver: "test:///default" has one running domain, "test".
+    for (domain, fenced) in [("no-such-{node}", false), ("test", true)] {
+        let store = Arc::new(MemoryStore::default());
+        let mut lost = node("127.0.0.1:1");
+        lost.state = NodeState::Lost as i32;
+        store.commit(&[Change::PutNode(lost)]).unwrap();
+        let view = GridView::open(Box::new(store), Defaults::default()).unwrap();
+        let fencing = crate::config::FencingConfig {
+            actuator: "libvirt".into(),
+            libvirt_uri: "test:///default".into(),
+            domain: domain.into(),
+            ..Default::default()
+        };
+        let agents = AgentPool::new(None, Duration::from_secs(5));
+        let e = Engine::with_fencing(view, agents, OpsConfig::default(), fencing);
+        let op = e.fence_node("n1", "alice").await.unwrap();
+        let done = finished(&e, &op.id).await;
+        assert_eq!(e.view().read(|s| s.nodes["n1"].fenced), fenced, "{done:?}");
+        if fenced {
+            assert_eq!(done.state(), OpState::Succeeded, "{done:?}");
+            assert!(done.result.contains("domain test destroyed"), "{}", done.result);
+        } else {
+            assert_eq!(done.state(), OpState::Failed, "{done:?}");
+            assert!(
+                done.error.contains("no domain no-such-n1") && done.error.contains("stays LOST"),
+                "{}",
+                done.error
+            );
+        }
+        assert!(e.view().read(|s| s.nodes["n1"].cordoned), "a lost node is cordoned either way");
+    }
+}
