@@ -14,13 +14,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use gridforge_common::client::{ClientTls, connect};
+use bench_support::{Daemon, follow, ready};
+use gridforge_common::client::ClientTls;
 use gridforge_proto::v1::agent_client::AgentClient;
 use gridforge_proto::v1::{
-    DiskTarget, JobState, ListJobsRequest, ProvisionJob, SubmitJobRequest, VmSpec, WatchJobRequest, WipeJob,
-    disk_target, submit_job_request,
+    DiskTarget, JobState, ProvisionJob, SubmitJobRequest, VmSpec, WipeJob, disk_target, submit_job_request,
 };
 use tonic::transport::Channel;
+
+mod bench_support;
 
 fn run(agent: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out =
@@ -47,12 +49,7 @@ fn device(path: &Path) -> Option<DiskTarget> {
 async fn job(mut client: AgentClient<Channel>, req: SubmitJobRequest) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let id = client.submit_job(req).await?.into_inner().id;
-    let mut stream =
-        client.watch_job(WatchJobRequest { job_id: id.clone(), from_seq: 0 }).await?.into_inner();
-    let mut last = None;
-    while let Some(ev) = stream.message().await? {
-        last = Some(ev);
-    }
+    let last = follow(client, &id, None).await?.pop();
     let done = start.elapsed();
     match last {
         Some(ev) if ev.state == JobState::Succeeded as i32 => Ok(done),
@@ -117,8 +114,6 @@ async fn provisions(
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
-
-use gridforge_testsupport::process::TermOnDrop as Daemon;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -202,24 +197,7 @@ async fn main() -> anyhow::Result<()> {
         domain: None,
     };
     let endpoint = format!("127.0.0.1:{port}");
-    let started = Instant::now();
-    let client = loop {
-        if let Ok(mut c) = connect(&endpoint, Some(&tls)).await
-            && c.list_jobs(ListJobsRequest::default()).await.is_ok()
-        {
-            break c;
-        }
-        if let Some(status) = daemon.0.try_wait()? {
-            bail!("the agent exited ({status}); see {}", node.join("agent.log").display());
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "the agent did not answer on {endpoint} within 30 s; see {}",
-                node.join("agent.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let client = ready(&endpoint, &tls, &mut daemon, &node.join("agent.log")).await?;
 
     // 1. Small wipes, all at once over one mTLS channel.
     for i in 0..wipes {
