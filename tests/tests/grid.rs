@@ -659,8 +659,9 @@ fn a_drain_moves_every_vm_off_and_says_what_could_not_move() {
     assert!(!node(&ctl, "node-a")["cordoned"].as_bool().unwrap_or(false));
 }
 
-/// The `command` fencing actuator of the loss test: it waits for the test's go (`gate`), fails while `fail`
-/// exists, and "powers the node off" by killing its agent.
+/// The `command` fencing actuator of the loss test: it waits for the test's go (`gate`) and fails while
+/// `fail` exists. It powers nothing off: the node's agent keeps its domains, as a node whose power-off left
+/// them defined, so that the test sees them wiped when the node comes back.
 const ACTUATOR: &str = r#"#!/bin/sh
 dir=$(dirname "$0")
 node=$1
@@ -668,7 +669,6 @@ while [ ! -e "$dir/gate" ]; do
   if [ -e "$dir/fail" ]; then echo "bmc of $node does not answer" >&2; exit 3; fi
   sleep 0.1
 done
-kill -9 "$(cat "$dir/$node.pid")"
 echo "$node powered off"
 "#;
 
@@ -684,15 +684,13 @@ fn a_lost_node_is_fenced_before_its_vms_are_rebuilt_elsewhere() {
         fencing_command: vec!["/bin/sh".into(), actuator.display().to_string(), "{node}".into()],
         ..Settings::default()
     };
-    let mut grid = Grid::with_coordinator(3, settings);
+    let grid = Grid::with_coordinator(3, settings);
     let ctl = grid.admin();
     grid.enroll("node-a", Shape { vcpus: 4, memory_mib: 2048 }, &[]);
     grid.enroll("node-b", Shape { vcpus: 4, memory_mib: 512 }, &[]);
     grid.enroll("node-c", Shape { vcpus: 4, memory_mib: 512 }, &[]);
     create(&grid, "keeper", 1, 256, &["--node", "node-a"]);
     create(&grid, "too-big", 1, 1024, &["--node", "node-a"]);
-    let pid = grid.agents[0].pid().unwrap();
-    std::fs::write(dir.path().join("node-a.pid"), pid.to_string()).unwrap();
 
     // Cut node-a off its network: Unreachable, then Lost, then fenced by the actuator, which fails first.
     let cut = |state: &str| {
@@ -756,10 +754,9 @@ fn a_lost_node_is_fenced_before_its_vms_are_rebuilt_elsewhere() {
         256
     );
 
-    // node-a comes back: it stays cordoned, is unfenced once it holds no stale domain, and takes nothing new.
+    // node-a comes back with its old domains: the one of the VM now on another node is wiped (the agent's
+    // Delete job) before node-a is unfenced; node-a stays cordoned.
     cut("up");
-    grid.agent("node-a").sigkill();
-    grid.agent("node-a").start();
     let back = wait_for(
         "node-a to be back and unfenced",
         Duration::from_secs(30),
@@ -770,5 +767,17 @@ fn a_lost_node_is_fenced_before_its_vms_are_rebuilt_elsewhere() {
         },
     );
     assert!(back["cordoned"].as_bool().unwrap_or(false), "{back}");
-    assert_eq!(domain_state(&grid.agents[0], "keeper"), None, "the stale copy does not run");
+    assert_eq!(domain_state(&grid.agents[0], "keeper"), None, "the stale copy is gone");
+    let ops = ctl.json(&["op", "list"]);
+    let clean =
+        ops.as_array().unwrap().iter().find(|o| s(o, "kind") == "CLEAN_NODE").expect("a clean").clone();
+    assert_eq!(s(&clean, "state"), "SUCCEEDED", "{clean}");
+    let steps: Vec<&str> = clean["steps"].as_array().unwrap().iter().map(|st| s(st, "name")).collect();
+    assert_eq!(steps, ["keeper"], "only the VM now elsewhere: {clean}");
+    let keeper = vm(&ctl, "keeper");
+    assert_eq!(
+        (s(&keeper, "node"), s(&keeper, "state")),
+        (s(&rebuilt, "node"), "RUNNING"),
+        "untouched: {keeper}"
+    );
 }
