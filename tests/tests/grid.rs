@@ -781,3 +781,71 @@ fn a_lost_node_is_fenced_before_its_vms_are_rebuilt_elsewhere() {
         "untouched: {keeper}"
     );
 }
+
+#[test]
+fn a_destination_that_dies_mid_stream_leaves_the_vm_where_it_was() {
+    let mut grid = Grid::with_coordinator(2, Settings { unreachable_after: 1000, ..Settings::default() });
+    let ctl = grid.admin();
+    grid.enroll("node-a", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
+    grid.enroll("node-b", Shape { vcpus: 4, memory_mib: 1024 }, &[]);
+    let spec = grid.spec_file("bulky", 1, 256, 1024);
+    let op = grid.admin().json(&["vm", "create", "-f", spec.to_str().unwrap(), "--node", "node-a", "--wait"]);
+    assert_eq!(s(&op, "state"), "SUCCEEDED", "{op}");
+    // 768 MiB of data in the disk (past its first 128 MiB), so that the stream lasts long enough to be cut.
+    let disk = grid.agents[0].dir.join("pool/bulky.raw");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.seek(SeekFrom::Start(128 << 20)).unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..768 {
+            for chunk in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let before = sha256_file(&disk);
+
+    let op = first(ctl.json(&["vm", "migrate", "bulky", "--to", "node-b"]));
+    let id = s(&op, "id").to_string();
+    wait_for("the disk to be streaming", Duration::from_secs(30), Duration::from_millis(10), || {
+        let op = ctl.json(&["op", "show", &id]);
+        let send = op["steps"].as_array().unwrap().iter().find(|st| s(st, "name") == "send").cloned();
+        send.filter(|st| n(st, &["bytesDone"]) > 0 && n(st, &["bytesDone"]) < n(st, &["bytesTotal"]))
+            .map(|st| eprintln!("cut at {} of {} bytes", n(&st, &["bytesDone"]), n(&st, &["bytesTotal"])))
+    });
+    grid.agent("node-b").sigkill();
+    let done = wait_for("the migration to fail", Duration::from_secs(60), Duration::from_millis(100), || {
+        let op = ctl.json(&["op", "show", &id]);
+        matches!(s(&op, "state"), "SUCCEEDED" | "FAILED").then_some(op)
+    });
+    assert_eq!(s(&done, "state"), "FAILED", "{done}");
+    assert!(s(&done, "error").contains("stays on the source, started again"), "{done}");
+    let stayed = vm(&ctl, "bulky");
+    assert_eq!((s(&stayed, "node"), s(&stayed, "state")), ("node-a", "RUNNING"), "{stayed}");
+    assert_eq!(domain_state(&grid.agents[0], "bulky").as_deref(), Some("running"));
+    assert_eq!(sha256_file(&disk), before, "the source's disk is untouched");
+    assert_eq!(n(&node(&ctl, "node-b"), &["allocated", "memoryMib"]), 0, "no phantom reservation");
+    // The destination's agent, started again, leaves nothing of the half-received disk readable.
+    let partial = grid.agents[1].dir.join("pool/bulky.raw");
+    let head = |path: &std::path::Path| {
+        std::fs::read(path).ok().map(|b| b.into_iter().take(1 << 20).collect::<Vec<u8>>())
+    };
+    assert!(
+        head(&partial).is_some_and(|h| h.iter().any(|&b| b != 0)),
+        "the half-received disk, before the restart"
+    );
+    grid.agent("node-b").start();
+    wait_for(
+        "the half-received disk to be cleaned",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || head(&partial).is_none_or(|h| h.iter().all(|&b| b == 0)).then_some(()),
+    );
+}
