@@ -12,12 +12,8 @@ pub const DEFAULT_PATH: &str = "/etc/gridforge/agent.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] gridforge_common::config::ReadError),
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {field}: {reason}")]
@@ -190,9 +186,7 @@ impl Default for JobsConfig {
 impl Config {
     /// Read and check a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+        gridforge_common::config::load(path, Self::parse)
     }
 
     /// Parse configuration text; `path` only names it in errors.

@@ -10,12 +10,8 @@ use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read the config {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] gridforge_common::config::ReadError),
     #[error("invalid config {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -194,9 +190,7 @@ impl Default for AuthConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Config::parse(&text, path)
+        gridforge_common::config::load(path, Config::parse)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
