@@ -23,9 +23,7 @@ impl Engine {
         let name = req.name.clone();
         let pending = self.view().stage(|s| {
             let mut node = super::known_node(s, &name)?;
-            if let Some(o) =
-                s.ops.values().find(|o| o.kind() == OpKind::DrainNode && o.node == name && !is_finished(o))
-            {
+            if let Some(o) = super::unfinished(s, OpKind::DrainNode, &name) {
                 return Err(OpError::Precondition(format!("node {name} is being drained by {}", o.id)));
             }
             let id = s.next_op_id();

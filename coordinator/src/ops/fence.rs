@@ -21,7 +21,7 @@ use gridforge_proto::v1::{
 };
 
 use super::{Engine, OpError, new_op, step};
-use crate::grid::{Change, GridState, NodeState, OpKind, Vm, VmState, is_finished, now, volume_name};
+use crate::grid::{Change, NodeState, OpKind, Vm, VmState, now, volume_name};
 use crate::scheduler;
 
 pub(crate) const FENCE_STEP: &str = "fence";
@@ -29,10 +29,6 @@ pub(crate) const PROVISION_STEP: &str = "provision";
 
 /// How often a manual fence looks for the operator's confirmation.
 const CONFIRM_POLL: Duration = Duration::from_millis(250);
-
-fn unfinished<'a>(s: &'a GridState, kind: OpKind, node: &str) -> Option<&'a Operation> {
-    s.ops.values().find(|o| o.kind() == kind && o.node == node && !is_finished(o))
-}
 
 impl Engine {
     /// Starts fencing a LOST node (the poller, or `gridctl node fence` after a failed try).
@@ -48,7 +44,7 @@ impl Engine {
             if node.fenced {
                 return Err(OpError::Precondition(format!("node {name} is fenced already")));
             }
-            if let Some(o) = unfinished(s, OpKind::FenceNode, name) {
+            if let Some(o) = super::unfinished(s, OpKind::FenceNode, name) {
                 return Err(OpError::Precondition(format!("node {name} is being fenced by {}", o.id)));
             }
             let id = s.next_op_id();
@@ -104,7 +100,7 @@ impl Engine {
                     .collect();
                 self.note_op(id, |o| o.steps[0].message = format!("running {}", argv.join(" ")));
                 let text = run_actuator(&argv, Duration::from_secs(fencing.timeout_secs)).await?;
-                self.set_fenced(&node).await?;
+                self.mark_fenced(&node, true).await?;
                 format!("{} exited 0{text}", argv[0])
             }
             "libvirt" => {
@@ -118,7 +114,7 @@ impl Engine {
                         format!("libvirt actuator: no answer within {timeout:?}: the node stays LOST")
                     })?
                     .map_err(|e| format!("libvirt actuator: {e}"))??;
-                self.set_fenced(&node).await?;
+                self.mark_fenced(&node, true).await?;
                 text
             }
             _ => {
@@ -262,7 +258,7 @@ impl Engine {
             let Some(mut node) = s.nodes.get(name).cloned() else { return Ok((None, vec![])) };
             if !node.fenced
                 || node.state() == NodeState::Lost
-                || unfinished(s, OpKind::CleanNode, name).is_some()
+                || super::unfinished(s, OpKind::CleanNode, name).is_some()
             {
                 return Ok((None, vec![]));
             }
@@ -293,10 +289,6 @@ impl Engine {
             .map_err(|e| e.to_string())
     }
 
-    async fn set_fenced(&self, node: &str) -> Result<(), String> {
-        self.mark_fenced(node, true).await
-    }
-
     /// After a CLEAN_NODE operation's steps: the node is unfenced.
     pub(super) async fn unfence(&self, node: &str) {
         if let Err(e) = self.mark_fenced(node, false).await {
@@ -307,7 +299,7 @@ impl Engine {
 
 /// Runs the actuator program; Ok with a note of its output when it exits 0, else why not.
 async fn run_actuator(argv: &[String], timeout: Duration) -> Result<String, String> {
-    let mut child = tokio::process::Command::new(&argv[0])
+    let child = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -315,36 +307,25 @@ async fn run_actuator(argv: &[String], timeout: Duration) -> Result<String, Stri
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("fencing actuator {}: cannot start: {e}", argv[0]))?;
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let waited = tokio::time::timeout(timeout, async {
-        let (status, out, err) = tokio::join!(child.wait(), read_all(stdout), read_all(stderr));
-        (status, out, err)
-    })
-    .await;
-    let tail = |t: &str| {
-        let t = t.trim();
+    let tail = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes);
+        let t = text.trim();
         if t.is_empty() { String::new() } else { format!(": {}", t.lines().last().unwrap_or(t)) }
     };
-    match waited {
+    // On timeout the dropped future drops the child, which kill_on_drop kills.
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Err(_) => {
-            let _ = child.kill().await;
             Err(format!("fencing actuator {} did not exit within {timeout:?}: the node stays LOST", argv[0]))
         }
-        Ok((Err(e), _, _)) => Err(format!("fencing actuator {}: {e}", argv[0])),
-        Ok((Ok(status), out, _)) if status.success() => Ok(tail(&out)),
-        Ok((Ok(status), _, err)) => {
-            Err(format!("fencing actuator {} failed ({status}){}: the node stays LOST", argv[0], tail(&err)))
-        }
+        Ok(Err(e)) => Err(format!("fencing actuator {}: {e}", argv[0])),
+        Ok(Ok(out)) if out.status.success() => Ok(tail(&out.stdout)),
+        Ok(Ok(out)) => Err(format!(
+            "fencing actuator {} failed ({}){}: the node stays LOST",
+            argv[0],
+            out.status,
+            tail(&out.stderr)
+        )),
     }
-}
-
-async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> String {
-    let mut text = String::new();
-    if let Some(mut p) = pipe {
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut p, &mut text).await;
-    }
-    text
 }
 
 /// Powers off the libvirt domain of a node that is itself a VM, through the agent's own libvirt layer;

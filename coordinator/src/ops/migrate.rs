@@ -191,10 +191,10 @@ impl Engine {
     async fn step_to_success(&self, id: &str, index: usize) -> Result<Job, String> {
         let req = self.agent_request(id, index)?;
         let job = self.agent_step(id, index, req, true).await?;
-        let node =
-            self.view().read(|s| s.ops.get(id).map(|o| o.steps[index].node.clone())).unwrap_or_default();
-        let name =
-            self.view().read(|s| s.ops.get(id).map(|o| o.steps[index].name.clone())).unwrap_or_default();
+        let (node, name) = self
+            .view()
+            .read(|s| s.ops.get(id).map(|o| (o.steps[index].node.clone(), o.steps[index].name.clone())))
+            .unwrap_or_default();
         if job.state() != JobState::Succeeded {
             return Err(super::run::job_failure(&node, &name, &job));
         }

@@ -126,6 +126,11 @@ pub(super) fn new_op(
     }
 }
 
+/// The unfinished operation of `kind` on node `name` (a drain, a fence, a clean-up), if one runs.
+pub(super) fn unfinished<'a>(s: &'a GridState, kind: OpKind, node: &str) -> Option<&'a Operation> {
+    s.ops.values().find(|o| o.kind() == kind && o.node == node && !crate::grid::is_finished(o))
+}
+
 /// The record of node `name`, or NOT_FOUND.
 pub(super) fn known_node(s: &GridState, name: &str) -> Result<crate::grid::Node, OpError> {
     s.nodes.get(name).cloned().ok_or_else(|| OpError::NotFound(format!("no node {name:?}")))

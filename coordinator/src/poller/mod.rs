@@ -75,21 +75,7 @@ pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaph
 /// and rebuild what a fenced node held or what waits PENDING.
 async fn recover(engine: &Engine) {
     let (lost, back, rebuild) = engine.view().read(|s| {
-        let fenced_since = |n: &crate::grid::Node| {
-            s.ops.values().any(|o| {
-                o.kind() == crate::grid::OpKind::FenceNode
-                    && o.node == n.name
-                    && o.created.as_ref().map(|t| (t.seconds, t.nanos))
-                        >= n.unreachable_since.as_ref().map(|t| (t.seconds, t.nanos))
-            })
-        };
-        let lost: Vec<String> = s
-            .nodes
-            .values()
-            .filter(|n| n.state() == NodeState::Lost && !n.fenced && !fenced_since(n))
-            .map(|n| n.name.clone())
-            .collect();
-        // One clean per return: none since the node's latest fencing.
+        // When an operation of `kind` last started on `node`.
         let newest = |kind: crate::grid::OpKind, node: &str| {
             s.ops
                 .values()
@@ -97,10 +83,22 @@ async fn recover(engine: &Engine) {
                 .filter_map(|o| o.created.as_ref().map(|t| (t.seconds, t.nanos)))
                 .max()
         };
+        let lost: Vec<String> = s
+            .nodes
+            .values()
+            .filter(|n| n.state() == NodeState::Lost && !n.fenced)
+            // Fenced once per loss: no fence started since the node became unreachable.
+            .filter(|n| {
+                newest(crate::grid::OpKind::FenceNode, &n.name)
+                    < n.unreachable_since.as_ref().map(|t| (t.seconds, t.nanos))
+            })
+            .map(|n| n.name.clone())
+            .collect();
         let back: Vec<(String, Vec<String>)> = s
             .nodes
             .values()
             .filter(|n| n.fenced && n.state() != NodeState::Lost)
+            // One clean per return: none since the node's latest fencing.
             .filter(|n| {
                 newest(crate::grid::OpKind::CleanNode, &n.name)
                     < newest(crate::grid::OpKind::FenceNode, &n.name)
@@ -115,10 +113,9 @@ async fn recover(engine: &Engine) {
                 (n.name.clone(), stale.map(|d| d.vm.clone()).collect())
             })
             .collect();
-        let rebuild = s.vms.values().any(|v| {
-            v.state() == VmState::Pending
-                || (crate::grid::holds_allocation(v) && s.nodes.get(&v.node).is_some_and(|n| n.fenced))
-        });
+        // A fenced node's VMs, or any waiting PENDING (rebuild_pending picks which).
+        let rebuild =
+            s.nodes.values().any(|n| n.fenced) || s.vms.values().any(|v| v.state() == VmState::Pending);
         (lost, back, rebuild)
     });
     for name in lost {
