@@ -302,6 +302,7 @@ async fn migrate(a: &mut Agent, b: &mut Agent, round: usize) -> anyhow::Result<M
                 ..Default::default()
             }),
             timeout_seconds: 600,
+            live: false,
         })),
     };
     let receive_id = b.client.submit_job(receive).await?.into_inner().id;
@@ -316,6 +317,7 @@ async fn migrate(a: &mut Agent, b: &mut Agent, round: usize) -> anyhow::Result<M
             receiver_address: b.grpc.to_string(),
             receiver: "node-b".into(),
             wipe_method: String::new(),
+            live: false,
         })),
     };
     let start = Instant::now();

@@ -99,6 +99,12 @@ pub struct LibvirtConfig {
     pub ovmf_vars: PathBuf,
     /// Emulator binary for domains.
     pub emulator: PathBuf,
+    /// The URI other nodes' libvirtd use to reach this node's libvirtd for a live migration (peer to peer),
+    /// e.g. "qemu+tls://node-1.example/system"; empty: this node takes no live migrations.
+    pub peer_uri: String,
+    /// Host (name or address) other nodes' QEMU send a live migration's memory and disk streams to;
+    /// empty: the host of `peer_uri`.
+    pub migration_address: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -165,6 +171,8 @@ impl Default for LibvirtConfig {
             ovmf_code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
             ovmf_vars: PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd"),
             emulator: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            peer_uri: String::new(),
+            migration_address: String::new(),
         }
     }
 }
@@ -210,6 +218,12 @@ impl Config {
         if !cfg.images.store.is_empty() && cfg.images.trusted_key.is_empty() && !cfg.images.insecure_images {
             return Err(invalid("images.trusted_key", "required for a store unless insecure_images = true"));
         }
+        if !cfg.libvirt.peer_uri.is_empty() && uri_host(&cfg.libvirt.peer_uri).is_none() {
+            return Err(invalid(
+                "libvirt.peer_uri",
+                "must name a host, e.g. qemu+tls://node-1.example/system",
+            ));
+        }
         for d in &cfg.jobs.devices {
             if !d.is_absolute() {
                 return Err(invalid("jobs.devices", &format!("{} is not an absolute path", d.display())));
@@ -222,6 +236,45 @@ impl Config {
     pub fn journal_path(&self) -> PathBuf {
         self.state_dir.join("journal.redb")
     }
+}
+
+/// How other nodes reach this node for a live migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveEndpoint {
+    /// libvirt's URI (peer to peer).
+    pub libvirt_uri: String,
+    /// QEMU's migration and disk streams: tcp://host.
+    pub migration_uri: String,
+}
+
+impl LibvirtConfig {
+    /// Where this node takes live migrations: None without `peer_uri`, or on libvirt's test driver (its
+    /// domains run nothing that could move).
+    pub fn live_endpoint(&self) -> Option<LiveEndpoint> {
+        if self.peer_uri.is_empty() || self.uri.is_empty() || self.uri.starts_with("test:") {
+            return None;
+        }
+        let host = if self.migration_address.is_empty() {
+            uri_host(&self.peer_uri)?.to_string()
+        } else {
+            self.migration_address.clone()
+        };
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host };
+        Some(LiveEndpoint { libvirt_uri: self.peer_uri.clone(), migration_uri: format!("tcp://{host}") })
+    }
+}
+
+/// The host of a URI such as qemu+tls://host:port/system (brackets kept around an IPv6 address).
+fn uri_host(uri: &str) -> Option<&str> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if authority.starts_with('[') {
+        &authority[..=authority.find(']')?]
+    } else {
+        authority.split(':').next()?
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 /// `/etc/gridforge/tls/ca.pem`, `agent.pem` and `agent.key`.
@@ -242,4 +295,26 @@ fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Socket
 
 fn host_name() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_live_endpoint_comes_from_peer_uri_or_migration_address() {
+        let mut cfg = LibvirtConfig::default();
+        assert_eq!(cfg.live_endpoint(), None, "no peer_uri: cold only");
+        cfg.peer_uri = "qemu+tls://node-1.example:16514/system".into();
+        let live = cfg.live_endpoint().unwrap();
+        assert_eq!(live.libvirt_uri, "qemu+tls://node-1.example:16514/system");
+        assert_eq!(live.migration_uri, "tcp://node-1.example");
+        cfg.migration_address = "fd00::7".into();
+        assert_eq!(cfg.live_endpoint().unwrap().migration_uri, "tcp://[fd00::7]");
+        cfg.uri = "test:///default".into();
+        assert_eq!(cfg.live_endpoint(), None, "the test driver runs no guests");
+        assert_eq!(uri_host("qemu+tcp://[fd00::1]:16509/system"), Some("[fd00::1]"));
+        assert_eq!(uri_host("qemu+ssh://root@h/system"), Some("h"));
+        assert_eq!(uri_host("qemu:///system"), None);
+    }
 }

@@ -139,6 +139,7 @@ fn receive_request(key: &str, transfer_id: &str, target: Option<DiskTarget>, vm:
                 ..Default::default()
             }),
             timeout_seconds: 60,
+            live: false,
         })),
     }
 }
@@ -153,6 +154,7 @@ fn send_request(key: &str, transfer_id: &str, receiver: SocketAddr) -> SubmitJob
             receiver_address: receiver.to_string(),
             receiver: "node-b".to_string(),
             wipe_method: String::new(),
+            live: false,
         })),
     }
 }

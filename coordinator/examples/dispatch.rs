@@ -196,6 +196,7 @@ impl Agent for FakeAgent {
             arch: "x86_64".into(),
             images: vec!["debian-12-minimal:1".into(), "debian-12-minimal:2".into()],
             cached_images: vec!["debian-12-minimal:1".into()],
+            live_migration: false,
         }))
     }
 
@@ -253,6 +254,13 @@ impl Agent for FakeAgent {
         _request: Request<tonic::Streaming<gridforge_proto::v1::DiskChunk>>,
     ) -> Result<Response<gridforge_proto::v1::ReceiveDiskResponse>, Status> {
         Err(Status::unimplemented("the fake agent receives no disks"))
+    }
+
+    async fn live_migration(
+        &self,
+        _request: Request<gridforge_proto::v1::LiveMigrationRequest>,
+    ) -> Result<Response<gridforge_proto::v1::LiveMigrationResponse>, Status> {
+        Err(Status::unimplemented("the fake agent takes no live migrations"))
     }
 }
 

@@ -96,6 +96,16 @@ impl Agent {
         std::fs::write(&self.config, text.replace(&from, &format!("uri = \"{uri}\"\n"))).unwrap();
     }
 
+    /// Set `key = "value"` in the agent's `[libvirt]` table; before it starts.
+    pub fn set_libvirt(&mut self, key: &str, value: &str) {
+        assert!(self.daemon.is_none(), "agent {} is running", self.name);
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let table = "[libvirt]\n";
+        assert!(text.contains(table), "{} has no [libvirt] table", self.config.display());
+        let line = format!("{table}{key} = {}\n", gridforge_testsupport::agent_config::quoted(value));
+        std::fs::write(&self.config, text.replacen(table, &line, 1)).unwrap();
+    }
+
     /// The file the serial console of the agent's domain `vm` is written to.
     pub fn console_log(&self, vm: &str) -> PathBuf {
         self.dir.join("state/console").join(format!("{vm}.log"))

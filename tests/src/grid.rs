@@ -37,6 +37,20 @@ impl Grid {
     /// Like [`Grid::agents`], with the image store `store` makes in the directory it is given, and every
     /// agent on the libvirt daemon at `libvirt_uri`.
     pub fn build(nodes: usize, store: impl FnOnce(&Path) -> ImageStore, libvirt_uri: &str) -> Grid {
+        Grid::build_with(nodes, store, |_, a| {
+            if libvirt_uri != agent::TEST_DRIVER {
+                a.use_libvirt(libvirt_uri);
+            }
+        })
+    }
+
+    /// Like [`Grid::build`], each agent's configuration changed by `configure` (with its index) before it
+    /// starts.
+    pub fn build_with(
+        nodes: usize,
+        store: impl FnOnce(&Path) -> ImageStore,
+        mut configure: impl FnMut(usize, &mut Agent),
+    ) -> Grid {
         assert!(nodes <= NODE_NAMES.len());
         let dir = tempfile::Builder::new().prefix("gridforge-grid-").tempdir().expect("a temp dir");
         let pki = Pki::init(&dir.path().join("pki"));
@@ -51,10 +65,8 @@ impl Grid {
                 Agent::new(name, ns, &pki, &store, &dir.path().join(name), coordinator::OPERATOR)
             })
             .collect();
-        for a in &mut agents {
-            if libvirt_uri != agent::TEST_DRIVER {
-                a.use_libvirt(libvirt_uri);
-            }
+        for (i, a) in agents.iter_mut().enumerate() {
+            configure(i, a);
             a.spawn();
         }
         for a in &mut agents {

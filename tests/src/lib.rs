@@ -19,6 +19,24 @@ use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
 
+/// The sha256 (hex) of a file's bytes.
+pub fn sha256_file(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
+/// Check a signed wipe report (as an operation keeps it) with `gridforge-agent report verify` against the
+/// public key of the agent whose directory is `agent_dir`; `scratch` is where the report is written.
+pub fn verify_wipe_report(report_json: &str, agent_dir: &std::path::Path, scratch: &std::path::Path) {
+    assert!(!report_json.is_empty(), "no wipe report");
+    std::fs::write(scratch, report_json).unwrap();
+    let key = agent_dir.join("state/report-signing.key.pub");
+    let mut verify = std::process::Command::new(bins::path(bins::AGENT));
+    verify.args(["report", "verify"]).arg(scratch).arg("--key").arg(&key);
+    process::run_ok(&mut verify, Duration::from_secs(30));
+}
+
 /// Poll `check` every `every` until it returns `Some`, at most `limit`; `what` names the wait in the panic.
 pub fn wait_for<T>(what: &str, limit: Duration, every: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

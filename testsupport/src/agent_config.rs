@@ -121,8 +121,8 @@ fn push_lines(t: &mut String, lines: &str) {
     }
 }
 
-/// A TOML basic string.
-fn quoted(s: &str) -> String {
+/// `s` as a TOML basic string.
+pub fn quoted(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 

@@ -12,8 +12,8 @@ use virt::storage_vol::StorageVol;
 
 use super::xml::{self, DomainFacts};
 use super::{
-    DomainDef, DomainState, DomainStats, DomainType, Hypervisor, HypervisorError, PoolInfo, Volume,
-    detect_domain_type,
+    DomainDef, DomainFiles, DomainState, DomainStats, DomainType, Hypervisor, HypervisorError, LivePlan,
+    LiveProgress, PoolInfo, Volume, detect_domain_type,
 };
 use crate::config::LibvirtConfig;
 
@@ -525,5 +525,91 @@ impl Hypervisor for Libvirt {
         }
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)
+    }
+
+    fn domain_files(&self, name: &str) -> DomainFiles {
+        DomainFiles {
+            nvram: self.nvram_path(name),
+            console: self.console_log_path(name),
+            loader: self.cfg.ovmf_code.clone(),
+            emulator: self.cfg.emulator.clone(),
+        }
+    }
+
+    fn migrate_live(
+        &self,
+        name: &str,
+        plan: &LivePlan,
+        watch: &mut dyn FnMut(LiveProgress) -> bool,
+    ) -> Result<(), HypervisorError> {
+        let conn = self.conn()?;
+        let dom = self.domain(&conn, name)?;
+        let source = dom
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_MIGRATABLE | virt::sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(|e| self.fail("read the definition of domain", name, e))?;
+        let disk = self.domain_disk(name)?;
+        let ours = self.domain_files(name);
+        let dest_xml = xml::retarget(
+            &source,
+            &[
+                (&disk, &plan.disk),
+                (&ours.nvram, &plan.files.nvram),
+                (&ours.console, &plan.files.console),
+                (&ours.loader, &plan.files.loader),
+                (&ours.emulator, &plan.files.emulator),
+            ],
+        );
+        let params = virt::domain::MigrateParameters {
+            dest_xml: Some(dest_xml.clone()),
+            persist_xml: Some(dest_xml),
+            uri: Some(plan.migration_uri.clone()),
+            migrate_disks: vec![xml::DISK_TARGET.to_string()],
+            ..Default::default()
+        };
+        let flags = virt::sys::VIR_MIGRATE_LIVE
+            | virt::sys::VIR_MIGRATE_PEER2PEER
+            | virt::sys::VIR_MIGRATE_NON_SHARED_DISK
+            | virt::sys::VIR_MIGRATE_PERSIST_DEST
+            | virt::sys::VIR_MIGRATE_ABORT_ON_ERROR;
+        let migrated = std::thread::scope(|scope| {
+            let call = scope.spawn(|| dom.migrate_to_uri3(Some(&plan.libvirt_uri), params, flags));
+            let mut aborted = false;
+            while !call.is_finished() {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                let progress = dom.job_stats(0).map(|j| LiveProgress {
+                    processed: j.data_processed.unwrap_or(0),
+                    total: j.data_total.unwrap_or(0),
+                });
+                if !aborted && !watch(progress.unwrap_or_default()) {
+                    aborted = true;
+                    // SAFETY: `dom` is a live domain handle for the whole call (borrowed, not freed), and
+                    // virDomainAbortJob only reads it; libvirt allows it while another thread migrates.
+                    unsafe {
+                        virt::sys::virDomainAbortJob(dom.as_ptr());
+                    }
+                }
+            }
+            call.join()
+        });
+        match migrated {
+            // An error reaching the destination is not one of this node's connection: it stays.
+            Ok(result) => result.map_err(|e| HypervisorError::Libvirt {
+                op: format!("migrate domain {name} to {}", plan.libvirt_uri),
+                message: e.message().to_string(),
+            }),
+            Err(_) => Err(HypervisorError::Libvirt {
+                op: format!("migrate domain {name}"),
+                message: "the migration thread panicked".into(),
+            }),
+        }
+    }
+
+    fn migration_downtime_ms(&self, name: &str) -> Result<Option<u64>, HypervisorError> {
+        let conn = self.conn()?;
+        let dom = self.domain(&conn, name)?;
+        let stats = dom
+            .job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
+            .map_err(|e| self.fail("read the completed job of domain", name, e))?;
+        Ok(stats.downtime)
     }
 }

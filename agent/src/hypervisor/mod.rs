@@ -10,6 +10,7 @@ pub mod xml;
 pub use detect::{detect_domain_type, kvm_probe_failure};
 pub use libvirt::Libvirt;
 pub use xml::domain_xml;
+pub use xml::retarget;
 
 /// What a domain runs on: `Kvm` when a KVM guest actually runs on this node, else `Qemu` (TCG).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +89,38 @@ pub struct DomainDef {
     /// The guest disk (a pool volume's path or a block device).
     pub disk: PathBuf,
     pub nics: Vec<NicDef>,
+}
+
+/// The files of a domain on one node besides its disk: they move with a live migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainFiles {
+    /// The per-VM copy of the UEFI variable store.
+    pub nvram: PathBuf,
+    /// The serial console's log.
+    pub console: PathBuf,
+    /// The UEFI firmware code.
+    pub loader: PathBuf,
+    /// The emulator binary.
+    pub emulator: PathBuf,
+}
+
+/// Where a live migration goes: the destination's libvirt and the paths its definition uses there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LivePlan {
+    /// The destination libvirtd's URI, which this node's libvirtd connects to (peer to peer).
+    pub libvirt_uri: String,
+    /// Where QEMU sends memory and disks (tcp://host).
+    pub migration_uri: String,
+    /// The guest disk there (allocated, the source's size).
+    pub disk: PathBuf,
+    pub files: DomainFiles,
+}
+
+/// Progress of a live migration: bytes of memory and disk processed and the total known so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveProgress {
+    pub processed: u64,
+    pub total: u64,
 }
 
 /// Domain state names as the contract reports them.
@@ -172,4 +205,18 @@ pub trait Hypervisor: Send + Sync {
     fn domains(&self) -> Result<Vec<String>, HypervisorError>;
     /// Stats of every domain.
     fn stats(&self) -> Result<Vec<DomainStats>, HypervisorError>;
+
+    /// The paths a domain of this name uses on this node besides its disk.
+    fn domain_files(&self, name: &str) -> DomainFiles;
+    /// Migrate a running domain live to `plan`, peer to peer, copying its disk: it runs on there, defined
+    /// persistently, and is left shut off (still defined) here. `watch` is called about every 250 ms with
+    /// the progress; returning false aborts the migration (the domain keeps running here).
+    fn migrate_live(
+        &self,
+        name: &str,
+        plan: &LivePlan,
+        watch: &mut dyn FnMut(LiveProgress) -> bool,
+    ) -> Result<(), HypervisorError>;
+    /// The downtime libvirt measured for the domain's last completed migration, in ms.
+    fn migration_downtime_ms(&self, name: &str) -> Result<Option<u64>, HypervisorError>;
 }

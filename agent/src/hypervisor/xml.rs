@@ -27,6 +27,22 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// A domain document with each `from` path, as an attribute value or as element text, replaced by its `to`
+/// (the paths a live migration's destination uses).
+pub fn retarget(xml: &str, paths: &[(&Path, &Path)]) -> String {
+    let mut out = xml.to_string();
+    for (from, to) in paths {
+        if from == to || from.as_os_str().is_empty() {
+            continue;
+        }
+        let (from, to) = (esc_path(from), esc_path(to));
+        for (open, close) in [("'", "'"), ("\"", "\""), (">", "<")] {
+            out = out.replace(&format!("{open}{from}{close}"), &format!("{open}{to}{close}"));
+        }
+    }
+    out
+}
+
 fn esc_path(p: &Path) -> String {
     escape(&p.to_string_lossy())
 }
@@ -267,5 +283,25 @@ mod tests {
         assert!(!valid_mac("53:54:00:12:34:56"));
         assert!(!valid_mac("52:54:00:12:34"));
         assert!(!valid_mac("52:54:00:12:34:zz"));
+    }
+
+    #[test]
+    fn retarget_replaces_whole_paths_only() {
+        let xml = "<disk><source file='/a/pool/vm.raw'/></disk><nvram>/a/nvram/vm_VARS.fd</nvram>\
+                   <source file='/a/pool/vm.raw.bak'/><log file=\"/a/console/vm.log\"/>";
+        let p = Path::new;
+        let out = retarget(
+            xml,
+            &[
+                (p("/a/pool/vm.raw"), p("/b/pool/vm.raw")),
+                (p("/a/nvram/vm_VARS.fd"), p("/b/nvram/vm_VARS.fd")),
+                (p("/a/console/vm.log"), p("/b/console/vm.log")),
+            ],
+        );
+        assert_eq!(
+            out,
+            "<disk><source file='/b/pool/vm.raw'/></disk><nvram>/b/nvram/vm_VARS.fd</nvram>\
+             <source file='/a/pool/vm.raw.bak'/><log file=\"/b/console/vm.log\"/>"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Cold migration between two agents: a MigrateReceive job allocates the disk and waits for one ReceiveDisk
+//! Migration between two agents. Cold: a MigrateReceive job allocates the disk and waits for one ReceiveDisk
 //! stream (the gRPC server hands it over with [`JobEngine::receive_disk`] once the caller's certificate name
 //! and the transfer id check out); a MigrateSend job streams the allocated extents of a shut-off domain's
 //! disk to it and, only once the receiver has verified its copy and defined the domain, removes the source
@@ -7,6 +7,12 @@
 //! Both sides compute one digest over the stream ([`StreamDigest`]); the receiver compares it with the
 //! sender's before it defines anything. A receive that does not end verified removes what it allocated (or
 //! zeroes the first MiB of a device it was given) and defines nothing.
+//!
+//! Live: the MigrateReceive job allocates the volume and answers the source's LiveMigration handshake
+//! ([`JobEngine::live_migration`]): PREPARE gives the destination's paths and libvirt endpoint, the source's
+//! libvirtd then migrates the running domain peer to peer with a copy of its disk, and SUCCEEDED (checked
+//! against the domain running here) or FAILED ends the job. Only after SUCCEEDED does the source remove its
+//! copy; a receive that does not end with the domain running here removes what it allocated.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,19 +24,22 @@ use std::time::{Duration, Instant};
 
 use gridforge_common::client::ClientTls;
 use gridforge_common::error_chain;
+use gridforge_proto::v1::agent_client::AgentClient;
 use gridforge_proto::v1::{
-    DiskChunk, DiskExtent, DiskStreamEnd, DiskStreamStart, Job, MigrateReceiveResult, MigrateSendResult,
-    ReceiveDiskResponse, SubmitJobRequest, disk_chunk, error::Code, submit_job_request::Job as JobReq,
+    DiskChunk, DiskExtent, DiskStreamEnd, DiskStreamStart, Job, LiveMigrationRequest, LiveMigrationResponse,
+    MigrateReceiveResult, MigrateSendResult, ReceiveDiskResponse, SubmitJobRequest, disk_chunk, error::Code,
+    live_migration_request::Phase, submit_job_request::Job as JobReq,
 };
 use sha2::{Digest, Sha256};
 
 use super::request::{MigrateReceive, MigrateSend, Target};
 use super::run::{Failure, JobContext, check_disk_idle, define_domain, delete_vm};
 use super::{JobEngine, lock, make_safe};
-use crate::hypervisor::DomainState;
+use crate::hypervisor::{DomainFiles, DomainState, LivePlan, LiveProgress};
 
-/// The migration mode results report: the domain is shut off for the whole transfer.
+/// The migration modes results report: the domain is shut off for the whole transfer, or it runs on.
 const MODE: &str = "cold";
+const LIVE: &str = "live";
 /// Bytes of disk data per stream message.
 const CHUNK: usize = 1 << 20;
 /// Stream messages the sender reads ahead of the network.
@@ -111,6 +120,26 @@ pub enum TransferRefused {
     /// The sender's disk is not the size the job allocated (FAILED_PRECONDITION).
     #[error("transfer {id:?} expects a disk of {expected} bytes, the sender's has {got}")]
     WrongSize { id: String, expected: u64, got: u64 },
+    /// A disk stream for a live transfer, or a live handshake for a cold one (FAILED_PRECONDITION).
+    #[error("transfer {id:?} is a {mode} migration: it takes no {call}")]
+    WrongMode { id: String, mode: &'static str, call: &'static str },
+}
+
+/// The answer a live handshake call waits for: the response, or why the job refused the call.
+pub type LiveAnswer = tokio::sync::oneshot::Receiver<Result<LiveMigrationResponse, String>>;
+
+/// A live handshake call handed to its job.
+struct LiveCall {
+    req: LiveMigrationRequest,
+    reply: tokio::sync::oneshot::Sender<Result<LiveMigrationResponse, String>>,
+}
+
+/// What a registered receive waits for.
+enum Waiting {
+    /// Cold: the one disk stream, until taken.
+    Stream(Option<mpsc::Sender<Incoming>>),
+    /// Live: the source's handshake calls.
+    Live(mpsc::Sender<LiveCall>),
 }
 
 /// The answer a stream's caller waits for: the verified disk, or why not.
@@ -127,8 +156,7 @@ struct Slot {
     job: String,
     sender: String,
     size_bytes: u64,
-    /// Taken by the one stream the transfer accepts.
-    handoff: Option<mpsc::Sender<Incoming>>,
+    waiting: Waiting,
 }
 
 /// The receive jobs that wait for a stream, by transfer id.
@@ -159,7 +187,59 @@ pub(super) fn receive_transfer_id_of(job: &Job) -> Option<&str> {
     job.request.as_ref().and_then(receive_transfer_id)
 }
 
+impl Transfers {
+    /// The slot of transfer `id` if `client` is its sender.
+    fn slot<'a>(
+        slots: &'a mut HashMap<String, Slot>,
+        id: &str,
+        client: &str,
+    ) -> Result<&'a mut Slot, TransferRefused> {
+        let slot = slots.get_mut(id).ok_or_else(|| TransferRefused::Unknown(id.to_string()))?;
+        if slot.sender != client {
+            return Err(TransferRefused::WrongSender {
+                id: id.to_string(),
+                expected: slot.sender.clone(),
+                client: client.to_string(),
+            });
+        }
+        Ok(slot)
+    }
+
+    fn register(
+        &self,
+        id: &str,
+        ctx: &JobContext<'_>,
+        sender: &str,
+        size_bytes: u64,
+        waiting: Waiting,
+    ) -> Registration<'_> {
+        lock(&self.0).insert(
+            id.to_string(),
+            Slot { job: ctx.id.to_string(), sender: sender.to_string(), size_bytes, waiting },
+        );
+        Registration { transfers: self, id: id.to_string() }
+    }
+}
+
 impl JobEngine {
+    /// Hand a live handshake call to the live MigrateReceive job waiting for `req.transfer_id`, if `client`
+    /// is its sender; the job answers on the returned channel.
+    pub fn live_migration(
+        &self,
+        req: LiveMigrationRequest,
+        client: &str,
+    ) -> Result<LiveAnswer, TransferRefused> {
+        let id = req.transfer_id.clone();
+        let mut transfers = lock(&self.inner.transfers.0);
+        let slot = Transfers::slot(&mut transfers, &id, client)?;
+        let Waiting::Live(calls) = &slot.waiting else {
+            return Err(TransferRefused::WrongMode { id, mode: MODE, call: "LiveMigration calls" });
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        calls.send(LiveCall { req, reply }).map_err(|_| TransferRefused::Unknown(id.clone()))?;
+        Ok(answer)
+    }
+
     /// Hand a ReceiveDisk stream to the MigrateReceive job waiting for `start.transfer_id`, if `client` (the
     /// caller's certificate name) is that job's sender and no stream was handed over before. The job reads
     /// `source` and answers on the returned channel once the disk is verified and its domain defined.
@@ -171,20 +251,16 @@ impl JobEngine {
     ) -> Result<Receiving, TransferRefused> {
         let id = start.transfer_id.clone();
         let mut transfers = lock(&self.inner.transfers.0);
-        let slot = transfers.get_mut(&id).ok_or_else(|| TransferRefused::Unknown(id.clone()))?;
-        if slot.sender != client {
-            return Err(TransferRefused::WrongSender {
-                id,
-                expected: slot.sender.clone(),
-                client: client.to_string(),
-            });
-        }
-        let Some(handoff) = slot.handoff.take() else {
+        let slot = Transfers::slot(&mut transfers, &id, client)?;
+        let Waiting::Stream(stream) = &mut slot.waiting else {
+            return Err(TransferRefused::WrongMode { id, mode: LIVE, call: "disk stream" });
+        };
+        let Some(handoff) = stream.take() else {
             return Err(TransferRefused::Used { id, job: slot.job.clone() });
         };
         if start.size_bytes != slot.size_bytes {
             let expected = slot.size_bytes;
-            slot.handoff = Some(handoff);
+            *stream = Some(handoff);
             return Err(TransferRefused::WrongSize { id, expected, got: start.size_bytes });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
@@ -209,12 +285,189 @@ pub(super) fn receive(ctx: &JobContext<'_>, m: &MigrateReceive) -> Result<Migrat
     let deadline = Instant::now() + m.timeout;
     let path = m.target.path();
     let allocated = allocate(ctx, m)?;
-    let result = receive_onto(ctx, m, deadline);
+    let result = match &m.live {
+        Some(name) => receive_live(ctx, m, name, deadline),
+        None => receive_onto(ctx, m, deadline),
+    };
     if let Err(failure) = &result {
         tracing::warn!(job = ctx.id, "migrate-receive failed; removing what it allocated: {failure:?}");
+        if let Some(name) = &m.live {
+            discard_live_domain(ctx, name);
+        }
         discard(ctx, path, &allocated);
     }
     result
+}
+
+/// A live receive: answer the source's handshake (see the module documentation).
+fn receive_live(
+    ctx: &JobContext<'_>,
+    m: &MigrateReceive,
+    name: &str,
+    deadline: Instant,
+) -> Result<MigrateReceiveResult, Failure> {
+    let hv = ctx.hypervisor()?;
+    let endpoint = ctx.inner.config.libvirt.live_endpoint().ok_or_else(|| {
+        Failure::at("wait", Code::Target, "this node takes no live migrations (libvirt.peer_uri is not set)")
+    })?;
+    let path = m.target.path();
+    let (calls, waiting) = mpsc::channel();
+    let _registration =
+        ctx.inner.transfers.register(&m.transfer_id, ctx, &m.sender, m.size_bytes, Waiting::Live(calls));
+    ctx.progress.note("wait", format!("waiting for live migration {} from {}", m.transfer_id, m.sender));
+    let prepare = next_call(ctx, m, &waiting, deadline, "wait")?;
+    if prepare.req.phase() != Phase::Prepare {
+        let msg = format!("the source's first call is {:?}, not PREPARE", prepare.req.phase());
+        let _ = prepare.reply.send(Err(msg.clone()));
+        return Err(Failure::at("wait", Code::Io, msg));
+    }
+    if prepare.req.size_bytes != m.size_bytes {
+        let msg = format!(
+            "transfer {:?} expects a disk of {} bytes, the sender's has {}",
+            m.transfer_id, m.size_bytes, prepare.req.size_bytes
+        );
+        let _ = prepare.reply.send(Err(msg.clone()));
+        return Err(Failure::at("wait", Code::Target, msg));
+    }
+    let files = hv.domain_files(name);
+    if let Err(failure) = write_nvram(&files, &prepare.req.nvram) {
+        let _ = prepare.reply.send(Err(failure.message().to_string()));
+        return Err(failure);
+    }
+    let text = |p: &Path| p.display().to_string();
+    let _ = prepare.reply.send(Ok(LiveMigrationResponse {
+        disk_path: text(path),
+        nvram_path: if prepare.req.nvram.is_empty() { String::new() } else { text(&files.nvram) },
+        console_path: text(&files.console),
+        loader_path: text(&files.loader),
+        libvirt_uri: endpoint.libvirt_uri.clone(),
+        migration_uri: endpoint.migration_uri.clone(),
+        ..Default::default()
+    }));
+    ctx.progress.note("migrate", format!("{} migrates {name} here live", m.sender));
+    let end = next_call(ctx, m, &waiting, deadline, "migrate")?;
+    let reply = end.reply;
+    match end.req.phase() {
+        Phase::Succeeded => {}
+        Phase::Failed => {
+            let _ = reply.send(Ok(LiveMigrationResponse::default()));
+            return Err(Failure::at(
+                "migrate",
+                Code::Io,
+                format!("the source {} reports the live migration failed: {}", m.sender, end.req.reason),
+            ));
+        }
+        other => {
+            let msg = format!("the source's second call is {other:?}, not SUCCEEDED or FAILED");
+            let _ = reply.send(Err(msg.clone()));
+            return Err(Failure::at("migrate", Code::Io, msg));
+        }
+    }
+    let state = hv.state(name).map_err(|e| Failure::hypervisor("verify", e));
+    if !matches!(state, Ok(Some(DomainState::Running))) {
+        let msg = match state {
+            Ok(Some(s)) => format!("domain {name} is {} here after the migration, not running", s.as_str()),
+            Ok(None) => format!("domain {name} did not arrive here"),
+            Err(f) => f.message().to_string(),
+        };
+        let _ = reply.send(Err(msg.clone()));
+        return Err(Failure::at("verify", Code::Target, msg));
+    }
+    let downtime_ms = hv.migration_downtime_ms(name).ok().flatten().unwrap_or(0);
+    let _ = reply.send(Ok(LiveMigrationResponse {
+        downtime_ms,
+        domain_state: DomainState::Running.as_str().to_string(),
+        ..Default::default()
+    }));
+    ctx.progress.note("verify", format!("domain {name} runs here (downtime {downtime_ms} ms)"));
+    Ok(MigrateReceiveResult {
+        mode: LIVE.to_string(),
+        sender: m.sender.clone(),
+        disk_path: text(path),
+        size_bytes: m.size_bytes,
+        domain: name.to_string(),
+        downtime_ms,
+        ..Default::default()
+    })
+}
+
+/// The next handshake call, or a failure at the job's cancel or deadline.
+fn next_call(
+    ctx: &JobContext<'_>,
+    m: &MigrateReceive,
+    waiting: &mpsc::Receiver<LiveCall>,
+    deadline: Instant,
+    step: &str,
+) -> Result<LiveCall, Failure> {
+    loop {
+        match waiting.recv_timeout(POLL) {
+            Ok(call) => return Ok(call),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Failure::at(step, Code::Internal, "the transfer was unregistered"));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                ctx.checkpoint(step)?;
+                if Instant::now() >= deadline {
+                    return Err(Failure::at(
+                        step,
+                        Code::Io,
+                        format!(
+                            "the live migration from {} did not finish within {} s",
+                            m.sender,
+                            m.timeout.as_secs()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The source's UEFI variable store, written where the arriving domain's definition points (and the
+/// directory of its console log made).
+fn write_nvram(files: &DomainFiles, nvram: &[u8]) -> Result<(), Failure> {
+    let io = |what: &str, path: &Path, e: std::io::Error| {
+        Failure::at("wait", Code::Io, format!("{what} {}: {e}", path.display()))
+    };
+    for path in [&files.console, &files.nvram] {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", path, e))?;
+        }
+    }
+    if nvram.is_empty() {
+        return Ok(());
+    }
+    let io = |what: &str, e: std::io::Error| io(what, &files.nvram, e);
+    let file = File::create(&files.nvram).map_err(|e| io("creating", e))?;
+    file.write_all_at(nvram, 0).and_then(|()| file.sync_all()).map_err(|e| io("writing", e))
+}
+
+/// A failed live receive: a domain libvirt left here is powered off and undefined (with its NVRAM).
+fn discard_live_domain(ctx: &JobContext<'_>, name: &str) {
+    let Some(hv) = ctx.inner.hypervisor.as_deref() else { return };
+    match hv.state(name) {
+        Ok(Some(state)) => {
+            if state != DomainState::Shutoff {
+                let _ = hv.destroy(name);
+            }
+            if let Err(e) = hv.undefine(name) {
+                tracing::error!(
+                    job = ctx.id,
+                    "cannot undefine the half-arrived domain {name}: {}",
+                    error_chain(&e)
+                );
+            }
+        }
+        Ok(None) => {
+            let nvram = hv.domain_files(name).nvram;
+            if let Err(e) = std::fs::remove_file(&nvram)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::error!(job = ctx.id, "cannot remove {}: {e}", nvram.display());
+            }
+        }
+        Err(e) => tracing::error!(job = ctx.id, "cannot look up domain {name}: {}", error_chain(&e)),
+    }
 }
 
 fn allocate(ctx: &JobContext<'_>, m: &MigrateReceive) -> Result<Allocated, Failure> {
@@ -289,17 +542,13 @@ fn receive_onto(
         .open(path)
         .map_err(|e| Failure::at("allocate", Code::Io, format!("opening {}: {e}", path.display())))?;
     let (handoff, waiting) = mpsc::channel();
-    let transfers = &ctx.inner.transfers;
-    lock(&transfers.0).insert(
-        m.transfer_id.clone(),
-        Slot {
-            job: ctx.id.to_string(),
-            sender: m.sender.clone(),
-            size_bytes: m.size_bytes,
-            handoff: Some(handoff),
-        },
+    let registration = ctx.inner.transfers.register(
+        &m.transfer_id,
+        ctx,
+        &m.sender,
+        m.size_bytes,
+        Waiting::Stream(Some(handoff)),
     );
-    let registration = Registration { transfers, id: m.transfer_id.clone() };
     ctx.progress.note("wait", format!("waiting for transfer {} from {}", m.transfer_id, m.sender));
     let incoming = loop {
         match waiting.recv_timeout(POLL) {
@@ -366,6 +615,7 @@ fn receive_onto(
         extents_received: received.extents,
         sha256: received.sha256,
         domain: defined,
+        downtime_ms: 0,
     })
 }
 
@@ -519,6 +769,9 @@ fn disk_size(file: &File) -> std::io::Result<u64> {
 
 /// Run a MigrateSend job.
 pub(super) fn send(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendResult, Failure> {
+    if m.live {
+        return send_live(ctx, m);
+    }
     let hv = ctx.hypervisor()?;
     let step = "check";
     let path = m.target.path();
@@ -581,6 +834,7 @@ pub(super) fn send(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendR
         extents_sent: extents.len() as u64,
         sha256: sent.sha256,
         wipe: Some(wipe),
+        downtime_ms: 0,
     })
 }
 
@@ -588,19 +842,14 @@ struct Sent {
     sha256: String,
 }
 
-/// Connect to the receiver as this agent (mutual TLS, the receiver's certificate CN checked) and stream the
-/// extents; Ok once the receiver answered that it verified the disk.
-fn stream_disk(
+/// A runtime and a client connected to the receiver as this agent (mutual TLS; the receiver's certificate
+/// is checked against the address's host, then its CN against `m.receiver`).
+fn peer_client(
     ctx: &JobContext<'_>,
     m: &MigrateSend,
-    file: &File,
-    size: u64,
-    extents: &[(u64, u64)],
-    data_bytes: u64,
-) -> Result<Sent, Failure> {
-    let step = "send";
+    step: &str,
+) -> Result<(tokio::runtime::Runtime, AgentClient<tonic::transport::Channel>), Failure> {
     let tls_files = &ctx.inner.config.tls;
-    // The receiver's certificate is checked against the address's host, then its CN against `receiver`.
     let tls = ClientTls {
         ca: tls_files.ca.clone(),
         cert: tls_files.cert.clone(),
@@ -613,7 +862,7 @@ fn stream_disk(
         .enable_all()
         .build()
         .map_err(|e| Failure::at(step, Code::Internal, format!("cannot start the stream's runtime: {e}")))?;
-    let mut client = runtime
+    let client = runtime
         .block_on(gridforge_common::client::connect_peer(&m.receiver_address, &tls, &m.receiver))
         .map_err(|e| {
             Failure::at(
@@ -627,6 +876,134 @@ fn stream_disk(
                 ),
             )
         })?;
+    Ok((runtime, client))
+}
+
+/// Run a live MigrateSend job (see the module documentation).
+fn send_live(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendResult, Failure> {
+    let hv = ctx.hypervisor()?;
+    let step = "check";
+    match hv.state(&m.domain).map_err(|e| Failure::hypervisor(step, e))? {
+        Some(DomainState::Running) => {}
+        None => {
+            return Err(Failure::at(step, Code::NotFound, format!("no domain {:?} on this agent", m.domain)));
+        }
+        Some(state) => {
+            return Err(Failure::at(
+                step,
+                Code::Target,
+                format!("domain {} is {}; a live migration needs it running", m.domain, state.as_str()),
+            ));
+        }
+    }
+    let path = m.target.path();
+    let io = |what: String, e: std::io::Error| Failure::at(step, Code::Io, format!("{what}: {e}"));
+    let size = File::open(path)
+        .and_then(|f| disk_size(&f))
+        .map_err(|e| io(format!("reading the size of {}", path.display()), e))?;
+    let ours = hv.domain_files(&m.domain);
+    let nvram = match std::fs::read(&ours.nvram) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(format!("reading {}", ours.nvram.display()), e)),
+    };
+    let (runtime, mut client) = peer_client(ctx, m, "prepare")?;
+    let call = |client: &mut AgentClient<tonic::transport::Channel>, phase: Phase, reason: String| {
+        let req = LiveMigrationRequest {
+            transfer_id: m.transfer_id.clone(),
+            phase: phase as i32,
+            size_bytes: size,
+            nvram: if phase == Phase::Prepare { nvram.clone() } else { Vec::new() },
+            reason,
+        };
+        runtime.block_on(client.live_migration(req)).map(tonic::Response::into_inner)
+    };
+    let refused = |what: &str, status: tonic::Status| {
+        format!("the receiver {} refused {what} ({:?}): {}", m.receiver, status.code(), status.message())
+    };
+    let there = call(&mut client, Phase::Prepare, String::new())
+        .map_err(|s| Failure::at("prepare", Code::Io, refused("the live migration", s)))?;
+    let plan = LivePlan {
+        libvirt_uri: there.libvirt_uri.clone(),
+        migration_uri: there.migration_uri.clone(),
+        disk: there.disk_path.clone().into(),
+        files: DomainFiles {
+            nvram: if there.nvram_path.is_empty() {
+                ours.nvram.clone()
+            } else {
+                there.nvram_path.clone().into()
+            },
+            console: there.console_path.clone().into(),
+            loader: there.loader_path.clone().into(),
+            emulator: ours.emulator.clone(),
+        },
+    };
+    ctx.progress
+        .note("migrate", format!("migrating {} live to {} ({})", m.domain, m.receiver, plan.libvirt_uri));
+    let mut moved = 0u64;
+    let migrated = hv.migrate_live(&m.domain, &plan, &mut |p: LiveProgress| {
+        moved = moved.max(p.processed);
+        ctx.progress.report("migrate", p.processed, p.total.max(p.processed), "");
+        !ctx.cancel.is_cancelled()
+    });
+    if let Err(e) = migrated {
+        let failure = if ctx.cancel.is_cancelled() {
+            Failure::at("migrate", Code::Cancelled, "cancelled during the live migration")
+        } else {
+            Failure::hypervisor("migrate", e)
+        };
+        let _ = call(&mut client, Phase::Failed, failure.message().to_string());
+        let left = format!("the VM keeps running on this node and {} discards its copy", m.receiver);
+        return Err(failure.then(&left));
+    }
+    let done = match call(&mut client, Phase::Succeeded, String::new()) {
+        Ok(done) => done,
+        Err(status) => {
+            // The receiver does not hold the VM: it runs here again from the disk this node kept.
+            let restarted = match hv.start(&m.domain) {
+                Ok(()) => "started again on this node".to_string(),
+                Err(e) => format!("could not be started again on this node: {}", error_chain(&e)),
+            };
+            return Err(Failure::at(
+                "verify",
+                Code::Io,
+                format!("{}; the VM {restarted}, its disk kept", refused("the migrated domain", status)),
+            ));
+        }
+    };
+    drop(client);
+    runtime.shutdown_background();
+    let done_text = format!(
+        "{} runs the domain (downtime {} ms); removing this node's copy",
+        m.receiver, done.downtime_ms
+    );
+    ctx.progress.note("migrate", done_text.clone());
+    let wipe =
+        delete_vm(ctx, &m.domain, &m.target, &m.method, &m.operator).map_err(|f| f.after(&done_text))?;
+    Ok(MigrateSendResult {
+        mode: LIVE.to_string(),
+        receiver: m.receiver.clone(),
+        size_bytes: size,
+        bytes_sent: moved,
+        extents_sent: 0,
+        sha256: String::new(),
+        wipe: Some(wipe),
+        downtime_ms: done.downtime_ms,
+    })
+}
+
+/// Connect to the receiver as this agent (mutual TLS, the receiver's certificate CN checked) and stream the
+/// extents; Ok once the receiver answered that it verified the disk.
+fn stream_disk(
+    ctx: &JobContext<'_>,
+    m: &MigrateSend,
+    file: &File,
+    size: u64,
+    extents: &[(u64, u64)],
+    data_bytes: u64,
+) -> Result<Sent, Failure> {
+    let step = "send";
+    let (runtime, mut client) = peer_client(ctx, m, step)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<DiskChunk>(SEND_AHEAD);
     let call = runtime
         .spawn(async move { client.receive_disk(tokio_stream::wrappers::ReceiverStream::new(rx)).await });

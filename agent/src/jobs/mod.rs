@@ -363,6 +363,7 @@ impl JobEngine {
             snapshot_store: &config.images.snapshot_store,
             snapshot_signing_key: &config.images.snapshot_signing_key,
             mutual_tls: !config.tls.insecure,
+            live_migration: config.libvirt.live_endpoint().is_some(),
         };
         let prepared = request::prepare(&req, client, &checks)?;
         self.inner.enqueue(&req, prepared)

@@ -61,9 +61,11 @@ pub(crate) struct MigrateSend {
     pub receiver: String,
     pub method: wipe::Method,
     pub operator: String,
+    /// Live: libvirt moves the running domain; else the shut-off disk is streamed.
+    pub live: bool,
 }
 
-/// The destination side of a cold migration.
+/// The destination side of a migration.
 #[derive(Clone, Debug)]
 pub(crate) struct MigrateReceive {
     pub transfer_id: String,
@@ -72,6 +74,8 @@ pub(crate) struct MigrateReceive {
     pub size_bytes: u64,
     pub domain: Option<DomainPlan>,
     pub timeout: std::time::Duration,
+    /// Live: the domain (named `name`) arrives by libvirt's migration; `domain` is None.
+    pub live: Option<String>,
 }
 
 impl Drop for Work {
@@ -119,6 +123,8 @@ pub(crate) struct Checks<'a> {
     pub snapshot_signing_key: &'a Path,
     /// Whether the agent has mutual TLS (migrations need it to authenticate the peer agent).
     pub mutual_tls: bool,
+    /// Whether the node takes and sends live migrations (`libvirt.peer_uri` set, a real hypervisor).
+    pub live_migration: bool,
 }
 
 pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SubmitError {
@@ -327,8 +333,23 @@ fn prepare_migrate_send(
     require_mutual_tls(checks, "migrate_send")?;
     let hv = hypervisor(checks, "migrate_send")?;
     let what = format!("migrate_send.domain {:?}", m.domain);
+    if m.live && !checks.live_migration {
+        return Err(SubmitError::Precondition(
+            "migrate_send.live: this node sends no live migrations (set libvirt.peer_uri, on a libvirt that runs \
+             guests); migrate cold"
+                .into(),
+        ));
+    }
     match hv.state(&m.domain).map_err(|e| hypervisor_error(&what, e))? {
         None => return Err(SubmitError::NotFound(format!("{what}: no such domain on this agent"))),
+        Some(DomainState::Running) if m.live => {}
+        Some(state) if m.live => {
+            return Err(SubmitError::Precondition(format!(
+                "migrate_send: domain {} is {}; a live migration needs it running (migrate it cold)",
+                m.domain,
+                state.as_str()
+            )));
+        }
         Some(DomainState::Shutoff) => {}
         Some(state) => {
             return Err(SubmitError::Precondition(format!(
@@ -355,6 +376,7 @@ fn prepare_migrate_send(
             receiver: m.receiver.clone(),
             method,
             operator: client.to_string(),
+            live: m.live,
         })),
     })
 }
@@ -382,7 +404,31 @@ fn prepare_migrate_receive(m: &MigrateReceiveJob, checks: &Checks<'_>) -> Result
     require_mutual_tls(checks, "migrate_receive")?;
     let spec = m.spec.as_ref().ok_or_else(|| invalid("migrate_receive.spec", "required: the VM's name"))?;
     check_domain_name(&spec.name, "migrate_receive.spec.name")?;
+    if m.live {
+        if !checks.live_migration {
+            return Err(SubmitError::Precondition(
+                "migrate_receive.live: this node takes no live migrations (set libvirt.peer_uri, on a libvirt \
+                 that runs guests); migrate cold"
+                    .into(),
+            ));
+        }
+        if matches!(&m.target, Some(DiskTarget { target: Some(disk_target::Target::Device(_)) })) {
+            return Err(invalid(
+                "migrate_receive.target.device",
+                "a live migration receives into a pool volume: leave out the target or name a volume",
+            ));
+        }
+        let hv = hypervisor(checks, "migrate_receive.live")?;
+        let what = format!("migrate_receive.spec.name {:?}", spec.name);
+        if hv.state(&spec.name).map_err(|e| hypervisor_error(&what, e))?.is_some() {
+            return Err(SubmitError::Precondition(format!(
+                "migrate_receive: domain {} is already defined on this agent",
+                spec.name
+            )));
+        }
+    }
     let domain = match &spec.machine {
+        _ if m.live => None,
         Some(machine) => {
             let hv = hypervisor(checks, "migrate_receive.spec.machine")?;
             let plan = domain_plan(&spec.name, machine, "migrate_receive.spec.machine")?;
@@ -443,7 +489,7 @@ fn prepare_migrate_receive(m: &MigrateReceiveJob, checks: &Checks<'_>) -> Result
     Ok(Prepared {
         kind: JobKind::MigrateReceive,
         target: Some(target.path().to_path_buf()),
-        domain: domain.as_ref().map(|d| d.name.clone()),
+        domain: domain.as_ref().map(|d| d.name.clone()).or_else(|| m.live.then(|| spec.name.clone())),
         hold: Some(format!("transfer {}", m.transfer_id)),
         work: Work::MigrateReceive(Box::new(MigrateReceive {
             transfer_id: m.transfer_id.clone(),
@@ -452,6 +498,7 @@ fn prepare_migrate_receive(m: &MigrateReceiveJob, checks: &Checks<'_>) -> Result
             size_bytes: m.size_bytes,
             domain,
             timeout: std::time::Duration::from_secs(timeout_secs.into()),
+            live: m.live.then(|| spec.name.clone()),
         })),
     })
 }

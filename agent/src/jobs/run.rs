@@ -56,6 +56,12 @@ impl Failure {
         &self.message
     }
 
+    /// The same failure, its message followed by what it leaves behind.
+    pub(super) fn then(mut self, left: &str) -> Self {
+        self.message = format!("{}; {left}", self.message);
+        self
+    }
+
     /// The same failure, its message led by what had been done before it.
     pub(super) fn after(mut self, done: &str) -> Self {
         self.message = format!("{done}; {}", self.message);

@@ -67,6 +67,7 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
         arch: std::env::consts::ARCH.to_string(),
         images: listing.images,
         cached_images: listing.cached,
+        live_migration: ctx.config.libvirt.live_endpoint().is_some() && libvirt.kind().is_some(),
     }
 }
 

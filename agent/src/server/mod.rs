@@ -8,8 +8,8 @@ use gridforge_common::error_chain;
 use gridforge_proto::v1::agent_server::{Agent, AgentServer};
 use gridforge_proto::v1::{
     CancelJobRequest, DiagnosticsReport, DiagnosticsRequest, DiskChunk, GetJobRequest, Job, JobEvent,
-    ListJobsRequest, ListJobsResponse, NodeStatsReport, NodeStatsRequest, ReceiveDiskResponse,
-    SubmitJobRequest, WatchJobRequest, disk_chunk,
+    ListJobsRequest, ListJobsResponse, LiveMigrationRequest, LiveMigrationResponse, NodeStatsReport,
+    NodeStatsRequest, ReceiveDiskResponse, SubmitJobRequest, WatchJobRequest, disk_chunk,
 };
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,6 +25,8 @@ use crate::node::{self, NodeContext};
 pub const LOCAL_CLIENT: &str = "local";
 /// How long a ReceiveDisk caller has to send its first message.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a LiveMigration call waits for its job's answer.
+const LIVE_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// NodeStats sampling window when the request gives none, and the longest allowed.
 const DEFAULT_SAMPLE_MS: u32 = 500;
 const MAX_SAMPLE_MS: u32 = 10_000;
@@ -84,7 +86,8 @@ impl From<TransferRefused> for Status {
             TransferRefused::WrongSender { .. } => Status::permission_denied(e.to_string()),
             TransferRefused::Unknown(_)
             | TransferRefused::Used { .. }
-            | TransferRefused::WrongSize { .. } => Status::failed_precondition(e.to_string()),
+            | TransferRefused::WrongSize { .. }
+            | TransferRefused::WrongMode { .. } => Status::failed_precondition(e.to_string()),
         }
     }
 }
@@ -239,5 +242,24 @@ impl Agent for AgentService {
         let answer = self.engine.receive_disk(start, &client, Box::new(source))?;
         let result = answer.await.map_err(|_| Status::aborted("the receive job ended without an answer"))?;
         Ok(Response::new(result?))
+    }
+
+    async fn live_migration(
+        &self,
+        request: Request<LiveMigrationRequest>,
+    ) -> Result<Response<LiveMigrationResponse>, Status> {
+        let client = client_name(&request);
+        if client == LOCAL_CLIENT {
+            return Err(Status::permission_denied(
+                "LiveMigration needs the sending agent's client certificate (mutual TLS)",
+            ));
+        }
+        let answer = self.engine.live_migration(request.into_inner(), &client)?;
+        match tokio::time::timeout(LIVE_ANSWER_TIMEOUT, answer).await {
+            Err(_) => Err(Status::deadline_exceeded("the receive job did not answer within 60 s")),
+            Ok(Err(_)) => Err(Status::aborted("the receive job ended without an answer")),
+            Ok(Ok(Err(refusal))) => Err(Status::failed_precondition(refusal)),
+            Ok(Ok(Ok(response))) => Ok(Response::new(response)),
+        }
     }
 }

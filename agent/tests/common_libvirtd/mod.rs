@@ -29,12 +29,25 @@ pub struct Libvirtd {
     pub dir: PathBuf,
     pub uri: String,
     child: Option<Child>,
+    /// Also listening on TCP port 16509 of its namespace, without authentication (a migration peer).
+    listen: bool,
 }
 
 impl Libvirtd {
     /// Starts the daemon with its files under `dir` (created; kept across [`Libvirtd::restart`]) and waits
     /// until it answers.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, None)
+    }
+
+    /// Like [`Libvirtd::start`], also listening on TCP (port 16509 of its namespace, no authentication)
+    /// under its own host UUID: a daemon another private daemon can migrate domains to, peer to peer, once
+    /// their namespaces are linked ([`Libvirtd::link`]).
+    pub fn start_peer(dir: &Path, host_uuid: &str) -> Self {
+        Self::start_with(dir, Some(host_uuid))
+    }
+
+    fn start_with(dir: &Path, host_uuid: Option<&str>) -> Self {
         for (tool, package) in [
             ("libvirtd", "libvirt-daemon and libvirt-daemon-driver-qemu"),
             ("virsh", "libvirt-clients"),
@@ -67,9 +80,12 @@ impl Libvirtd {
             dir.join("etc/libvirtd.conf"),
             format!(
                 "unix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0700\"\nauth_unix_rw = \"none\"\n\
-                 auth_unix_ro = \"none\"\nlog_outputs = \"2:file:{}\"\n",
+                 auth_unix_ro = \"none\"\nlog_outputs = \"2:file:{}\"\n{}",
                 socket_dir.display(),
-                dir.join("libvirtd.log").display()
+                dir.join("libvirtd.log").display(),
+                host_uuid.map_or(String::new(), |u| format!(
+                    "listen_tcp = 1\nlisten_tls = 0\nauth_tcp = \"none\"\nhost_uuid = \"{u}\"\n"
+                )),
             ),
         )
         .unwrap();
@@ -82,7 +98,7 @@ impl Libvirtd {
         )
         .unwrap();
         let uri = format!("qemu+unix:///system?socket={}", socket_dir.join("libvirt-sock").display());
-        let mut daemon = Self { dir: dir.to_path_buf(), uri, child: None };
+        let mut daemon = Self { dir: dir.to_path_buf(), uri, child: None, listen: host_uuid.is_some() };
         daemon.spawn();
         daemon
     }
@@ -100,9 +116,10 @@ impl Libvirtd {
         script.push_str("ip link set lo up\nip link add gfbr0 type bridge\nip link set gfbr0 up\n");
         // The default pid file, /run/libvirtd.pid, is outside the private directories: a second private
         // daemon (another test, another checkout) would find it locked and exit.
-        script.push_str(
-            "exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid\n",
-        );
+        script.push_str(&format!(
+            "exec libvirtd {}--config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid\n",
+            if self.listen { "--listen " } else { "" }
+        ));
         let log = std::fs::File::create(self.dir.join("libvirtd.stderr")).unwrap();
         let mut command = Command::new("unshare");
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It makes the kernel kill the
@@ -162,6 +179,24 @@ impl Libvirtd {
         let mut command = Command::new("nsenter");
         command.arg(format!("--net=/proc/{pid}/ns/net")).arg(program);
         command
+    }
+
+    /// Link this daemon's network namespace with `other`'s by a veth pair named `name`-a / `name`-b, with
+    /// `ours` and `theirs` (IPv4, /24) on its ends.
+    pub fn link(&self, other: &Libvirtd, name: &str, ours: &str, theirs: &str) {
+        let pid = |d: &Libvirtd| d.child.as_ref().expect("libvirtd is running").id().to_string();
+        let run = |command: &mut Command| {
+            let out = command.output().unwrap_or_else(|e| panic!("{command:?} could not run: {e}"));
+            assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let (a, b) = (format!("{name}-a"), format!("{name}-b"));
+        run(Command::new("ip")
+            .args(["link", "add", &a, "netns", &pid(self), "type", "veth", "peer", "name", &b])
+            .args(["netns", &pid(other)]));
+        for (daemon, dev, addr) in [(self, &a, ours), (other, &b, theirs)] {
+            run(daemon.netns_command("ip").args(["addr", "add", &format!("{addr}/24"), "dev", dev]));
+            run(daemon.netns_command("ip").args(["link", "set", dev, "up"]));
+        }
     }
 
     /// The daemon's stderr and the tail of its log.

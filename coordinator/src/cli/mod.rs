@@ -259,19 +259,20 @@ enum VmCommand {
         #[command(flatten)]
         wait: WaitArg,
     },
-    /// Move the VM to another node: placement picks it (never the source) unless --to names it. Cold: a
-    /// running VM is shut down, its disk streamed (holes stay holes) and verified on the destination, started
-    /// there, and only then wiped on the source (the signed report kept on the operation). The downtime is
-    /// measured and shown.
+    /// Move the VM to another node: placement picks it (never the source) unless --to names it. Live where
+    /// the VM runs and both nodes offer it (libvirt peer to peer, memory and disk copied while it runs),
+    /// else cold: a running VM is shut down, its disk streamed (holes stay holes) and verified on the
+    /// destination, started there. Either way the source's copy is wiped only at the end (the signed report
+    /// kept on the operation), and the downtime is measured and shown with the mode.
     Migrate {
         name: String,
         /// Destination node.
         #[arg(long)]
         to: Option<String>,
-        /// Keep the domain running while its memory moves (not available: the agents migrate cold).
+        /// Require a live migration (refused, with the reason, where it is not possible).
         #[arg(long, conflicts_with = "cold")]
         live: bool,
-        /// Shut the VM down for the move (the default, and the only mode the agents have).
+        /// Shut the VM down for the move even where it could move live.
         #[arg(long)]
         cold: bool,
         /// Wipe method for the source's copy (default: the agent's).
@@ -644,11 +645,12 @@ async fn run_vm(
                 answer => (answer?.into_inner(), wait.wait),
             }
         }
-        VmCommand::Migrate { name, to, live, cold: _, wipe_method, wait } => {
+        VmCommand::Migrate { name, to, live, cold, wipe_method, wait } => {
             let req = MigrateVmRequest {
                 name: name.clone(),
                 to: to.clone().unwrap_or_default(),
                 live: *live,
+                cold: *cold,
                 wipe_method: wipe_method.clone().unwrap_or_default(),
                 room_for: None,
             };

@@ -1,13 +1,16 @@
-//! Moving a VM to another node: cold migration through the agents' MIGRATE_RECEIVE / MIGRATE_SEND jobs.
+//! Moving a VM to another node through the agents' MIGRATE_RECEIVE / MIGRATE_SEND jobs: live (the domain
+//! runs on while libvirt copies its memory and disk, peer to peer) where the VM runs and both nodes offer
+//! it, else cold.
 //!
 //! The destination is chosen (or checked, with `--to`) by placement with the source excluded and reserved in
 //! the transaction that starts the operation: the VM is MIGRATING and holds its allocation on both nodes
 //! until the end. Steps, each one agent job with its own idempotency key:
-//! 1. `stop` (a running VM only): ACPI shutdown on the source;
+//! 1. `stop` (a running VM migrating cold only): ACPI shutdown on the source;
 //! 2. `receive` on the destination: submitted, not awaited; it allocates the volume and waits for the
 //!    one-time stream of `transfer_id` from the source's certificate;
-//! 3. `send` on the source: streams the allocated extents; only after the destination has verified its copy
-//!    and defined (and, for a VM that ran, started) the domain does the source wipe its copy;
+//! 3. `send` on the source: streams the allocated extents (live: has libvirt migrate the domain); only after
+//!    the destination has verified its copy and defined (and, for a VM that ran, started) the domain (live:
+//!    the domain runs there) does the source wipe its copy;
 //! 4. the `receive` job followed to its end.
 //!
 //! A failure before the destination verified leaves the VM on the source (started again if the migration
@@ -40,12 +43,8 @@ pub const PROXMOX_DOWNTIME_MS: u64 = 100;
 
 impl Engine {
     pub async fn migrate_vm(&self, req: MigrateVmRequest, who: &str) -> Result<Operation, OpError> {
-        if req.live {
-            return Err(OpError::Unimplemented(
-                "live migration is not available: the agents migrate cold (the VM is shut down, its disk \
-                 copied and verified, and it is started on the destination); leave out --live"
-                    .into(),
-            ));
+        if req.live && req.cold {
+            return Err(OpError::Invalid("--live and --cold exclude each other".into()));
         }
         let summary = format!("migrate {}", req.name);
         self.begin(&req.name, OpKind::MigrateVm, SEND_STEP, summary, who, |s, vm, op| {
@@ -81,16 +80,24 @@ impl Engine {
             let placed =
                 scheduler::place(&s.snapshot, &r).map_err(|u| OpError::Unschedulable(u.to_string()))?;
             let (src, dst) = (vm.node.clone(), placed.node.clone());
+            let live = match live_refusal(s, vm, was_running, &dst) {
+                None if !req.cold => true,
+                Some(why) if req.live => {
+                    return Err(OpError::Precondition(format!("vm {} cannot migrate live: {why}", vm.name)));
+                }
+                _ => false,
+            };
+            let mode = if live { "live" } else { "cold" };
             let mut steps = Vec::new();
-            if was_running {
+            if was_running && !live {
                 steps.push(step(STOP_STEP, &op.id, &src));
             }
             steps.push(step(RECEIVE_STEP, &op.id, &dst));
             steps.push(step(SEND_STEP, &op.id, &src));
             op.steps = steps;
-            op.summary = format!("migrate {} from {src} to {dst} (cold)", vm.name);
+            op.summary = format!("migrate {} from {src} to {dst} ({mode})", vm.name);
             op.params.insert("to".into(), dst.clone());
-            op.params.insert("mode".into(), "cold".into());
+            op.params.insert("mode".into(), mode.into());
             op.params.insert("was_running".into(), was_running.to_string());
             op.params.insert("transfer_id".into(), uuid::Uuid::new_v4().simple().to_string());
             if !req.wipe_method.is_empty() {
@@ -107,6 +114,7 @@ impl Engine {
     pub(super) fn migrate_job(&self, op: &Operation, vm: &Vm, step: &str) -> Result<JobReq, String> {
         let param = |k: &str| op.params.get(k).cloned().unwrap_or_default();
         let (src, dst) = (op.node.clone(), param("to"));
+        let live = param("mode") == "live";
         let volume = super::run::volume(&vm.volume);
         Ok(match step {
             STOP_STEP => JobReq::Control(ControlJob {
@@ -132,6 +140,7 @@ impl Engine {
                     size_bytes: r.disk_mib << 20,
                     spec: Some(spec),
                     timeout_seconds: RECEIVE_TIMEOUT_SECS,
+                    live,
                 })
             }
             SEND_STEP => {
@@ -146,6 +155,7 @@ impl Engine {
                     receiver_address,
                     receiver: dst,
                     wipe_method: param("wipe_method"),
+                    live,
                 })
             }
             other => return Err(format!("a migration has no step {other:?}")),
@@ -182,7 +192,11 @@ impl Engine {
             }
         }
         let job = self.step_to_success(id, recv).await?;
-        let downtime = down_since.map(|t| t.elapsed().as_millis() as u64);
+        // Live: libvirt's own measure of the switch-over; cold: from the domain's stop to its start there.
+        let downtime = match &job.outcome {
+            Some(Outcome::MigrateReceive(r)) if r.mode == "live" => Some(r.downtime_ms),
+            _ => down_since.map(|t| t.elapsed().as_millis() as u64),
+        };
         self.note_op(id, |op| op.downtime_ms = downtime.unwrap_or(0));
         Ok(job)
     }
@@ -274,10 +288,35 @@ impl Engine {
     }
 }
 
+/// Why `vm` cannot migrate live to `dst` (None: it can): it must run, and both nodes offer live migration.
+fn live_refusal(s: &crate::grid::GridState, vm: &Vm, was_running: bool, dst: &str) -> Option<String> {
+    if !was_running {
+        return Some("it is stopped (a stopped VM migrates cold)".into());
+    }
+    for node in [vm.node.as_str(), dst] {
+        if !s.nodes.get(node).is_some_and(|n| n.live_migration) {
+            return Some(format!(
+                "node {node} offers no live migration (its agent has no libvirt.peer_uri, or runs libvirt's test \
+                 driver)"
+            ));
+        }
+    }
+    None
+}
+
 /// The one-line result of a migration that succeeded, from its operation's parameters.
 pub(super) fn result_line(op: &Operation, from: &str) -> String {
     let param = |k: &str| op.params.get(k).cloned().unwrap_or_default();
     let mib = param("bytes_sent").parse::<u64>().unwrap_or(0) >> 20;
+    if param("mode") == "live" {
+        return format!(
+            "live migration from {from} to {}: {mib} MiB of memory and disk copied while it ran; downtime {} ms \
+             (QEMU's default live-migration ceiling {QEMU_DEFAULT_DOWNTIME_MS} ms, Proxmox asks \
+             {PROXMOX_DOWNTIME_MS} ms); source wiped",
+            param("to"),
+            op.downtime_ms
+        );
+    }
     let downtime = if param("was_running") == "true" {
         if op.downtime_ms > 0 {
             format!(

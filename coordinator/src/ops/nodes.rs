@@ -99,6 +99,7 @@ impl Engine {
             arch: diag.arch.clone(),
             images: diag.images.clone(),
             cached_images: diag.cached_images.clone(),
+            live_migration: diag.live_migration,
             capacity: Some(capacity(&stats)),
             overcommit_cpu: req.overcommit_cpu,
             overcommit_memory: req.overcommit_memory,

@@ -120,6 +120,13 @@ impl Agent for Fake {
     ) -> Result<Response<gridforge_proto::v1::ReceiveDiskResponse>, Status> {
         Err(Status::unimplemented("the fake agent receives no disks"))
     }
+
+    async fn live_migration(
+        &self,
+        _request: Request<gridforge_proto::v1::LiveMigrationRequest>,
+    ) -> Result<Response<gridforge_proto::v1::LiveMigrationResponse>, Status> {
+        Err(Status::unimplemented("the fake agent takes no live migrations"))
+    }
 }
 
 async fn serve(agent: Arc<FakeAgent>) -> String {

@@ -226,6 +226,7 @@ fn record(
                 node.last_seen = Some(now());
                 node.checks = diag.checks.clone();
                 node.agent_version = diag.agent_version.clone();
+                node.live_migration = diag.live_migration;
                 if node.images != diag.images || node.cached_images != diag.cached_images {
                     images_changed = true;
                     node.images = diag.images.clone();
