@@ -767,6 +767,23 @@ fn disk_size(file: &File) -> std::io::Result<u64> {
     f.seek(std::io::SeekFrom::End(0))
 }
 
+/// Ok when the source's domain is in `wanted`; else the failure says its state and `why`.
+fn require_state(
+    hv: &dyn crate::hypervisor::Hypervisor,
+    domain: &str,
+    wanted: DomainState,
+    why: &str,
+) -> Result<(), Failure> {
+    let step = "check";
+    match hv.state(domain).map_err(|e| Failure::hypervisor(step, e))? {
+        Some(state) if state == wanted => Ok(()),
+        None => Err(Failure::at(step, Code::NotFound, format!("no domain {domain:?} on this agent"))),
+        Some(state) => {
+            Err(Failure::at(step, Code::Target, format!("domain {domain} is {}; {why}", state.as_str())))
+        }
+    }
+}
+
 /// Run a MigrateSend job.
 pub(super) fn send(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendResult, Failure> {
     if m.live {
@@ -775,23 +792,7 @@ pub(super) fn send(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendR
     let hv = ctx.hypervisor()?;
     let step = "check";
     let path = m.target.path();
-    match hv.state(&m.domain).map_err(|e| Failure::hypervisor(step, e))? {
-        Some(DomainState::Shutoff) => {}
-        None => {
-            return Err(Failure::at(step, Code::NotFound, format!("no domain {:?} on this agent", m.domain)));
-        }
-        Some(state) => {
-            return Err(Failure::at(
-                step,
-                Code::Target,
-                format!(
-                    "domain {} is {}; a cold migration needs it shut off (stop it first)",
-                    m.domain,
-                    state.as_str()
-                ),
-            ));
-        }
-    }
+    require_state(hv, &m.domain, DomainState::Shutoff, "a cold migration needs it shut off (stop it first)")?;
     check_disk_idle(ctx, path)?;
     let io = |what: String, e: std::io::Error| Failure::at(step, Code::Io, format!("{what}: {e}"));
     let file = File::open(path).map_err(|e| io(format!("opening {}", path.display()), e))?;
@@ -883,19 +884,7 @@ fn peer_client(
 fn send_live(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendResult, Failure> {
     let hv = ctx.hypervisor()?;
     let step = "check";
-    match hv.state(&m.domain).map_err(|e| Failure::hypervisor(step, e))? {
-        Some(DomainState::Running) => {}
-        None => {
-            return Err(Failure::at(step, Code::NotFound, format!("no domain {:?} on this agent", m.domain)));
-        }
-        Some(state) => {
-            return Err(Failure::at(
-                step,
-                Code::Target,
-                format!("domain {} is {}; a live migration needs it running", m.domain, state.as_str()),
-            ));
-        }
-    }
+    require_state(hv, &m.domain, DomainState::Running, "a live migration needs it running")?;
     let path = m.target.path();
     let io = |what: String, e: std::io::Error| Failure::at(step, Code::Io, format!("{what}: {e}"));
     let size = File::open(path)
