@@ -34,6 +34,57 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub auth: AuthConfig,
     pub fencing: FencingConfig,
+    pub store: StoreConfig,
+}
+
+/// Where the grid view is kept: the embedded store (redb in `state_dir`, one coordinator) or etcd (several
+/// coordinators, one elected leader).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// "embedded" or "etcd".
+    pub backend: String,
+    pub etcd: EtcdConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members, e.g. ["http://10.0.0.1:2379", "http://10.0.0.2:2379"].
+    pub endpoints: Vec<String>,
+    /// Every key of the grid lives under this prefix (several grids may share one etcd).
+    pub prefix: String,
+    /// The leader's lease: a leader that cannot renew it within this many seconds is replaced.
+    pub lease_ttl_secs: u64,
+    /// This coordinator's name among the members (default: the host name) and the address gridctl reaches
+    /// it at (default: `listen`, with the host name for an unspecified address).
+    pub name: String,
+    pub advertise: String,
+    /// Most records one etcd transaction writes: etcd's own --max-txn-ops (default 128). Raise both
+    /// together for faster batching.
+    pub max_txn_ops: usize,
+    /// Longest wait for one etcd call.
+    pub timeout_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { backend: "embedded".into(), etcd: EtcdConfig::default() }
+    }
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/gridforge".into(),
+            lease_ttl_secs: 10,
+            name: String::new(),
+            advertise: String::new(),
+            max_txn_ops: 128,
+            timeout_secs: 5,
+        }
+    }
 }
 
 /// How a lost node is powered off before its VMs are rebuilt elsewhere.
@@ -142,6 +193,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             auth: AuthConfig::default(),
             fencing: FencingConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -216,6 +268,30 @@ impl Config {
                 config.auth.default_role
             )));
         }
+        match config.store.backend.as_str() {
+            "embedded" => {}
+            "etcd" => {
+                let etcd = &config.store.etcd;
+                if etcd.endpoints.is_empty() {
+                    return Err(invalid("store.etcd.endpoints: at least one etcd client URL".into()));
+                }
+                if !etcd.prefix.starts_with('/') || etcd.prefix.len() < 2 {
+                    return Err(invalid(format!(
+                        "store.etcd.prefix: {:?} must start with / and name something",
+                        etcd.prefix
+                    )));
+                }
+                if !(2..=3600).contains(&etcd.lease_ttl_secs) {
+                    return Err(invalid("store.etcd.lease_ttl_secs: must be 2-3600".into()));
+                }
+                if etcd.max_txn_ops < 8 {
+                    return Err(invalid("store.etcd.max_txn_ops: must be at least 8".into()));
+                }
+            }
+            other => {
+                return Err(invalid(format!("store.backend: {other:?} is not \"embedded\" or \"etcd\"")));
+            }
+        }
         match config.fencing.actuator.as_str() {
             "manual" => {}
             "command" if !config.fencing.command.is_empty() => {}
@@ -246,6 +322,32 @@ impl Config {
         self.state_dir.join("grid.redb")
     }
 
+    /// Where the grid view is kept, for messages.
+    pub fn store_description(&self) -> String {
+        if self.store.backend == "etcd" {
+            format!("etcd {} under {}", self.store.etcd.endpoints.join(","), self.store.etcd.prefix)
+        } else {
+            self.store_path().display().to_string()
+        }
+    }
+
+    /// This coordinator's name among the members: `store.etcd.name`, else the host name.
+    pub fn member_name(&self) -> String {
+        if self.store.etcd.name.is_empty() { host_name() } else { self.store.etcd.name.clone() }
+    }
+
+    /// The address gridctl reaches this coordinator at: `store.etcd.advertise`, else `listen` (with the
+    /// host name for an unspecified address).
+    pub fn advertise_address(&self) -> String {
+        if !self.store.etcd.advertise.is_empty() {
+            self.store.etcd.advertise.clone()
+        } else if self.listen.ip().is_unspecified() {
+            format!("{}:{}", host_name(), self.listen.port())
+        } else {
+            self.listen.to_string()
+        }
+    }
+
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poller.interval_ms)
     }
@@ -259,6 +361,12 @@ impl Config {
             domain: None,
         }
     }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "coordinator".into())
 }
 
 /// `/etc/gridforge/tls/ca.pem`, `coordinator.pem` and `coordinator.key`.

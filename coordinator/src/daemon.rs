@@ -1,10 +1,12 @@
-//! The coordinator daemon: the grid view opened from `state_dir/grid.redb`, unfinished operations resumed,
-//! the status poller, and the gRPC `Coordinator` service with mutual TLS, `grpc.health.v1` and reflection;
+//! The coordinator daemon: the grid view opened from `state_dir/grid.redb` (or etcd, where this coordinator
+//! is one of several and leads only once elected: see `ha`), unfinished operations resumed and the status
+//! poller started once it leads, and the gRPC `Coordinator` service with mutual TLS, `grpc.health.v1` and reflection;
 //! systemd readiness, watchdog and stop notifications; a graceful stop on SIGTERM or SIGINT.
 //!
 //! Stopping needs no drain: every operation is in the store and its agent job keeps running on the node,
 //! so the next start re-attaches to it by its idempotency key.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use gridforge_common::systemd;
@@ -17,8 +19,9 @@ use crate::agents::AgentPool;
 use crate::api::CoordinatorService;
 use crate::config::Config;
 use crate::grid::Defaults;
+use crate::ha::{Cluster, Member};
 use crate::ops::Engine;
-use crate::store::{GridView, RedbStore, StoreError};
+use crate::store::{EtcdStore, GridView, RedbStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -55,29 +58,70 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     let agent_tls =
         if config.tls.insecure && config.agents.cert.is_none() { None } else { Some(config.agent_tls()) };
 
-    std::fs::create_dir_all(&config.state_dir)
-        .map_err(io(format!("create the state directory {}", config.state_dir.display())))?;
-    let path = config.store_path();
-    let store = tokio::task::spawn_blocking(move || RedbStore::open(&path))
-        .await
-        .map_err(|e| DaemonError::Serve(e.to_string()))??;
     let defaults = Defaults {
         overcommit_cpu: config.scheduler.overcommit_cpu,
         overcommit_memory: config.scheduler.overcommit_memory,
         disk_slots: u32::try_from(config.ops.max_disk_jobs_per_node).unwrap_or(u32::MAX),
     };
-    let view = GridView::open(Box::new(store), defaults)?;
-    let (nodes, vms) = view.read(|s| (s.nodes.len(), s.vms.len()));
     let agents = AgentPool::new(agent_tls, Duration::from_secs(config.agents.call_timeout_secs));
-    let engine = Engine::with_fencing(view, agents, config.ops.clone(), config.fencing.clone());
-    let resumed = engine.resume();
-    tracing::info!(nodes, vms, resumed, store = %config.store_path().display(), "grid view loaded");
-    tokio::spawn(crate::poller::run(engine.clone(), config.poller.clone()));
-    if config.ops.keep_finished_hours > 0 {
-        tokio::spawn(purge_operations(
-            engine.clone(),
-            Duration::from_secs(config.ops.keep_finished_hours.saturating_mul(3600)),
-        ));
+    let me = Member { name: config.member_name(), address: config.advertise_address() };
+    let (engine, etcd) = if config.store.backend == "etcd" {
+        let e = &config.store.etcd;
+        let timeout = Duration::from_secs(e.timeout_secs.max(1));
+        let store = Arc::new(EtcdStore::connect(&e.endpoints, &e.prefix, timeout, e.max_txn_ops).await?);
+        let opened = store.clone();
+        let view = tokio::task::spawn_blocking(move || GridView::open(Box::new(opened), defaults))
+            .await
+            .map_err(|e| DaemonError::Serve(e.to_string()))??;
+        let loaded_at = store.revision();
+        let cluster = Arc::new(Cluster::etcd(me, store.clone()));
+        let engine = Engine::in_cluster(view, agents, config.ops.clone(), config.fencing.clone(), cluster);
+        (engine, Some((store, loaded_at)))
+    } else {
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(io(format!("create the state directory {}", config.state_dir.display())))?;
+        let path = config.store_path();
+        let store = tokio::task::spawn_blocking(move || RedbStore::open(&path))
+            .await
+            .map_err(|e| DaemonError::Serve(e.to_string()))??;
+        let view = GridView::open(Box::new(store), defaults)?;
+        let cluster = Arc::new(Cluster::embedded(me));
+        (Engine::in_cluster(view, agents, config.ops.clone(), config.fencing.clone(), cluster), None)
+    };
+    let (nodes, vms) = engine.view().read(|s| (s.nodes.len(), s.vms.len()));
+    tracing::info!(nodes, vms, store = %config.store_description(), "grid view loaded");
+    // The leader's work: resume what is in flight, poll the nodes, purge old operations.
+    let lead: crate::ha::OnLeading = {
+        let (engine, poller, keep_hours) =
+            (engine.clone(), config.poller.clone(), config.ops.keep_finished_hours);
+        Box::new(move || {
+            let resumed = engine.resume();
+            tracing::info!(
+                resumed,
+                term = engine.cluster().term(),
+                "leading: operations resumed, polling nodes"
+            );
+            tokio::spawn(crate::poller::run(engine.clone(), poller));
+            if keep_hours > 0 {
+                tokio::spawn(purge_operations(engine, Duration::from_secs(keep_hours.saturating_mul(3600))));
+            }
+        })
+    };
+    match etcd {
+        None => lead(),
+        Some((store, loaded_at)) => {
+            let ttl = Duration::from_secs(config.store.etcd.lease_ttl_secs);
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let reason = crate::ha::run_etcd(store, engine, ttl, loaded_at, lead).await;
+                tracing::error!(
+                    "leadership lost: {reason}; exiting so that this coordinator restarts as a follower and \
+                     nothing of its term acts again"
+                );
+                systemd::notify_stopping("leadership lost");
+                std::process::exit(1);
+            });
+        }
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -98,7 +142,20 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         builder = builder.tls_config(tls).map_err(|e| DaemonError::Serve(crate::error_chain(&e)))?;
     }
     let service = CoordinatorService::new(engine.clone(), config.auth.clone(), !config.tls.insecure);
+    // Answers from a view that may be out of date say so in their metadata (gridctl warns).
+    let cluster = engine.cluster().clone();
+    let stale = tower::util::MapResponseLayer::new(
+        move |mut resp: tonic::codegen::http::Response<tonic::body::Body>| {
+            if let Some(reason) = cluster.stale()
+                && let Ok(value) = reason.replace(['\r', '\n'], " ").parse()
+            {
+                resp.headers_mut().insert(crate::ha::STALE_HEADER, value);
+            }
+            resp
+        },
+    );
     let router = builder
+        .layer(stale)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -148,8 +205,10 @@ async fn purge_operations(engine: Engine, keep: Duration) {
     loop {
         tick.tick().await;
         let before = std::time::SystemTime::now().checked_sub(keep).unwrap_or(std::time::UNIX_EPOCH);
+        // On etcd a transaction takes at most store.etcd.max_txn_ops records.
+        let limit = engine.view().max_changes().unwrap_or(10_000).min(10_000);
         loop {
-            match engine.purge_operations(before, 10_000).await {
+            match engine.purge_operations(before, limit).await {
                 Ok(0) => break,
                 Ok(n) => tracing::info!(operations = n, "purged finished operations"),
                 Err(e) => {

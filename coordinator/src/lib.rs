@@ -1,4 +1,4 @@
-//! The gridforge coordinator engine: the grid view (nodes, VMs, operations) kept in an embedded store,
+//! The gridforge coordinator engine: the grid view (nodes, VMs, operations) kept in an embedded store or etcd,
 //! placement, operations pushed to the node agents as idempotent jobs, and the status poller. The daemon
 //! (`gridforge-coordinator`) and the CLI (`gridctl`) are thin front ends over this library.
 
@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod grid;
+pub mod ha;
 pub mod ops;
 pub mod poller;
 pub mod scheduler;

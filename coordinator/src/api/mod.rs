@@ -12,8 +12,8 @@ use gridforge_proto::v1::{
     WatchOperationRequest,
 };
 use gridforge_proto::v1::{
-    AddUserRequest, DrainNodeRequest, FenceNodeRequest, GridUser, ListUsersRequest, ListUsersResponse,
-    MigrateVmRequest, RemoveUserRequest, RemoveUserResponse,
+    AddUserRequest, CoordinatorStatusRequest, CoordinatorStatusResponse, DrainNodeRequest, FenceNodeRequest,
+    GridUser, ListUsersRequest, ListUsersResponse, MigrateVmRequest, RemoveUserRequest, RemoveUserResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::config::AuthConfig;
 use crate::grid::{GridState, VmState, is_finished};
 use crate::ops::{Engine, OpError, explain, schedule_request};
+use crate::store::StoreError;
 
 pub use crate::auth::Role;
 
@@ -72,6 +73,9 @@ impl From<OpError> for Status {
             OpError::Unschedulable(_) => Status::resource_exhausted(message),
             OpError::Unavailable(_) => Status::unavailable(message),
             OpError::Unimplemented(_) => Status::unimplemented(message),
+            OpError::Store(e @ (StoreError::Unavailable(_) | StoreError::NotLeader(_))) => {
+                Status::unavailable(format!("nothing was changed: {}", crate::error_chain(&e)))
+            }
             OpError::Store(e) => Status::internal(crate::error_chain(&e)),
         }
     }
@@ -94,6 +98,14 @@ impl CoordinatorService {
             |name: &str| self.engine.view().read(|s| s.users.get(name).and_then(|u| u.role.parse().ok()));
         let c = caller(request, &self.auth, self.tls, users);
         match c.role {
+            Some(r) if r >= need && need > Role::Viewer && !self.engine.cluster().is_leader() => {
+                let cluster = self.engine.cluster();
+                let mut status = Status::unavailable(cluster.not_leader());
+                if let Some(address) = cluster.leader().and_then(|l| l.address.parse().ok()) {
+                    status.metadata_mut().insert(crate::ha::LEADER_HEADER, address);
+                }
+                Err(status)
+            }
             Some(r) if r >= need => Ok(c),
             Some(r) => Err(Status::permission_denied(
                 format!("{} is {r:?}; {what} needs {need:?}", c.name).to_lowercase(),
@@ -365,5 +377,13 @@ impl Coordinator for CoordinatorService {
         let users = self.engine.view().read(|s| s.users.values().cloned().collect());
         let configured = self.auth.users.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Ok(Response::new(ListUsersResponse { users, configured }))
+    }
+
+    async fn coordinator_status(
+        &self,
+        request: Request<CoordinatorStatusRequest>,
+    ) -> Result<Response<CoordinatorStatusResponse>, Status> {
+        self.allow(&request, Role::Viewer, "coordinator status")?;
+        Ok(Response::new(self.engine.cluster().status()))
     }
 }

@@ -12,11 +12,12 @@ use gridforge_common::client::{self, ClientTls};
 use gridforge_common::pki::{CaArgs, CertArgs};
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
-    AddNodeRequest, AddUserRequest, ControlVmRequest, CordonNodeRequest, CreateVmRequest, DeleteVmRequest,
-    DrainNodeRequest, ExplainVmRequest, FenceNodeRequest, GetNodeRequest, GetOperationRequest, GetVmRequest,
-    ListNodesRequest, ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest,
-    MigrateVmRequest, Operation, PlacementConstraints, RemoveNodeRequest, RemoveUserRequest, ResizeVmRequest,
-    Resources, SnapshotVmRequest, VmSpec, WatchOperationRequest, control_job::Action, operation,
+    AddNodeRequest, AddUserRequest, ControlVmRequest, CoordinatorStatusRequest, CordonNodeRequest,
+    CreateVmRequest, DeleteVmRequest, DrainNodeRequest, ExplainVmRequest, FenceNodeRequest, GetNodeRequest,
+    GetOperationRequest, GetVmRequest, ListNodesRequest, ListOperationsRequest, ListUsersRequest,
+    ListUsersResponse, ListVmsRequest, MigrateVmRequest, Operation, PlacementConstraints, RemoveNodeRequest,
+    RemoveUserRequest, ResizeVmRequest, Resources, SnapshotVmRequest, VmSpec, WatchOperationRequest,
+    control_job::Action, operation,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -82,6 +83,15 @@ enum Command {
     /// before the configuration's [auth]).
     #[command(subcommand)]
     User(UserCommand),
+    /// The coordinators sharing this grid (on etcd): members, leader, term, store revision and lag.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCommand),
+}
+
+#[derive(Subcommand)]
+enum CoordinatorCommand {
+    /// Members, the leader and its term, the store's revision and how far this member's view lags.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -389,6 +399,8 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 struct Failure {
     code: u8,
     message: String,
+    /// A follower's refusal of a write: the leader's address.
+    leader: Option<String>,
 }
 
 impl From<tonic::Status> for Failure {
@@ -405,12 +417,14 @@ impl From<tonic::Status> for Failure {
             _ => 1,
         };
         let message = if s.message().is_empty() { s.code().to_string() } else { s.message().to_string() };
-        Failure { code, message }
+        let leader =
+            s.metadata().get(crate::ha::LEADER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Failure { code, message, leader }
     }
 }
 
 fn fail(code: u8, message: impl Into<String>) -> Failure {
-    Failure { code, message: message.into() }
+    Failure { code, message: message.into(), leader: None }
 }
 
 pub fn main() -> ExitCode {
@@ -431,10 +445,32 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The coordinator's client: every answer passes [`warn_if_stale`].
+type Client = CoordinatorClient<
+    tower::util::MapResponse<
+        Channel,
+        fn(
+            tonic::codegen::http::Response<tonic::body::Body>,
+        ) -> tonic::codegen::http::Response<tonic::body::Body>,
+    >,
+>;
+
+/// Says once, on stderr, that an answer came from a view that may be out of date (the coordinator's store
+/// does not answer).
+fn warn_if_stale(
+    resp: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if let Some(reason) = resp.headers().get(crate::ha::STALE_HEADER).and_then(|v| v.to_str().ok()) {
+        WARNED.call_once(|| eprintln!("gridctl: warning: the coordinator's view may be stale: {reason}"));
+    }
+    resp
+}
+
 /// The largest answer gridctl accepts.
 pub const LISTING_LIMIT: usize = 1 << 30;
 
-async fn connect(cli: &Cli) -> Result<CoordinatorClient<Channel>, Failure> {
+async fn connect(cli: &Cli, server: &str) -> Result<Client, Failure> {
     let tls = match (&cli.ca, &cli.cert, &cli.key) {
         (Some(ca), Some(cert), Some(key)) => {
             Some(ClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone(), domain: None })
@@ -447,8 +483,8 @@ async fn connect(cli: &Cli) -> Result<CoordinatorClient<Channel>, Failure> {
             ));
         }
     };
-    let channel =
-        client::channel(&cli.server, tls.as_ref()).await.map_err(|e| fail(6, crate::error_chain(&e)))?;
+    let channel = client::channel(server, tls.as_ref()).await.map_err(|e| fail(6, crate::error_chain(&e)))?;
+    let channel = tower::ServiceExt::map_response(channel, warn_if_stale as fn(_) -> _);
     // A whole grid's listing (`vm list` of tens of thousands of VMs) is past tonic's 4 MiB default.
     Ok(CoordinatorClient::new(channel).max_decoding_message_size(LISTING_LIMIT))
 }
@@ -458,14 +494,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Pki(p) = &cli.command {
         return run_pki(p, &out);
     }
-    let mut c = connect(&cli).await?;
-    let result = match &cli.command {
-        Command::Node(n) => run_node(&mut c, n, &out).await,
-        Command::Vm(v) => run_vm(&mut c, v, &out).await,
-        Command::Op(o) => run_op(&mut c, o, &out).await,
-        Command::User(u) => run_user(&mut c, u, &out).await,
-        Command::Pki(_) => Ok(()),
-    };
+    let mut result = run_at(&cli, &cli.server, &out).await;
+    // A follower refuses a write before doing anything, naming the leader: the command runs again there.
+    if let Err(Failure { leader: Some(leader), .. }) = &result
+        && *leader != cli.server
+    {
+        let leader = leader.clone();
+        result = run_at(&cli, &leader, &out).await;
+    }
     result.map_err(|mut f| {
         if cli.cert.is_none()
             && (f.message.contains("h2 protocol error") || f.message.contains("transport error"))
@@ -475,6 +511,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         f
     })
+}
+
+async fn run_at(cli: &Cli, server: &str, out: &output::Output) -> Result<(), Failure> {
+    let mut c = connect(cli, server).await?;
+    match &cli.command {
+        Command::Node(n) => run_node(&mut c, n, out).await,
+        Command::Vm(v) => run_vm(&mut c, v, out).await,
+        Command::Op(o) => run_op(&mut c, o, out).await,
+        Command::User(u) => run_user(&mut c, u, out).await,
+        Command::Coordinator(CoordinatorCommand::Status) => {
+            out.coordinator_status(&c.coordinator_status(CoordinatorStatusRequest {}).await?.into_inner());
+            Ok(())
+        }
+        Command::Pki(_) => Ok(()),
+    }
 }
 
 fn run_pki(p: &PkiCommand, out: &output::Output) -> Result<(), Failure> {
@@ -487,11 +538,7 @@ fn run_pki(p: &PkiCommand, out: &output::Output) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn run_node(
-    c: &mut CoordinatorClient<Channel>,
-    cmd: &NodeCommand,
-    out: &output::Output,
-) -> Result<(), Failure> {
+async fn run_node(c: &mut Client, cmd: &NodeCommand, out: &output::Output) -> Result<(), Failure> {
     match cmd {
         NodeCommand::Add {
             name,
@@ -565,11 +612,7 @@ fn read_create(file: &PathBuf) -> Result<CreateVmRequest, Failure> {
     }
 }
 
-async fn run_vm(
-    c: &mut CoordinatorClient<Channel>,
-    cmd: &VmCommand,
-    out: &output::Output,
-) -> Result<(), Failure> {
+async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result<(), Failure> {
     let (op, wait) = match cmd {
         VmCommand::Create { file, node, datacenter, selector, spread_group, workload, dry_run, wait } => {
             let mut req = read_create(file)?;
@@ -674,18 +717,13 @@ async fn run_vm(
     }
 }
 
-async fn control(
-    c: &mut CoordinatorClient<Channel>,
-    name: &str,
-    action: Action,
-    grace: u32,
-) -> Result<Operation, Failure> {
+async fn control(c: &mut Client, name: &str, action: Action, grace: u32) -> Result<Operation, Failure> {
     let req = ControlVmRequest { name: name.to_string(), action: action as i32, grace_seconds: grace };
     Ok(c.control_vm(req).await?.into_inner())
 }
 
 /// Follow an operation to its end; a failed operation exits 1.
-async fn follow(c: &mut CoordinatorClient<Channel>, id: &str, out: &output::Output) -> Result<(), Failure> {
+async fn follow(c: &mut Client, id: &str, out: &output::Output) -> Result<(), Failure> {
     let mut stream = c.watch_operation(WatchOperationRequest { id: id.to_string() }).await?.into_inner();
     let mut progress = out.progress();
     let mut last: Option<Operation> = None;
@@ -709,11 +747,7 @@ async fn follow(c: &mut CoordinatorClient<Channel>, id: &str, out: &output::Outp
     }
 }
 
-async fn run_op(
-    c: &mut CoordinatorClient<Channel>,
-    cmd: &OpCommand,
-    out: &output::Output,
-) -> Result<(), Failure> {
+async fn run_op(c: &mut Client, cmd: &OpCommand, out: &output::Output) -> Result<(), Failure> {
     match cmd {
         OpCommand::List { vm, active, limit } => {
             let req =
@@ -728,11 +762,7 @@ async fn run_op(
     Ok(())
 }
 
-async fn run_user(
-    c: &mut CoordinatorClient<Channel>,
-    cmd: &UserCommand,
-    out: &output::Output,
-) -> Result<(), Failure> {
+async fn run_user(c: &mut Client, cmd: &UserCommand, out: &output::Output) -> Result<(), Failure> {
     match cmd {
         UserCommand::Add { name, role } => {
             let req = AddUserRequest { name: name.clone(), role: role.as_str().into() };

@@ -7,8 +7,8 @@ use std::time::SystemTime;
 use clap::ValueEnum;
 use gridforge_common::pki::Issued;
 use gridforge_proto::v1::{
-    Explanation, ListUsersResponse, Node, Operation, OperationEvent, RemoveNodeResponse, RemoveUserResponse,
-    Vm, drift,
+    CoordinatorStatusResponse, Explanation, ListUsersResponse, Node, Operation, OperationEvent,
+    RemoveNodeResponse, RemoveUserResponse, Vm, drift,
 };
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -248,6 +248,33 @@ impl Output {
         configured.sort();
         for (name, role) in configured {
             t.row(vec![name.clone(), role.clone(), "config".into(), String::new(), String::new()]);
+        }
+        t.print();
+    }
+
+    pub fn coordinator_status(&self, r: &CoordinatorStatusResponse) {
+        if self.format == Format::Json {
+            return json(r);
+        }
+        let leader = if r.leader.is_empty() {
+            "none elected".to_string()
+        } else {
+            format!("{} at {}", r.leader, r.leader_address)
+        };
+        println!("store:    {}", r.store);
+        println!("member:   {} (this answer)", r.member);
+        println!("leader:   {leader}, term {}", r.term);
+        println!("revision: store {}, applied {}, lag {}", r.store_revision, r.applied_revision, r.lag);
+        if r.stale {
+            println!("STALE:    {}", r.stale_reason);
+        }
+        let mut t = Table::new(&["MEMBER", "ADDRESS", "ROLE"]);
+        for m in &r.members {
+            t.row(vec![
+                m.name.clone(),
+                m.address.clone(),
+                if m.leader { "leader" } else { "follower" }.into(),
+            ]);
         }
         t.print();
     }

@@ -77,6 +77,8 @@ struct Inner {
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Operations whose starter waits to hear that the first agent job was handed over (see `dispatched`).
     dispatch: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+    /// The coordinators of this grid: whether this one leads, and its term.
+    cluster: Arc<crate::ha::Cluster>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -217,6 +219,18 @@ impl Engine {
         config: OpsConfig,
         fencing: crate::config::FencingConfig,
     ) -> Engine {
+        let me = crate::ha::Member { name: "coordinator".into(), address: String::new() };
+        Engine::in_cluster(view, agents, config, fencing, Arc::new(crate::ha::Cluster::embedded(me)))
+    }
+
+    /// An engine that is one member of `cluster` (it acts only while it leads).
+    pub fn in_cluster(
+        view: GridView,
+        agents: AgentPool,
+        config: OpsConfig,
+        fencing: crate::config::FencingConfig,
+        cluster: Arc<crate::ha::Cluster>,
+    ) -> Engine {
         Engine {
             inner: Arc::new(Inner {
                 view,
@@ -227,8 +241,13 @@ impl Engine {
                 secrets: Mutex::default(),
                 slots: Mutex::default(),
                 dispatch: Mutex::default(),
+                cluster,
             }),
         }
+    }
+
+    pub fn cluster(&self) -> &Arc<crate::ha::Cluster> {
+        &self.inner.cluster
     }
 
     pub fn view(&self) -> &GridView {

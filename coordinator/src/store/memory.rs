@@ -38,6 +38,7 @@ impl GridStore for MemoryStore {
                 .map(|b| GridUser::decode(b.as_slice()))
                 .collect::<Result<_, _>>()
                 .map_err(|_| decode("users"))?,
+            revision: 0,
         })
     }
 

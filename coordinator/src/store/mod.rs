@@ -14,6 +14,7 @@
 //! view is again exactly what is durable. Observations made with [`GridView::observe`] are lost with the
 //! reload, as after a restart; the next poll renews them. Nothing but this module touches the database.
 
+mod etcd_store;
 mod memory;
 mod redb_store;
 
@@ -21,6 +22,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+pub use etcd_store::{EtcdStore, Fence};
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 use tokio::sync::oneshot;
@@ -37,6 +39,13 @@ pub enum StoreError {
     Decode { table: &'static str, key: String, reason: String },
     #[error("the grid store's committer has stopped")]
     Stopped,
+    /// The store cannot be reached or did not answer in time (etcd without quorum, say): nothing was
+    /// written.
+    #[error("the grid store is unavailable: {0}")]
+    Unavailable(String),
+    /// This coordinator is not (or no longer) the leader: the store refused the write.
+    #[error("this coordinator is not the leader: {0}")]
+    NotLeader(String),
 }
 
 /// Every record, as loaded at start.
@@ -46,6 +55,8 @@ pub struct Records {
     pub vms: Vec<Vm>,
     pub ops: Vec<Operation>,
     pub users: Vec<GridUser>,
+    /// The store's revision these records are at (0 for a store without revisions).
+    pub revision: i64,
 }
 
 impl Records {
@@ -62,6 +73,10 @@ pub trait GridStore: Send + Sync {
     fn load(&self) -> Result<Records, StoreError>;
     /// Write the changes in one durable transaction: all of them or none.
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError>;
+    /// Most changes one transaction takes (the committer batches callers within it); None: no limit.
+    fn max_changes(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl<T: GridStore> GridStore for std::sync::Arc<T> {
@@ -70,6 +85,9 @@ impl<T: GridStore> GridStore for std::sync::Arc<T> {
     }
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
         (**self).commit(changes)
+    }
+    fn max_changes(&self) -> Option<usize> {
+        (**self).max_changes()
     }
 }
 
@@ -86,6 +104,9 @@ struct Shared {
     state: Mutex<GridState>,
     store: Arc<dyn GridStore>,
     defaults: Defaults,
+    /// A failed commit could not reload the view (the store did not answer): it may hold changes that are
+    /// not durable, so no decision is made on it until a reload succeeds.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -132,7 +153,12 @@ impl GridView {
     pub fn open(store: Box<dyn GridStore>, defaults: Defaults) -> Result<GridView, StoreError> {
         let store: Arc<dyn GridStore> = Arc::from(store);
         let r = store.load()?;
-        let shared = Arc::new(Shared { state: Mutex::new(r.into_state(defaults)), store, defaults });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(r.into_state(defaults)),
+            store,
+            defaults,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        });
         let (tx, rx) = channel();
         let s = shared.clone();
         let committer = std::thread::Builder::new()
@@ -159,6 +185,15 @@ impl GridView {
         f: impl FnOnce(&mut GridState) -> Result<(T, Vec<Change>), E>,
     ) -> Result<Pending<T>, E> {
         let mut state = self.lock();
+        if self.shared.dirty.load(std::sync::atomic::Ordering::SeqCst) {
+            reload(&self.shared, &mut state);
+            if self.shared.dirty.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable(
+                    "the last write failed and the store cannot be read back yet; nothing was decided".into(),
+                )
+                .into());
+            }
+        }
         let (value, changes) = f(&mut state)?;
         if changes.is_empty() {
             return Ok(Pending { value, done: None });
@@ -211,6 +246,31 @@ impl GridView {
         let mut state = self.lock();
         reload(&self.shared, &mut state);
     }
+
+    /// Replace the view with what the store holds now (a coordinator that just became the leader); the
+    /// store's revision it is at.
+    pub fn reload_from_store(&self) -> Result<i64, StoreError> {
+        let r = self.shared.store.load()?;
+        let revision = r.revision;
+        let mut state = self.lock();
+        let op_seq = state.op_seq;
+        *state = r.into_state(self.shared.defaults);
+        state.op_seq = state.op_seq.max(op_seq);
+        Ok(revision)
+    }
+
+    /// Apply changes another coordinator made (read from the store's watch) without storing them again.
+    pub fn apply_external(&self, changes: &[Change]) {
+        let mut state = self.lock();
+        for c in changes {
+            state.apply(c);
+        }
+    }
+
+    /// Most changes one transaction takes: a caller must not stage more at once.
+    pub fn max_changes(&self) -> Option<usize> {
+        self.shared.store.max_changes()
+    }
 }
 
 impl Drop for GridView {
@@ -230,21 +290,44 @@ fn reload(shared: &Shared, state: &mut GridState) {
             let op_seq = state.op_seq;
             *state = r.into_state(shared.defaults);
             state.op_seq = state.op_seq.max(op_seq);
+            shared.dirty.store(false, std::sync::atomic::Ordering::SeqCst);
         }
-        Err(e) => tracing::error!(
-            "cannot reload the grid view from the store: {e}; it may show changes that are not durable"
-        ),
+        Err(e) => {
+            shared.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(
+                "cannot reload the grid view from the store: {e}; it may show changes that are not durable, \
+                 and no change is decided on it until it reloads"
+            );
+        }
     }
 }
 
 fn commit_loop(shared: &Shared, queue: &Receiver<Queued>) {
     let mut batch = Vec::new();
     let mut changes = Vec::new();
-    while let Ok(first) = queue.recv() {
+    let max_changes = shared.store.max_changes().unwrap_or(usize::MAX);
+    // A caller taken from the queue that did not fit the last transaction: the first of the next.
+    let mut held: Option<Queued> = None;
+    loop {
+        let first = match held.take() {
+            Some(q) => q,
+            None => match queue.recv() {
+                Ok(q) => q,
+                Err(_) => break,
+            },
+        };
+        let mut count = first.changes.len();
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(q) => batch.push(q),
+                Ok(q) if count + q.changes.len() > max_changes => {
+                    held = Some(q);
+                    break;
+                }
+                Ok(q) => {
+                    count += q.changes.len();
+                    batch.push(q);
+                }
                 Err(_) => break,
             }
         }
@@ -264,6 +347,7 @@ fn commit_loop(shared: &Shared, queue: &Receiver<Queued>) {
                 // Under the lock no decision is made: everything queued now was decided on the view with
                 // the failed changes in it, and fails with them; later decisions see the reloaded view.
                 let mut state = shared.lock();
+                batch.extend(held.take());
                 while let Ok(q) = queue.try_recv() {
                     batch.push(q);
                 }

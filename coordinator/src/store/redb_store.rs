@@ -66,6 +66,7 @@ impl GridStore for RedbStore {
             vms: read_table::<Vm>(&r, VMS, "vms")?,
             ops: read_table::<Operation>(&r, OPS, "operations")?,
             users: read_table::<GridUser>(&r, USERS, "users")?,
+            revision: 0,
         })
     }
 
