@@ -1,6 +1,9 @@
 //! `bench/schedule`: placement speed and packing quality on a synthetic grid.
 //!
 //! Usage: schedule_bench DIR [NODES [VMS [ROUNDS]]]   (defaults 10000, 100000, 3; the redb file goes in DIR)
+//! With GRIDFORGE_BENCH_ETCD=URL (bench/schedule starts a local etcd), run 2 also writes through the
+//! coordinator's etcd store (`EtcdStore`, each batch in transactions of at most its max_txn_ops records,
+//! fenced by an election key as a leader's are), side by side with redb in each round.
 //!
 //! Runs 1 and 2 repeat ROUNDS times (the machine is shared: compare within a run); 3 and 4 run once, last.
 //!
@@ -16,14 +19,16 @@
 //! (vCPUs, memory or disk short), as a share of all schedulable memory; and how many requests found no node.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use gridforge_coordinator::grid::{Change, Vm};
 use gridforge_coordinator::scheduler::{
     NodeInfo, NodeState, Placement, Request, Reservation, ReservationSink, Resources, Snapshot,
     Unschedulable, Workload, filter, place, place_exhaustive, spawn_applier,
 };
+use gridforge_coordinator::store::{EtcdStore, Fence, GridStore, StoreError};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -315,6 +320,70 @@ impl ReservationSink for RedbSink {
     }
 }
 
+/// Each batch through the coordinator's etcd store: one VM record per reservation, in transactions of at
+/// most the store's max_txn_ops records (the committer's batching), each fenced by an election key.
+struct EtcdSink {
+    store: std::sync::Arc<EtcdStore>,
+    commits: usize,
+    busy: f64,
+}
+
+impl ReservationSink for EtcdSink {
+    type Error = StoreError;
+
+    fn commit(&mut self, batch: &[Reservation]) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let max = self.store.max_changes().unwrap_or(usize::MAX);
+        for chunk in batch.chunks(max) {
+            let changes: Vec<Change> = chunk
+                .iter()
+                .map(|r| {
+                    let res = r.resources;
+                    Change::PutVm(Vm {
+                        name: r.vm.clone(),
+                        node: r.node.clone(),
+                        resources: Some(gridforge_proto::v1::Resources {
+                            vcpus: res.vcpus,
+                            memory_mib: res.memory_mib,
+                            disk_mib: res.disk_mib,
+                        }),
+                        ..Default::default()
+                    })
+                })
+                .collect();
+            self.store.commit(&changes)?;
+            self.commits += 1;
+        }
+        self.busy += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
+/// The coordinator's etcd store on `url` under a fresh prefix, fenced as a leader's: the runtime it runs on.
+fn etcd_store(url: &str, round: usize) -> (tokio::runtime::Runtime, std::sync::Arc<EtcdStore>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let prefix = format!("/bench-schedule/{}-{round}", std::process::id());
+    let store = rt.block_on(async {
+        let store = EtcdStore::connect(&[url.to_string()], &prefix, Duration::from_secs(30), ETCD_TXN_OPS)
+            .await
+            .unwrap_or_else(|e| panic!("etcd at {url}: {e}"));
+        let mut client = store.client();
+        let key = format!("{prefix}/election/bench");
+        let put = client.put(key.clone(), "bench", None).await.expect("the election key");
+        let revision = put.header().map_or(0, |h| h.revision());
+        store.set_fence(Some(Fence { key: key.into_bytes(), revision }));
+        store
+    });
+    (rt, std::sync::Arc::new(store))
+}
+
+/// Records per etcd transaction: the `--max-txn-ops` bench/schedule starts etcd with.
+const ETCD_TXN_OPS: usize = 1024;
+
 struct Durable {
     run: Run,
     commits: usize,
@@ -324,12 +393,66 @@ struct Durable {
     p99: Duration,
 }
 
-fn durable(path: &Path, nodes: &[NodeInfo], requests: &[Request], smallest: Resources) -> Durable {
-    let _ = std::fs::remove_file(path);
-    let db = Database::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+/// Where the durable run writes.
+enum Sink {
+    Redb(PathBuf),
+    Etcd(String, usize),
+}
+
+fn durable(sink: Sink, nodes: &[NodeInfo], requests: &[Request], smallest: Resources) -> Durable {
+    match sink {
+        Sink::Redb(path) => {
+            let _ = std::fs::remove_file(&path);
+            let db = Database::create(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+            let (run, sink, answers) = durable_with(
+                "indexed + redb group commit",
+                RedbSink { db, commits: 0, busy: 0.0 },
+                nodes,
+                requests,
+                smallest,
+            );
+            let read = sink.db.begin_read().expect("a read transaction");
+            let table = read.open_table(RESERVATIONS).expect("the reservations table");
+            let stored = table.iter().expect("reading reservations").count() as u64;
+            durable_result(run, sink.commits, sink.busy, stored, answers)
+        }
+        Sink::Etcd(url, round) => {
+            let (_rt, store) = etcd_store(&url, round);
+            let sink = EtcdSink { store: store.clone(), commits: 0, busy: 0.0 };
+            let (run, sink, answers) =
+                durable_with("indexed + etcd group commit", sink, nodes, requests, smallest);
+            let stored = store.load().expect("reading back from etcd").vms.len() as u64;
+            durable_result(run, sink.commits, sink.busy, stored, answers)
+        }
+    }
+}
+
+fn durable_result(
+    run: Run,
+    commits: usize,
+    committing: f64,
+    stored: u64,
+    answers: Vec<(bool, Duration)>,
+) -> Durable {
+    let mut latencies: Vec<Duration> = answers.iter().map(|(_, t)| *t).collect();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    Durable { run, commits, committing, stored, p50: at(0.5), p99: at(0.99) }
+}
+
+fn durable_with<S: ReservationSink + Send + 'static>(
+    name: &'static str,
+    sink: S,
+    nodes: &[NodeInfo],
+    requests: &[Request],
+    smallest: Resources,
+) -> (Run, S, Vec<(bool, Duration)>)
+where
+    S::Error: std::fmt::Display,
+{
     let (snapshot, requests) = (Snapshot::new(nodes.to_vec()), requests.to_vec());
     let started = Instant::now();
-    let (handle, applier) = spawn_applier(snapshot, RedbSink { db, commits: 0, busy: 0.0 });
+    let (handle, applier) = spawn_applier(snapshot, sink);
     let (done_tx, done) = mpsc::channel::<(bool, Duration)>();
     let mut answers = Vec::with_capacity(requests.len());
     for (i, r) in requests.into_iter().enumerate() {
@@ -343,14 +466,7 @@ fn durable(path: &Path, nodes: &[NodeInfo], requests: &[Request], smallest: Reso
     answers.extend(done.iter());
     let (snapshot, sink) = applier.join().expect("the applier thread");
     let outcomes: Vec<bool> = answers.iter().map(|(ok, _)| *ok).collect();
-    let run = Run::new("indexed + redb group commit", started, &outcomes, snapshot.nodes(), smallest);
-    let mut latencies: Vec<Duration> = answers.iter().map(|(_, t)| *t).collect();
-    latencies.sort();
-    let read = sink.db.begin_read().expect("a read transaction");
-    let table = read.open_table(RESERVATIONS).expect("the reservations table");
-    let stored = table.iter().expect("reading reservations").count() as u64;
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
-    Durable { run, commits: sink.commits, committing: sink.busy, stored, p50: at(0.5), p99: at(0.99) }
+    (Run::new(name, started, &outcomes, snapshot.nodes(), smallest), sink, answers)
 }
 
 /// Maximum free memory over ranges of nodes, to find the first node with enough in O(log n).
@@ -453,14 +569,31 @@ fn main() {
         "{:<32} {:>8} {:>12} {:>8} {:>14} {:>9} {:>7}",
         "placement", "seconds", "decisions/s", "placed", "unschedulable", "stranded", "free"
     );
-    for _ in 0..rounds {
+    let etcd = std::env::var("GRIDFORGE_BENCH_ETCD").ok().filter(|u| !u.is_empty());
+    for round in 0..rounds {
         let (indexed, effort) = sequential("indexed (place + reserve)", &nodes, &requests, smallest, place);
         indexed.print(true);
-        let d = durable(&dir.join("reservations.redb"), &nodes, &requests, smallest);
+        let d = durable(Sink::Redb(dir.join("reservations.redb")), &nodes, &requests, smallest);
         d.run.print(true);
         let placed = d.run.decisions - d.run.unschedulable;
         assert_eq!(d.stored, placed as u64, "every durable placement is in the store");
         assert_eq!(d.run.unschedulable, indexed.unschedulable, "the applier decides as place does");
+        if let Some(url) = &etcd {
+            let e = durable(Sink::Etcd(url.clone(), round), &nodes, &requests, smallest);
+            e.run.print(true);
+            let placed = e.run.decisions - e.run.unschedulable;
+            assert_eq!(e.stored, placed as u64, "every durable placement is in etcd");
+            println!(
+                "  etcd: {placed} reservations in {} transactions ({:.0} per transaction, at most {ETCD_TXN_OPS}; \
+                 {:.2} s committing); answered after commit p50 {:.1} ms, p99 {:.1} ms; {:.2}x redb's placements/s",
+                e.commits,
+                placed as f64 / e.commits as f64,
+                e.committing,
+                e.p50.as_secs_f64() * 1e3,
+                e.p99.as_secs_f64() * 1e3,
+                d.run.seconds / e.run.seconds
+            );
+        }
         println!(
             "  indexed: {:.0} decisions per on-CPU second ({:.2} s on CPU); {:.1} nodes filtered per placement, {} \
              placements by full scan; {:.2} s of {:.2} s on the {} unschedulable (full scan + per-node reasons)",

@@ -5,6 +5,7 @@
 //! Helpers panic on failure, as test code does.
 
 pub mod agent_config;
+pub mod etcd;
 pub mod pki;
 pub mod process;
 pub mod systemd;
