@@ -179,7 +179,9 @@ fn the_redb_store_conforms() {
 
 /// The coordinator's etcd store on a real etcd, under a fresh prefix, fenced as a leader's.
 async fn etcd_store(etcd: &gridforge_testsupport::etcd::Etcd, prefix: &str) -> EtcdStore {
-    let store = EtcdStore::connect(&[etcd.url.clone()], prefix, Duration::from_secs(10), 128).await.unwrap();
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.url), prefix, Duration::from_secs(10), 128)
+        .await
+        .unwrap();
     let key = format!("{prefix}/election/test");
     let put = store.client().put(key.clone(), "me", None).await.unwrap();
     let revision = put.header().map_or(0, |h| h.revision());
