@@ -73,6 +73,7 @@ fn provision_request(key: &str, name: &str, target: &Path) -> anyhow::Result<Sub
             spec: Some(spec),
             target: device(target),
         })),
+        ..Default::default()
     })
 }
 
@@ -214,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
                     verify: "sample".into(),
                     operator: String::new(),
                 })),
+                ..Default::default()
             };
             tokio::spawn(job(client.clone(), req))
         })

@@ -125,6 +125,7 @@ impl Agent {
                 action: Action::Destroy as i32,
                 ..Default::default()
             })),
+            ..Default::default()
         };
         let id = self.client.submit_job(destroy).await?.into_inner().id;
         let events = follow(self.client.clone(), &id, None).await?;
@@ -304,6 +305,7 @@ async fn migrate(a: &mut Agent, b: &mut Agent, round: usize) -> anyhow::Result<M
             timeout_seconds: 600,
             live: false,
         })),
+        ..Default::default()
     };
     let receive_id = b.client.submit_job(receive).await?.into_inner().id;
     follow(b.client.clone(), &receive_id, Some("wait")).await?;
@@ -319,6 +321,7 @@ async fn migrate(a: &mut Agent, b: &mut Agent, round: usize) -> anyhow::Result<M
             wipe_method: String::new(),
             live: false,
         })),
+        ..Default::default()
     };
     let start = Instant::now();
     let send_id = a.client.submit_job(send).await?.into_inner().id;

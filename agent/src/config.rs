@@ -236,6 +236,11 @@ impl Config {
     pub fn journal_path(&self) -> PathBuf {
         self.state_dir.join("journal.redb")
     }
+
+    /// The highest coordinator leader term the job engine has taken jobs from.
+    pub fn leader_term_path(&self) -> PathBuf {
+        self.state_dir.join("leader-term")
+    }
 }
 
 /// How other nodes reach this node for a live migration.

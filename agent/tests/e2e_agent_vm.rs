@@ -47,6 +47,7 @@ fn provision_request(key: &str, name: &str) -> SubmitJobRequest {
             spec: Some(spec),
             target: device(Path::new("/dev/vdb")),
         })),
+        ..Default::default()
     }
 }
 

@@ -197,6 +197,7 @@ fn real_libvirtd_pool_volume_and_domain_life_cycle() {
             grace_seconds: 3,
             ..Default::default()
         })),
+        ..Default::default()
     };
     let t = Instant::now();
     let id = engine.submit(stop, "test").expect("submit STOP").id;

@@ -115,8 +115,11 @@ async fn one_job_per_target_io_limit_and_cancel_of_a_running_wipe() {
     let queued = client.submit_job(wipe_request("other", &small, "zero")).await.unwrap().into_inner();
     assert_eq!(get(&mut client, &queued.id).await.state(), JobState::Queued);
 
-    let cancelling =
-        client.cancel_job(CancelJobRequest { job_id: slow.id.clone() }).await.unwrap().into_inner();
+    let cancelling = client
+        .cancel_job(CancelJobRequest { job_id: slow.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cancelling.id, slow.id);
     let events = watch_to_end(&mut client, &slow.id).await;
     assert_eq!(events.last().unwrap().state(), JobState::Cancelled, "{events:?}");
@@ -132,7 +135,10 @@ async fn one_job_per_target_io_limit_and_cancel_of_a_running_wipe() {
     let third = client.submit_job(wipe_request("third", &big, "zero")).await.unwrap().into_inner();
     assert_eq!(watch_to_end(&mut client, &third.id).await.last().unwrap().state(), JobState::Succeeded);
 
-    let finished = client.cancel_job(CancelJobRequest { job_id: third.id.clone() }).await.unwrap_err();
+    let finished = client
+        .cancel_job(CancelJobRequest { job_id: third.id.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(finished.code(), Status::FailedPrecondition, "{finished:?}");
     assert!(finished.message().contains("SUCCEEDED"), "{}", finished.message());
 }
@@ -143,7 +149,10 @@ async fn unknown_job_ids_are_not_found() {
     let (mut client, _) = serve(node.open(), &node.config).await;
     let get = client.get_job(GetJobRequest { job_id: "j-nope".into() }).await.unwrap_err();
     assert_eq!(get.code(), Status::NotFound);
-    let cancel = client.cancel_job(CancelJobRequest { job_id: "j-nope".into() }).await.unwrap_err();
+    let cancel = client
+        .cancel_job(CancelJobRequest { job_id: "j-nope".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(cancel.code(), Status::NotFound);
     let watch = client.watch_job(WatchJobRequest { job_id: "j-nope".into(), from_seq: 0 }).await.unwrap_err();
     assert_eq!(watch.code(), Status::NotFound);
@@ -157,6 +166,7 @@ fn provision(key: &str, spec: serde_json::Value) -> SubmitJobRequest {
     SubmitJobRequest {
         idempotency_key: key.into(),
         job: Some(submit_job_request::Job::Provision(ProvisionJob { spec: Some(spec), target: None })),
+        ..Default::default()
     }
 }
 
@@ -173,7 +183,11 @@ async fn bad_requests_name_the_field() {
     let cases: Vec<(SubmitJobRequest, Status, &str)> = vec![
         (wipe_request("", &disk, "zero"), Status::InvalidArgument, "idempotency_key:"),
         (wipe_request(&"k".repeat(129), &disk, "zero"), Status::InvalidArgument, "idempotency_key:"),
-        (SubmitJobRequest { idempotency_key: "no-job".into(), job: None }, Status::InvalidArgument, "job:"),
+        (
+            SubmitJobRequest { idempotency_key: "no-job".into(), job: None, ..Default::default() },
+            Status::InvalidArgument,
+            "job:",
+        ),
         (wipe_request("outside", &outside, "zero"), Status::InvalidArgument, "wipe.target.device:"),
         (wipe_request("method", &disk, "shred"), Status::InvalidArgument, "wipe.method:"),
         (
@@ -217,6 +231,7 @@ async fn bad_requests_name_the_field() {
                     grace_seconds: 0,
                     ..Default::default()
                 })),
+                ..Default::default()
             },
             Status::Unavailable,
             "control:",

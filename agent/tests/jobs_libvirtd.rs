@@ -119,6 +119,7 @@ fn provision(key: &str, name: &str, image: &str) -> SubmitJobRequest {
     SubmitJobRequest {
         idempotency_key: key.into(),
         job: Some(submit_job_request::Job::Provision(ProvisionJob { spec: Some(spec), target: None })),
+        ..Default::default()
     }
 }
 
@@ -131,6 +132,7 @@ fn control(key: &str, domain: &str, action: Action, grace_seconds: u32) -> Submi
             grace_seconds,
             ..Default::default()
         })),
+        ..Default::default()
     }
 }
 
@@ -226,6 +228,7 @@ async fn control_actions_and_delete_over_grpc_on_a_real_libvirtd() {
     let delete = SubmitJobRequest {
         idempotency_key: "delete".into(),
         job: Some(submit_job_request::Job::Delete(DeleteJob { domain: name.into(), ..Default::default() })),
+        ..Default::default()
     };
     let (job, events) = succeed(&mut client, &daemon, delete).await;
     drop(guest);

@@ -141,6 +141,7 @@ fn receive_request(key: &str, transfer_id: &str, target: Option<DiskTarget>, vm:
             timeout_seconds: 60,
             live: false,
         })),
+        ..Default::default()
     }
 }
 
@@ -156,6 +157,7 @@ fn send_request(key: &str, transfer_id: &str, receiver: SocketAddr) -> SubmitJob
             wipe_method: String::new(),
             live: false,
         })),
+        ..Default::default()
     }
 }
 
@@ -299,6 +301,7 @@ async fn cold_migration_between_two_agents() {
             action: Action::Destroy as i32,
             ..Default::default()
         })),
+        ..Default::default()
     };
     let (job, _) = run_job(&mut ca, destroy, JOB_LIMIT).await;
     assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
@@ -354,7 +357,7 @@ async fn cold_migration_between_two_agents() {
         cb.submit_job(receive_request("r4", "t4-cancelled-00000004", device(&b.disk("c.img")), "vm-c")).await;
     let r4 = r4.unwrap().into_inner();
     wait_for_step(&mut cb, &r4.id, "wait").await;
-    cb.cancel_job(CancelJobRequest { job_id: r4.id.clone() }).await.unwrap();
+    cb.cancel_job(CancelJobRequest { job_id: r4.id.clone(), ..Default::default() }).await.unwrap();
     let (r4, _) = run_job(
         &mut cb,
         receive_request("r4", "t4-cancelled-00000004", device(&b.disk("c.img")), "vm-c"),
@@ -442,6 +445,7 @@ async fn cold_migration_between_two_agents() {
     let gone = SubmitJobRequest {
         idempotency_key: "wipe-gone".into(),
         job: Some(submit_job_request::Job::Wipe(WipeJob { target: volume("vm1.raw"), ..Default::default() })),
+        ..Default::default()
     };
     let e = ca.submit_job(gone).await.unwrap_err();
     assert_eq!(e.code(), Status::NotFound, "A's pool no longer has the volume: {e:?}");

@@ -128,6 +128,7 @@ fn provision_request(key: &str, image: (&str, &str), disk: &Path, size_mib: u64)
     SubmitJobRequest {
         idempotency_key: key.into(),
         job: Some(JobReq::Provision(ProvisionJob { spec: Some(spec), target: device(disk) })),
+        ..Default::default()
     }
 }
 
@@ -135,6 +136,7 @@ fn resize_request(key: &str, disk: &Path, size_mib: u64) -> SubmitJobRequest {
     SubmitJobRequest {
         idempotency_key: key.into(),
         job: Some(JobReq::Resize(ResizeJob { target: device(disk), size_mib })),
+        ..Default::default()
     }
 }
 
@@ -147,6 +149,7 @@ fn snapshot_request(key: &str, disk: &Path, name: &str, version: &str) -> Submit
             image_version: version.into(),
             notes: "taken by the test".into(),
         })),
+        ..Default::default()
     }
 }
 

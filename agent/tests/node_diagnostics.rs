@@ -148,7 +148,7 @@ async fn the_image_store_check_lists_the_images_and_those_in_the_cache() {
 
     // No store configured: nothing listed, and the check says so.
     let mut node = Node::new();
-    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[]);
+    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[], 0);
     let c = find(&report, "image-store");
     assert_eq!(c.status(), Status::Ok, "{c:?}");
     assert!(c.reason.starts_with("none configured (images.store)"), "{c:?}");
@@ -160,7 +160,7 @@ async fn the_image_store_check_lists_the_images_and_those_in_the_cache() {
     let opened = Store::open(&node.config.images.store, Trust::Key(store.key.verifying_key())).unwrap();
     let cache = Cache::new(&node.config.cache_dir).unwrap();
     cache.fetch(&opened, opened.find("debian", "12").unwrap(), &Progress::none()).unwrap();
-    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[]);
+    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[], 0);
     let c = find(&report, "image-store");
     assert_eq!(c.status(), Status::Ok, "{c:?}");
     assert_eq!(
@@ -172,7 +172,7 @@ async fn the_image_store_check_lists_the_images_and_those_in_the_cache() {
 
     // A store that is not there: FAIL naming it, nothing listed.
     node.config.images.store = store.tmp.path().join("no-such-store").display().to_string();
-    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[]);
+    let report = gridforge_agent::node::diagnostics(&context(&node.config), &[], 0);
     let c = find(&report, "image-store");
     assert_eq!(c.status(), Status::Fail, "{c:?}");
     assert!(c.reason.starts_with(&node.config.images.store), "{c:?}");

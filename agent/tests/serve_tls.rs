@@ -227,6 +227,7 @@ fn huge_provision() -> SubmitJobRequest {
             spec: Some(serde_json::from_value(spec).unwrap()),
             ..Default::default()
         })),
+        ..Default::default()
     }
 }
 
@@ -251,7 +252,13 @@ async fn bad_requests_get_clear_statuses_and_the_daemon_keeps_serving() {
 
     for (what, err) in [
         ("get", client.get_job(GetJobRequest { job_id: "j-unknown".into() }).await.unwrap_err()),
-        ("cancel", client.cancel_job(CancelJobRequest { job_id: "j-unknown".into() }).await.unwrap_err()),
+        (
+            "cancel",
+            client
+                .cancel_job(CancelJobRequest { job_id: "j-unknown".into(), ..Default::default() })
+                .await
+                .unwrap_err(),
+        ),
         (
             "watch",
             client.watch_job(WatchJobRequest { job_id: "j-unknown".into(), from_seq: 0 }).await.unwrap_err(),
@@ -272,12 +279,15 @@ async fn bad_requests_get_clear_statuses_and_the_daemon_keeps_serving() {
     assert_eq!(busy.code(), Code::FailedPrecondition, "{busy:?}");
     assert!(busy.message().contains(&slow.id), "{}", busy.message());
     still_serving(&node).await;
-    client.cancel_job(CancelJobRequest { job_id: slow.id.clone() }).await.unwrap();
+    client.cancel_job(CancelJobRequest { job_id: slow.id.clone(), ..Default::default() }).await.unwrap();
     assert_eq!(watch_to_end(&mut client, &slow.id).await.last().unwrap().state(), JobState::Cancelled);
 
     let done = client.submit_job(wipe_request("small", &small, "zero")).await.unwrap().into_inner();
     assert_eq!(watch_to_end(&mut client, &done.id).await.last().unwrap().state(), JobState::Succeeded);
-    let err = client.cancel_job(CancelJobRequest { job_id: done.id.clone() }).await.unwrap_err();
+    let err = client
+        .cancel_job(CancelJobRequest { job_id: done.id.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("SUCCEEDED"), "{}", err.message());
     still_serving(&node).await;
@@ -322,6 +332,7 @@ async fn with_libvirt_down_the_daemon_serves_and_hypervisor_jobs_are_unavailable
     let delete = SubmitJobRequest {
         idempotency_key: "delete-vm".into(),
         job: Some(submit_job_request::Job::Delete(DeleteJob { domain: "vm1".into(), ..Default::default() })),
+        ..Default::default()
     };
     let err = client.submit_job(delete).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -335,6 +346,7 @@ async fn with_libvirt_down_the_daemon_serves_and_hypervisor_jobs_are_unavailable
             action: control_job::Action::Start as i32,
             ..Default::default()
         })),
+        ..Default::default()
     };
     let job = client.submit_job(control).await.unwrap().into_inner();
     assert_eq!(watch_to_end(&mut client, &job.id).await.last().unwrap().state(), JobState::Failed);

@@ -197,6 +197,7 @@ impl Agent for FakeAgent {
             images: vec!["debian-12-minimal:1".into(), "debian-12-minimal:2".into()],
             cached_images: vec!["debian-12-minimal:1".into()],
             live_migration: false,
+            ..Default::default()
         }))
     }
 

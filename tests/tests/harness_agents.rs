@@ -17,6 +17,7 @@ fn provision_request(key: &str, spec: serde_json::Value) -> SubmitJobRequest {
     SubmitJobRequest {
         idempotency_key: key.to_string(),
         job: Some(submit_job_request::Job::Provision(ProvisionJob { spec: Some(spec), target: None })),
+        ..Default::default()
     }
 }
 

@@ -43,6 +43,11 @@ pub fn run(args: &DiagnoseArgs, json: bool) -> Result<()> {
     } else {
         Ok(Vec::new())
     };
+    // A term file the daemon cannot read keeps it from starting: the jobs check says why.
+    let (jobs, leader_term) = match jobs::read_leader_term(&config) {
+        Ok(term) => (jobs, term),
+        Err(e) => (Err(error_chain(&e)), 0),
+    };
     let ctx = NodeContext { config, hypervisor };
     let mut report = diagnostics::report(
         &ctx,
@@ -50,6 +55,7 @@ pub fn run(args: &DiagnoseArgs, json: bool) -> Result<()> {
             Ok(list) => JobList::Known(list),
             Err(reason) => JobList::Unknown(reason.clone()),
         },
+        leader_term,
     );
     // The daemon's report has no such check: it cannot run without its configuration.
     report.checks.insert(0, config_check);

@@ -204,7 +204,9 @@ async fn run_async(args: JobArgs, json: bool) -> Result<()> {
         }
         JobCommand::Cancel { id } => {
             let job = client
-                .cancel_job(CancelJobRequest { job_id: id.clone() })
+                // Sent as from a coordinator without leader election: once an elected leader has sent jobs
+                // to the agent, it refuses this (FAILED_PRECONDITION, naming both terms).
+                .cancel_job(CancelJobRequest { job_id: id.clone(), leader_term: 0 })
                 .await
                 .map_err(status(&format!("cancelling job {id}")))?
                 .into_inner();

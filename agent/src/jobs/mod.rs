@@ -7,12 +7,17 @@
 //! starts and ends and the final event always get through. Secrets in a request (passphrases, passwords)
 //! live only in memory while the job is queued or running; the journal and every answer carry the request
 //! without them.
+//!
+//! Each SubmitJob and CancelJob carries its coordinator's leader term. The engine keeps the highest term it
+//! has taken a request from (durably, see `term`) and refuses requests from lower ones, so that a deposed
+//! leader that still believes it leads cannot act on the node.
 
 mod journal;
 mod metrics;
 mod migrate;
 mod request;
 mod run;
+mod term;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -45,7 +50,7 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(300);
 /// Events a watcher may have in flight before the forwarder waits for it.
 const WATCH_BUFFER: usize = 256;
 
-/// Engine failures (opening the journal, writing it).
+/// Engine failures (opening the journal, writing it; reading and writing the leader term file).
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error("cannot create the state directory {path}")]
@@ -69,12 +74,40 @@ pub enum JobError {
     },
     #[error("job journal {path}: write failed: {message}")]
     Write { path: PathBuf, message: String },
+    #[error("cannot read the leader term file {path}")]
+    TermRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the leader term file {path} is corrupt: {found:?} is not one decimal number")]
+    TermCorrupt { path: PathBuf, found: String },
+    #[error("cannot write the leader term file {path}")]
+    TermWrite {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start {what}")]
     Thread {
         what: &'static str,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A request from an older coordinator leader term than one this agent has taken requests from
+/// (FAILED_PRECONDITION): its sender has been replaced by a newer leader and must not act.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refused: this {request} comes from coordinator term {term}, but this agent has already taken requests \
+     from term {highest} (a newer leader); the sender is no longer the leader"
+)]
+pub struct StaleTerm {
+    /// What was refused: "job" or "cancel request".
+    pub request: &'static str,
+    pub term: u64,
+    pub highest: u64,
 }
 
 /// Why a submission was refused. Each maps to one gRPC status (see `server`).
@@ -101,6 +134,9 @@ pub enum SubmitError {
     /// The agent is stopping (UNAVAILABLE).
     #[error("the agent is shutting down and accepts no new jobs")]
     ShuttingDown,
+    /// The sender is no longer the leader (FAILED_PRECONDITION).
+    #[error(transparent)]
+    StaleTerm(#[from] StaleTerm),
     #[error(transparent)]
     Journal(#[from] JobError),
 }
@@ -111,6 +147,11 @@ pub enum CancelError {
     NotFound(String),
     #[error("job {id} has already finished ({})", state.as_str_name())]
     Finished { id: String, state: JobState },
+    #[error(transparent)]
+    StaleTerm(#[from] StaleTerm),
+    /// Recording a newer leader term failed.
+    #[error(transparent)]
+    Journal(#[from] JobError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +200,8 @@ struct State {
     /// "target <path>" or "domain <name>" -> the unfinished job holding it.
     holders: HashMap<String, String>,
     stopping: bool,
+    /// The highest coordinator leader term a request was taken from; as in the leader term file.
+    leader_term: u64,
     metrics: Metrics,
     /// Job threads not yet joined.
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -281,15 +324,22 @@ pub fn read_journal(config: &Config) -> Result<Vec<Job>, JobError> {
     journal::read_jobs_shared(&config.journal_path())
 }
 
+/// The highest leader term in `config`'s state directory (0 without a file), read without opening the engine.
+pub fn read_leader_term(config: &Config) -> Result<u64, JobError> {
+    term::read(&config.leader_term_path())
+}
+
 impl JobEngine {
     /// Open (create) the journal at `config.journal_path()`. Jobs found queued or running are recorded
     /// INTERRUPTED (a running one's target gets its first MiB zeroed); finished jobs past
-    /// `jobs.retention_hours` are purged, now and periodically.
+    /// `jobs.retention_hours` are purged, now and periodically. A leader term file that cannot be read is an
+    /// error: starting at term 0 would let a deposed coordinator act again.
     pub fn open(config: &Config, hypervisor: Option<Arc<dyn Hypervisor>>) -> Result<JobEngine, JobError> {
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|source| JobError::StateDir { path: config.state_dir.clone(), source })?;
+        let leader_term = read_leader_term(config)?;
         let journal = Journal::open(&config.journal_path())?;
-        let mut state = State::default();
+        let mut state = State { leader_term, ..State::default() };
         for mut job in journal.load_jobs()? {
             if !is_final(job.state()) {
                 let was_running = job.state() == JobState::Running;
@@ -345,10 +395,12 @@ impl JobEngine {
     }
 
     /// Validate and queue a job. `client` names the caller (client certificate CN, or "local"): the default
-    /// operator of wipe reports. The same idempotency key again returns the existing job unchanged.
+    /// operator of wipe reports. The same idempotency key again returns the existing job unchanged. A job
+    /// from an older leader term than the highest taken is refused before anything else; a newer term is
+    /// recorded first.
     pub fn submit(&self, req: SubmitJobRequest, client: &str) -> Result<Job, SubmitError> {
         request::check_key(&req.idempotency_key)?;
-        if let Some(job) = self.inner.job_for_key(&req.idempotency_key) {
+        if let Some(job) = self.inner.job_for_key(&req)? {
             return Ok(job);
         }
         if lock(&self.inner.state).stopping {
@@ -393,10 +445,13 @@ impl JobEngine {
         jobs
     }
 
-    /// Cancel a queued job at once, or ask a running one to stop at its next safe point.
-    pub fn cancel(&self, id: &str) -> Result<Job, CancelError> {
+    /// Cancel a queued job at once, or ask a running one to stop at its next safe point. A request from an
+    /// older leader term than the highest taken is refused before anything else; a newer term is recorded
+    /// first.
+    pub fn cancel(&self, id: &str, leader_term: u64) -> Result<Job, CancelError> {
         let inner = &self.inner;
         let mut st = lock(&inner.state);
+        inner.take_term::<CancelError>(&mut st, leader_term, CANCEL, id)?;
         let entry = st.jobs.get_mut(id).ok_or_else(|| CancelError::NotFound(id.to_string()))?;
         let state = entry.job.state();
         let Some(live) = entry.live.as_mut().filter(|_| !is_final(state)) else {
@@ -551,6 +606,11 @@ impl JobEngine {
         }
     }
 
+    /// The highest coordinator leader term a SubmitJob or CancelJob was taken from (0: none yet).
+    pub fn leader_term(&self) -> u64 {
+        lock(&self.inner.state).leader_term
+    }
+
     /// Prometheus text exposition of the engine's metrics.
     pub fn render_metrics(&self, out: &mut String) {
         let st = lock(&self.inner.state);
@@ -563,17 +623,66 @@ impl JobEngine {
 #[must_use]
 struct Concluded(bool);
 
+/// What a refusal names, in [`StaleTerm`].
+const JOB: &str = "job";
+const CANCEL: &str = "cancel request";
+
+impl State {
+    /// Refuse a request from an older leader term than the highest taken. `subject` (a key, a job id) is
+    /// for the log.
+    fn check_term(&self, term: u64, request: &'static str, subject: &str) -> Result<(), StaleTerm> {
+        if term >= self.leader_term {
+            return Ok(());
+        }
+        let refusal = StaleTerm { request, term, highest: self.leader_term };
+        tracing::warn!(subject, term, highest = self.leader_term, "{refusal}");
+        Err(refusal)
+    }
+
+    /// The job known by the request's idempotency key.
+    fn keyed(&self, req: &SubmitJobRequest) -> Option<Job> {
+        self.keys.get(&req.idempotency_key).and_then(|id| self.jobs.get(id)).map(|e| e.job.clone())
+    }
+}
+
 impl Inner {
-    fn job_for_key(&self, key: &str) -> Option<Job> {
-        let st = lock(&self.state);
-        st.keys.get(key).and_then(|id| st.jobs.get(id)).map(|e| e.job.clone())
+    /// [`State::check_term`]; a higher term is recorded durably before the request has any effect, under the
+    /// state lock, so that no request of an older term is taken once a newer one was.
+    fn take_term<E: From<StaleTerm> + From<JobError>>(
+        &self,
+        st: &mut State,
+        term: u64,
+        request: &'static str,
+        subject: &str,
+    ) -> Result<(), E> {
+        st.check_term(term, request, subject)?;
+        if term > st.leader_term {
+            term::write(&self.config.leader_term_path(), term)?;
+            tracing::info!(
+                subject,
+                term,
+                previous = st.leader_term,
+                "taking requests from a newer leader term"
+            );
+            st.leader_term = term;
+        }
+        Ok(())
+    }
+
+    /// Refuse a stale submission and record a newer term, then the job already submitted under its key.
+    fn job_for_key(&self, req: &SubmitJobRequest) -> Result<Option<Job>, SubmitError> {
+        let mut st = lock(&self.state);
+        self.take_term::<SubmitError>(&mut st, req.leader_term, JOB, &req.idempotency_key)?;
+        Ok(st.keyed(req))
     }
 
     fn enqueue(self: &Arc<Self>, req: &SubmitJobRequest, prepared: Prepared) -> Result<Job, SubmitError> {
         let mut st = lock(&self.state);
-        // Checked again under the lock: two submissions with one key may race.
-        if let Some(job) = st.keys.get(&req.idempotency_key).and_then(|id| st.jobs.get(id)) {
-            return Ok(job.job.clone());
+        // Checked again under the lock: a newer leader's request may have come in since.
+        st.check_term(req.leader_term, JOB, &req.idempotency_key)?;
+        // And the key: two submissions with one key may race.
+        if let Some(job) = st.keyed(req) {
+            return Ok(job);
         }
         if st.stopping {
             return Err(SubmitError::ShuttingDown);

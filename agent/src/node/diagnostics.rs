@@ -34,8 +34,9 @@ pub enum JobList<'a> {
     Unknown(String),
 }
 
-/// Every check, in a fixed order, the hypervisor kind and the images the node's store lists.
-pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
+/// Every check, in a fixed order, the hypervisor kind and the images the node's store lists; `leader_term` is
+/// the highest coordinator leader term the job engine has taken requests from.
+pub fn report(ctx: &NodeContext, jobs: JobList<'_>, leader_term: u64) -> DiagnosticsReport {
     let libvirt = LibvirtFacts::gather(ctx);
     let (store_check, listing) = image_store_check(&ctx.config.images, &ctx.config.cache_dir);
     let checks = vec![
@@ -56,7 +57,7 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
         tls_check(&ctx.config.tls),
         clock_check(),
         state_dir_check(&ctx.config.state_dir),
-        jobs_check(jobs, SystemTime::now()),
+        jobs_check(jobs, leader_term, SystemTime::now()),
     ];
     DiagnosticsReport {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -68,6 +69,7 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>) -> DiagnosticsReport {
         images: listing.images,
         cached_images: listing.cached,
         live_migration: ctx.config.libvirt.live_endpoint().is_some() && libvirt.kind().is_some(),
+        leader_term,
     }
 }
 
@@ -524,7 +526,7 @@ fn seconds(t: &Option<pbjson_types::Timestamp>) -> Option<i64> {
     t.as_ref().map(|t| t.seconds)
 }
 
-fn jobs_check(jobs: JobList<'_>, now: SystemTime) -> Check {
+fn jobs_check(jobs: JobList<'_>, leader_term: u64, now: SystemTime) -> Check {
     let jobs = match jobs {
         JobList::Known(jobs) => jobs,
         JobList::Unknown(reason) => return check("jobs", Status::Warn, reason),
@@ -538,7 +540,11 @@ fn jobs_check(jobs: JobList<'_>, now: SystemTime) -> Check {
         .filter(|j| matches!(j.state(), JobState::Failed | JobState::Interrupted))
         .filter(|j| seconds(&j.finished).or(seconds(&j.created)).is_some_and(|t| t >= since))
         .collect();
-    let text = format!("{running} running, {queued} queued");
+    let mut text = format!("{running} running, {queued} queued");
+    // Only coordinators with leader election send a term; without one there is nothing to say.
+    if leader_term > 0 {
+        text.push_str(&format!(", coordinator leader term {leader_term}"));
+    }
     let Some(last) = failed.iter().max_by_key(|j| seconds(&j.finished)).copied() else {
         return check("jobs", Status::Ok, format!("{text}, none failed in the last 24 h"));
     };

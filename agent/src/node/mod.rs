@@ -25,9 +25,10 @@ impl std::fmt::Debug for NodeContext {
     }
 }
 
-/// The diagnostics report; `jobs` is the journal's current list (running and failed jobs are checked).
-pub fn diagnostics(ctx: &NodeContext, jobs: &[Job]) -> DiagnosticsReport {
-    diagnostics::report(ctx, JobList::Known(jobs))
+/// The diagnostics report; `jobs` is the journal's current list (running and failed jobs are checked),
+/// `leader_term` the job engine's highest coordinator leader term.
+pub fn diagnostics(ctx: &NodeContext, jobs: &[Job], leader_term: u64) -> DiagnosticsReport {
+    diagnostics::report(ctx, JobList::Known(jobs), leader_term)
 }
 
 /// Node and VM usage sampled over `sample`.

@@ -53,7 +53,9 @@ impl From<SubmitError> for Status {
         let message = error_chain(&e);
         match e {
             SubmitError::Invalid { .. } => Status::invalid_argument(message),
-            SubmitError::Busy { .. } | SubmitError::Precondition(_) => Status::failed_precondition(message),
+            SubmitError::Busy { .. } | SubmitError::Precondition(_) | SubmitError::StaleTerm(_) => {
+                Status::failed_precondition(message)
+            }
             SubmitError::NotFound(_) => Status::not_found(message),
             SubmitError::Unavailable(_) | SubmitError::ShuttingDown => Status::unavailable(message),
             SubmitError::Unsupported(_) => Status::unimplemented(message),
@@ -66,7 +68,10 @@ impl From<CancelError> for Status {
     fn from(e: CancelError) -> Status {
         match e {
             CancelError::NotFound(_) => Status::not_found(e.to_string()),
-            CancelError::Finished { .. } => Status::failed_precondition(e.to_string()),
+            CancelError::Finished { .. } | CancelError::StaleTerm(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            CancelError::Journal(_) => Status::internal(error_chain(&e)),
         }
     }
 }
@@ -172,7 +177,7 @@ impl Agent for AgentService {
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         let req = request.into_inner();
         require_job_id(&req.job_id)?;
-        Ok(Response::new(self.engine.cancel(&req.job_id)?))
+        Ok(Response::new(self.engine.cancel(&req.job_id, req.leader_term)?))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
@@ -197,8 +202,10 @@ impl Agent for AgentService {
         _request: Request<DiagnosticsRequest>,
     ) -> Result<Response<DiagnosticsReport>, Status> {
         let (engine, node) = (self.engine.clone(), self.node.clone());
-        let report =
-            blocking(move || node::diagnostics(&node, &engine.list(&ListJobsRequest::default()))).await?;
+        let report = blocking(move || {
+            node::diagnostics(&node, &engine.list(&ListJobsRequest::default()), engine.leader_term())
+        })
+        .await?;
         Ok(Response::new(report))
     }
 

@@ -109,6 +109,7 @@ pub fn wipe_request(key: &str, path: &Path, method: &str) -> SubmitJobRequest {
             verify: String::new(),
             operator: String::new(),
         })),
+        ..Default::default()
     }
 }
 

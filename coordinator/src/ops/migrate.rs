@@ -264,7 +264,7 @@ impl Engine {
                 );
             }
             if !receive_state.is_some_and(super::run::terminal) {
-                let _ = client.cancel_job(CancelJobRequest { job_id }).await;
+                let _ = client.cancel_job(CancelJobRequest { job_id, leader_term: self.leader_term() }).await;
             }
         }
         let mut error = format!("{error}; the VM stays on the source");

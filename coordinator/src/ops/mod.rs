@@ -250,6 +250,12 @@ impl Engine {
         &self.inner.cluster
     }
 
+    /// The leader term the agents get with each job and cancel: the election revision this coordinator won
+    /// with (0: the embedded store); agents refuse lower ones than they have taken.
+    pub fn leader_term(&self) -> u64 {
+        self.inner.cluster.term()
+    }
+
     pub fn view(&self) -> &GridView {
         &self.inner.view
     }

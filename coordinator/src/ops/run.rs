@@ -112,7 +112,11 @@ impl Engine {
         let step = &op.steps[index];
         if matches!(op.kind(), OpKind::RebuildVm | OpKind::CleanNode) {
             let job = self.recovery_job(&op, vm.as_ref(), &step.name)?;
-            return Ok(SubmitJobRequest { idempotency_key: step.idempotency_key.clone(), job: Some(job) });
+            return Ok(SubmitJobRequest {
+                idempotency_key: step.idempotency_key.clone(),
+                job: Some(job),
+                leader_term: self.leader_term(),
+            });
         }
         let vm = vm.ok_or_else(|| format!("vm {} is no longer in the grid", op.vm))?;
         let param = |k: &str| op.params.get(k).cloned().unwrap_or_default();
@@ -162,7 +166,11 @@ impl Engine {
             OpKind::RebuildVm | OpKind::CleanNode => unreachable!("handled above"),
             OpKind::Unspecified => return Err("operation of no kind".into()),
         };
-        Ok(SubmitJobRequest { idempotency_key: step.idempotency_key.clone(), job: Some(job) })
+        Ok(SubmitJobRequest {
+            idempotency_key: step.idempotency_key.clone(),
+            job: Some(job),
+            leader_term: self.leader_term(),
+        })
     }
 
     pub(super) async fn update_op(&self, id: &str, f: impl FnOnce(&mut Operation) + Send) {
