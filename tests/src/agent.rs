@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use gridforge_common::client::{ClientTls, connect};
 use gridforge_proto::v1::{
-    GetJobRequest, Job, JobKind, JobState, ListJobsRequest, NodeStatsReport, NodeStatsRequest,
-    SubmitJobRequest,
+    DiagnosticsReport, DiagnosticsRequest, GetJobRequest, Job, JobKind, JobState, ListJobsRequest,
+    NodeStatsReport, NodeStatsRequest, SubmitJobRequest,
 };
 use gridforge_testsupport::AgentConfig;
 use serde_json::Value;
@@ -230,6 +230,16 @@ impl Agent {
         crate::block_on(async move {
             let mut client = connect(&endpoint, Some(&tls)).await.expect("connecting to the agent");
             client.node_stats(NodeStatsRequest::default()).await.expect("NodeStats").into_inner()
+        })
+    }
+
+    /// The running agent's Diagnostics report (its checks, and what it knows of the grid's leader).
+    pub fn diagnostics(&self) -> DiagnosticsReport {
+        let endpoint = self.address();
+        let tls = self.client.clone();
+        crate::block_on(async move {
+            let mut client = connect(&endpoint, Some(&tls)).await.expect("connecting to the agent");
+            client.diagnostics(DiagnosticsRequest {}).await.expect("Diagnostics").into_inner()
         })
     }
 

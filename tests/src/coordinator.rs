@@ -1,5 +1,6 @@
 //! `gridforge-coordinator` in the root namespace (API on a free loopback port, state in a temp dir), and
-//! `gridctl` against it with `-o json`.
+//! `gridctl` against it with `-o json`. With an [`EtcdStore`] several coordinators share one grid view in
+//! etcd: each advertises its own listen address, one is elected leader.
 //!
 //! Roles: `admin` and `viewer` hold certificates from `gridctl pki issue --role` (the role is their OU);
 //! `ops`, the operator certificate the tests also use towards agents, is made by `gridforge-agent pki` and
@@ -7,9 +8,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::bins;
@@ -41,6 +43,21 @@ pub struct Settings {
     pub lost_after_secs: u64,
     /// The `command` fencing actuator's program and arguments; empty: the `manual` actuator.
     pub fencing_command: Vec<String>,
+    /// The grid view in etcd, shared with other coordinators; `None`: the embedded store in `state_dir`.
+    pub etcd: Option<EtcdStore>,
+}
+
+/// A coordinator's `[store.etcd]`: where the shared grid view lives and who this member is.
+#[derive(Clone, Debug)]
+pub struct EtcdStore {
+    pub endpoints: Vec<String>,
+    /// Every key of the grid under it: one per grid, so that grids never share a view.
+    pub prefix: String,
+    pub lease_ttl_secs: u64,
+    /// The member's name; its advertised address is its own listen address.
+    pub name: String,
+    /// Longest wait for one etcd call.
+    pub timeout_secs: u64,
 }
 
 impl Default for Settings {
@@ -54,6 +71,7 @@ impl Default for Settings {
             call_timeout_secs: 5,
             lost_after_secs: 120,
             fencing_command: Vec::new(),
+            etcd: None,
         }
     }
 }
@@ -65,6 +83,8 @@ pub struct Coordinator {
     pub settings: Settings,
     pki: Pki,
     daemon: Option<Daemon>,
+    /// The log of the latest start (kept after the process ends).
+    log: Option<PathBuf>,
     starts: u32,
 }
 
@@ -86,7 +106,7 @@ impl Coordinator {
             format!("127.0.0.1:{}", gridforge_common::net::unused_loopback_port()).parse().unwrap();
         let config = dir.join("coordinator.toml");
         let s = &settings;
-        let text = format!(
+        let mut text = format!(
             r#"listen = "{listen}"
 state_dir = "{state}"
 
@@ -132,6 +152,27 @@ default_role = ""
             attempts = s.retry_attempts,
             backoff = s.retry_backoff_ms,
         );
+        if let Some(etcd) = &s.etcd {
+            text.push_str(&format!(
+                r#"
+[store]
+backend = "etcd"
+
+[store.etcd]
+endpoints = {endpoints}
+prefix = "{prefix}"
+lease_ttl_secs = {ttl}
+name = "{name}"
+advertise = "{listen}"
+timeout_secs = {timeout}
+"#,
+                endpoints = serde_json::to_string(&etcd.endpoints).unwrap(),
+                prefix = etcd.prefix,
+                ttl = etcd.lease_ttl_secs,
+                name = etcd.name,
+                timeout = etcd.timeout_secs,
+            ));
+        }
         std::fs::write(&config, text).unwrap();
         Coordinator {
             dir: dir.to_path_buf(),
@@ -140,22 +181,35 @@ default_role = ""
             settings,
             pki: pki.clone(),
             daemon: None,
+            log: None,
             starts: 0,
         }
     }
 
+    /// The member name of an etcd-backed coordinator ("" with the embedded store).
+    pub fn name(&self) -> &str {
+        self.settings.etcd.as_ref().map_or("", |e| e.name.as_str())
+    }
+
     /// Start the daemon and wait until `gridctl node list` answers.
     pub fn start(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Start the daemon without waiting (several coordinators start together, then each is waited for).
+    pub fn spawn(&mut self) {
         assert!(self.daemon.is_none(), "the coordinator is already running");
         self.starts += 1;
         let log = self.dir.join(format!("coordinator-{}.log", self.starts));
         let mut cmd = Command::new(bins::path(bins::COORDINATOR));
         cmd.arg("--config").arg(&self.config).env("RUST_LOG", "info");
         self.daemon = Some(Daemon::spawn(&mut cmd, &log));
-        self.wait_ready();
+        self.log = Some(log);
     }
 
-    fn wait_ready(&mut self) {
+    /// Wait until `gridctl node list` answers (panics if the process exits first).
+    pub fn wait_ready(&mut self) {
         let start = Instant::now();
         let ctl = self.gridctl(ADMIN);
         loop {
@@ -186,8 +240,52 @@ default_role = ""
     /// SIGTERM and wait for the exit.
     pub fn stop(&mut self) {
         if let Some(mut d) = self.daemon.take() {
-            d.stop(STOP_GRACE);
+            // A paused process takes the SIGTERM once it runs again.
+            d.signal(Signal::SIGTERM);
+            d.signal(Signal::SIGCONT);
+            d.wait_exit(STOP_GRACE);
         }
+    }
+
+    /// SIGSTOP: the process is frozen (its leases run out, its connections stay open) until
+    /// [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.daemon.as_ref().expect("a running coordinator").signal(Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.daemon.as_ref().expect("a running coordinator").signal(Signal::SIGCONT);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Daemon::pid)
+    }
+
+    /// Whether the process runs (a paused one included).
+    pub fn running(&mut self) -> bool {
+        self.daemon.as_mut().is_some_and(|d| d.exited().is_none())
+    }
+
+    /// The exit status once the process has ended on its own (it is then no longer running).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.daemon.as_mut()?.exited()?;
+        self.daemon = None;
+        Some(status)
+    }
+
+    /// Wait at most `limit` for the process to end on its own; its status, or `None` if it still ran (it is
+    /// then SIGKILLed, so that the caller's failure message is the only outcome).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.sigkill();
+        None
     }
 
     /// Start again on the same config and state directory (after [`sigkill`](Self::sigkill) or
@@ -197,8 +295,16 @@ default_role = ""
         self.start();
     }
 
+    /// The latest start's log, also after the process ended.
+    pub fn log_text(&self) -> String {
+        self.log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default()
+    }
+
+    /// The last lines of [`log_text`](Self::log_text), for failure messages.
     pub fn log_tail(&self) -> String {
-        self.daemon.as_ref().map(Daemon::log_tail).unwrap_or_default()
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// `gridctl` as certificate `user`.
@@ -213,6 +319,18 @@ default_role = ""
     /// `gridctl` with the CA but no client certificate.
     pub fn gridctl_without_cert(&self) -> Gridctl {
         Gridctl { server: self.listen.to_string(), ca: self.pki.ca(), identity: None }
+    }
+}
+
+/// Stop every one of `coordinators` at once: SIGTERM to all, then a bounded wait for each (one by one, each
+/// leader stopped would make the next member wait out a new election first).
+pub fn stop_all(coordinators: &mut [Coordinator]) {
+    for d in coordinators.iter().filter_map(|c| c.daemon.as_ref()) {
+        d.signal(Signal::SIGTERM);
+        d.signal(Signal::SIGCONT);
+    }
+    for c in coordinators {
+        c.stop();
     }
 }
 

@@ -1,15 +1,17 @@
 //! A whole test grid: a private network with one namespace per node, a CA, the tiny image store, the
-//! agents (started in parallel) and, when asked for, the coordinator.
+//! agents (started in parallel) and, when asked for, the coordinator, or several coordinators sharing one
+//! grid view on an etcd cluster of the grid's own.
 //!
-//! Dropping it stops the coordinator and the agents, then removes the namespaces and the bridge, then the
-//! temp dir (kept, and its path printed, when the test failed, for the daemons' logs).
+//! Dropping it stops the coordinators and the agents, then etcd, then removes the namespaces and the bridge,
+//! then the temp dir (kept, and its path printed, when the test failed, for the daemons' logs).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use crate::agent::{self, Agent};
-use crate::coordinator::{self, Coordinator, Gridctl, Settings};
+use crate::coordinator::{self, Coordinator, EtcdStore, Gridctl, Settings};
+use crate::etcd::EtcdCluster;
 use crate::images::{ImageStore, vm_spec};
 use crate::netns::Network;
 use crate::pki::{Pki, PkiCommands};
@@ -21,7 +23,10 @@ pub const NODE_NAMES: [&str; 8] =
 pub struct Grid {
     // Field order is drop order: processes first, then the network they live in, then their files.
     pub coordinator: Option<Coordinator>,
+    /// Coordinators sharing one grid view in etcd, in start order ([`Grid::start_coordinators`]).
+    pub members: Vec<Coordinator>,
     pub agents: Vec<Agent>,
+    pub etcd: Option<EtcdCluster>,
     pub network: Network,
     pub pki: Pki,
     pub store: ImageStore,
@@ -72,7 +77,16 @@ impl Grid {
         for a in &mut agents {
             a.wait_ready();
         }
-        Grid { coordinator: None, agents, network, pki, store, dir: Some(dir) }
+        Grid {
+            coordinator: None,
+            members: Vec::new(),
+            agents,
+            etcd: None,
+            network,
+            pki,
+            store,
+            dir: Some(dir),
+        }
     }
 
     /// [`Grid::agents`] and a running coordinator with `settings` (nodes not enrolled).
@@ -88,6 +102,57 @@ impl Grid {
         let mut c = Coordinator::new(&self.path().join("coordinator"), &self.pki, settings);
         c.start();
         self.coordinator = Some(c);
+    }
+
+    /// An etcd cluster of `members` members for the grid's coordinators, on loopback.
+    pub fn start_etcd(&mut self, members: usize) {
+        assert!(self.etcd.is_none(), "the grid has an etcd cluster already");
+        self.etcd = Some(EtcdCluster::start(members, &self.path().join("etcd")));
+    }
+
+    pub fn etcd(&mut self) -> &mut EtcdCluster {
+        self.etcd.as_mut().expect("a grid with an etcd cluster")
+    }
+
+    /// The etcd prefix of the grid's view: one no other grid uses.
+    pub fn etcd_prefix(&self) -> String {
+        let grid = self.path().file_name().and_then(|n| n.to_str()).expect("the grid's directory name");
+        format!("/gridforge-test/{grid}")
+    }
+
+    /// The `[store.etcd]` of the coordinator named `name` on the grid's etcd cluster, under
+    /// [`Grid::etcd_prefix`].
+    pub fn etcd_store(&self, name: &str, lease_ttl_secs: u64) -> EtcdStore {
+        let etcd = self.etcd.as_ref().expect("a grid with an etcd cluster");
+        EtcdStore {
+            endpoints: etcd.endpoints(),
+            prefix: self.etcd_prefix(),
+            lease_ttl_secs,
+            name: name.to_string(),
+            timeout_secs: 2,
+        }
+    }
+
+    /// Start a coordinator for each of `settings` (each naming its etcd store, e.g. from
+    /// [`Grid::etcd_store`]) together, and wait until every one answers.
+    pub fn start_coordinators(&mut self, settings: Vec<Settings>) {
+        assert!(self.coordinator.is_none(), "the grid has a coordinator of its own");
+        let first = self.members.len();
+        for s in settings {
+            let name = s.etcd.as_ref().expect("a coordinator with an etcd store").name.clone();
+            assert!(self.members.iter().all(|m| m.name() != name), "two coordinators named {name}");
+            let mut c = Coordinator::new(&self.path().join(format!("coordinator-{name}")), &self.pki, s);
+            c.spawn();
+            self.members.push(c);
+        }
+        for c in &mut self.members[first..] {
+            c.wait_ready();
+        }
+    }
+
+    /// The member coordinator named `name`.
+    pub fn member(&mut self, name: &str) -> &mut Coordinator {
+        self.members.iter_mut().find(|c| c.name() == name).unwrap_or_else(|| panic!("no coordinator {name}"))
     }
 
     pub fn path(&self) -> &Path {
@@ -112,9 +177,10 @@ pub struct Shape {
 }
 
 impl Grid {
-    /// `gridctl` as the grid's admin.
+    /// `gridctl` as the grid's admin: against the coordinator, or the first member that has a process.
     pub fn admin(&self) -> Gridctl {
-        self.coordinator.as_ref().expect("a grid with a coordinator").gridctl(coordinator::ADMIN)
+        let c = self.coordinator.as_ref().or_else(|| self.members.iter().find(|m| m.pid().is_some()));
+        c.expect("a grid with a coordinator").gridctl(coordinator::ADMIN)
     }
 
     /// `gridctl node add NAME --address … --datacenter dc1` with overcommit ratios that make the node's
@@ -156,6 +222,7 @@ impl Drop for Grid {
         if let Some(c) = &mut self.coordinator {
             c.stop();
         }
+        coordinator::stop_all(&mut self.members);
         for a in &mut self.agents {
             a.kill();
         }

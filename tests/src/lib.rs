@@ -1,6 +1,6 @@
-//! Support for the tests that span programs: agents in network namespaces, a coordinator in the root
-//! namespace reaching them over a private bridge, certificates and a tiny image store made with the real
-//! command-line tools.
+//! Support for the tests that span programs: agents in network namespaces, a coordinator (or several, on an
+//! etcd cluster on loopback) in the root namespace reaching them over a private bridge, certificates and a
+//! tiny image store made with the real command-line tools.
 //!
 //! Everything a test starts is owned by a value that removes it on drop; processes also die with the test
 //! thread that started them (`PR_SET_PDEATHSIG`), so a test killed outright leaves no daemon behind, and the
@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bins;
 pub mod coordinator;
+pub mod etcd;
 pub mod grid;
 pub mod images;
 pub mod netns;
@@ -39,12 +40,24 @@ pub fn verify_wipe_report(report_json: &str, agent_dir: &std::path::Path, scratc
 
 /// Poll `check` every `every` until it returns `Some`, at most `limit`; `what` names the wait in the panic.
 pub fn wait_for<T>(what: &str, limit: Duration, every: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, limit, every, || check().ok_or_else(String::new))
+}
+
+/// Like [`wait_for`], `check` saying what it saw while not done: the last of that is in the panic.
+pub fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
     let start = Instant::now();
     loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        let seen = match check() {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        let seen = if seen.is_empty() { seen } else { format!("; last seen: {seen}") };
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}{seen}");
         std::thread::sleep(every);
     }
 }
