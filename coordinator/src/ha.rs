@@ -20,7 +20,7 @@ use gridforge_proto::v1::{CoordinatorMember, CoordinatorStatusResponse};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::Engine;
-use crate::store::{EtcdStore, Fence, StoreError};
+use crate::store::{EtcdStore, Fence, StoreError, etcd_error};
 
 /// gRPC metadata naming the leader's address on a refused write (gridctl sends the call there).
 pub const LEADER_HEADER: &str = "x-gridforge-leader";
@@ -110,10 +110,17 @@ impl Cluster {
                 "coordinator {} is not the leader: {} at {} leads; send writes there (gridctl does)",
                 self.me.name, l.name, l.address
             ),
-            None => format!(
-                "coordinator {} is not the leader, and no leader is elected yet: try again in a few seconds",
-                self.me.name
-            ),
+            None => match self.stale() {
+                Some(why) => format!(
+                    "coordinator {} is not the leader, and no leader can be elected while the grid store (etcd) \
+                     does not answer ({why}); nothing was changed",
+                    self.me.name
+                ),
+                None => format!(
+                    "coordinator {} is not the leader, and no leader is elected yet: try again in a few seconds",
+                    self.me.name
+                ),
+            },
         }
     }
 
@@ -215,7 +222,7 @@ pub async fn run_etcd(
         let lease = match client.lease_grant(ttl_secs, None).await {
             Ok(l) => l.id(),
             Err(e) => {
-                cluster.set_stale(Some(format!("cannot reach etcd for a lease: {e}")));
+                cluster.set_stale(Some(format!("cannot reach etcd for a lease: {}", etcd_error(&e))));
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -289,7 +296,7 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, lost: tokio::
                 let _ = lost.send(format!("the lease {lease:x} expired: etcd no longer knows it")).await;
                 return;
             }
-            Ok(Err(e)) => tracing::warn!("cannot renew the lease: {e}"),
+            Ok(Err(e)) => tracing::warn!("cannot renew the lease: {}", etcd_error(&e)),
             Err(_) => tracing::warn!("renewing the lease took longer than {} ms", every.as_millis()),
         }
         if renewed.elapsed() >= ttl {
@@ -342,22 +349,20 @@ async fn follow_members(
     cluster: std::sync::Arc<Cluster>,
 ) {
     let members_prefix = format!("{prefix}/members/");
+    // Calls that fail in a row: one failure is a dead member answering first, not a lost store.
+    let mut failures = 0u32;
     loop {
-        match client.get(members_prefix.clone(), Some(GetOptions::new().with_prefix())).await {
+        let listed = client.get(members_prefix.clone(), Some(GetOptions::new().with_prefix())).await;
+        match &listed {
             Ok(resp) => {
                 let mut members: Vec<Member> =
                     resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
                 members.sort_by(|a, b| a.name.cmp(&b.name));
                 cluster.set_members(members);
             }
-            Err(e) => cluster.set_stale(Some(format!("etcd does not answer: {e}"))),
+            Err(e) => tracing::debug!("listing the members: {}", etcd_error(e)),
         }
-        if cluster.is_leader() {
-            // The leader's view is its own; it is stale only while the store does not answer.
-            if client.status().await.is_ok() {
-                cluster.set_stale(None);
-            }
-        } else {
+        if !cluster.is_leader() {
             match client.leader(election.clone()).await {
                 Ok(resp) => {
                     let kv = resp.kv();
@@ -366,6 +371,18 @@ async fn follow_members(
                     cluster.set_leader(leader, term);
                 }
                 Err(e) if e.to_string().contains("no leader") => cluster.set_leader(None, 0),
+                Err(_) => {}
+            }
+        }
+        failures = if listed.is_ok() { 0 } else { failures + 1 };
+        // The leader's view is its own: it is stale only while the store does not answer. A follower's
+        // staleness is its watch's.
+        if cluster.is_leader() {
+            match &listed {
+                Ok(_) => cluster.set_stale(None),
+                Err(e) if failures >= 3 => {
+                    cluster.set_stale(Some(format!("etcd does not answer: {}", etcd_error(e))))
+                }
                 Err(_) => {}
             }
         }

@@ -221,7 +221,7 @@ fn leader_term(agent: &Agent) -> u64 {
 
 /// The term of the leader that submitted `job`, as its request carries it.
 fn job_term(job: &Job) -> u64 {
-    n(&serde_json::to_value(job).expect("a job as JSON"), &["request", "term"])
+    job.request.as_ref().map_or(0, |r| r.leader_term)
 }
 
 /// The agent's jobs, in the order it took them, each carry a term and never one below a job before them;

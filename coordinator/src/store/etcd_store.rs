@@ -18,6 +18,8 @@ use prost::Message;
 use super::{GridStore, Records, StoreError};
 use crate::grid::{Change, GridUser, Node, Operation, Vm};
 
+/// Pause between attempts of a call that found etcd unavailable.
+const RETRY: Duration = Duration::from_millis(200);
 /// Keys per page when loading (etcd answers in one message per page).
 const PAGE: i64 = 500;
 
@@ -46,8 +48,26 @@ pub struct EtcdStore {
 }
 
 /// `e` as the store's error: a call that did not reach a quorum is "unavailable".
-fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("etcd {what}: {e}"))
+fn unavailable(what: &str, e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable(format!("etcd {what}: {}", etcd_error(&e)))
+}
+
+/// An etcd client error in one line: gRPC's message and the innermost cause (not the transport's debug
+/// dump).
+pub fn etcd_error(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let mut root: Option<&dyn std::error::Error> = std::error::Error::source(status);
+            while let Some(next) = root.and_then(std::error::Error::source) {
+                root = Some(next);
+            }
+            match root {
+                Some(cause) => format!("{} ({cause})", status.message()),
+                None => status.message().to_string(),
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The first key after every key starting with `prefix` (etcd's range end for a prefix).
@@ -127,17 +147,34 @@ impl EtcdStore {
         matches!(kind, NODES | VMS | OPS | USERS).then_some((kind, name))
     }
 
-    /// Run `f` on the store's runtime and wait for it, from any thread (a runtime worker included).
-    fn block<T: Send + 'static>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    /// Run the future `make` gives on the store's runtime and wait for it, from any thread (a runtime worker
+    /// included). An attempt that finds etcd unavailable (a member gone, an election under way) is made
+    /// again until the store's timeout: every call here is idempotent (reads, and a fenced transaction of
+    /// puts and deletes that writes the same thing twice).
+    fn block<T: Send + 'static, F>(&self, make: impl Fn() -> F + Send + 'static) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
         let (tx, rx) = std::sync::mpsc::channel();
         let timeout = self.timeout;
         self.runtime.spawn(async move {
-            let r = tokio::time::timeout(timeout, f).await.unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!("etcd did not answer within {} s", timeout.as_secs())))
-            });
+            let deadline = tokio::time::Instant::now() + timeout;
+            let attempt = (timeout / 3).max(Duration::from_secs(1));
+            let r = loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let r = tokio::time::timeout(attempt.min(left), make()).await.unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(format!(
+                        "etcd did not answer within {} s",
+                        timeout.as_secs()
+                    )))
+                });
+                match r {
+                    Err(StoreError::Unavailable(_)) if deadline > tokio::time::Instant::now() + RETRY => {
+                        tokio::time::sleep(RETRY).await;
+                    }
+                    r => break r,
+                }
+            };
             let _ = tx.send(r);
         });
         let wait = || rx.recv().map_err(|_| StoreError::Stopped);
@@ -272,13 +309,16 @@ impl EtcdStore {
 impl GridStore for EtcdStore {
     fn load(&self) -> Result<Records, StoreError> {
         let (client, prefix) = (self.client.clone(), self.prefix.clone());
-        let (kvs, revision) = self.block(async move {
-            // Every kind at the revision the first range was read at: one consistent view.
-            let (mut all, at) = EtcdStore::range(client.clone(), format!("{prefix}/{NODES}/"), 0).await?;
-            for kind in [VMS, OPS, USERS] {
-                all.extend(EtcdStore::range(client.clone(), format!("{prefix}/{kind}/"), at).await?.0);
+        let (kvs, revision) = self.block(move || {
+            let (client, prefix) = (client.clone(), prefix.clone());
+            async move {
+                // Every kind at the revision the first range was read at: one consistent view.
+                let (mut all, at) = EtcdStore::range(client.clone(), format!("{prefix}/{NODES}/"), 0).await?;
+                for kind in [VMS, OPS, USERS] {
+                    all.extend(EtcdStore::range(client.clone(), format!("{prefix}/{kind}/"), at).await?.0);
+                }
+                Ok((all, at))
             }
-            Ok((all, at))
         })?;
         self.note_revision(revision);
         let mut r = Records { revision, ..Default::default() };
@@ -316,9 +356,11 @@ impl GridStore for EtcdStore {
         let txn = Txn::new()
             .when([Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.revision)])
             .and_then(ops);
-        let mut client = self.client.clone();
-        let resp =
-            self.block(async move { client.txn(txn).await.map_err(|e| unavailable("transaction", e)) })?;
+        let client = self.client.clone();
+        let resp = self.block(move || {
+            let (mut client, txn) = (client.clone(), txn.clone());
+            async move { client.txn(txn).await.map_err(|e| unavailable("transaction", e)) }
+        })?;
         if let Some(h) = resp.header() {
             self.note_revision(h.revision());
         }

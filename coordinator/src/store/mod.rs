@@ -22,7 +22,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-pub use etcd_store::{EtcdStore, Fence};
+pub use etcd_store::{EtcdStore, Fence, etcd_error};
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 use tokio::sync::oneshot;
