@@ -259,8 +259,8 @@ pub async fn run_etcd(
     };
     let term = u64::try_from(key.rev()).unwrap_or(0);
     tracing::info!(term, member = %me.name, "elected leader");
-    // Stop following before taking over: from here on the view moves by this coordinator's own changes.
-    cluster.become_leader(term);
+    // Stop following, fence the store with the election key and read it whole: only then does this member
+    // lead (accept writes, resume, poll), so nothing it decides is lost to the reload.
     watching.abort();
     let _ = watching.await;
     store.set_fence(Some(Fence { key: key.key().to_vec(), revision: key.rev() }));
@@ -276,6 +276,7 @@ pub async fn run_etcd(
         Ok(Err(e)) => return format!("cannot reload the grid view as the new leader: {e}"),
         Err(e) => return format!("cannot reload the grid view as the new leader: {e}"),
     }
+    cluster.become_leader(term);
     on_leading();
     lost_rx.recv().await.unwrap_or_else(|| "the lease keeper stopped".into())
 }

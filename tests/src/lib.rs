@@ -20,6 +20,23 @@ use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
 
+/// The string at `key` of a proto3 JSON object ("" when absent: proto3 JSON leaves defaults out).
+pub fn json_str<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v.get(key).and_then(serde_json::Value::as_str).unwrap_or("")
+}
+
+/// The number at `path` (proto3 JSON writes 64-bit integers as strings and leaves zeros out).
+pub fn json_u64(v: &serde_json::Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for k in path {
+        match cur.get(k) {
+            Some(next) => cur = next,
+            None => return 0,
+        }
+    }
+    cur.as_u64().or_else(|| cur.as_str().and_then(|t| t.parse().ok())).unwrap_or(0)
+}
+
 /// The sha256 (hex) of a file's bytes.
 pub fn sha256_file(path: &std::path::Path) -> String {
     use sha2::Digest;

@@ -19,17 +19,13 @@ use common_vm::EmulatorLock;
 use gridforge_tests::coordinator::Settings;
 use gridforge_tests::grid::{Grid, Shape, first};
 use gridforge_tests::images::ImageStore;
+use gridforge_tests::{json_str as s, json_u64 as n};
 use gridforge_tests::{sha256_file, verify_wipe_report, wait_for};
-use serde_json::Value;
 
 const VM: &str = "roamer";
 /// The two daemons' namespaces, linked (nothing else sees these addresses).
 const ADDR_A: &str = "10.234.0.1";
 const ADDR_B: &str = "10.234.0.2";
-
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
 
 fn domstate(daemon: &Libvirtd) -> String {
     daemon.virsh(&["domstate", VM]).trim().to_string()
@@ -96,7 +92,7 @@ fn a_running_vm_migrates_live_between_two_real_libvirtd_nodes() {
     assert_eq!(s(&op["params"], "mode"), "live", "{op}");
     let steps: Vec<&str> = op["steps"].as_array().unwrap().iter().map(|st| s(st, "name")).collect();
     assert_eq!(steps, ["receive", "send"], "no stop step: the VM ran throughout: {op}");
-    let downtime: u64 = s(&op, "downtimeMs").parse().unwrap_or(0);
+    let downtime = n(&op, &["downtimeMs"]);
     assert!((1..10_000).contains(&downtime), "libvirt's measured downtime is kept: {op}");
 
     // The destination runs it, persistently defined; the source has nothing of it.

@@ -13,25 +13,10 @@ use gridforge_tests::coordinator::{self, Gridctl, Settings};
 use gridforge_tests::grid::{Grid, Shape, first};
 use gridforge_tests::netns::Network;
 use gridforge_tests::{block_on, sha256_file, verify_wipe_report, wait_for};
+use gridforge_tests::{json_str as s, json_u64 as n};
 use serde_json::Value;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
-fn n(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for k in path {
-        match cur.get(k) {
-            Some(next) => cur = next,
-            None => return 0,
-        }
-    }
-    // proto3 JSON writes 64-bit integers as strings.
-    cur.as_u64().or_else(|| cur.as_str().and_then(|t| t.parse().ok())).unwrap_or(0)
-}
 
 fn vm(ctl: &Gridctl, name: &str) -> Value {
     ctl.json(&["vm", "show", name])

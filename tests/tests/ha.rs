@@ -20,6 +20,7 @@ use gridforge_tests::agent::Agent;
 use gridforge_tests::coordinator::{self, Gridctl, Settings, parse_json};
 use gridforge_tests::grid::{Grid, Shape, first};
 use gridforge_tests::{block_on, wait_until};
+use gridforge_tests::{json_str as s, json_u64 as n};
 use serde_json::Value;
 use tonic::Code;
 
@@ -48,22 +49,6 @@ fn takeover_limit() -> Duration {
 fn one_grid_at_a_time() -> MutexGuard<'static, ()> {
     static ONE_GRID: Mutex<()> = Mutex::new(());
     ONE_GRID.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
-/// A number at `path` (proto3 JSON writes 64-bit integers as strings and leaves zeros out).
-fn n(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for k in path {
-        match cur.get(k) {
-            Some(next) => cur = next,
-            None => return 0,
-        }
-    }
-    cur.as_u64().or_else(|| cur.as_str().and_then(|t| t.parse().ok())).unwrap_or(0)
 }
 
 fn flag(v: &Value, key: &str) -> bool {
@@ -265,6 +250,26 @@ fn live_members(grid: &mut Grid, exits: &mut BTreeMap<String, ExitStatus>) -> Ve
     grid.members.iter().filter(|c| c.pid().is_some()).map(|c| c.name().to_string()).collect()
 }
 
+/// The other follower's view comes to show `shown`, and the old leader, started again as a supervisor would,
+/// follows the new leader `new` in its term.
+fn others_follow(
+    grid: &mut Grid,
+    shown: &BTreeMap<String, (String, String)>,
+    rest: &[&str],
+    old: &str,
+    new: &str,
+    new_term: u64,
+) {
+    let other = ctl(grid, rest.iter().find(|m| **m != new).unwrap());
+    wait_until("the other follower's view to match", READ_LIMIT, Duration::from_millis(200), || {
+        let theirs = vms(&other);
+        if theirs == *shown { Ok(()) } else { Err(format!("{theirs:?}")) }
+    });
+    grid.member(old).start();
+    let rejoined = agreed(grid, &MEMBERS, None, Duration::from_secs(15));
+    assert_eq!((leader(&rejoined), term(&rejoined)), (new, new_term), "{rejoined}");
+}
+
 #[test]
 fn every_member_shows_one_leader_and_term_and_a_follower_forwards_writes() {
     let _one = one_grid_at_a_time();
@@ -445,16 +450,7 @@ fn a_leader_killed_mid_burst_is_replaced_within_its_lease_and_every_vm_is_create
     eprintln!("{succeeded} of {} creates succeeded", names.len());
     assert!(ops(&new_ctl).iter().all(ended), "nothing left running");
     assert_allocations(&new_ctl);
-    let other = ctl(&grid, rest.iter().find(|m| **m != new).unwrap());
-    wait_until("the other follower's view to match", READ_LIMIT, Duration::from_millis(200), || {
-        let theirs = vms(&other);
-        if theirs == shown { Ok(()) } else { Err(format!("{theirs:?}")) }
-    });
-
-    // Started again as a supervisor would, the killed member follows the new leader.
-    grid.member(&old).start();
-    let rejoined = agreed(&grid, &MEMBERS, None, Duration::from_secs(15));
-    assert_eq!((leader(&rejoined), term(&rejoined)), (new.as_str(), new_term), "{rejoined}");
+    others_follow(&mut grid, &shown, &rest, &old, &new, new_term);
 }
 
 #[test]
@@ -536,16 +532,7 @@ fn a_leader_paused_past_its_lease_does_not_act_and_exits_when_it_runs_again() {
     for name in shown.keys() {
         assert_eq!(provisions(&grid, name), 1, "{name} provisioned once");
     }
-    let other = ctl(&grid, rest.iter().find(|m| **m != new).unwrap());
-    wait_until("the other follower's view to match", READ_LIMIT, Duration::from_millis(200), || {
-        let theirs = vms(&other);
-        if theirs == shown { Ok(()) } else { Err(format!("{theirs:?}")) }
-    });
-
-    // Restarted, the old member follows.
-    grid.member(&old).start();
-    let rejoined = agreed(&grid, &MEMBERS, None, Duration::from_secs(15));
-    assert_eq!((leader(&rejoined), term(&rejoined)), (new.as_str(), new_term), "{rejoined}");
+    others_follow(&mut grid, &shown, &rest, &old, &new, new_term);
 }
 
 #[test]

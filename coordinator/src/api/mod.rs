@@ -101,7 +101,9 @@ impl CoordinatorService {
             Some(r) if r >= need && need > Role::Viewer && !self.engine.cluster().is_leader() => {
                 let cluster = self.engine.cluster();
                 let mut status = Status::unavailable(cluster.not_leader());
-                if let Some(address) = cluster.leader().and_then(|l| l.address.parse().ok()) {
+                // Always present on this refusal (empty while no leader is known): gridctl tries again.
+                let leader = cluster.leader().filter(|l| l.name != cluster.me().name).map(|l| l.address);
+                if let Ok(address) = leader.unwrap_or_default().parse() {
                     status.metadata_mut().insert(crate::ha::LEADER_HEADER, address);
                 }
                 Err(status)

@@ -467,6 +467,10 @@ fn warn_if_stale(
     resp
 }
 
+/// Times a write refused by a coordinator that does not lead is sent again (at the leader it names, or
+/// after 500 ms while none is known).
+const NOT_LEADER_RETRIES: usize = 12;
+
 /// The largest answer gridctl accepts.
 pub const LISTING_LIMIT: usize = 1 << 30;
 
@@ -496,11 +500,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
     let mut result = run_at(&cli, &cli.server, &out).await;
     // A follower refuses a write before doing anything, naming the leader: the command runs again there.
-    if let Err(Failure { leader: Some(leader), .. }) = &result
-        && *leader != cli.server
-    {
-        let leader = leader.clone();
-        result = run_at(&cli, &leader, &out).await;
+    // While no leader is known (an election, a take-over), again after a pause, for a few seconds.
+    let mut server = cli.server.clone();
+    for _ in 0..NOT_LEADER_RETRIES {
+        let Err(Failure { leader: Some(leader), .. }) = &result else { break };
+        if leader.is_empty() || *leader == server {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        } else {
+            server = leader.clone();
+        }
+        result = run_at(&cli, &server, &out).await;
     }
     result.map_err(|mut f| {
         if cli.cert.is_none()

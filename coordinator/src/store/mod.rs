@@ -184,16 +184,13 @@ impl GridView {
         &self,
         f: impl FnOnce(&mut GridState) -> Result<(T, Vec<Change>), E>,
     ) -> Result<Pending<T>, E> {
-        let mut state = self.lock();
-        if self.shared.dirty.load(std::sync::atomic::Ordering::SeqCst) {
-            reload(&self.shared, &mut state);
-            if self.shared.dirty.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(StoreError::Unavailable(
-                    "the last write failed and the store cannot be read back yet; nothing was decided".into(),
-                )
-                .into());
-            }
+        if self.shared.dirty.load(std::sync::atomic::Ordering::SeqCst) && !reload(&self.shared) {
+            return Err(StoreError::Unavailable(
+                "the last write failed and the store cannot be read back yet; nothing was decided".into(),
+            )
+            .into());
         }
+        let mut state = self.lock();
         let (value, changes) = f(&mut state)?;
         if changes.is_empty() {
             return Ok(Pending { value, done: None });
@@ -205,8 +202,9 @@ impl GridView {
         }
         // Queued under the lock, so the queue's order is the order of the decisions.
         if queue.send(Queued { changes, done }).is_err() {
+            self.shared.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
             drop(state);
-            self.reload();
+            reload(&self.shared);
             return Err(StoreError::Stopped.into());
         }
         Ok(Pending { value, done: Some(rx) })
@@ -240,11 +238,6 @@ impl GridView {
     /// renews anyway.
     pub fn observe(&self, f: impl FnOnce(&mut GridState)) {
         f(&mut self.lock())
-    }
-
-    fn reload(&self) {
-        let mut state = self.lock();
-        reload(&self.shared, &mut state);
     }
 
     /// Replace the view with what the store holds now (a coordinator that just became the leader); the
@@ -283,21 +276,25 @@ impl Drop for GridView {
     }
 }
 
-/// Replace the view with what the store holds. Operation ids handed out stay handed out.
-fn reload(shared: &Shared, state: &mut GridState) {
+/// Replace the view with what the store holds, read without holding the view's lock (a store that does not
+/// answer must not stall readers); true once replaced. Operation ids handed out stay handed out. The view
+/// is dirty from a failed commit until this succeeds: no decision is made on it meanwhile.
+fn reload(shared: &Shared) -> bool {
     match shared.store.load() {
         Ok(r) => {
+            let mut state = shared.lock();
             let op_seq = state.op_seq;
             *state = r.into_state(shared.defaults);
             state.op_seq = state.op_seq.max(op_seq);
             shared.dirty.store(false, std::sync::atomic::Ordering::SeqCst);
+            true
         }
         Err(e) => {
-            shared.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
             tracing::error!(
                 "cannot reload the grid view from the store: {e}; it may show changes that are not durable, \
                  and no change is decided on it until it reloads"
             );
+            false
         }
     }
 }
@@ -344,15 +341,18 @@ fn commit_loop(shared: &Shared, queue: &Receiver<Queued>) {
             }
             Err(e) => {
                 tracing::error!(callers = batch.len(), "grid store commit failed: {e}");
-                // Under the lock no decision is made: everything queued now was decided on the view with
-                // the failed changes in it, and fails with them; later decisions see the reloaded view.
-                let mut state = shared.lock();
+                // From here no decision is made until the view is reloaded: everything queued now was decided
+                // on the view with the failed changes in it, and fails with them; later decisions see the
+                // reloaded view. (Nothing commits meanwhile: this thread is the only committer.)
+                shared.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
                 batch.extend(held.take());
                 while let Ok(q) = queue.try_recv() {
                     batch.push(q);
                 }
-                reload(shared, &mut state);
-                drop(state);
+                reload(shared);
+                while let Ok(q) = queue.try_recv() {
+                    batch.push(q);
+                }
                 for q in batch.drain(..) {
                     let _ = q.done.send(Err(e.clone()));
                 }
