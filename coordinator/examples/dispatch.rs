@@ -28,10 +28,10 @@ use gridforge_coordinator::grid::now;
 use gridforge_proto::v1::agent_server::{Agent, AgentServer};
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
-    AddNodeRequest, CancelJobRequest, Check, CreateVmRequest, DiagnosticsReport, DiagnosticsRequest, FsStats,
-    GetJobRequest, Job, JobEvent, JobKind, JobState, JobStep, ListJobsRequest, ListJobsResponse,
-    ListOperationsRequest, ListVmsRequest, MemoryStats, NodeStatsReport, NodeStatsRequest, ProvisionResult,
-    SubmitJobRequest, VmSpec, VmStats, WatchJobRequest, check, job::Outcome,
+    AddNodeRequest, CancelJobRequest, Check, CoordinatorStatusRequest, CreateVmRequest, DiagnosticsReport,
+    DiagnosticsRequest, FsStats, GetJobRequest, Job, JobEvent, JobKind, JobState, JobStep, ListJobsRequest,
+    ListJobsResponse, ListOperationsRequest, ListVmsRequest, MemoryStats, NodeStatsReport, NodeStatsRequest,
+    ProvisionResult, SubmitJobRequest, VmSpec, VmStats, WatchJobRequest, check, job::Outcome,
     submit_job_request::Job as JobReq,
 };
 use tokio::net::TcpListener;
@@ -546,11 +546,22 @@ async fn main() {
     let api = format!("127.0.0.1:{}", gridforge_common::net::unused_loopback_port());
     let config = dir.join("coordinator.toml");
     let ca = pki::ca_cert_path(&pki_dir);
+    // With GRIDFORGE_BENCH_ETCD=URL the grid view lives in that etcd (bench/dispatch starts one), under a
+    // prefix of this run's, and the coordinator leads once it has won the election.
+    let etcd = std::env::var("GRIDFORGE_BENCH_ETCD").ok().filter(|u| !u.is_empty());
+    let store = match &etcd {
+        Some(url) => format!(
+            "[store]\nbackend = \"etcd\"\n[store.etcd]\nendpoints = [\"{url}\"]\nprefix = \"/bench-dispatch/{}\"\n\
+             name = \"bench\"\nmax_txn_ops = 1024\n",
+            std::process::id()
+        ),
+        None => String::new(),
+    };
     std::fs::write(
         &config,
         format!(
             "listen = \"{api}\"\nstate_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-             [poller]\ninterval_ms = 5000\n[ops]\nmax_disk_jobs_per_node = {slots}\n",
+             [poller]\ninterval_ms = 5000\n[ops]\nmax_disk_jobs_per_node = {slots}\n{store}",
             state_dir.display(),
             ca.display(),
             coord_cert.cert.display(),
@@ -558,6 +569,7 @@ async fn main() {
         ),
     )
     .expect("writing the coordinator's config");
+    println!("store: {}", etcd.as_deref().map_or("embedded (redb)".to_string(), |u| format!("etcd at {u}")));
     let log = std::fs::File::create(dir.join("coordinator.log")).expect("creating the log");
     let child = Command::new(&bin)
         .arg("--config")
@@ -571,6 +583,16 @@ async fn main() {
     let pid = coordinator.0.id();
     let tls = ClientTls { ca, cert: admin.cert, key: admin.key, domain: None };
     let client = connect(&api, &tls).await;
+    // On etcd: writes are taken once the coordinator leads.
+    let mut status = client.clone();
+    let t = Instant::now();
+    while status.coordinator_status(CoordinatorStatusRequest {}).await.map_or(true, |r| {
+        let r = r.into_inner();
+        r.leader.is_empty() || r.leader != r.member
+    }) {
+        assert!(t.elapsed() < Duration::from_secs(60), "the coordinator did not lead within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Enrollment.
     let t = Instant::now();
