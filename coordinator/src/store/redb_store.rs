@@ -105,42 +105,21 @@ impl GridStore for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grid::{OpState, Resources, VmState};
+    use crate::grid::Resources;
 
+    /// What every store does is in `store::tests::conformance`; redb's own: records survive a reopen.
     #[test]
-    fn records_survive_reopen_and_a_commit_is_all_or_nothing_per_call() {
+    fn records_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grid.redb");
-        {
-            let s = RedbStore::open(&path).unwrap();
-            let node = Node {
-                name: "n1".into(),
-                capacity: Some(Resources { vcpus: 8, ..Default::default() }),
-                ..Default::default()
-            };
-            let vm = Vm {
-                name: "web1".into(),
-                node: "n1".into(),
-                state: VmState::Provisioning as i32,
-                operation: "op-000001".into(),
-                ..Default::default()
-            };
-            let op = Operation {
-                id: "op-000001".into(),
-                vm: "web1".into(),
-                state: OpState::Running as i32,
-                ..Default::default()
-            };
-            s.commit(&[Change::PutNode(node), Change::PutVm(vm), Change::PutOp(op)]).unwrap();
-            s.commit(&[Change::PutVm(Vm { name: "gone".into(), ..Default::default() })]).unwrap();
-            s.commit(&[Change::RemoveVm("gone".into())]).unwrap();
-        }
-        let s = RedbStore::open(&path).unwrap();
-        let r = s.load().unwrap();
+        let node = Node {
+            name: "n1".into(),
+            capacity: Some(Resources { vcpus: 8, ..Default::default() }),
+            ..Default::default()
+        };
+        RedbStore::open(&path).unwrap().commit(&[Change::PutNode(node)]).unwrap();
+        let r = RedbStore::open(&path).unwrap().load().unwrap();
         assert_eq!(r.nodes.len(), 1);
         assert_eq!(r.nodes[0].capacity.unwrap().vcpus, 8);
-        assert_eq!(r.vms.len(), 1);
-        assert_eq!(r.vms[0].operation, "op-000001");
-        assert_eq!(r.ops[0].state(), OpState::Running);
     }
 }
