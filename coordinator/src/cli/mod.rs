@@ -401,6 +401,8 @@ struct Failure {
     message: String,
     /// A follower's refusal of a write: the leader's address.
     leader: Option<String>,
+    /// No connection could be made: nothing was sent.
+    unreachable: bool,
 }
 
 impl From<tonic::Status> for Failure {
@@ -419,12 +421,12 @@ impl From<tonic::Status> for Failure {
         let message = if s.message().is_empty() { s.code().to_string() } else { s.message().to_string() };
         let leader =
             s.metadata().get(crate::ha::LEADER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-        Failure { code, message, leader }
+        Failure { code, message, leader, unreachable: false }
     }
 }
 
 fn fail(code: u8, message: impl Into<String>) -> Failure {
-    Failure { code, message: message.into(), leader: None }
+    Failure { code, message: message.into(), leader: None, unreachable: false }
 }
 
 pub fn main() -> ExitCode {
@@ -487,7 +489,9 @@ async fn connect(cli: &Cli, server: &str) -> Result<Client, Failure> {
             ));
         }
     };
-    let channel = client::channel(server, tls.as_ref()).await.map_err(|e| fail(6, crate::error_chain(&e)))?;
+    let channel = client::channel(server, tls.as_ref())
+        .await
+        .map_err(|e| Failure { unreachable: true, ..fail(6, crate::error_chain(&e)) })?;
     let channel = tower::ServiceExt::map_response(channel, warn_if_stale as fn(_) -> _);
     // A whole grid's listing (`vm list` of tens of thousands of VMs) is past tonic's 4 MiB default.
     Ok(CoordinatorClient::new(channel).max_decoding_message_size(LISTING_LIMIT))
@@ -502,12 +506,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     // A follower refuses a write before doing anything, naming the leader: the command runs again there.
     // While no leader is known (an election, a take-over), again after a pause, for a few seconds.
     let mut server = cli.server.clone();
+    // A leader named that cannot be reached has gone since it was named: the member first asked names the
+    // next one.
     for _ in 0..NOT_LEADER_RETRIES {
-        let Err(Failure { leader: Some(leader), .. }) = &result else { break };
-        if leader.is_empty() || *leader == server {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        } else {
-            server = leader.clone();
+        match &result {
+            Err(Failure { leader: Some(leader), .. }) if !leader.is_empty() && *leader != server => {
+                server = leader.clone();
+            }
+            Err(Failure { leader: Some(_), .. }) => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(Failure { unreachable: true, .. }) if server != cli.server => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                server = cli.server.clone();
+            }
+            _ => break,
         }
         result = run_at(&cli, &server, &out).await;
     }
