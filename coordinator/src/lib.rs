@@ -12,6 +12,7 @@ pub mod grid;
 pub mod ha;
 pub mod ops;
 pub mod poller;
+pub mod scaling;
 pub mod scheduler;
 pub mod store;
 

@@ -179,8 +179,14 @@ pub struct Shape {
 impl Grid {
     /// `gridctl` as the grid's admin: against the coordinator, or the first member that has a process.
     pub fn admin(&self) -> Gridctl {
+        self.gridctl_as(coordinator::ADMIN)
+    }
+
+    /// `gridctl` as the holder of certificate `user` of the grid's CA, against the coordinator (or the first
+    /// member that has a process).
+    pub fn gridctl_as(&self, user: &str) -> Gridctl {
         let c = self.coordinator.as_ref().or_else(|| self.members.iter().find(|m| m.pid().is_some()));
-        c.expect("a grid with a coordinator").gridctl(coordinator::ADMIN)
+        c.expect("a grid with a coordinator").gridctl(user)
     }
 
     /// `gridctl node add NAME --address … --datacenter dc1` with overcommit ratios that make the node's

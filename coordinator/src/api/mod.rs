@@ -15,21 +15,34 @@ use gridforge_proto::v1::{
     AddUserRequest, CoordinatorStatusRequest, CoordinatorStatusResponse, DrainNodeRequest, FenceNodeRequest,
     GridUser, ListUsersRequest, ListUsersResponse, MigrateVmRequest, RemoveUserRequest, RemoveUserResponse,
 };
+use gridforge_proto::v1::{
+    GetGroupRequest, GetTenantRequest, Group, GroupStatus, ListDecisionsRequest, ListDecisionsResponse,
+    ListTenantsRequest, ListTenantsResponse, PutGroupRequest, PutTenantRequest, RemoveGroupRequest,
+    RemoveTenantRequest, Tenant,
+};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::AuthConfig;
 use crate::grid::{GridState, VmState, is_finished};
-use crate::ops::{Engine, OpError, explain, schedule_request};
+use crate::ops::{Engine, OpError, explain, schedule_request, tenant_view};
 use crate::store::StoreError;
 
 pub use crate::auth::Role;
 
-/// The caller: certificate CN and role.
+/// The caller: certificate CN, role, and the tenant it is scoped to (None: the whole grid).
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub name: String,
     pub role: Option<Role>,
+    pub tenant: Option<String>,
+}
+
+impl Caller {
+    /// Whether the caller may see and change what belongs to `tenant` (an unscoped caller: everything).
+    pub fn sees(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
+    }
 }
 
 /// Name for callers without TLS (plaintext on loopback, development only): an admin.
@@ -41,25 +54,34 @@ pub fn caller<T>(
     request: &Request<T>,
     auth: &AuthConfig,
     tls: bool,
-    grid_role: impl FnOnce(&str) -> Option<Role>,
+    grid_role: impl FnOnce(&str) -> Option<(Role, Option<String>)>,
 ) -> Caller {
     let cert = request.peer_certs().and_then(|c| c.first().cloned());
     let Some(cert) = cert else {
-        return Caller { name: LOCAL_CALLER.into(), role: if tls { None } else { Some(Role::Admin) } };
+        return Caller {
+            name: LOCAL_CALLER.into(),
+            role: if tls { None } else { Some(Role::Admin) },
+            tenant: None,
+        };
     };
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Caller { name: "unknown client".into(), role: None };
+        return Caller { name: "unknown client".into(), role: None, tenant: None };
     };
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
         it.next().and_then(|a| a.as_str().ok()).map(str::to_string)
     };
     let name = first(&mut cert.subject().iter_common_name()).unwrap_or_else(|| cert.subject().to_string());
     let ou = first(&mut cert.subject().iter_organizational_unit());
-    let role = grid_role(&name)
-        .or_else(|| auth.users.get(&name).and_then(|r| r.parse().ok()))
+    if let Some((role, tenant)) = grid_role(&name) {
+        return Caller { name, role: Some(role), tenant };
+    }
+    let role = auth
+        .users
+        .get(&name)
+        .and_then(|r| r.parse().ok())
         .or_else(|| if auth.role_from_ou { ou.and_then(|o| o.parse().ok()) } else { None })
         .or_else(|| auth.default_role.parse().ok());
-    Caller { name, role }
+    Caller { name, role, tenant: None }
 }
 
 impl From<OpError> for Status {
@@ -70,7 +92,7 @@ impl From<OpError> for Status {
             OpError::AlreadyExists(_) => Status::already_exists(message),
             OpError::Invalid(_) => Status::invalid_argument(message),
             OpError::Precondition(_) => Status::failed_precondition(message),
-            OpError::Unschedulable(_) => Status::resource_exhausted(message),
+            OpError::Unschedulable(_) | OpError::Quota(_) => Status::resource_exhausted(message),
             OpError::Unavailable(_) => Status::unavailable(message),
             OpError::Unimplemented(_) => Status::unimplemented(message),
             OpError::Store(e @ (StoreError::Unavailable(_) | StoreError::NotLeader(_))) => {
@@ -94,8 +116,13 @@ impl CoordinatorService {
 
     /// The caller, if its role allows `need`; PERMISSION_DENIED naming both otherwise.
     fn allow<T>(&self, request: &Request<T>, need: Role, what: &str) -> Result<Caller, Status> {
-        let users =
-            |name: &str| self.engine.view().read(|s| s.users.get(name).and_then(|u| u.role.parse().ok()));
+        let users = |name: &str| {
+            self.engine.view().read(|s| {
+                let u = s.users.get(name)?;
+                let tenant = Some(u.tenant.clone()).filter(|t| !t.is_empty());
+                Some((u.role.parse().ok()?, tenant))
+            })
+        };
         let c = caller(request, &self.auth, self.tls, users);
         match c.role {
             Some(r) if r >= need && need > Role::Viewer && !self.engine.cluster().is_leader() => {
@@ -118,13 +145,68 @@ impl CoordinatorService {
             ))),
         }
     }
+
+    /// As [`allow`](Self::allow), for what only a caller of the whole grid (no tenant scope) may do.
+    fn allow_grid<T>(&self, request: &Request<T>, need: Role, what: &str) -> Result<Caller, Status> {
+        let c = self.allow(request, need, what)?;
+        match &c.tenant {
+            Some(t) => Err(Status::permission_denied(format!(
+                "{} is scoped to tenant {t}; {what} needs a user of the whole grid",
+                c.name
+            ))),
+            None => Ok(c),
+        }
+    }
+
+    /// As [`allow`](Self::allow), for something done to the VM `name`: a tenant-scoped caller finds only its
+    /// tenant's VMs (any other is, to it, not there).
+    fn allow_vm<T>(
+        &self,
+        request: &Request<T>,
+        need: Role,
+        what: &str,
+        name: &str,
+    ) -> Result<Caller, Status> {
+        let c = self.allow(request, need, what)?;
+        if c.tenant.is_some() {
+            let tenant = self.engine.view().read(|s| s.vms.get(name).map(|v| v.tenant.clone()));
+            if !tenant.is_some_and(|t| c.sees(&t)) {
+                return Err(Status::not_found(format!("no vm {name:?}")));
+            }
+        }
+        Ok(c)
+    }
+
+    /// As [`allow`](Self::allow), for something of the tenant `tenant`.
+    fn allow_tenant<T>(
+        &self,
+        request: &Request<T>,
+        need: Role,
+        what: &str,
+        tenant: &str,
+    ) -> Result<Caller, Status> {
+        let c = self.allow(request, need, what)?;
+        if !c.sees(tenant) {
+            return Err(Status::not_found(format!("no tenant {tenant:?}")));
+        }
+        Ok(c)
+    }
 }
 
-fn node_view(s: &GridState, name: &str) -> Option<Node> {
+/// The node as `c` sees it: a tenant-scoped caller sees only its own VMs there.
+fn node_view(s: &GridState, name: &str, c: &Caller) -> Option<Node> {
     let mut n = s.nodes.get(name)?.clone();
     n.allocated = Some(s.allocated(name));
-    n.vms = s.vms_on(name).map(|v| v.name.clone()).collect();
+    n.vms = s.vms_on(name).filter(|v| c.sees(&v.tenant)).map(|v| v.name.clone()).collect();
+    if c.tenant.is_some() {
+        n.drift.retain(|d| s.vms.get(&d.vm).is_some_and(|v| c.sees(&v.tenant)));
+    }
     Some(n)
+}
+
+/// Whether `c` sees operation `o`: a tenant-scoped caller sees only its own VMs' operations.
+fn op_visible(s: &GridState, o: &Operation, c: &Caller) -> bool {
+    c.tenant.is_none() || s.vms.get(&o.vm).is_some_and(|v| c.sees(&v.tenant))
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<OperationEvent, Status>> + Send>>;
@@ -132,7 +214,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<OperationEvent, Status>> + S
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<Node>, Status> {
-        self.allow(&request, Role::Admin, "node add")?;
+        self.allow_grid(&request, Role::Admin, "node add")?;
         Ok(Response::new(self.engine.add_node(request.into_inner()).await?))
     }
 
@@ -140,7 +222,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
-        self.allow(&request, Role::Admin, "node remove")?;
+        self.allow_grid(&request, Role::Admin, "node remove")?;
         let req = request.into_inner();
         Ok(Response::new(self.engine.remove_node(&req.name, req.force).await?))
     }
@@ -149,38 +231,38 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        self.allow(&request, Role::Viewer, "node list")?;
-        let nodes = self.engine.view().read(|s| s.nodes.keys().filter_map(|n| node_view(s, n)).collect());
+        let c = self.allow(&request, Role::Viewer, "node list")?;
+        let nodes = self.engine.view().read(|s| s.nodes.keys().filter_map(|n| node_view(s, n, &c)).collect());
         Ok(Response::new(ListNodesResponse { nodes }))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
-        self.allow(&request, Role::Viewer, "node show")?;
+        let c = self.allow(&request, Role::Viewer, "node show")?;
         let name = request.into_inner().name;
         self.engine
             .view()
-            .read(|s| node_view(s, &name))
+            .read(|s| node_view(s, &name, &c))
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no node {name:?}")))
     }
 
     async fn cordon_node(&self, request: Request<CordonNodeRequest>) -> Result<Response<Node>, Status> {
-        self.allow(&request, Role::Operator, "node cordon")?;
+        self.allow_grid(&request, Role::Operator, "node cordon")?;
         Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, true).await?))
     }
 
     async fn uncordon_node(&self, request: Request<CordonNodeRequest>) -> Result<Response<Node>, Status> {
-        self.allow(&request, Role::Operator, "node uncordon")?;
+        self.allow_grid(&request, Role::Operator, "node uncordon")?;
         Ok(Response::new(self.engine.set_cordon(&request.into_inner().name, false).await?))
     }
 
     async fn fence_node(&self, request: Request<FenceNodeRequest>) -> Result<Response<Operation>, Status> {
-        let c = self.allow(&request, Role::Admin, "node fence")?;
+        let c = self.allow_grid(&request, Role::Admin, "node fence")?;
         Ok(Response::new(self.engine.fence_node(&request.into_inner().name, &c.name).await?))
     }
 
     async fn confirm_fenced(&self, request: Request<FenceNodeRequest>) -> Result<Response<Node>, Status> {
-        let c = self.allow(&request, Role::Admin, "node fenced")?;
+        let c = self.allow_grid(&request, Role::Admin, "node fenced")?;
         let name = request.into_inner().name;
         let node = self.engine.confirm_fenced(&name).await?;
         tracing::warn!(node = %name, by = %c.name, "confirmed fenced");
@@ -188,7 +270,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn drain_node(&self, request: Request<DrainNodeRequest>) -> Result<Response<Operation>, Status> {
-        let c = self.allow(&request, Role::Operator, "node drain")?;
+        let c = self.allow_grid(&request, Role::Operator, "node drain")?;
         Ok(Response::new(self.engine.drain_node(request.into_inner(), &c.name).await?))
     }
 
@@ -198,61 +280,80 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<CreateVmResponse>, Status> {
         let need = if request.get_ref().dry_run { Role::Viewer } else { Role::Operator };
         let c = self.allow(&request, need, "vm create")?;
-        Ok(Response::new(self.engine.create_vm(request.into_inner(), &c.name).await?))
+        let mut req = request.into_inner();
+        match &c.tenant {
+            Some(t) if req.tenant.is_empty() => req.tenant = t.clone(),
+            Some(t) if req.tenant != *t => {
+                return Err(Status::permission_denied(format!(
+                    "{} is scoped to tenant {t}: it creates VMs of that tenant only, not of {}",
+                    c.name, req.tenant
+                )));
+            }
+            _ => {}
+        }
+        Ok(Response::new(self.engine.create_vm(req, &c.name).await?))
     }
 
     async fn list_vms(&self, request: Request<ListVmsRequest>) -> Result<Response<ListVmsResponse>, Status> {
-        self.allow(&request, Role::Viewer, "vm list")?;
+        let c = self.allow(&request, Role::Viewer, "vm list")?;
         let req = request.into_inner();
         let vms = self.engine.view().read(|s| {
             s.vms
                 .values()
                 .filter(|v| req.all || v.state() != VmState::Deleted)
                 .filter(|v| req.node.is_empty() || v.node == req.node)
-                .cloned()
+                .filter(|v| c.sees(&v.tenant))
+                .filter(|v| req.tenant.is_empty() || v.tenant == req.tenant)
+                .filter(|v| req.group.is_empty() || v.group == req.group)
+                .map(|v| self.engine.with_usage(s, v.clone()))
                 .collect()
         });
         Ok(Response::new(ListVmsResponse { vms }))
     }
 
     async fn get_vm(&self, request: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
-        self.allow(&request, Role::Viewer, "vm show")?;
-        let name = request.into_inner().name;
+        let name = request.get_ref().name.clone();
+        self.allow_vm(&request, Role::Viewer, "vm show", &name)?;
         self.engine
             .view()
-            .read(|s| s.vms.get(&name).cloned())
+            .read(|s| s.vms.get(&name).map(|v| self.engine.with_usage(s, v.clone())))
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no vm {name:?}")))
     }
 
     async fn delete_vm(&self, request: Request<DeleteVmRequest>) -> Result<Response<Operation>, Status> {
-        let c = self.allow(&request, Role::Operator, "vm delete")?;
+        let name = request.get_ref().name.clone();
+        let c = self.allow_vm(&request, Role::Operator, "vm delete", &name)?;
         Ok(Response::new(self.engine.delete_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn control_vm(&self, request: Request<ControlVmRequest>) -> Result<Response<Operation>, Status> {
-        let c = self.allow(&request, Role::Operator, "vm control")?;
+        let name = request.get_ref().name.clone();
+        let c = self.allow_vm(&request, Role::Operator, "vm control", &name)?;
         Ok(Response::new(self.engine.control_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn resize_vm(&self, request: Request<ResizeVmRequest>) -> Result<Response<Operation>, Status> {
-        let c = self.allow(&request, Role::Operator, "vm resize")?;
+        let name = request.get_ref().name.clone();
+        let c = self.allow_vm(&request, Role::Operator, "vm resize", &name)?;
         Ok(Response::new(self.engine.resize_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn snapshot_vm(&self, request: Request<SnapshotVmRequest>) -> Result<Response<Operation>, Status> {
-        let c = self.allow(&request, Role::Operator, "vm snapshot")?;
+        let name = request.get_ref().name.clone();
+        let c = self.allow_vm(&request, Role::Operator, "vm snapshot", &name)?;
         Ok(Response::new(self.engine.snapshot_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn migrate_vm(&self, request: Request<MigrateVmRequest>) -> Result<Response<Operation>, Status> {
-        let c = self.allow(&request, Role::Operator, "vm migrate")?;
+        let name = request.get_ref().name.clone();
+        let c = self.allow_vm(&request, Role::Operator, "vm migrate", &name)?;
         Ok(Response::new(self.engine.migrate_vm(request.into_inner(), &c.name).await?))
     }
 
     async fn explain_vm(&self, request: Request<ExplainVmRequest>) -> Result<Response<Explanation>, Status> {
-        self.allow(&request, Role::Viewer, "vm why")?;
-        let name = request.into_inner().name;
+        let name = request.get_ref().name.clone();
+        self.allow_vm(&request, Role::Viewer, "vm why", &name)?;
         let e = self.engine.view().read(|s| {
             let vm = s.vms.get(&name)?;
             let spec = vm.spec.clone().unwrap_or_default();
@@ -281,12 +382,13 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
-        self.allow(&request, Role::Viewer, "op list")?;
+        let c = self.allow(&request, Role::Viewer, "op list")?;
         let req = request.into_inner();
         let mut operations: Vec<Operation> = self.engine.view().read(|s| {
             s.ops
                 .values()
                 .rev()
+                .filter(|o| c.tenant.is_none() || op_visible(s, o, &c))
                 .filter(|o| req.vm.is_empty() || o.vm == req.vm)
                 .filter(|o| !req.active || !is_finished(o))
                 .take(if req.limit == 0 { usize::MAX } else { req.limit as usize })
@@ -301,11 +403,11 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        self.allow(&request, Role::Viewer, "op show")?;
+        let c = self.allow(&request, Role::Viewer, "op show")?;
         let id = request.into_inner().id;
         self.engine
             .view()
-            .read(|s| s.ops.get(&id).cloned())
+            .read(|s| s.ops.get(&id).filter(|o| op_visible(s, o, &c)).cloned())
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no operation {id:?}")))
     }
@@ -316,8 +418,11 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<WatchOperationRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        self.allow(&request, Role::Viewer, "op watch")?;
+        let c = self.allow(&request, Role::Viewer, "op watch")?;
         let id = request.into_inner().id;
+        if !self.engine.view().read(|s| s.ops.get(&id).is_some_and(|o| op_visible(s, o, &c))) {
+            return Err(Status::not_found(format!("no operation {id:?}")));
+        }
         let (op, rx) = self.engine.watch(&id)?;
         let first = OperationEvent {
             operation: op.id.clone(),
@@ -351,16 +456,16 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn add_user(&self, request: Request<AddUserRequest>) -> Result<Response<GridUser>, Status> {
-        let c = self.allow(&request, Role::Admin, "user add")?;
+        let c = self.allow_grid(&request, Role::Admin, "user add")?;
         let req = request.into_inner();
-        Ok(Response::new(self.engine.add_user(&req.name, &req.role, &c.name).await?))
+        Ok(Response::new(self.engine.add_user(&req.name, &req.role, &req.tenant, &c.name).await?))
     }
 
     async fn remove_user(
         &self,
         request: Request<RemoveUserRequest>,
     ) -> Result<Response<RemoveUserResponse>, Status> {
-        let c = self.allow(&request, Role::Admin, "user remove")?;
+        let c = self.allow_grid(&request, Role::Admin, "user remove")?;
         let name = request.into_inner().name;
         let removed = self.engine.remove_user(&name, &c.name).await.map_err(|e| match e {
             OpError::NotFound(m) if self.auth.users.contains_key(&name) => Status::not_found(format!(
@@ -387,5 +492,84 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<CoordinatorStatusResponse>, Status> {
         self.allow(&request, Role::Viewer, "coordinator status")?;
         Ok(Response::new(self.engine.cluster().status()))
+    }
+
+    async fn put_tenant(&self, request: Request<PutTenantRequest>) -> Result<Response<Tenant>, Status> {
+        let c = self.allow_grid(&request, Role::Admin, "tenant add")?;
+        let req = request.into_inner();
+        let t = self.engine.put_tenant(&req.name, req.quota.unwrap_or_default()).await?;
+        tracing::info!(tenant = %t.name, by = %c.name, "tenant put");
+        Ok(Response::new(t))
+    }
+
+    async fn remove_tenant(&self, request: Request<RemoveTenantRequest>) -> Result<Response<Tenant>, Status> {
+        let c = self.allow_grid(&request, Role::Admin, "tenant remove")?;
+        let name = request.into_inner().name;
+        let t = self.engine.remove_tenant(&name).await?;
+        tracing::info!(tenant = %name, by = %c.name, "tenant removed");
+        Ok(Response::new(t))
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<ListTenantsRequest>,
+    ) -> Result<Response<ListTenantsResponse>, Status> {
+        let c = self.allow(&request, Role::Viewer, "tenant list")?;
+        let tenants = self
+            .engine
+            .view()
+            .read(|s| s.tenants.keys().filter(|t| c.sees(t)).filter_map(|t| tenant_view(s, t)).collect());
+        Ok(Response::new(ListTenantsResponse { tenants }))
+    }
+
+    async fn get_tenant(&self, request: Request<GetTenantRequest>) -> Result<Response<Tenant>, Status> {
+        let name = request.get_ref().name.clone();
+        self.allow_tenant(&request, Role::Viewer, "tenant show", &name)?;
+        self.engine
+            .view()
+            .read(|s| tenant_view(s, &name))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no tenant {name:?}")))
+    }
+
+    async fn put_group(&self, request: Request<PutGroupRequest>) -> Result<Response<Group>, Status> {
+        let tenant = request.get_ref().group.as_ref().map(|g| g.tenant.clone()).unwrap_or_default();
+        let c = self.allow_tenant(&request, Role::Operator, "group put", &tenant)?;
+        let g = request.into_inner().group.ok_or_else(|| Status::invalid_argument("group: required"))?;
+        let g = self.engine.put_group(g).await?;
+        tracing::info!(tenant = %g.tenant, group = %g.name, by = %c.name, "group put");
+        Ok(Response::new(g))
+    }
+
+    async fn remove_group(&self, request: Request<RemoveGroupRequest>) -> Result<Response<Group>, Status> {
+        let tenant = request.get_ref().tenant.clone();
+        let c = self.allow_tenant(&request, Role::Operator, "group remove", &tenant)?;
+        let req = request.into_inner();
+        let g = self.engine.remove_group(&req.tenant, &req.name).await?;
+        tracing::info!(tenant = %req.tenant, group = %req.name, by = %c.name, "group removed");
+        Ok(Response::new(g))
+    }
+
+    async fn get_group(&self, request: Request<GetGroupRequest>) -> Result<Response<GroupStatus>, Status> {
+        let tenant = request.get_ref().tenant.clone();
+        self.allow_tenant(&request, Role::Viewer, "group show", &tenant)?;
+        let req = request.into_inner();
+        Ok(Response::new(self.engine.group_status(&req.tenant, &req.name)?))
+    }
+
+    async fn list_decisions(
+        &self,
+        request: Request<ListDecisionsRequest>,
+    ) -> Result<Response<ListDecisionsResponse>, Status> {
+        let c = self.allow(&request, Role::Viewer, "scaling log")?;
+        let mut req = request.into_inner();
+        if let Some(t) = &c.tenant {
+            if !req.tenant.is_empty() && req.tenant != *t {
+                return Err(Status::not_found(format!("no tenant {:?}", req.tenant)));
+            }
+            req.tenant = t.clone();
+        }
+        let decisions = self.engine.decisions(req.plan, &req.tenant, req.limit as usize);
+        Ok(Response::new(ListDecisionsResponse { decisions }))
     }
 }

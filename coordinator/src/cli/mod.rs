@@ -19,6 +19,10 @@ use gridforge_proto::v1::{
     RemoveUserRequest, ResizeVmRequest, Resources, SnapshotVmRequest, VmSpec, WatchOperationRequest,
     control_job::Action, operation,
 };
+use gridforge_proto::v1::{
+    GetGroupRequest, GetTenantRequest, Group, ListDecisionsRequest, ListTenantsRequest, PutGroupRequest,
+    PutTenantRequest, Quota, RemoveGroupRequest, RemoveTenantRequest,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -86,6 +90,76 @@ enum Command {
     /// The coordinators sharing this grid (on etcd): members, leader, term, store revision and lag.
     #[command(subcommand)]
     Coordinator(CoordinatorCommand),
+    /// Tenants (customers): quotas on what their VMs hold together, and their groups.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Groups of a tenant's VMs (a web tier, a database tier): service level, scaling policy, template.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// The scaling loop: the decisions it took, with their reasons, or what it would decide now.
+    #[command(subcommand)]
+    Scaling(ScalingCommand),
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Add a tenant, or change a known tenant's quota (0 or absent: no limit). Admin.
+    Add {
+        name: String,
+        /// vCPUs its VMs may hold together.
+        #[arg(long, default_value_t = 0)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 0)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 0)]
+        disk_mib: u64,
+        /// VMs it may have.
+        #[arg(long, default_value_t = 0)]
+        vms: u32,
+    },
+    /// Tenants with what they use of their quotas.
+    #[command(alias = "ls")]
+    List,
+    Show {
+        name: String,
+    },
+    /// Remove a tenant without VMs (its groups go with it). Admin.
+    #[command(alias = "rm")]
+    Remove {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Add or change a group from a file: a Group as JSON (tenant, name, serviceLevel, scaling, template,
+    /// placement), e.g. examples/group-web.json.
+    Put {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// The group TENANT/NAME: its service level and whether it is met, its scaling policy, its members and
+    /// their load.
+    Show { group: String },
+    /// Remove a group without members.
+    #[command(alias = "rm")]
+    Remove { group: String },
+}
+
+#[derive(Subcommand)]
+enum ScalingCommand {
+    /// Decisions taken, newest first.
+    Log {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// What one round would decide now (a dry run: nothing is taken).
+    Plan {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -101,6 +175,9 @@ enum UserCommand {
         name: String,
         #[arg(long, value_enum)]
         role: RoleArg,
+        /// Scope the user to this tenant: it sees and changes only the tenant's VMs and groups.
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// The users of the grid view, then the names the configuration's [auth.users] adds.
     #[command(alias = "ls")]
@@ -208,6 +285,12 @@ enum VmCommand {
         /// Workload class (io-heavy, cpu-heavy, general).
         #[arg(long)]
         workload: Option<String>,
+        /// The tenant it belongs to (counted against its quota; a tenant-scoped user's own by default).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The tenant's group it joins.
+        #[arg(long)]
+        group: Option<String>,
         /// Show where it would go and why, node by node; create nothing.
         #[arg(long)]
         dry_run: bool,
@@ -222,6 +305,10 @@ enum VmCommand {
         /// Include deleted VMs.
         #[arg(long)]
         all: bool,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
     },
     /// A VM in detail, with its wipe report once deleted.
     Show { name: String },
@@ -303,6 +390,9 @@ enum VmCommand {
         /// When the VM's node has no room, migrate it first to a node that has (then resize there).
         #[arg(long)]
         allow_migrate: bool,
+        /// A running VM is shut down, resized and started again (otherwise it must be stopped first).
+        #[arg(long)]
+        restart: bool,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -546,8 +636,79 @@ async fn run_at(cli: &Cli, server: &str, out: &output::Output) -> Result<(), Fai
             out.coordinator_status(&c.coordinator_status(CoordinatorStatusRequest {}).await?.into_inner());
             Ok(())
         }
+        Command::Tenant(t) => run_tenant(&mut c, t, out).await,
+        Command::Group(g) => run_group(&mut c, g, out).await,
+        Command::Scaling(x) => {
+            let req = match x {
+                ScalingCommand::Log { tenant, limit } => ListDecisionsRequest {
+                    plan: false,
+                    tenant: tenant.clone().unwrap_or_default(),
+                    limit: *limit,
+                },
+                ScalingCommand::Plan { tenant } => {
+                    ListDecisionsRequest { plan: true, tenant: tenant.clone().unwrap_or_default(), limit: 0 }
+                }
+            };
+            out.decisions(&c.list_decisions(req).await?.into_inner().decisions);
+            Ok(())
+        }
         Command::Pki(_) => Ok(()),
     }
+}
+
+async fn run_tenant(c: &mut Client, cmd: &TenantCommand, out: &output::Output) -> Result<(), Failure> {
+    match cmd {
+        TenantCommand::Add { name, vcpus, memory_mib, disk_mib, vms } => {
+            let quota = Quota { vcpus: *vcpus, memory_mib: *memory_mib, disk_mib: *disk_mib, vms: *vms };
+            let t = c.put_tenant(PutTenantRequest { name: name.clone(), quota: Some(quota) }).await?;
+            out.tenants(&[t.into_inner()]);
+        }
+        TenantCommand::List => {
+            out.tenants(&c.list_tenants(ListTenantsRequest {}).await?.into_inner().tenants)
+        }
+        TenantCommand::Show { name } => {
+            out.tenants(&[c.get_tenant(GetTenantRequest { name: name.clone() }).await?.into_inner()])
+        }
+        TenantCommand::Remove { name } => {
+            c.remove_tenant(RemoveTenantRequest { name: name.clone() }).await?;
+            if !out.is_json() {
+                println!("tenant {name} removed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// "TENANT/NAME" as its two parts.
+fn group_name(s: &str) -> Result<(String, String), Failure> {
+    match s.split_once('/') {
+        Some((t, g)) if !t.is_empty() && !g.is_empty() => Ok((t.into(), g.into())),
+        _ => Err(fail(2, format!("{s:?}: name a group as TENANT/GROUP"))),
+    }
+}
+
+async fn run_group(c: &mut Client, cmd: &GroupCommand, out: &output::Output) -> Result<(), Failure> {
+    match cmd {
+        GroupCommand::Put { file } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+            let group: Group = serde_json::from_str(&text)
+                .map_err(|e| fail(2, format!("{}: not a group (JSON): {e}", file.display())))?;
+            out.group(&c.put_group(PutGroupRequest { group: Some(group) }).await?.into_inner());
+        }
+        GroupCommand::Show { group } => {
+            let (tenant, name) = group_name(group)?;
+            out.group_status(&c.get_group(GetGroupRequest { tenant, name }).await?.into_inner());
+        }
+        GroupCommand::Remove { group } => {
+            let (tenant, name) = group_name(group)?;
+            c.remove_group(RemoveGroupRequest { tenant, name }).await?;
+            if !out.is_json() {
+                println!("group {group} removed");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run_pki(p: &PkiCommand, out: &output::Output) -> Result<(), Failure> {
@@ -636,7 +797,18 @@ fn read_create(file: &PathBuf) -> Result<CreateVmRequest, Failure> {
 
 async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result<(), Failure> {
     let (op, wait) = match cmd {
-        VmCommand::Create { file, node, datacenter, selector, spread_group, workload, dry_run, wait } => {
+        VmCommand::Create {
+            file,
+            node,
+            datacenter,
+            selector,
+            spread_group,
+            workload,
+            tenant,
+            group,
+            dry_run,
+            wait,
+        } => {
             let mut req = read_create(file)?;
             let p = req.placement.get_or_insert_with(PlacementConstraints::default);
             if let Some(n) = node {
@@ -652,6 +824,12 @@ async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result
             if let Some(w) = workload {
                 p.workload = w.clone();
             }
+            if let Some(t) = tenant {
+                req.tenant = t.clone();
+            }
+            if let Some(g) = group {
+                req.group = g.clone();
+            }
             req.dry_run = *dry_run;
             let resp = c.create_vm(req).await?.into_inner();
             if *dry_run {
@@ -660,8 +838,13 @@ async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result
             }
             (resp.operation.unwrap_or_default(), wait.wait)
         }
-        VmCommand::List { node, all } => {
-            let req = ListVmsRequest { node: node.clone().unwrap_or_default(), all: *all };
+        VmCommand::List { node, all, tenant, group } => {
+            let req = ListVmsRequest {
+                node: node.clone().unwrap_or_default(),
+                all: *all,
+                tenant: tenant.clone().unwrap_or_default(),
+                group: group.clone().unwrap_or_default(),
+            };
             out.vms(&c.list_vms(req).await?.into_inner().vms);
             return Ok(());
         }
@@ -686,12 +869,13 @@ async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result
         VmCommand::Suspend { name, wait } => (control(c, name, Action::Suspend, 0).await?, wait.wait),
         VmCommand::Resume { name, wait } => (control(c, name, Action::Resume, 0).await?, wait.wait),
         VmCommand::Destroy { name, wait } => (control(c, name, Action::Destroy, 0).await?, wait.wait),
-        VmCommand::Resize { name, vcpus, memory_mib, disk_mib, allow_migrate, wait } => {
+        VmCommand::Resize { name, vcpus, memory_mib, disk_mib, allow_migrate, restart, wait } => {
             let req = ResizeVmRequest {
                 name: name.clone(),
                 vcpus: vcpus.unwrap_or(0),
                 memory_mib: memory_mib.unwrap_or(0),
                 disk_mib: disk_mib.unwrap_or(0),
+                restart: *restart,
             };
             match c.resize_vm(req.clone()).await {
                 Err(status) if *allow_migrate && status.code() == Code::ResourceExhausted => {
@@ -786,8 +970,12 @@ async fn run_op(c: &mut Client, cmd: &OpCommand, out: &output::Output) -> Result
 
 async fn run_user(c: &mut Client, cmd: &UserCommand, out: &output::Output) -> Result<(), Failure> {
     match cmd {
-        UserCommand::Add { name, role } => {
-            let req = AddUserRequest { name: name.clone(), role: role.as_str().into() };
+        UserCommand::Add { name, role, tenant } => {
+            let req = AddUserRequest {
+                name: name.clone(),
+                role: role.as_str().into(),
+                tenant: tenant.clone().unwrap_or_default(),
+            };
             out.users(&ListUsersResponse {
                 users: vec![c.add_user(req).await?.into_inner()],
                 ..Default::default()

@@ -7,8 +7,8 @@ use std::time::SystemTime;
 use clap::ValueEnum;
 use gridforge_common::pki::Issued;
 use gridforge_proto::v1::{
-    CoordinatorStatusResponse, Explanation, ListUsersResponse, Node, Operation, OperationEvent,
-    RemoveNodeResponse, RemoveUserResponse, Vm, drift,
+    CoordinatorStatusResponse, Decision, Explanation, Group, GroupStatus, ListUsersResponse, Node, Operation,
+    OperationEvent, RemoveNodeResponse, RemoveUserResponse, Tenant, Vm, drift,
 };
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -233,11 +233,12 @@ impl Output {
         if self.format == Format::Json {
             return json(r);
         }
-        let mut t = Table::new(&["NAME", "ROLE", "FROM", "BY", "AGE"]);
+        let mut t = Table::new(&["NAME", "ROLE", "TENANT", "FROM", "BY", "AGE"]);
         for u in &r.users {
             t.row(vec![
                 u.name.clone(),
                 u.role.clone(),
+                if u.tenant.is_empty() { "*".into() } else { u.tenant.clone() },
                 "grid".into(),
                 u.added_by.clone(),
                 age(u.updated.as_ref()),
@@ -247,7 +248,14 @@ impl Output {
             r.configured.iter().filter(|(k, _)| !r.users.iter().any(|u| &u.name == *k)).collect();
         configured.sort();
         for (name, role) in configured {
-            t.row(vec![name.clone(), role.clone(), "config".into(), String::new(), String::new()]);
+            t.row(vec![
+                name.clone(),
+                role.clone(),
+                "*".into(),
+                "config".into(),
+                String::new(),
+                String::new(),
+            ]);
         }
         t.print();
     }
@@ -293,7 +301,7 @@ impl Output {
         }
         let mut head = vec!["NAME", "STATUS", "NODE", "VCPUS", "MEMORY", "DISK", "OBSERVED", "DRIFT", "AGE"];
         if self.wide() {
-            head.extend(["IMAGE", "OPERATION", "GROUP", "ERROR"]);
+            head.extend(["IMAGE", "OPERATION", "TENANT/GROUP", "CPU", "ERROR"]);
         }
         let mut t = Table::new(&head);
         for v in vms {
@@ -318,11 +326,8 @@ impl Output {
                 row.extend([
                     image.unwrap_or_default(),
                     if v.operation.is_empty() { "-".into() } else { v.operation.clone() },
-                    v.placement
-                        .as_ref()
-                        .map(|p| p.spread_group.clone())
-                        .filter(|g| !g.is_empty())
-                        .unwrap_or("-".into()),
+                    tenant_group(v),
+                    v.usage.map_or("-".into(), |u| format!("{:.0}%", u.avg_cpu_percent)),
                     v.error.clone(),
                 ]);
             }
@@ -344,6 +349,15 @@ impl Output {
             if v.observed_state.is_empty() { "-" } else { &v.observed_state }
         );
         println!("Node:        {}", v.node);
+        if !v.tenant.is_empty() {
+            println!("Tenant:      {}", tenant_group(v));
+        }
+        if let Some(u) = v.usage {
+            println!(
+                "Usage:       CPU {:.1}% (avg {:.1}%), memory {:.1}% (avg {:.1}%), {} samples",
+                u.cpu_percent, u.avg_cpu_percent, u.memory_percent, u.avg_memory_percent, u.samples
+            );
+        }
         println!("Volume:      {}", v.volume);
         println!("Resources:   {} vCPUs, {} memory, {} disk", r.vcpus, mib(r.memory_mib), mib(r.disk_mib));
         if let Some(i) = v.spec.as_ref().and_then(|s| s.image.as_ref()) {
@@ -380,6 +394,104 @@ impl Output {
             println!("Wipe report (verify with `gridforge-agent report verify`):");
             println!("{}", v.wipe_report.trim_end());
         }
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.format == Format::Json
+    }
+
+    pub fn tenants(&self, tenants: &[Tenant]) {
+        if self.format == Format::Json {
+            return json(&tenants);
+        }
+        let mut t = Table::new(&["NAME", "VMS", "VCPUS", "MEMORY", "DISK", "GROUPS", "AGE"]);
+        for x in tenants {
+            let (u, q) = (x.used.unwrap_or_default(), x.quota.unwrap_or_default());
+            let of = |used: String, limit: u64, unit: fn(u64) -> String| {
+                if limit == 0 { used } else { format!("{used}/{}", unit(limit)) }
+            };
+            t.row(vec![
+                x.name.clone(),
+                of(x.vms.to_string(), q.vms.into(), |n| n.to_string()),
+                of(u.vcpus.to_string(), q.vcpus.into(), |n| n.to_string()),
+                of(mib(u.memory_mib), q.memory_mib, mib),
+                of(mib(u.disk_mib), q.disk_mib, mib),
+                x.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(","),
+                age(x.created.as_ref()),
+            ]);
+        }
+        t.print();
+    }
+
+    pub fn group(&self, g: &Group) {
+        if self.format == Format::Json {
+            return json(g);
+        }
+        println!("group {}/{} stored", g.tenant, g.name);
+    }
+
+    pub fn group_status(&self, st: &GroupStatus) {
+        if self.format == Format::Json {
+            return json(st);
+        }
+        let g = st.group.clone().unwrap_or_default();
+        let (sl, p) = (g.service_level.unwrap_or_default(), g.scaling.unwrap_or_default());
+        println!("Group:         {}/{}", g.tenant, g.name);
+        println!(
+            "Service level: {} (priority {}, min {} members{}{})",
+            if st.meets_service_level { "met" } else { "MISSED" },
+            sl.priority,
+            sl.min_members,
+            if sl.max_members > 0 { format!(", max {}", sl.max_members) } else { String::new() },
+            if sl.max_avg_cpu_percent > 0.0 {
+                format!(", average CPU at most {:.0}%", sl.max_avg_cpu_percent)
+            } else {
+                String::new()
+            }
+        );
+        println!("               {}", st.service_level_reason);
+        println!(
+            "Load:          {} running, average CPU {:.1}%, memory {:.1}% over {} s",
+            st.running, st.avg_cpu_percent, st.avg_memory_percent, p.window_secs
+        );
+        let mut kinds = Vec::new();
+        if p.horizontal {
+            kinds.push("horizontal");
+        }
+        if p.vertical {
+            kinds.push("vertical");
+        }
+        println!(
+            "Scaling:       {} (CPU up {:.0}% / down {:.0}%, cooldown {} s, last step {})",
+            if kinds.is_empty() { "off".into() } else { kinds.join(" + ") },
+            p.cpu_up_percent,
+            p.cpu_down_percent,
+            p.cooldown_secs,
+            g.last_scaled.as_ref().map_or("never".into(), |t| format!("{} ago", age(Some(t))))
+        );
+        self.vms(&st.members);
+    }
+
+    pub fn decisions(&self, ds: &[Decision]) {
+        if self.format == Format::Json {
+            return json(&ds);
+        }
+        let mut t = Table::new(&["AGE", "ACTION", "GROUP", "VM", "OPERATION", "REASON"]);
+        for d in ds {
+            let mut reason = d.reason.clone();
+            if !d.error.is_empty() {
+                reason = format!("{reason} -- FAILED: {}", d.error);
+            }
+            t.row(vec![
+                age(d.time.as_ref()),
+                enum_word(d.action().as_str_name()),
+                format!("{}/{}", d.tenant, d.group),
+                if d.vm.is_empty() { "-".into() } else { d.vm.clone() },
+                if d.operation.is_empty() { "-".into() } else { d.operation.clone() },
+                reason,
+            ]);
+        }
+        t.print();
     }
 
     pub fn explanation(&self, e: &Explanation) {
@@ -569,5 +681,14 @@ impl Progress {
         if let Some(b) = self.bar.take() {
             b.finish();
         }
+    }
+}
+
+/// "tenant/group", "tenant" or "-".
+fn tenant_group(v: &Vm) -> String {
+    match (v.tenant.is_empty(), v.group.is_empty()) {
+        (true, _) => "-".into(),
+        (false, true) => v.tenant.clone(),
+        (false, false) => format!("{}/{}", v.tenant, v.group),
     }
 }

@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
-pub use gridforge_proto::v1::{GridUser, Node, Operation, OperationStep, Resources, Vm, VmSpec};
+pub use gridforge_proto::v1::{
+    GridUser, Group, Node, Operation, OperationStep, Resources, Tenant, Vm, VmSpec,
+};
 use gridforge_proto::v1::{node, operation, vm};
 
 use crate::scheduler::{self, NodeInfo, Snapshot};
@@ -32,6 +34,9 @@ pub enum Change {
     RemoveOp(String),
     PutUser(GridUser),
     RemoveUser(String),
+    /// A tenant with its quota and groups.
+    PutTenant(Tenant),
+    RemoveTenant(String),
 }
 
 /// Overcommit ratios for nodes that set none.
@@ -58,6 +63,10 @@ pub struct GridState {
     pub ops: BTreeMap<String, Operation>,
     /// API users by certificate CN (the configuration's [auth] applies to names not here).
     pub users: BTreeMap<String, GridUser>,
+    /// Tenants by name, each with its groups.
+    pub tenants: BTreeMap<String, Tenant>,
+    /// Names of the VMs (DELETED included) of each tenant.
+    pub vms_by_tenant: BTreeMap<String, BTreeSet<String>>,
     /// Names of the VMs (not DELETED) placed on each node.
     pub vms_by_node: BTreeMap<String, BTreeSet<String>>,
     /// Per node, its unfinished disk-heavy operations (see [`disk_job_node`]).
@@ -77,6 +86,8 @@ impl GridState {
             vms: BTreeMap::new(),
             ops: BTreeMap::new(),
             users: BTreeMap::new(),
+            tenants: BTreeMap::new(),
+            vms_by_tenant: BTreeMap::new(),
             vms_by_node: BTreeMap::new(),
             disk_jobs: BTreeMap::new(),
             snapshot: Snapshot::new(Vec::new()),
@@ -137,6 +148,8 @@ impl GridState {
             }
             Change::PutUser(u) => drop(self.users.insert(u.name.clone(), u.clone())),
             Change::RemoveUser(name) => drop(self.users.remove(name)),
+            Change::PutTenant(t) => drop(self.tenants.insert(t.name.clone(), t.clone())),
+            Change::RemoveTenant(name) => drop(self.tenants.remove(name)),
             Change::PutOp(o) => {
                 self.op_seq = self.op_seq.max(op_number(&o.id));
                 let before = self.ops.insert(o.id.clone(), o.clone());
@@ -173,6 +186,9 @@ impl GridState {
                 set.remove(name);
             }
         }
+        if let Some(set) = self.vms_by_tenant.get_mut(&old.tenant) {
+            set.remove(name);
+        }
         nodes
     }
 
@@ -180,6 +196,33 @@ impl GridState {
         for node in allocation_nodes(v) {
             self.vms_by_node.entry(node.to_owned()).or_default().insert(v.name.clone());
         }
+        if !v.tenant.is_empty() {
+            self.vms_by_tenant.entry(v.tenant.clone()).or_default().insert(v.name.clone());
+        }
+    }
+
+    /// The VMs of `tenant` that are not DELETED (of one `group` of it, unless empty).
+    pub fn tenant_vms<'a>(&'a self, tenant: &str, group: &'a str) -> impl Iterator<Item = &'a Vm> {
+        self.vms_by_tenant
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.vms.get(name))
+            .filter(move |v| v.state() != VmState::Deleted && (group.is_empty() || v.group == group))
+    }
+
+    /// What `tenant`'s VMs (not DELETED) hold, and how many there are.
+    pub fn tenant_usage(&self, tenant: &str) -> (Resources, u32) {
+        let mut used = Resources::default();
+        let mut count = 0;
+        for v in self.tenant_vms(tenant, "") {
+            let r = v.resources.unwrap_or_default();
+            used.vcpus += r.vcpus;
+            used.memory_mib += r.memory_mib;
+            used.disk_mib += r.disk_mib;
+            count += 1;
+        }
+        (used, count)
     }
 
     fn refresh_node(&mut self, name: &str) {

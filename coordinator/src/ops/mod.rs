@@ -9,11 +9,14 @@ mod fence;
 mod migrate;
 mod nodes;
 mod run;
+pub mod scaling;
+mod tenants;
 #[cfg(test)]
 mod tests;
 mod users;
 
 pub(crate) use run::status_text;
+pub use tenants::{group_of, tenant_view};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,8 +34,8 @@ pub use nodes::{NodeError, capacity as nodes_capacity, health as nodes_health};
 use crate::agents::AgentPool;
 use crate::config::OpsConfig;
 use crate::grid::{
-    Change, GridState, OpKind, OpState, Operation, OperationStep, Vm, VmSpec, VmState, now, spec_resources,
-    volume_name,
+    Change, GridState, OpKind, OpState, Operation, OperationStep, Resources, Vm, VmSpec, VmState, now,
+    spec_resources, volume_name,
 };
 use crate::scheduler::{self, Request, Workload};
 use crate::store::{GridView, Pending, StoreError};
@@ -50,6 +53,9 @@ pub enum OpError {
     Precondition(String),
     #[error("unschedulable: {0}")]
     Unschedulable(String),
+    /// A tenant's quota would be exceeded.
+    #[error("{0}")]
+    Quota(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -79,6 +85,10 @@ struct Inner {
     dispatch: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
     /// The coordinators of this grid: whether this one leads, and its term.
     cluster: Arc<crate::ha::Cluster>,
+    /// The VMs' observed load over time, for scaling (in memory; a new leader collects its own).
+    usage: Mutex<crate::scaling::UsageWindows>,
+    /// The scaling loop's decisions, newest last (the last [`scaling::KEPT_DECISIONS`]).
+    decisions: Mutex<std::collections::VecDeque<gridforge_proto::v1::Decision>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,6 +112,11 @@ fn check_vm_name(name: &str) -> Result<(), OpError> {
 
 /// The resize step that changes a domain's vCPUs and memory (the disk's is "resize").
 pub(crate) const RESOURCES_STEP: &str = "resources";
+/// The steps of a resize with restart that shut the domain down before and start it after.
+pub(crate) const RESIZE_STOP_STEP: &str = "stop";
+pub(crate) const RESIZE_START_STEP: &str = "start";
+/// Seconds of ACPI grace a resize with restart gives the guest.
+const RESIZE_STOP_GRACE_SECS: u32 = 30;
 
 /// A new QUEUED operation of `kind` on `vm` (empty for a node's) at `node`, with its steps.
 pub(super) fn new_op(
@@ -242,6 +257,8 @@ impl Engine {
                 slots: Mutex::default(),
                 dispatch: Mutex::default(),
                 cluster,
+                usage: Mutex::default(),
+                decisions: Mutex::default(),
             }),
         }
     }
@@ -328,6 +345,10 @@ impl Engine {
         })?;
         let placement = req.placement.unwrap_or_default();
         let sreq = schedule_request(&spec, &placement);
+        let (tenant, group) = (req.tenant, req.group);
+        if tenant.is_empty() && !group.is_empty() {
+            return Err(OpError::Invalid(format!("group {group:?} needs its tenant (--tenant)")));
+        }
         if req.dry_run {
             let explanation = self.view().read(|s| explain(&s.snapshot, &sreq));
             return Ok(CreateVmResponse { operation: None, explanation: Some(explanation) });
@@ -345,12 +366,20 @@ impl Engine {
                     v.node
                 )));
             }
+            if !tenant.is_empty() {
+                if !group.is_empty() && tenants::group_of(s, &tenant, &group).is_none() {
+                    return Err(OpError::NotFound(format!("tenant {tenant} has no group {group:?}")));
+                }
+                tenants::check_quota(s, &tenant, &spec_resources(&stored), 1)?;
+            }
             let chosen =
                 scheduler::place(&s.snapshot, &sreq).map_err(|u| OpError::Unschedulable(u.to_string()))?;
             let id = s.next_op_id();
             let t = now();
             let vm = Vm {
                 name: name.clone(),
+                tenant: tenant.clone(),
+                group: group.clone(),
                 spec: Some(stored.clone()),
                 placement: Some(placement.clone()),
                 node: chosen.node.clone(),
@@ -527,6 +556,14 @@ impl Engine {
                     old.disk_mib, new.disk_mib
                 )));
             }
+            if !vm.tenant.is_empty() {
+                let grow = Resources {
+                    vcpus: new.vcpus.saturating_sub(old.vcpus),
+                    memory_mib: new.memory_mib.saturating_sub(old.memory_mib),
+                    disk_mib: new.disk_mib.saturating_sub(old.disk_mib),
+                };
+                tenants::check_quota(s, &vm.tenant, &grow, 0)?;
+            }
             let info =
                 s.snapshot.node(&vm.node).ok_or_else(|| OpError::Precondition("node unknown".into()))?;
             // Room as the scheduler counts it (capacity after overcommit, less allocations), plus what the
@@ -563,12 +600,18 @@ impl Engine {
                 steps.push(step(RESOURCES_STEP, &op.id, &vm.node));
             }
             if matches!(vm.state(), VmState::Running | VmState::Paused) {
-                return Err(OpError::Precondition(format!(
-                    "vm {} is {}: stop it first (gridctl vm stop {})",
-                    vm.name,
-                    vm.state().as_str_name().to_ascii_lowercase(),
-                    vm.name
-                )));
+                if !req.restart {
+                    return Err(OpError::Precondition(format!(
+                        "vm {} is {}: stop it first (gridctl vm stop {}), or resize with --restart",
+                        vm.name,
+                        vm.state().as_str_name().to_ascii_lowercase(),
+                        vm.name
+                    )));
+                }
+                // Shut down, resized, started again: one operation.
+                steps.insert(0, step(RESIZE_STOP_STEP, &op.id, &vm.node));
+                steps.push(step(RESIZE_START_STEP, &op.id, &vm.node));
+                op.params.insert("restart".into(), "true".into());
             }
             op.steps = steps;
             op.previous = Some(old);

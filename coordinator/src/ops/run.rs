@@ -12,7 +12,7 @@ use gridforge_proto::v1::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Code;
 
-use super::{Engine, RESOURCES_STEP, lock};
+use super::{Engine, RESIZE_START_STEP, RESIZE_STOP_STEP, RESOURCES_STEP, lock};
 use crate::grid::{Change, OpKind, OpState, Operation, VmState, is_disk_heavy, is_finished, now};
 
 /// Why one try of a step did not end with a finished job.
@@ -141,6 +141,15 @@ impl Engine {
                 grace_seconds: param("grace_seconds").parse().unwrap_or(0),
                 ..Default::default()
             }),
+            OpKind::ResizeVm if step.name == RESIZE_STOP_STEP || step.name == RESIZE_START_STEP => {
+                let stop = step.name == RESIZE_STOP_STEP;
+                JobReq::Control(ControlJob {
+                    domain: vm.name.clone(),
+                    action: if stop { Action::Stop } else { Action::Start } as i32,
+                    grace_seconds: if stop { super::RESIZE_STOP_GRACE_SECS } else { 0 },
+                    ..Default::default()
+                })
+            }
             OpKind::ResizeVm if step.name == RESOURCES_STEP => {
                 let r = vm.resources.unwrap_or_default();
                 JobReq::Control(ControlJob {
@@ -465,8 +474,14 @@ impl Engine {
                         }
                         (OpKind::ResizeVm, _) => {
                             let r = vm.resources.unwrap_or_default();
+                            let when = if op.params.contains_key("restart") {
+                                vm.state = VmState::Running as i32;
+                                "restarted with them"
+                            } else {
+                                "vCPUs and memory from the next start"
+                            };
                             op.result = format!(
-                                "{} vCPUs, {} MiB memory, {} MiB disk (vCPUs and memory from the next start)",
+                                "{} vCPUs, {} MiB memory, {} MiB disk ({when})",
                                 r.vcpus, r.memory_mib, r.disk_mib
                             );
                         }
@@ -506,11 +521,19 @@ impl Engine {
                                 for st in op.steps.iter().filter(|st| st.state() != OpState::Succeeded) {
                                     if st.name == RESOURCES_STEP {
                                         (r.vcpus, r.memory_mib) = (prev.vcpus, prev.memory_mib);
-                                    } else {
+                                    } else if st.name != RESIZE_STOP_STEP && st.name != RESIZE_START_STEP {
                                         r.disk_mib = prev.disk_mib;
                                     }
                                 }
                                 vm.resources = Some(r);
+                                // A restart that shut the domain down but did not start it again leaves
+                                // it stopped, as it is.
+                                let done = |name: &str| {
+                                    op.steps.iter().any(|st| st.name == name && st.state() == OpState::Succeeded)
+                                };
+                                if done(RESIZE_STOP_STEP) && !done(RESIZE_START_STEP) {
+                                    vm.state = VmState::Stopped as i32;
+                                }
                                 if let Some(s) = vm.spec.as_mut() {
                                     if let Some(d) = s.disk.as_mut() {
                                         d.size_mib = r.disk_mib;

@@ -10,8 +10,8 @@ use gridforge_proto::v1::agent_server::{Agent, AgentServer};
 use gridforge_proto::v1::{
     CancelJobRequest, CreateVmRequest, DeleteVmRequest, DiagnosticsReport, DiagnosticsRequest, DiskLayout,
     GetJobRequest, ImageRef, Job, JobEvent, JobState, ListJobsRequest, ListJobsResponse, Machine,
-    NodeStatsReport, NodeStatsRequest, Partition, ProvisionResult, SubmitJobRequest, WatchJobRequest,
-    WipeResult, job::Outcome, partition::Role, submit_job_request::Job as JobReq,
+    NodeStatsReport, NodeStatsRequest, Partition, ProvisionResult, ResizeVmRequest, SubmitJobRequest,
+    WatchJobRequest, WipeResult, job::Outcome, partition::Role, submit_job_request::Job as JobReq,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -28,6 +28,8 @@ struct FakeAgent {
     jobs: Mutex<HashMap<String, Job>>,
     submits: Mutex<u32>,
     hold: bool,
+    /// Host cores each named domain uses, as NodeStats reports them.
+    load: Mutex<HashMap<String, f64>>,
 }
 
 /// The served handle of a fake agent the test keeps looking at.
@@ -106,12 +108,25 @@ impl Agent for Fake {
         Ok(Response::new(DiagnosticsReport {
             hypervisor_kind: "kvm".into(),
             arch: "x86_64".into(),
+            images: vec!["tiny:1".into()],
             ..Default::default()
         }))
     }
 
     async fn node_stats(&self, _r: Request<NodeStatsRequest>) -> Result<Response<NodeStatsReport>, Status> {
-        Ok(Response::new(NodeStatsReport::default()))
+        let vms = self
+            .load
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, cores)| gridforge_proto::v1::VmStats {
+                name: name.clone(),
+                state: "running".into(),
+                cpu_cores: *cores,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(NodeStatsReport { vms, ..Default::default() }))
     }
 
     async fn receive_disk(
@@ -379,15 +394,15 @@ async fn purge_forgets_old_finished_operations_but_each_vms_latest_and_the_unfin
 async fn users_are_kept_in_the_grid_view_and_nobody_changes_its_own() {
     let store = Arc::new(MemoryStore::default());
     let e = engine(store.clone(), 1);
-    let u = e.add_user("carol", "operator", "alice").await.unwrap();
+    let u = e.add_user("carol", "operator", "", "alice").await.unwrap();
     assert_eq!((u.role.as_str(), u.added_by.as_str()), ("operator", "alice"));
     assert!(
-        matches!(e.add_user("carol", "root", "alice").await, Err(super::OpError::Invalid(m)) if m.contains("root"))
+        matches!(e.add_user("carol", "root", "", "alice").await, Err(super::OpError::Invalid(m)) if m.contains("root"))
     );
-    assert!(matches!(e.add_user("", "viewer", "alice").await, Err(super::OpError::Invalid(_))));
-    assert!(matches!(e.add_user("alice", "viewer", "alice").await, Err(super::OpError::Precondition(_))));
+    assert!(matches!(e.add_user("", "viewer", "", "alice").await, Err(super::OpError::Invalid(_))));
+    assert!(matches!(e.add_user("alice", "viewer", "", "alice").await, Err(super::OpError::Precondition(_))));
     assert!(matches!(e.remove_user("carol", "carol").await, Err(super::OpError::Precondition(_))));
-    e.add_user("carol", "viewer", "alice").await.unwrap();
+    e.add_user("carol", "viewer", "", "alice").await.unwrap();
     assert_eq!(store.load().unwrap().users[0].role, "viewer", "a role change is stored");
     e.remove_user("carol", "alice").await.unwrap();
     assert!(matches!(e.remove_user("carol", "alice").await, Err(super::OpError::NotFound(_))));
@@ -427,4 +442,251 @@ async fn the_libvirt_actuator_destroys_a_lost_nodes_domain_and_only_then_is_it_f
         }
         assert!(e.view().read(|s| s.nodes["n1"].cordoned), "a lost node is cordoned either way");
     }
+}
+
+fn tenant_engine_parts() -> (Arc<FakeAgent>, Arc<MemoryStore>) {
+    (Arc::new(FakeAgent::default()), Arc::new(MemoryStore::default()))
+}
+
+fn create_req(name: &str, vcpus: u32, tenant: &str, group: &str) -> CreateVmRequest {
+    let mut sp = spec(name);
+    sp.machine.as_mut().unwrap().vcpus = vcpus;
+    CreateVmRequest { spec: Some(sp), tenant: tenant.into(), group: group.into(), ..Default::default() }
+}
+
+#[tokio::test]
+async fn a_tenants_quota_refuses_a_create_or_resize_past_it_and_stores_nothing() {
+    let (agent, store) = tenant_engine_parts();
+    let address = serve(agent).await;
+    store.commit(&[Change::PutNode(node(&address))]).unwrap();
+    let e = engine(store, 3);
+    let quota = gridforge_proto::v1::Quota { vcpus: 3, vms: 2, ..Default::default() };
+    e.put_tenant("acme", quota).await.unwrap();
+
+    let op = e.create_vm(create_req("a1", 2, "acme", ""), "alice").await.unwrap().operation.unwrap();
+    finished(&e, &op.id).await;
+    let over = e.create_vm(create_req("a2", 2, "acme", ""), "alice").await;
+    match over {
+        Err(super::OpError::Quota(m)) => {
+            assert!(m.contains("tenant acme") && m.contains("vcpus: 2 used + 2 asked > 3 allowed"), "{m}")
+        }
+        other => panic!("expected a quota refusal: {other:?}"),
+    }
+    assert!(e.view().read(|s| !s.vms.contains_key("a2") && s.ops.values().all(|o| o.vm != "a2")));
+
+    let op = e.create_vm(create_req("a2", 1, "acme", ""), "alice").await.unwrap().operation.unwrap();
+    finished(&e, &op.id).await;
+    let third = e.create_vm(create_req("a3", 0, "acme", ""), "alice").await;
+    assert!(
+        matches!(&third, Err(super::OpError::Quota(m)) if m.contains("vms: 2 used + 1 asked > 2 allowed")),
+        "{third:?}"
+    );
+    let grow =
+        e.resize_vm(ResizeVmRequest { name: "a2".into(), vcpus: 2, ..Default::default() }, "alice").await;
+    assert!(matches!(&grow, Err(super::OpError::Quota(m)) if m.contains("vcpus")), "{grow:?}");
+    let t = e.view().read(|s| super::tenant_view(s, "acme")).unwrap();
+    assert_eq!((t.vms, t.used.unwrap().vcpus), (2, 3));
+
+    // A deleted VM no longer counts.
+    let del =
+        e.delete_vm(DeleteVmRequest { name: "a1".into(), ..Default::default() }, "alice").await.unwrap();
+    finished(&e, &del.id).await;
+    let op = e.create_vm(create_req("a3", 1, "acme", ""), "alice").await.unwrap().operation.unwrap();
+    assert_eq!(finished(&e, &op.id).await.state(), OpState::Succeeded);
+
+    let unknown = e.create_vm(create_req("b1", 1, "nobody", ""), "alice").await;
+    assert!(matches!(&unknown, Err(super::OpError::NotFound(m)) if m.contains("no tenant")), "{unknown:?}");
+    let no_group = e.create_vm(create_req("b1", 1, "acme", "db"), "alice").await;
+    assert!(matches!(&no_group, Err(super::OpError::NotFound(m)) if m.contains("no group")), "{no_group:?}");
+    let busy = e.remove_tenant("acme").await;
+    assert!(
+        matches!(&busy, Err(super::OpError::Precondition(m)) if m.contains("still has 2 VMs")),
+        "{busy:?}"
+    );
+}
+
+fn scaling_group(
+    tenant: &str,
+    name: &str,
+    min: u32,
+    max: u32,
+    priority: i32,
+    horizontal: bool,
+) -> gridforge_proto::v1::Group {
+    gridforge_proto::v1::Group {
+        tenant: tenant.into(),
+        name: name.into(),
+        service_level: Some(gridforge_proto::v1::ServiceLevel {
+            min_members: min,
+            max_members: max,
+            priority,
+            max_avg_cpu_percent: 70.0,
+        }),
+        scaling: Some(gridforge_proto::v1::ScalingPolicy {
+            horizontal,
+            cpu_up_percent: 70.0,
+            cpu_down_percent: 30.0,
+            window_secs: 25,
+            cooldown_secs: 1,
+            ..Default::default()
+        }),
+        template: Some(spec("template")),
+        ..Default::default()
+    }
+}
+
+fn epoch_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Members of `tenant`/`group` that are not deleted.
+fn members_of(e: &Engine, tenant: &str, group: &str) -> Vec<String> {
+    e.view().read(|s| s.tenant_vms(tenant, group).map(|v| v.name.clone()).collect())
+}
+
+/// A round at `at`: every operation it started has finished before it returns.
+async fn round(e: &Engine, at: u64) -> Vec<gridforge_proto::v1::Decision> {
+    let ds = e.scaling_round_at(at).await;
+    for d in &ds {
+        assert!(d.error.is_empty(), "{d:?}");
+        if !d.operation.is_empty() {
+            assert_eq!(finished(e, &d.operation).await.state(), OpState::Succeeded, "{d:?}");
+        }
+    }
+    ds
+}
+
+/// The fake agent reports `total` host cores shared by `members`.
+fn load(agent: &FakeAgent, members: &[String], total: f64) -> NodeStatsReport {
+    let mut l = agent.load.lock().unwrap();
+    l.clear();
+    for m in members {
+        l.insert(m.clone(), total / members.len() as f64);
+    }
+    let vms = l
+        .iter()
+        .map(|(name, cores)| gridforge_proto::v1::VmStats {
+            name: name.clone(),
+            cpu_cores: *cores,
+            ..Default::default()
+        })
+        .collect();
+    NodeStatsReport { vms, ..Default::default() }
+}
+
+#[tokio::test]
+async fn the_scaling_loop_scales_a_group_out_under_load_and_in_after_it_without_flapping() {
+    let (agent, store) = tenant_engine_parts();
+    let address = serve(agent.clone()).await;
+    store.commit(&[Change::PutNode(node(&address))]).unwrap();
+    let e = engine(store, 3);
+    e.put_tenant("acme", Default::default()).await.unwrap();
+    e.put_group(scaling_group("acme", "web", 1, 4, 0, true)).await.unwrap();
+
+    // Below its minimum: a member at once, named after the tenant and group.
+    let base = epoch_secs();
+    let ds = round(&e, base).await;
+    assert_eq!(ds.len(), 1, "{ds:?}");
+    assert_eq!(
+        (ds[0].action(), ds[0].vm.as_str()),
+        (gridforge_proto::v1::decision::Action::ScaleOut, "acme-web-1")
+    );
+    assert!(ds[0].reason.contains("min"), "{}", ds[0].reason);
+
+    // The poller's path: a poll of the fake agent feeds the member's window.
+    load(&agent, &members_of(&e, "acme", "web"), 0.1);
+    let config = crate::config::PollerConfig::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(4));
+    crate::poller::poll_all(&e, &config, &slots, Duration::ZERO).await;
+    let usage = e.view().read(|s| e.with_usage(s, s.vms["acme-web-1"].clone())).usage.unwrap();
+    assert!(usage.samples >= 1 && (usage.cpu_percent - 10.0).abs() < 0.01, "{usage:?}");
+
+    // 2.4 cores of load for 12 rounds, then 0.2: out to the bound, then in to the minimum, once each way.
+    let mut counts = vec![1usize];
+    for i in 1..=40u64 {
+        let at = base + i * 10;
+        let members = members_of(&e, "acme", "web");
+        let total = if i <= 12 { 2.4 } else { 0.2 };
+        e.record_usage_at(&load(&agent, &members, total), at);
+        round(&e, at).await;
+        counts.push(members_of(&e, "acme", "web").len());
+    }
+    let peak = *counts.iter().max().unwrap();
+    assert_eq!(peak, 4, "{counts:?}");
+    assert_eq!(*counts.last().unwrap(), 1, "{counts:?}");
+    let ups = counts.windows(2).filter(|w| w[1] > w[0]).count();
+    let downs = counts.windows(2).filter(|w| w[1] < w[0]).count();
+    assert_eq!((ups, downs), (3, 3), "one step at a time, each way once: {counts:?}");
+    let first_down = counts.windows(2).position(|w| w[1] < w[0]).unwrap();
+    let last_up = counts.windows(2).rposition(|w| w[1] > w[0]).unwrap();
+    assert!(last_up < first_down, "no scale-out after the first scale-in (flapping): {counts:?}");
+    // Each step is an operation requested by the scaling loop, logged with its reason.
+    let log = e.decisions(false, "acme", 0);
+    assert_eq!(
+        log.iter().filter(|d| d.action() == gridforge_proto::v1::decision::Action::ScaleIn).count(),
+        3
+    );
+    assert!(log.iter().all(|d| !d.reason.is_empty()), "{log:?}");
+    let hold = gridforge_proto::v1::decision::Action::Hold;
+    assert!(log.iter().filter(|d| d.action() != hold).all(|d| !d.operation.is_empty()), "{log:?}");
+    let by = e.view().read(|s| s.ops.get(&log[0].operation).map(|o| o.requested_by.clone()));
+    assert_eq!(by.as_deref(), Some(super::scaling::SCALER));
+}
+
+#[tokio::test]
+async fn a_higher_priority_group_takes_a_lower_ones_spare_member_never_below_its_minimum() {
+    let (agent, store) = tenant_engine_parts();
+    let address = serve(agent.clone()).await;
+    store.commit(&[Change::PutNode(node(&address))]).unwrap();
+    let e = engine(store, 3);
+    for t in ["low", "high"] {
+        e.put_tenant(t, Default::default()).await.unwrap();
+    }
+    e.put_group(scaling_group("low", "batch", 6, 8, 0, false)).await.unwrap();
+    e.put_group(scaling_group("high", "web", 1, 4, 10, true)).await.unwrap();
+    // The node's 8 GiB: seven batch members and one web member of 1 GiB each fill it.
+    for i in 1..=7 {
+        let op = e.create_vm(create_req(&format!("batch-{i}"), 1, "low", "batch"), "alice").await.unwrap();
+        finished(&e, &op.operation.unwrap().id).await;
+    }
+    let base = epoch_secs();
+    round(&e, base).await;
+    assert_eq!(members_of(&e, "high", "web"), ["high-web-1"]);
+    assert_eq!(e.view().read(|s| s.snapshot.node("n1").unwrap().free().memory_mib), 0);
+
+    let dry = e.plan_at(base + 10);
+    assert!(dry.is_empty(), "no load samples yet: {dry:?}");
+    let web = members_of(&e, "high", "web");
+    e.record_usage_at(&load(&agent, &web, 0.9), base + 10);
+    let plan = e.plan_at(base + 10);
+    let reclaim = plan.iter().find(|d| d.action() == gridforge_proto::v1::decision::Action::Reclaim);
+    let reclaim = reclaim.unwrap_or_else(|| panic!("{plan:?}")).clone();
+    assert_eq!(
+        (reclaim.tenant.as_str(), reclaim.vm.as_str(), reclaim.for_group.as_str()),
+        ("low", "batch-7", "high/web")
+    );
+    assert!(members_of(&e, "low", "batch").len() == 7, "a plan takes nothing");
+
+    let ds = round(&e, base + 10).await;
+    assert!(ds.iter().any(|d| d.action() == gridforge_proto::v1::decision::Action::Reclaim), "{ds:?}");
+    assert_eq!(members_of(&e, "low", "batch").len(), 6);
+    // The room exists now: the needy group scales out into it.
+    e.record_usage_at(&load(&agent, &web, 0.9), base + 20);
+    let ds = round(&e, base + 20).await;
+    assert!(ds.iter().any(|d| d.action() == gridforge_proto::v1::decision::Action::ScaleOut), "{ds:?}");
+    assert_eq!(members_of(&e, "high", "web").len(), 2);
+    // Still loaded, but the lower group is at its minimum: held, with the reason, nothing taken.
+    let web = members_of(&e, "high", "web");
+    for at in [base + 30, base + 40] {
+        e.record_usage_at(&load(&agent, &web, 1.9), at);
+        let ds = round(&e, at).await;
+        assert!(ds.iter().all(|d| d.action() == gridforge_proto::v1::decision::Action::Hold), "{ds:?}");
+    }
+    assert_eq!(members_of(&e, "low", "batch").len(), 6);
+    let holds: Vec<_> = e
+        .decisions(false, "high", 0)
+        .into_iter()
+        .filter(|d| d.action() == gridforge_proto::v1::decision::Action::Hold)
+        .collect();
+    assert_eq!(holds.len(), 1, "a hold logged once for one reason: {holds:?}");
 }

@@ -20,7 +20,14 @@ fn check_name(name: &str) -> Result<(), OpError> {
 
 impl Engine {
     /// Adds `name` with `role`, or changes the role of a known name. `by` is the admin asking.
-    pub async fn add_user(&self, name: &str, role: &str, by: &str) -> Result<GridUser, OpError> {
+    /// A `tenant` scopes the user to that tenant's VMs and groups.
+    pub async fn add_user(
+        &self,
+        name: &str,
+        role: &str,
+        tenant: &str,
+        by: &str,
+    ) -> Result<GridUser, OpError> {
         check_name(name)?;
         let role: Role = role
             .parse()
@@ -33,8 +40,16 @@ impl Engine {
             role: role.as_str().into(),
             added_by: by.into(),
             updated: Some(now()),
+            tenant: tenant.into(),
         };
-        self.view().update(|_| Ok((user.clone(), vec![Change::PutUser(user.clone())]))).await
+        self.view()
+            .update(|s| {
+                if !tenant.is_empty() && !s.tenants.contains_key(tenant) {
+                    return Err(OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)")));
+                }
+                Ok((user.clone(), vec![Change::PutUser(user.clone())]))
+            })
+            .await
     }
 
     /// Removes `name` from the grid view's users; its certificate then gets what the configuration gives it.

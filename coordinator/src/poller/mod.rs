@@ -25,6 +25,8 @@ pub async fn run(engine: Engine, config: PollerConfig) {
     loop {
         tick.tick().await;
         poll_all(&engine, &config, &slots, Duration::from_millis(config.interval_ms / 2)).await;
+        // The scaling loop decides on what this round observed.
+        engine.scaling_round().await;
     }
 }
 
@@ -211,6 +213,9 @@ fn record(
     result: Result<(NodeStatsReport, DiagnosticsReport), String>,
     config: &PollerConfig,
 ) -> Option<Pending<()>> {
+    if let Ok((stats, _)) = &result {
+        engine.record_usage(stats);
+    }
     let outcome = engine.view().stage::<_, crate::ops::OpError>(|s| {
         let Some(mut node) = s.nodes.get(name).cloned() else { return Ok(((), vec![])) };
         let before = (node.state, node.state_reason.clone());

@@ -149,7 +149,7 @@ fn unschedulable(s: &Snapshot, r: &Request, explanation: Explanation) -> Unsched
 }
 
 /// The fast path: `None` when it found no feasible node (there may still be one; see [`VISITS_PER_CLASS`]).
-fn place_indexed<'a>(s: &'a Snapshot, r: &Request) -> Option<Placement> {
+pub(crate) fn place_indexed<'a>(s: &'a Snapshot, r: &Request) -> Option<Placement> {
     let mut considered = 0;
     let mut fits = |n: &NodeInfo| {
         considered += 1;

@@ -32,9 +32,10 @@ impl SubAssign for Resources {
 }
 
 /// A node's health as the poller sees it. Cordoning is a separate flag: a cordoned node stays `Ready`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeState {
+    #[default]
     Ready,
     /// A diagnostic failed.
     NotReady,
@@ -42,7 +43,7 @@ pub enum NodeState {
     Unreachable,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NodeInfo {
     pub name: String,
     pub state: NodeState,

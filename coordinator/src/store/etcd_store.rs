@@ -1,5 +1,5 @@
 //! The grid store in etcd, for several coordinators sharing one grid view. Records live under the
-//! configured prefix as `PREFIX/nodes/NAME`, `PREFIX/vms/NAME`, `PREFIX/ops/ID` and `PREFIX/users/NAME`,
+//! configured prefix as `PREFIX/nodes/NAME`, `PREFIX/vms/NAME`, `PREFIX/ops/ID`, `PREFIX/users/NAME` and `PREFIX/tenants/NAME`,
 //! protobuf-encoded as in the embedded store. Each commit is one etcd transaction guarded by the leader's
 //! [`Fence`]: it applies only while this coordinator's election key still exists with the revision it won
 //! with, so a deposed leader can never write, and two coordinators never both apply a change.
@@ -16,7 +16,7 @@ use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, KeyValue, T
 use prost::Message;
 
 use super::{GridStore, Records, StoreError};
-use crate::grid::{Change, GridUser, Node, Operation, Vm};
+use crate::grid::{Change, GridUser, Node, Operation, Tenant, Vm};
 
 /// Pause between attempts of a call that found etcd unavailable.
 const RETRY: Duration = Duration::from_millis(200);
@@ -28,6 +28,7 @@ const NODES: &str = "nodes";
 const VMS: &str = "vms";
 const OPS: &str = "ops";
 const USERS: &str = "users";
+const TENANTS: &str = "tenants";
 
 /// The leader's proof of leadership: its election key and that key's creation revision (its term).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,7 +145,7 @@ impl EtcdStore {
     fn parse_key<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
         let (kind, name) = rest.split_once('/')?;
-        matches!(kind, NODES | VMS | OPS | USERS).then_some((kind, name))
+        matches!(kind, NODES | VMS | OPS | USERS | TENANTS).then_some((kind, name))
     }
 
     /// Run the future `make` gives on the store's runtime and wait for it, from any thread (a runtime worker
@@ -231,9 +232,11 @@ impl EtcdStore {
             (VMS, Some(v)) => Change::PutVm(Vm::decode(v).map_err(|e| decode_err("vms", e))?),
             (OPS, Some(v)) => Change::PutOp(Operation::decode(v).map_err(|e| decode_err("ops", e))?),
             (USERS, Some(v)) => Change::PutUser(GridUser::decode(v).map_err(|e| decode_err("users", e))?),
+            (TENANTS, Some(v)) => Change::PutTenant(Tenant::decode(v).map_err(|e| decode_err("tenants", e))?),
             (NODES, None) => Change::RemoveNode(name),
             (VMS, None) => Change::RemoveVm(name),
             (OPS, None) => Change::RemoveOp(name),
+            (TENANTS, None) => Change::RemoveTenant(name),
             (_, None) => Change::RemoveUser(name),
             _ => return Ok(None),
         }))
@@ -291,6 +294,8 @@ impl EtcdStore {
                 Change::RemoveOp(id) => (self.key(OPS, id), None),
                 Change::PutUser(u) => (self.key(USERS, &u.name), Some(u.encode_to_vec())),
                 Change::RemoveUser(name) => (self.key(USERS, name), None),
+                Change::PutTenant(t) => (self.key(TENANTS, &t.name), Some(t.encode_to_vec())),
+                Change::RemoveTenant(name) => (self.key(TENANTS, name), None),
             };
             if last.insert(key.clone(), value).is_none() {
                 order.push(key);
@@ -314,7 +319,7 @@ impl GridStore for EtcdStore {
             async move {
                 // Every kind at the revision the first range was read at: one consistent view.
                 let (mut all, at) = EtcdStore::range(client.clone(), format!("{prefix}/{NODES}/"), 0).await?;
-                for kind in [VMS, OPS, USERS] {
+                for kind in [VMS, OPS, USERS, TENANTS] {
                     all.extend(EtcdStore::range(client.clone(), format!("{prefix}/{kind}/"), at).await?.0);
                 }
                 Ok((all, at))
@@ -328,6 +333,7 @@ impl GridStore for EtcdStore {
                 Some(Change::PutVm(v)) => r.vms.push(v),
                 Some(Change::PutOp(o)) => r.ops.push(o),
                 Some(Change::PutUser(u)) => r.users.push(u),
+                Some(Change::PutTenant(t)) => r.tenants.push(t),
                 _ => {}
             }
         }

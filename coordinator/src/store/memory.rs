@@ -6,11 +6,11 @@ use std::sync::Mutex;
 use prost::Message;
 
 use super::{GridStore, Records, StoreError};
-use crate::grid::{Change, GridUser, Node, Operation, Vm};
+use crate::grid::{Change, GridUser, Node, Operation, Tenant, Vm};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    tables: Mutex<[BTreeMap<String, Vec<u8>>; 4]>,
+    tables: Mutex<[BTreeMap<String, Vec<u8>>; 5]>,
 }
 
 impl GridStore for MemoryStore {
@@ -38,6 +38,11 @@ impl GridStore for MemoryStore {
                 .map(|b| GridUser::decode(b.as_slice()))
                 .collect::<Result<_, _>>()
                 .map_err(|_| decode("users"))?,
+            tenants: t[4]
+                .values()
+                .map(|b| Tenant::decode(b.as_slice()))
+                .collect::<Result<_, _>>()
+                .map_err(|_| decode("tenants"))?,
             revision: 0,
         })
     }
@@ -54,6 +59,8 @@ impl GridStore for MemoryStore {
                 Change::RemoveOp(id) => drop(t[2].remove(id)),
                 Change::PutUser(u) => drop(t[3].insert(u.name.clone(), u.encode_to_vec())),
                 Change::RemoveUser(name) => drop(t[3].remove(name)),
+                Change::PutTenant(x) => drop(t[4].insert(x.name.clone(), x.encode_to_vec())),
+                Change::RemoveTenant(name) => drop(t[4].remove(name)),
             }
         }
         Ok(())

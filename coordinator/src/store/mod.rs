@@ -27,7 +27,7 @@ pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 use tokio::sync::oneshot;
 
-use crate::grid::{Change, Defaults, GridState, GridUser, Node, Operation, Vm};
+use crate::grid::{Change, Defaults, GridState, GridUser, Node, Operation, Tenant, Vm};
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -55,6 +55,7 @@ pub struct Records {
     pub vms: Vec<Vm>,
     pub ops: Vec<Operation>,
     pub users: Vec<GridUser>,
+    pub tenants: Vec<Tenant>,
     /// The store's revision these records are at (0 for a store without revisions).
     pub revision: i64,
 }
@@ -64,6 +65,7 @@ impl Records {
     pub fn into_state(self, defaults: Defaults) -> GridState {
         let mut state = GridState::new(self.nodes, self.vms, self.ops, defaults);
         state.users = self.users.into_iter().map(|u| (u.name.clone(), u)).collect();
+        state.tenants = self.tenants.into_iter().map(|t| (t.name.clone(), t)).collect();
         state
     }
 }

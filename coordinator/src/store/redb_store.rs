@@ -7,12 +7,13 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{GridStore, Records, StoreError};
-use crate::grid::{Change, GridUser, Node, Operation, Vm};
+use crate::grid::{Change, GridUser, Node, Operation, Tenant, Vm};
 
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 
 pub struct RedbStore {
     db: Database,
@@ -31,7 +32,7 @@ impl RedbStore {
         let db = Database::create(path).map_err(|e| open(&e))?;
         // Create the tables so that a read of a new store finds them.
         let w = db.begin_write().map_err(|e| open(&e))?;
-        for t in [NODES, VMS, OPS, USERS] {
+        for t in [NODES, VMS, OPS, USERS, TENANTS] {
             w.open_table(t).map_err(|e| open(&e))?;
         }
         w.commit().map_err(|e| open(&e))?;
@@ -66,6 +67,7 @@ impl GridStore for RedbStore {
             vms: read_table::<Vm>(&r, VMS, "vms")?,
             ops: read_table::<Operation>(&r, OPS, "operations")?,
             users: read_table::<GridUser>(&r, USERS, "users")?,
+            tenants: read_table::<Tenant>(&r, TENANTS, "tenants")?,
             revision: 0,
         })
     }
@@ -77,6 +79,7 @@ impl GridStore for RedbStore {
             let mut vms = w.open_table(VMS).map_err(txn)?;
             let mut ops = w.open_table(OPS).map_err(txn)?;
             let mut users = w.open_table(USERS).map_err(txn)?;
+            let mut tenants = w.open_table(TENANTS).map_err(txn)?;
             for c in changes {
                 match c {
                     Change::PutNode(n) => {
@@ -95,6 +98,10 @@ impl GridStore for RedbStore {
                         drop(users.insert(u.name.as_str(), u.encode_to_vec().as_slice()).map_err(txn)?)
                     }
                     Change::RemoveUser(name) => drop(users.remove(name.as_str()).map_err(txn)?),
+                    Change::PutTenant(t) => {
+                        drop(tenants.insert(t.name.as_str(), t.encode_to_vec().as_slice()).map_err(txn)?)
+                    }
+                    Change::RemoveTenant(name) => drop(tenants.remove(name.as_str()).map_err(txn)?),
                 }
             }
         }

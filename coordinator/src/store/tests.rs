@@ -129,25 +129,40 @@ fn conformance(store: &dyn GridStore) {
         ..Default::default()
     };
     let user = GridUser { name: "bob".into(), role: "viewer".into(), ..Default::default() };
+    let group = crate::grid::Group {
+        tenant: "acme".into(),
+        name: "web".into(),
+        next_member: 3,
+        ..Default::default()
+    };
+    let tenant = crate::grid::Tenant { name: "acme".into(), groups: vec![group], ..Default::default() };
     store
         .commit(&[
             Change::PutNode(node("n1")),
             Change::PutVm(vm(VmState::Provisioning)),
             Change::PutOp(op.clone()),
             Change::PutUser(user.clone()),
+            Change::PutTenant(tenant.clone()),
         ])
         .unwrap();
     let r = store.load().unwrap();
     assert_eq!((r.nodes.len(), r.vms.len(), r.ops.len(), r.users.len()), (1, 1, 1, 1));
+    assert_eq!(r.tenants, vec![tenant]);
     assert_eq!(r.nodes[0].capacity.unwrap().vcpus, 8);
     assert_eq!(r.vms[0].state(), VmState::Provisioning);
     assert_eq!(r.ops[0], op);
     assert_eq!(r.users[0], user);
 
-    store.commit(&[Change::PutVm(vm(VmState::Running)), Change::RemoveUser("bob".into())]).unwrap();
+    store
+        .commit(&[
+            Change::PutVm(vm(VmState::Running)),
+            Change::RemoveUser("bob".into()),
+            Change::RemoveTenant("acme".into()),
+        ])
+        .unwrap();
     let r = store.load().unwrap();
     assert_eq!(r.vms[0].state(), VmState::Running);
-    assert!(r.users.is_empty());
+    assert!(r.users.is_empty() && r.tenants.is_empty());
 
     // The last change of a record in one commit wins.
     let mut n2 = node("n2");

@@ -1,0 +1,276 @@
+//! The scaling loop on the leader (the design's master decision program): after each poll round, the VMs'
+//! observed load (kept in memory over each group's window) and the grid view go to the pure
+//! [`crate::scaling::decide`]; each decision becomes an ordinary operation (create, delete, resize)
+//! requested by [`SCALER`], and is logged with its reason. A group with an operation in flight is left alone,
+//! so a decision is never taken twice, also across a change of leader (the operation is in the store).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gridforge_proto::v1::{
+    CreateVmRequest, Decision, DeleteVmRequest, GroupStatus, NodeStatsReport, ResizeVmRequest,
+    decision::Action,
+};
+
+use super::{Engine, OpError, group_of, lock};
+use crate::grid::{Change, GridState, Vm, VmState, now};
+use crate::scaling::{self as pure, GroupInput, Member, SnapshotRoom};
+
+/// Decisions kept for `gridctl scaling log`.
+pub const KEPT_DECISIONS: usize = 1000;
+/// The requester named on the operations scaling starts.
+pub const SCALER: &str = "scaling";
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The window `g`'s load is averaged over.
+fn group_window(g: &crate::grid::Group) -> u32 {
+    pure::effective_window(g.scaling.map_or(0, |p| p.window_secs))
+}
+
+/// The window a VM's load is shown over: its group's, or the default.
+fn window_of(s: &GridState, v: &Vm) -> u32 {
+    group_of(s, &v.tenant, &v.group).map_or(pure::effective_window(0), group_window)
+}
+
+/// The members of `tenant`/`group` (not deleted) oldest first, as the pure loop takes them.
+fn members(
+    s: &GridState,
+    usage: &pure::UsageWindows,
+    tenant: &str,
+    group: &str,
+    window: u32,
+    at: u64,
+) -> Vec<Member> {
+    let mut vms: Vec<&Vm> = s.tenant_vms(tenant, group).collect();
+    vms.sort_by_key(|v| (v.created.map_or(0, |t| t.seconds), v.name.clone()));
+    vms.into_iter()
+        .map(|v| Member {
+            name: v.name.clone(),
+            node: v.node.clone(),
+            running: v.state() == VmState::Running,
+            resources: v.resources.unwrap_or_default(),
+            created_secs: v.created.map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0)),
+            usage: usage.usage(&v.name, window, at),
+            busy: s.lock_holder(&v.name).is_some(),
+        })
+        .collect()
+}
+
+impl Engine {
+    /// Keep the load each VM of a poll showed (CPU as a share of its vCPUs, memory of its own).
+    pub fn record_usage(&self, stats: &NodeStatsReport) {
+        self.record_usage_at(stats, now_secs());
+    }
+
+    pub fn record_usage_at(&self, stats: &NodeStatsReport, at: u64) {
+        let samples: Vec<(String, f64, f64)> = self.view().read(|s| {
+            stats
+                .vms
+                .iter()
+                .filter_map(|d| {
+                    let r = s.vms.get(&d.name)?.resources?;
+                    let cpu = if r.vcpus > 0 { d.cpu_cores / f64::from(r.vcpus) * 100.0 } else { 0.0 };
+                    let total = r.memory_mib as f64 * 1024.0 * 1024.0;
+                    let memory = if total > 0.0 { d.memory_bytes as f64 / total * 100.0 } else { 0.0 };
+                    Some((d.name.clone(), cpu, memory))
+                })
+                .collect()
+        });
+        let mut usage = lock(&self.inner.usage);
+        for (name, cpu, memory) in samples {
+            usage.record(&name, at, cpu, memory);
+        }
+    }
+
+    /// `v` with its observed load filled in (`s` is the view it was read from).
+    pub fn with_usage(&self, s: &GridState, mut v: Vm) -> Vm {
+        v.usage = lock(&self.inner.usage).usage(&v.name, window_of(s, &v), now_secs());
+        v
+    }
+
+    /// The group with its members, their load, and whether its service level is met.
+    pub fn group_status(&self, tenant: &str, name: &str) -> Result<GroupStatus, OpError> {
+        let at = now_secs();
+        self.view().read(|s| {
+            if !s.tenants.contains_key(tenant) {
+                return Err(OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)")));
+            }
+            let g = group_of(s, tenant, name)
+                .ok_or_else(|| OpError::NotFound(format!("tenant {tenant} has no group {name:?}")))?;
+            let window = group_window(g);
+            let usage = lock(&self.inner.usage);
+            let ms = members(s, &usage, tenant, name, window, at);
+            let verdict = pure::service_level(g, &ms);
+            let mut vms: Vec<Vm> = ms.iter().filter_map(|m| s.vms.get(&m.name).cloned()).collect();
+            for v in &mut vms {
+                v.usage = usage.usage(&v.name, window, at);
+            }
+            Ok(GroupStatus {
+                group: Some(g.clone()),
+                members: vms,
+                running: verdict.running,
+                avg_cpu_percent: verdict.avg_cpu_percent,
+                avg_memory_percent: verdict.avg_memory_percent,
+                meets_service_level: verdict.meets,
+                service_level_reason: verdict.reason,
+            })
+        })
+    }
+
+    /// What one round would decide at `at` (seconds since the epoch), taking nothing.
+    pub fn plan_at(&self, at: u64) -> Vec<Decision> {
+        self.view().read(|s| {
+            let usage = lock(&self.inner.usage);
+            let mut groups: Vec<GroupInput<'_>> = Vec::new();
+            for t in s.tenants.values() {
+                for g in &t.groups {
+                    let window = group_window(g);
+                    groups.push(GroupInput {
+                        group: g,
+                        members: members(s, &usage, &t.name, &g.name, window, at),
+                    });
+                }
+            }
+            let mut snapshot = s.snapshot.clone();
+            let mut room = SnapshotRoom::new(&mut snapshot);
+            pure::decide(&groups, &mut room, at)
+        })
+    }
+
+    /// The decisions taken, newest first (only `tenant`'s, unless empty; at most `limit`, 0: all kept), or
+    /// with `plan` what a round would decide now.
+    pub fn decisions(&self, plan: bool, tenant: &str, limit: usize) -> Vec<Decision> {
+        let all: Vec<Decision> = if plan {
+            self.plan_at(now_secs())
+        } else {
+            lock(&self.inner.decisions).iter().rev().cloned().collect()
+        };
+        all.into_iter()
+            .filter(|d| tenant.is_empty() || d.tenant == tenant)
+            .take(if limit == 0 { usize::MAX } else { limit })
+            .collect()
+    }
+
+    /// One round of the loop now; the decisions it took.
+    pub async fn scaling_round(&self) -> Vec<Decision> {
+        self.scaling_round_at(now_secs()).await
+    }
+
+    /// One round as at `at`: decide, start an operation for each decision, log them. Only the leader acts.
+    pub async fn scaling_round_at(&self, at: u64) -> Vec<Decision> {
+        if !self.cluster().is_leader() {
+            return Vec::new();
+        }
+        self.forget_gone_usage();
+        let mut taken = Vec::new();
+        for mut d in self.plan_at(at) {
+            if let Err(e) = self.act(&mut d).await {
+                d.error = e.to_string();
+                tracing::warn!(action = d.action().as_str_name(), tenant = %d.tenant, group = %d.group, vm = %d.vm, "scaling step failed: {e}");
+            }
+            self.log_decision(d.clone());
+            taken.push(d);
+        }
+        taken
+    }
+
+    /// Samples of VMs no longer in the grid are dropped.
+    fn forget_gone_usage(&self) {
+        let live: std::collections::HashSet<String> = self.view().read(|s| {
+            s.vms.values().filter(|v| v.state() != VmState::Deleted).map(|v| v.name.clone()).collect()
+        });
+        lock(&self.inner.usage).retain(|name| live.contains(name));
+    }
+
+    fn log_decision(&self, d: Decision) {
+        let mut log = lock(&self.inner.decisions);
+        // A group held round after round is logged once, until it takes a step (its reason's figures
+        // change every round; the plan shows the current one).
+        if d.action() == Action::Hold
+            && log
+                .iter()
+                .rev()
+                .find(|x| x.tenant == d.tenant && x.group == d.group)
+                .is_some_and(|x| x.action() == Action::Hold)
+        {
+            return;
+        }
+        tracing::info!(
+            action = d.action().as_str_name(),
+            tenant = %d.tenant,
+            group = %d.group,
+            vm = %d.vm,
+            for_group = %d.for_group,
+            operation = %d.operation,
+            "scaling: {}",
+            d.reason
+        );
+        log.push_back(d);
+        while log.len() > KEPT_DECISIONS {
+            log.pop_front();
+        }
+    }
+
+    /// Start the operation of decision `d` (its id goes into `d.operation`); the group's cooldown starts.
+    async fn act(&self, d: &mut Decision) -> Result<(), OpError> {
+        let action = d.action();
+        if action == Action::Hold {
+            return Ok(());
+        }
+        self.mark_scaled(&d.tenant, &d.group, action == Action::ScaleOut).await?;
+        let op = match action {
+            Action::ScaleOut => {
+                let (spec, placement) = self.view().read(|s| {
+                    let g = group_of(s, &d.tenant, &d.group);
+                    (g.and_then(|g| g.template.clone()), g.and_then(|g| g.placement.clone()))
+                });
+                let mut spec = spec.ok_or_else(|| {
+                    OpError::Precondition(format!("group {}/{} has no template", d.tenant, d.group))
+                })?;
+                spec.name = d.vm.clone();
+                let req = CreateVmRequest {
+                    spec: Some(spec),
+                    placement,
+                    tenant: d.tenant.clone(),
+                    group: d.group.clone(),
+                    ..Default::default()
+                };
+                self.create_vm(req, SCALER).await?.operation.unwrap_or_default()
+            }
+            Action::ScaleIn | Action::Reclaim => {
+                self.delete_vm(DeleteVmRequest { name: d.vm.clone(), ..Default::default() }, SCALER).await?
+            }
+            Action::ScaleUp | Action::ScaleDown => {
+                let r = d.resources.unwrap_or_default();
+                let req = ResizeVmRequest {
+                    name: d.vm.clone(),
+                    vcpus: r.vcpus,
+                    memory_mib: r.memory_mib,
+                    restart: true,
+                    ..Default::default()
+                };
+                self.resize_vm(req, SCALER).await?
+            }
+            Action::Hold | Action::Unspecified => return Ok(()),
+        };
+        d.operation = op.id;
+        Ok(())
+    }
+
+    /// The group's cooldown starts now; a scale-out takes the next member number.
+    async fn mark_scaled(&self, tenant: &str, group: &str, take_number: bool) -> Result<(), OpError> {
+        self.view()
+            .update(|s| {
+                let Some(mut t) = s.tenants.get(tenant).cloned() else { return Ok(((), vec![])) };
+                let Some(g) = t.groups.iter_mut().find(|g| g.name == group) else { return Ok(((), vec![])) };
+                g.last_scaled = Some(now());
+                if take_number {
+                    g.next_member = g.next_member.max(1) + 1;
+                }
+                Ok::<_, OpError>(((), vec![Change::PutTenant(t)]))
+            })
+            .await
+    }
+}

@@ -1,0 +1,239 @@
+//! Tenants (customers) and their groups of VMs in the grid view. A tenant has quotas on what its VMs hold
+//! together; each group a service level and a scaling policy, and the template its new members are made
+//! from. Every VM of a tenant counts against its quota from the moment it is placed.
+
+use gridforge_proto::v1::{Quota, ScalingPolicy};
+
+use crate::grid::{Change, GridState, Group, Resources, Tenant, now};
+
+use super::{Engine, OpError, check_vm_name};
+
+/// A tenant's or group's name: it prefixes the names of the VMs scaling adds, so it follows the VM names'
+/// rules, a little shorter.
+fn check_name(what: &str, name: &str) -> Result<(), OpError> {
+    if name.len() > 40 {
+        return Err(OpError::Invalid(format!("{what} name {name:?}: at most 40 characters")));
+    }
+    check_vm_name(name).map_err(|_| {
+        OpError::Invalid(format!(
+            "{what} name {name:?}: 1-40 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+        ))
+    })
+}
+
+/// Refuse `extra` (more VMs: `new_vms`) when it would take `tenant` past its quota; the error names the
+/// tenant, the resource, what is used, asked and allowed.
+pub(crate) fn check_quota(
+    s: &GridState,
+    tenant: &str,
+    extra: &Resources,
+    new_vms: u32,
+) -> Result<(), OpError> {
+    let Some(t) = s.tenants.get(tenant) else {
+        return Err(OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)")));
+    };
+    let q = t.quota.unwrap_or_default();
+    let (used, count) = s.tenant_usage(tenant);
+    let mut over = Vec::new();
+    let mut check = |what: &str, used: u64, asked: u64, limit: u64, unit: &str| {
+        if limit > 0 && asked > 0 && used + asked > limit {
+            over.push(format!("{what}: {used}{unit} used + {asked}{unit} asked > {limit}{unit} allowed"));
+        }
+    };
+    check("vcpus", used.vcpus.into(), extra.vcpus.into(), q.vcpus.into(), "");
+    check("memory", used.memory_mib, extra.memory_mib, q.memory_mib, " MiB");
+    check("disk", used.disk_mib, extra.disk_mib, q.disk_mib, " MiB");
+    check("vms", count.into(), new_vms.into(), q.vms.into(), "");
+    if over.is_empty() {
+        Ok(())
+    } else {
+        Err(OpError::Quota(format!("tenant {tenant}'s quota would be exceeded: {}", over.join("; "))))
+    }
+}
+
+/// The tenant as a read shows it: with what its VMs hold now.
+pub fn tenant_view(s: &GridState, name: &str) -> Option<Tenant> {
+    let mut t = s.tenants.get(name)?.clone();
+    let (used, count) = s.tenant_usage(name);
+    t.used = Some(used);
+    t.vms = count;
+    Some(t)
+}
+
+fn check_policy(g: &Group) -> Result<(), OpError> {
+    let sl = g.service_level.unwrap_or_default();
+    let p = g.scaling.unwrap_or_default();
+    let bad = |m: String| Err(OpError::Invalid(format!("group {}: {m}", g.name)));
+    if sl.max_members > 0 && sl.min_members > sl.max_members {
+        return bad(format!("min_members {} above max_members {}", sl.min_members, sl.max_members));
+    }
+    for (what, v) in [
+        ("max_avg_cpu_percent", sl.max_avg_cpu_percent),
+        ("cpu_up_percent", p.cpu_up_percent),
+        ("cpu_down_percent", p.cpu_down_percent),
+        ("memory_up_percent", p.memory_up_percent),
+        ("memory_down_percent", p.memory_down_percent),
+    ] {
+        if !(0.0..=100.0).contains(&v) {
+            return bad(format!("{what} {v} is not a percentage (0-100)"));
+        }
+    }
+    if p.horizontal || p.vertical {
+        if p.cpu_up_percent <= 0.0 {
+            return bad("scaling needs cpu_up_percent (the threshold to scale up at)".into());
+        }
+        // The gap between the thresholds is what keeps scaling from flapping.
+        if p.cpu_down_percent >= p.cpu_up_percent {
+            return bad(format!(
+                "cpu_down_percent {} must be below cpu_up_percent {} (the gap keeps it from flapping)",
+                p.cpu_down_percent, p.cpu_up_percent
+            ));
+        }
+        if p.memory_up_percent > 0.0 && p.memory_down_percent >= p.memory_up_percent {
+            return bad(format!(
+                "memory_down_percent {} must be below memory_up_percent {}",
+                p.memory_down_percent, p.memory_up_percent
+            ));
+        }
+    }
+    if p.max_vcpus > 0 && p.min_vcpus > p.max_vcpus {
+        return bad(format!("min_vcpus {} above max_vcpus {}", p.min_vcpus, p.max_vcpus));
+    }
+    if p.max_memory_mib > 0 && p.min_memory_mib > p.max_memory_mib {
+        return bad(format!("min_memory_mib {} above max_memory_mib {}", p.min_memory_mib, p.max_memory_mib));
+    }
+    if p.horizontal {
+        let Some(spec) = g.template.as_ref() else {
+            return bad("horizontal scaling needs a template (the spec new members are made from)".into());
+        };
+        let mut named = spec.clone();
+        named.name = format!("{}-1", g.name);
+        gridforge_agent::jobs::validate_spec(&named).map_err(|e| {
+            OpError::Invalid(format!(
+                "group {}: template: {}",
+                g.name,
+                e.to_string().replace("provision.spec.", "template.")
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Defaults for a policy's unset fields: a window of a minute, a cooldown of two.
+fn with_defaults(mut p: ScalingPolicy) -> ScalingPolicy {
+    if p.window_secs == 0 {
+        p.window_secs = 60;
+    }
+    if p.cooldown_secs == 0 {
+        p.cooldown_secs = 120;
+    }
+    if p.min_vcpus == 0 {
+        p.min_vcpus = 1;
+    }
+    p
+}
+
+impl Engine {
+    /// Add a tenant, or change a known tenant's quota.
+    pub async fn put_tenant(&self, name: &str, quota: Quota) -> Result<Tenant, OpError> {
+        check_name("tenant", name)?;
+        self.view()
+            .update(|s| {
+                let t = now();
+                let tenant = match s.tenants.get(name) {
+                    Some(old) => Tenant { quota: Some(quota), updated: Some(t), ..old.clone() },
+                    None => Tenant {
+                        name: name.into(),
+                        quota: Some(quota),
+                        created: Some(t),
+                        updated: Some(t),
+                        ..Default::default()
+                    },
+                };
+                let shown = Tenant { used: None, vms: 0, ..tenant.clone() };
+                Ok((shown, vec![Change::PutTenant(tenant)]))
+            })
+            .await
+            .map(|t| self.view().read(|s| tenant_view(s, &t.name)).unwrap_or(t))
+    }
+
+    /// Remove a tenant that has no VMs (its groups go with it).
+    pub async fn remove_tenant(&self, name: &str) -> Result<Tenant, OpError> {
+        self.view()
+            .update(|s| {
+                let t = tenant_view(s, name)
+                    .ok_or_else(|| OpError::NotFound(format!("no tenant {name:?} (gridctl tenant list)")))?;
+                if t.vms > 0 {
+                    return Err(OpError::Precondition(format!(
+                        "tenant {name} still has {} VMs: delete them first",
+                        t.vms
+                    )));
+                }
+                Ok((t, vec![Change::RemoveTenant(name.into())]))
+            })
+            .await
+    }
+
+    /// Add or change a group of a tenant; its scaling state (last step, member numbers) is kept.
+    pub async fn put_group(&self, mut g: Group) -> Result<Group, OpError> {
+        check_name("group", &g.name)?;
+        g.service_level = Some(g.service_level.unwrap_or_default());
+        g.scaling = Some(with_defaults(g.scaling.unwrap_or_default()));
+        check_policy(&g)?;
+        if let Some(t) = g.template.as_mut() {
+            // The stored template holds no secrets, like every stored spec.
+            gridforge_agent::jobs::scrub_spec(t);
+        }
+        self.view()
+            .update(|s| {
+                let mut tenant = s.tenants.get(&g.tenant).cloned().ok_or_else(|| {
+                    OpError::NotFound(format!("no tenant {:?} (gridctl tenant list)", g.tenant))
+                })?;
+                match tenant.groups.iter_mut().find(|x| x.name == g.name) {
+                    Some(old) => {
+                        g.last_scaled = old.last_scaled;
+                        g.next_member = old.next_member;
+                        *old = g.clone();
+                    }
+                    None => {
+                        g.last_scaled = None;
+                        g.next_member = 1;
+                        tenant.groups.push(g.clone());
+                    }
+                }
+                tenant.updated = Some(now());
+                Ok((g.clone(), vec![Change::PutTenant(tenant)]))
+            })
+            .await
+    }
+
+    /// Remove a group without members.
+    pub async fn remove_group(&self, tenant: &str, name: &str) -> Result<Group, OpError> {
+        self.view()
+            .update(|s| {
+                let mut t = s.tenants.get(tenant).cloned().ok_or_else(|| {
+                    OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)"))
+                })?;
+                let at = t
+                    .groups
+                    .iter()
+                    .position(|g| g.name == name)
+                    .ok_or_else(|| OpError::NotFound(format!("tenant {tenant} has no group {name:?}")))?;
+                let members = s.tenant_vms(tenant, name).count();
+                if members > 0 {
+                    return Err(OpError::Precondition(format!(
+                        "group {tenant}/{name} still has {members} members: delete them first"
+                    )));
+                }
+                let g = t.groups.remove(at);
+                t.updated = Some(now());
+                Ok((g, vec![Change::PutTenant(t)]))
+            })
+            .await
+    }
+}
+
+/// The group `tenant`/`name`, if both exist.
+pub fn group_of<'a>(s: &'a GridState, tenant: &str, name: &str) -> Option<&'a Group> {
+    s.tenants.get(tenant)?.groups.iter().find(|g| g.name == name)
+}

@@ -1,0 +1,155 @@
+//! Tenants, their quotas, a tenant-scoped user, and a group whose minimum the scaling loop keeps, through
+//! `gridctl -o json` against a coordinator and agents in network namespaces, with the agents' own job lists
+//! as the oracle of what was provisioned.
+
+use std::time::Duration;
+
+use gridforge_tests::coordinator::Gridctl;
+use gridforge_tests::grid::{Grid, Shape};
+use gridforge_tests::pki::PkiCommands;
+use gridforge_tests::{json_str as s, json_u64 as n, wait_until};
+use serde_json::{Value, json};
+
+/// The tenant-scoped operator's certificate name.
+const ACME_OPS: &str = "acme-ops";
+
+fn provisions(grid: &Grid, vm: &str) -> usize {
+    grid.agents.iter().map(|a| a.provision_jobs(vm).len()).sum()
+}
+
+fn names(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v.as_array().into_iter().flatten().map(|x| s(x, "name").to_string()).collect();
+    out.sort();
+    out
+}
+
+fn create(grid: &Grid, ctl: &Gridctl, name: &str, vcpus: u32, extra: &[&str]) -> Value {
+    let spec = grid.spec_file(name, vcpus, 64, 64);
+    let mut args = vec!["vm", "create", "-f", spec.to_str().unwrap(), "--wait"];
+    args.extend_from_slice(extra);
+    let op = ctl.json(&args);
+    assert_eq!(s(&op, "state"), "SUCCEEDED", "create {name}: {op}");
+    op
+}
+
+#[test]
+fn quotas_tenant_scope_and_a_groups_minimum_kept_by_the_scaling_loop() {
+    let grid = Grid::with_coordinator(2, Default::default());
+    for node in ["node-a", "node-b"] {
+        grid.enroll(node, Shape { vcpus: 8, memory_mib: 2048 }, &[]);
+    }
+    let admin = grid.admin();
+    let acme = admin.json(&["tenant", "add", "acme", "--vcpus", "4", "--vms", "4"]);
+    assert_eq!(n(&acme[0], &["quota", "vcpus"]), 4, "{acme}");
+    admin.json(&["tenant", "add", "globex"]);
+    grid.pki.issue(ACME_OPS, &[]);
+    let user = admin.json(&["user", "add", ACME_OPS, "--role", "operator", "--tenant", "acme"]);
+    assert_eq!(s(&user["users"][0], "tenant"), "acme", "{user}");
+    let ops = grid.gridctl_as(ACME_OPS);
+
+    // The scoped operator's VM is its tenant's; another tenant's VM is, to it, not there.
+    create(&grid, &ops, "acme-1", 1, &[]);
+    create(&grid, &admin, "globex-1", 1, &["--tenant", "globex"]);
+    assert_eq!(s(&admin.json(&["vm", "show", "acme-1"]), "tenant"), "acme");
+    assert_eq!(names(&ops.json(&["vm", "list"])), ["acme-1"]);
+    assert_eq!(names(&admin.json(&["vm", "list", "--tenant", "globex"])), ["globex-1"]);
+    assert_eq!(names(&ops.json(&["tenant", "list"])), ["acme"]);
+    for args in
+        [&["vm", "show", "globex-1"][..], &["vm", "delete", "globex-1"], &["tenant", "show", "globex"]]
+    {
+        let out = ops.fails(args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", out.describe());
+    }
+    let out = ops.fails(&["node", "cordon", "node-a"]);
+    assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+    assert!(out.stderr.contains("scoped to tenant acme"), "{}", out.describe());
+    let spec = grid.spec_file("sneaky", 1, 64, 64);
+    let out = ops.fails(&["vm", "create", "-f", spec.to_str().unwrap(), "--tenant", "globex"]);
+    assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+    let node = admin.json(&["node", "show", "node-a"]);
+    let seen = ops.json(&["node", "show", "node-a"]);
+    assert!(
+        seen["vms"].as_array().into_iter().flatten().all(|v| v.as_str().unwrap().starts_with("acme")),
+        "{seen} (the admin sees {node})"
+    );
+
+    // Past the quota: refused with what is used, asked and allowed; nothing reaches an agent.
+    let big = grid.spec_file("acme-big", 4, 64, 64);
+    let out = ops.fails(&["vm", "create", "-f", big.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "{}", out.describe());
+    assert!(
+        out.stderr.contains("tenant acme's quota")
+            && out.stderr.contains("vcpus: 1 used + 4 asked > 4 allowed"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(provisions(&grid, "acme-big"), 0);
+    assert!(ops.fails(&["vm", "show", "acme-big"]).status.code() == Some(3));
+
+    // A group with a minimum of two members: the scaling loop adds them from the template. libvirt's test
+    // driver reports each domain's CPU as busy all the time (its CPU time runs with the clock): that load,
+    // above the group's up threshold, takes the group to its bound, where it is held.
+    let template = gridforge_tests::images::vm_spec("unused", 1, 64, 64);
+    let group = json!({
+        "tenant": "acme",
+        "name": "web",
+        "serviceLevel": {"minMembers": 2, "maxMembers": 3, "priority": 1, "maxAvgCpuPercent": 80.0},
+        "scaling": {"horizontal": true, "cpuUpPercent": 70.0, "cpuDownPercent": 20.0, "windowSecs": 3, "cooldownSecs": 1},
+        "template": template,
+    });
+    let file = grid.path().join("group-web.json");
+    std::fs::write(&file, group.to_string()).unwrap();
+    ops.json(&["group", "put", "-f", file.to_str().unwrap()]);
+    let held = wait_until(
+        "the group at its bound, held",
+        Duration::from_secs(40),
+        Duration::from_millis(300),
+        || {
+            let log = ops.json(&["scaling", "log"]);
+            let done = log.as_array().is_some_and(|a| a.iter().any(|d| s(d, "action") == "HOLD"));
+            if done { Ok(log) } else { Err(log.to_string()) }
+        },
+    );
+    let status = ops.json(&["group", "show", "acme/web"]);
+    let members = names(&status["members"]);
+    assert_eq!(members, ["acme-web-1", "acme-web-2", "acme-web-3"], "{status}");
+    assert_eq!(n(&status, &["running"]), 3, "{status}");
+    assert_ne!(status["meetsServiceLevel"].as_bool(), Some(true), "the load is above its level: {status}");
+    assert!(s(&status, "serviceLevelReason").contains("over 80.0%"), "{status}");
+    for m in &members {
+        assert_eq!(provisions(&grid, m), 1, "{m} provisioned once");
+        let vm = admin.json(&["vm", "show", m]);
+        assert_eq!((s(&vm, "tenant"), s(&vm, "group"), s(&vm, "state")), ("acme", "web", "RUNNING"), "{vm}");
+        assert!(vm["usage"]["avgCpuPercent"].as_f64().unwrap() > 70.0, "{vm}");
+    }
+    // Newest first: the hold at the bound, the scale-out for the load, the two for the minimum.
+    let actions: Vec<(&str, &str)> =
+        held.as_array().unwrap().iter().map(|d| (s(d, "action"), s(d, "vm"))).collect();
+    assert_eq!(
+        actions,
+        [("HOLD", ""), ("SCALE_OUT", "acme-web-3"), ("SCALE_OUT", "acme-web-2"), ("SCALE_OUT", "acme-web-1")],
+        "{held}"
+    );
+    let reasons: Vec<&str> = held.as_array().unwrap().iter().map(|d| s(d, "reason")).collect();
+    assert!(reasons[0].contains("at max_members 3"), "{held}");
+    assert!(reasons[1].contains("above 70.0% (up threshold)"), "{held}");
+    assert!(reasons[2].contains("min_members") && reasons[3].contains("min_members"), "{held}");
+    // Held over more rounds: nothing more is created, the hold is logged once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(names(&admin.json(&["vm", "list", "--tenant", "acme", "--group", "web"])), members);
+    assert_eq!(ops.json(&["scaling", "log"]).as_array().unwrap().len(), 4);
+    // The members count against the quota: 4 of 4 VMs, 4 of 4 vCPUs.
+    let t = ops.json(&["tenant", "show", "acme"]);
+    assert_eq!((n(&t[0], &["vms"]), n(&t[0], &["used", "vcpus"])), (4, 4), "{t}");
+    let one = grid.spec_file("acme-one-more", 1, 64, 64);
+    let out = ops.fails(&["vm", "create", "-f", one.to_str().unwrap()]);
+    assert!(
+        out.status.code() == Some(5) && out.stderr.contains("vms: 4 used + 1 asked > 4 allowed"),
+        "{}",
+        out.describe()
+    );
+    let plan = ops.json(&["scaling", "plan"]);
+    assert!(plan.as_array().is_some_and(|a| a.iter().all(|d| s(d, "action") == "HOLD")), "{plan}");
+    let out = admin.fails(&["group", "remove", "acme/web"]);
+    assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+}
