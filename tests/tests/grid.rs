@@ -297,7 +297,7 @@ fn refusals_name_the_cause() {
             Endpoint::from_shared(endpoint.clone()).unwrap().tls_config(tls).unwrap().connect().await;
         match channel {
             Err(e) => format!("connect: {e:?}"),
-            Ok(ch) => match CoordinatorClient::new(ch).list_nodes(ListNodesRequest {}).await {
+            Ok(ch) => match CoordinatorClient::new(ch).list_nodes(ListNodesRequest::default()).await {
                 Ok(_) => panic!("a client without a certificate listed the nodes"),
                 Err(status) => format!("{status:?}"),
             },

@@ -152,4 +152,44 @@ fn quotas_tenant_scope_and_a_groups_minimum_kept_by_the_scaling_loop() {
     assert!(plan.as_array().is_some_and(|a| a.iter().all(|d| s(d, "action") == "HOLD")), "{plan}");
     let out = admin.fails(&["group", "remove", "acme/web"]);
     assert_eq!(out.status.code(), Some(4), "{}", out.describe());
+
+    // Vertical: a database member under the same load grows by a vCPU per step up to its bound, each step a
+    // resize with restart of the running VM.
+    let db = json!({
+        "tenant": "globex",
+        "name": "db",
+        "serviceLevel": {"minMembers": 1},
+        "scaling": {"vertical": true, "cpuUpPercent": 70.0, "cpuDownPercent": 20.0, "windowSecs": 3, "cooldownSecs": 1, "maxVcpus": 2},
+    });
+    let file = grid.path().join("group-db.json");
+    std::fs::write(&file, db.to_string()).unwrap();
+    admin.json(&["group", "put", "-f", file.to_str().unwrap()]);
+    create(&grid, &admin, "globex-db-1", 1, &["--tenant", "globex", "--group", "db"]);
+    let grown = wait_until(
+        "the db member at 2 vCPUs, running",
+        Duration::from_secs(40),
+        Duration::from_millis(300),
+        || {
+            let vm = admin.json(&["vm", "show", "globex-db-1"]);
+            let done = n(&vm, &["resources", "vcpus"]) == 2
+                && s(&vm, "state") == "RUNNING"
+                && s(&vm, "operation").is_empty();
+            if done { Ok(vm) } else { Err(vm.to_string()) }
+        },
+    );
+    let node = grid.agents.iter().find(|a| a.name == s(&grown, "node")).unwrap();
+    let domain = node.stats().vms.into_iter().find(|v| v.name == "globex-db-1").unwrap();
+    assert_eq!((domain.vcpus, domain.state.as_str()), (2, "running"), "{domain:?}");
+    let log = admin.json(&["scaling", "log", "--tenant", "globex"]);
+    let ups: Vec<&Value> = log.as_array().unwrap().iter().filter(|d| s(d, "action") == "SCALE_UP").collect();
+    assert_eq!(ups.len(), 1, "one step to the bound: {log}");
+    assert!(s(ups[0], "reason").contains("above 70.0%"), "{log}");
+    let op = admin.json(&["op", "show", s(ups[0], "operation")]);
+    let steps: Vec<&str> = op["steps"].as_array().unwrap().iter().map(|st| s(st, "name")).collect();
+    assert_eq!(steps, ["stop", "resources", "start"], "{op}");
+    assert_eq!((s(&op, "state"), s(&op, "requestedBy")), ("SUCCEEDED", "scaling"), "{op}");
+
+    // Nodes by datacenter.
+    assert_eq!(names(&admin.json(&["node", "list", "--datacenter", "dc1"])), ["node-a", "node-b"]);
+    assert!(admin.json(&["node", "list", "--datacenter", "dc2"]).as_array().is_none_or(Vec::is_empty));
 }

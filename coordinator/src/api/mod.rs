@@ -232,7 +232,14 @@ impl Coordinator for CoordinatorService {
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
         let c = self.allow(&request, Role::Viewer, "node list")?;
-        let nodes = self.engine.view().read(|s| s.nodes.keys().filter_map(|n| node_view(s, n, &c)).collect());
+        let dc = request.into_inner().datacenter;
+        let nodes = self.engine.view().read(|s| {
+            s.nodes
+                .values()
+                .filter(|n| dc.is_empty() || n.datacenter == dc)
+                .filter_map(|n| node_view(s, &n.name, &c))
+                .collect()
+        });
         Ok(Response::new(ListNodesResponse { nodes }))
     }
 

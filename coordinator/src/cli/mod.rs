@@ -213,7 +213,11 @@ enum NodeCommand {
     },
     /// List nodes.
     #[command(alias = "ls")]
-    List,
+    List {
+        /// Only the nodes of this datacenter.
+        #[arg(long)]
+        datacenter: Option<String>,
+    },
     /// A node in detail: capacity, allocation, checks, VMs, drift.
     Show {
         name: String,
@@ -744,7 +748,10 @@ async fn run_node(c: &mut Client, cmd: &NodeCommand, out: &output::Output) -> Re
             let node = c.add_node(req).await?.into_inner();
             out.nodes(&[node]);
         }
-        NodeCommand::List => out.nodes(&c.list_nodes(ListNodesRequest {}).await?.into_inner().nodes),
+        NodeCommand::List { datacenter } => {
+            let req = ListNodesRequest { datacenter: datacenter.clone().unwrap_or_default() };
+            out.nodes(&c.list_nodes(req).await?.into_inner().nodes)
+        }
         NodeCommand::Show { name } => {
             out.node(&c.get_node(GetNodeRequest { name: name.clone() }).await?.into_inner())
         }
