@@ -133,7 +133,7 @@ pub struct AgentsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PollerConfig {
     pub interval_ms: u64,
-    /// Nodes polled at once.
+    /// Nodes polled at once, per datacenter (each datacenter is polled by a loop of its own).
     pub concurrency: usize,
     /// Missed polls in a row before a node is Unreachable.
     pub unreachable_after: u32,

@@ -192,6 +192,11 @@ impl Grid {
     /// `gridctl node add NAME --address … --datacenter dc1` with overcommit ratios that make the node's
     /// placeable capacity `shape` (from the cores and memory the agent reports); the node as JSON.
     pub fn enroll(&self, name: &str, shape: Shape, extra: &[&str]) -> Value {
+        self.enroll_in(name, "dc1", shape, extra)
+    }
+
+    /// [`enroll`](Self::enroll) into datacenter `dc`.
+    pub fn enroll_in(&self, name: &str, dc: &str, shape: Shape, extra: &[&str]) -> Value {
         let agent = self.agents.iter().find(|a| a.name == name).unwrap_or_else(|| panic!("no agent {name}"));
         let stats = agent.stats();
         let cores = stats.cpu_busy.len() as f64;
@@ -200,7 +205,7 @@ impl Grid {
         let cpu_ratio = format!("{}", (f64::from(shape.vcpus) + 0.5) / cores);
         let memory_ratio = format!("{}", (shape.memory_mib as f64 + 0.5) / memory_mib);
         let address = agent.address();
-        let mut args = vec!["node", "add", name, "--address", &address, "--datacenter", "dc1"];
+        let mut args = vec!["node", "add", name, "--address", &address, "--datacenter", dc];
         args.extend(["--overcommit-cpu", &cpu_ratio, "--overcommit-memory", &memory_ratio]);
         args.extend_from_slice(extra);
         let added = self.admin().json(&args);

@@ -3,7 +3,7 @@
 //! row is Unreachable. The domains an agent reports are compared with the VMs the grid places there: drift
 //! is shown on the node and the VM, never "fixed". Only state changes are stored; usage stays in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,24 +18,66 @@ use crate::ops::Engine;
 use crate::ops::nodes_health;
 use crate::store::Pending;
 
+/// Poll every datacenter in a loop of its own (its own interval, its own `concurrency` slots), so that a
+/// datacenter whose nodes are slow or cut off delays only its own polls; run the scaling loop every interval
+/// on what they observed.
 pub async fn run(engine: Engine, config: PollerConfig) {
     let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let slots = Arc::new(Semaphore::new(config.concurrency));
+    let mut loops: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
         tick.tick().await;
-        poll_all(&engine, &config, &slots, Duration::from_millis(config.interval_ms / 2)).await;
-        // The scaling loop decides on what this round observed.
+        let datacenters: BTreeSet<String> =
+            engine.view().read(|s| s.nodes.values().map(|n| n.datacenter.clone()).collect());
+        loops.retain(|_, task| !task.is_finished());
+        for dc in datacenters {
+            if !loops.contains_key(&dc) {
+                let task = tokio::spawn(datacenter_loop(engine.clone(), config.clone(), dc.clone()));
+                loops.insert(dc, task);
+            }
+        }
         engine.scaling_round().await;
     }
 }
 
-/// One round over every node; returns when each node has answered or timed out. The polls start in waves
-/// evenly spread over `spread` (half the interval in the daemon), so that a thousand nodes are not a burst of two
-/// thousand calls every interval that delays the operations' agent calls meanwhile.
+/// Rounds over the nodes of datacenter `dc` until it has none.
+async fn datacenter_loop(engine: Engine, config: PollerConfig, dc: String) {
+    let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let slots = Arc::new(Semaphore::new(config.concurrency));
+    let spread = Duration::from_millis(config.interval_ms / 2);
+    loop {
+        tick.tick().await;
+        if !engine.view().read(|s| s.nodes.values().any(|n| n.datacenter == dc)) {
+            return;
+        }
+        poll_nodes(&engine, &config, &slots, spread, Some(&dc)).await;
+    }
+}
+
+/// One round over every node (see [`poll_nodes`]).
 pub async fn poll_all(engine: &Engine, config: &PollerConfig, slots: &Arc<Semaphore>, spread: Duration) {
-    let nodes: Vec<(String, String)> =
-        engine.view().read(|s| s.nodes.values().map(|n| (n.name.clone(), n.address.clone())).collect());
+    poll_nodes(engine, config, slots, spread, None).await;
+}
+
+/// One round over the nodes of datacenter `dc` (every node for `None`); returns when each node has answered
+/// or timed out. The polls start in waves evenly spread over `spread` (half the interval in the daemon), so
+/// that a thousand nodes are not a burst of two thousand calls every interval that delays the operations'
+/// agent calls meanwhile.
+pub async fn poll_nodes(
+    engine: &Engine,
+    config: &PollerConfig,
+    slots: &Arc<Semaphore>,
+    spread: Duration,
+    dc: Option<&str>,
+) {
+    let nodes: Vec<(String, String)> = engine.view().read(|s| {
+        s.nodes
+            .values()
+            .filter(|n| dc.is_none_or(|dc| n.datacenter == dc))
+            .map(|n| (n.name.clone(), n.address.clone()))
+            .collect()
+    });
     let timeout =
         Duration::from_millis(config.interval_ms.max(1000)) + Duration::from_millis(config.sample_ms.into());
     let mut tasks = Vec::with_capacity(nodes.len());
