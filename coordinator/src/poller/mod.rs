@@ -31,9 +31,9 @@ pub async fn run(engine: Engine, config: PollerConfig) {
             engine.view().read(|s| s.nodes.values().map(|n| n.datacenter.clone()).collect());
         loops.retain(|_, task| !task.is_finished());
         for dc in datacenters {
-            if !loops.contains_key(&dc) {
-                let task = tokio::spawn(datacenter_loop(engine.clone(), config.clone(), dc.clone()));
-                loops.insert(dc, task);
+            if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(dc) {
+                let dc = slot.key().clone();
+                slot.insert(tokio::spawn(datacenter_loop(engine.clone(), config.clone(), dc)));
             }
         }
         engine.scaling_round().await;
