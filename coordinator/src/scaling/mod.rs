@@ -188,6 +188,21 @@ pub fn decide_with(
         let g = groups[i].group;
         (Reverse(priority(g)), g.tenant.as_str(), g.name.as_str())
     });
+    // Each member's node as a dense number, hashed once per round: reclaim buckets candidates by node
+    // without hashing names again for every group that needs room.
+    let mut ids: HashMap<&str, u32> = HashMap::new();
+    let node_of: Vec<Vec<u32>> = groups
+        .iter()
+        .map(|g| {
+            g.members
+                .iter()
+                .map(|m| {
+                    let next = ids.len() as u32;
+                    *ids.entry(m.node.as_str()).or_insert(next)
+                })
+                .collect()
+        })
+        .collect();
     let mut round = Round {
         groups,
         order: &order,
@@ -196,6 +211,8 @@ pub fn decide_with(
         options,
         taken: vec![Vec::new(); groups.len()],
         out: Vec::new(),
+        node_of,
+        buckets: vec![Vec::new(); ids.len()],
     };
     for &i in &order {
         round.group(i);
@@ -258,6 +275,10 @@ struct Round<'r, 'g> {
     /// Members (indexes) of each group taken by a RECLAIM in this round.
     taken: Vec<Vec<usize>>,
     out: Vec<Decision>,
+    /// Per group, per member: its node's number (see `decide_with`).
+    node_of: Vec<Vec<u32>>,
+    /// Per node number: reclaim candidates there (emptied after each reclaim).
+    buckets: Vec<Vec<(usize, usize)>>,
 }
 
 impl Round<'_, '_> {
@@ -379,21 +400,42 @@ impl Round<'_, '_> {
                 }
             }
         }
-        let mut nodes: Vec<&str> = Vec::new();
-        let mut on_node: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+        // Candidates by node, nodes in the order of their first candidate.
+        let mut nodes: Vec<u32> = Vec::new();
         for &(gi, mi) in &candidates {
-            let node = self.groups[gi].members[mi].node.as_str();
-            let list = on_node.entry(node).or_default();
-            if list.is_empty() {
-                nodes.push(node);
+            let id = self.node_of[gi][mi];
+            let bucket = &mut self.buckets[id as usize];
+            if bucket.is_empty() {
+                nodes.push(id);
             }
-            list.push((gi, mi));
+            bucket.push((gi, mi));
         }
-        for node in nodes {
+        let found = self.reclaim_on(needy, need, why, &nodes, &spare);
+        for id in nodes {
+            self.buckets[id as usize].clear();
+        }
+        found
+    }
+
+    /// [`reclaim`](Self::reclaim) node by node over the candidates in `buckets` of `nodes`.
+    fn reclaim_on(
+        &mut self,
+        needy: usize,
+        need: &Resources,
+        why: &str,
+        nodes: &[u32],
+        spare: &HashMap<usize, u32>,
+    ) -> bool {
+        let ng = self.groups[needy].group;
+        let needy_priority = priority(ng);
+        for &id in nodes {
+            let on_node = std::mem::take(&mut self.buckets[id as usize]);
+            let Some(&(g0, m0)) = on_node.first() else { continue };
+            let node = self.groups[g0].members[m0].node.as_str();
             let mut picked: Vec<(usize, usize)> = Vec::new();
             let mut used: HashMap<usize, u32> = HashMap::new();
             let mut fits = false;
-            for &(gi, mi) in &on_node[node] {
+            for &(gi, mi) in &on_node {
                 let count = used.entry(gi).or_default();
                 if *count >= spare[&gi] {
                     continue;

@@ -1,5 +1,7 @@
 //! [`Room`] over the scheduler's [`Snapshot`]: the placement a create would get, reserved in the snapshot.
 
+use std::collections::HashMap;
+
 use gridforge_proto::v1::{Group, Resources};
 
 use super::Room;
@@ -11,26 +13,31 @@ use crate::scheduler::{self, Request, Snapshot};
 /// clone.
 pub struct SnapshotRoom<'a> {
     snapshot: &'a mut Snapshot,
+    /// Each group's request, built once (keyed by the group's address: the groups outlive a round's room).
+    requests: HashMap<usize, Request>,
 }
 
 impl<'a> SnapshotRoom<'a> {
     pub fn new(snapshot: &'a mut Snapshot) -> Self {
-        SnapshotRoom { snapshot }
+        SnapshotRoom { snapshot, requests: HashMap::new() }
     }
 
     /// The snapshot with this round's reservations.
     pub fn snapshot(&self) -> &Snapshot {
         self.snapshot
     }
+}
 
-    /// The scheduler's request for a new member of `group` with resources `r`, as a create would build it.
-    fn request(group: &Group, r: &Resources) -> Request {
+/// The scheduler's request for a new member of `group` with resources `r`, as a create would build it
+/// (built once per group and room).
+fn request<'c>(cache: &'c mut HashMap<usize, Request>, group: &Group, r: &Resources) -> &'c Request {
+    let req = cache.entry(std::ptr::from_ref(group) as usize).or_insert_with(|| {
         let spec = group.template.clone().unwrap_or_default();
         let placement = group.placement.clone().unwrap_or_default();
-        let mut req = schedule_request(&spec, &placement);
-        req.resources = to_sched(r);
-        req
-    }
+        schedule_request(&spec, &placement)
+    });
+    req.resources = to_sched(r);
+    req
 }
 
 impl Room for SnapshotRoom<'_> {
@@ -38,10 +45,10 @@ impl Room for SnapshotRoom<'_> {
     /// refusal when no node fits) with the group's template and constraints; the chosen node's allocation
     /// (and spread group count) grows by `r`.
     fn fits_new(&mut self, group: &Group, r: &Resources) -> bool {
-        let req = Self::request(group, r);
-        match scheduler::place_indexed(self.snapshot, &req) {
+        let req = request(&mut self.requests, group, r);
+        match scheduler::place_indexed(self.snapshot, req) {
             Some(p) => {
-                self.snapshot.reserve(&p.node, &req);
+                self.snapshot.reserve(&p.node, req);
                 true
             }
             None => false,
@@ -50,10 +57,10 @@ impl Room for SnapshotRoom<'_> {
 
     /// The placement filters for `node` alone (no full scan).
     fn fits_new_on(&mut self, group: &Group, r: &Resources, node: &str) -> bool {
-        let req = Self::request(group, r);
-        let fits = self.snapshot.node(node).is_some_and(|n| scheduler::filter(n, &req).is_ok());
+        let req = request(&mut self.requests, group, r);
+        let fits = self.snapshot.node(node).is_some_and(|n| scheduler::filter(n, req).is_ok());
         if fits {
-            self.snapshot.reserve(node, &req);
+            self.snapshot.reserve(node, req);
         }
         fits
     }
