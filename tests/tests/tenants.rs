@@ -154,7 +154,8 @@ fn quotas_tenant_scope_and_a_groups_minimum_kept_by_the_scaling_loop() {
     assert_eq!(out.status.code(), Some(4), "{}", out.describe());
 
     // Vertical: a database member under the same load grows by a vCPU per step up to its bound, each step a
-    // resize with restart of the running VM.
+    // resize with restart of the running VM. Its node is full, so it first moves to a node with room for its
+    // new size, and grows there.
     let db = json!({
         "tenant": "globex",
         "name": "db",
@@ -164,10 +165,17 @@ fn quotas_tenant_scope_and_a_groups_minimum_kept_by_the_scaling_loop() {
     let file = grid.path().join("group-db.json");
     std::fs::write(&file, db.to_string()).unwrap();
     admin.json(&["group", "put", "-f", file.to_str().unwrap()]);
-    create(&grid, &admin, "globex-db-1", 1, &["--tenant", "globex", "--group", "db"]);
+    let node_a = admin.json(&["node", "show", "node-a"]);
+    let placeable = (n(&node_a, &["capacity", "vcpus"]) as f64 * node_a["overcommitCpu"].as_f64().unwrap())
+        .floor() as u64;
+    let filler = placeable - n(&node_a, &["allocated", "vcpus"]) - 1;
+    if filler > 0 {
+        create(&grid, &admin, "filler", u32::try_from(filler).unwrap(), &["--node", "node-a"]);
+    }
+    create(&grid, &admin, "globex-db-1", 1, &["--tenant", "globex", "--group", "db", "--node", "node-a"]);
     let grown = wait_until(
         "the db member at 2 vCPUs, running",
-        Duration::from_secs(40),
+        Duration::from_secs(60),
         Duration::from_millis(300),
         || {
             let vm = admin.json(&["vm", "show", "globex-db-1"]);
@@ -177,13 +185,19 @@ fn quotas_tenant_scope_and_a_groups_minimum_kept_by_the_scaling_loop() {
             if done { Ok(vm) } else { Err(vm.to_string()) }
         },
     );
-    let node = grid.agents.iter().find(|a| a.name == s(&grown, "node")).unwrap();
+    assert_eq!(s(&grown, "node"), "node-b", "moved off the full node: {grown}");
+    let node = grid.agents.iter().find(|a| a.name == "node-b").unwrap();
     let domain = node.stats().vms.into_iter().find(|v| v.name == "globex-db-1").unwrap();
     assert_eq!((domain.vcpus, domain.state.as_str()), (2, "running"), "{domain:?}");
+    let on_a = grid.agents.iter().find(|a| a.name == "node-a").unwrap().stats();
+    assert!(on_a.vms.iter().all(|v| v.name != "globex-db-1"), "no copy left on node-a");
     let log = admin.json(&["scaling", "log", "--tenant", "globex"]);
     let ups: Vec<&Value> = log.as_array().unwrap().iter().filter(|d| s(d, "action") == "SCALE_UP").collect();
-    assert_eq!(ups.len(), 1, "one step to the bound: {log}");
-    assert!(s(ups[0], "reason").contains("above 70.0%"), "{log}");
+    assert_eq!(ups.len(), 2, "a move, then the step: {log}");
+    // Newest first: the resize on node-b, then the migration off node-a.
+    assert!(s(ups[1], "reason").contains("migrates first"), "{log}");
+    let moved = admin.json(&["op", "show", s(ups[1], "operation")]);
+    assert_eq!((s(&moved, "kind"), s(&moved, "state")), ("MIGRATE_VM", "SUCCEEDED"), "{moved}");
     let op = admin.json(&["op", "show", s(ups[0], "operation")]);
     let steps: Vec<&str> = op["steps"].as_array().unwrap().iter().map(|st| s(st, "name")).collect();
     assert_eq!(steps, ["stop", "resources", "start"], "{op}");

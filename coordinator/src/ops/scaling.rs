@@ -7,8 +7,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gridforge_proto::v1::{
-    CreateVmRequest, Decision, DeleteVmRequest, GroupStatus, NodeStatsReport, ResizeVmRequest,
-    decision::Action,
+    CreateVmRequest, Decision, DeleteVmRequest, GroupStatus, MigrateVmRequest, NodeStatsReport,
+    ResizeVmRequest, Resources, decision::Action,
 };
 
 use super::{Engine, OpError, group_of, lock};
@@ -135,7 +135,8 @@ impl Engine {
             }
             let mut snapshot = s.snapshot.clone();
             let mut room = SnapshotRoom::new(&mut snapshot);
-            pure::decide(&groups, &mut room, at)
+            // A member whose node has no room to grow moves first (see `act`).
+            pure::decide_with(&groups, &mut room, at, &pure::DecideOptions { migrate_allowed: true })
         })
     }
 
@@ -251,7 +252,22 @@ impl Engine {
                     restart: true,
                     ..Default::default()
                 };
-                self.resize_vm(req, SCALER).await?
+                match self.resize_vm(req, SCALER).await {
+                    // No room where it is: it moves to a node with room for its new size; a later round
+                    // grows it there.
+                    Err(OpError::Unschedulable(_)) if action == Action::ScaleUp => {
+                        let room_for = Resources { vcpus: r.vcpus, memory_mib: r.memory_mib, disk_mib: 0 };
+                        let req = MigrateVmRequest {
+                            name: d.vm.clone(),
+                            room_for: Some(room_for),
+                            ..Default::default()
+                        };
+                        let op = self.migrate_vm(req, SCALER).await?;
+                        d.reason = format!("{}; {}", d.reason, op.summary);
+                        op
+                    }
+                    other => other?,
+                }
             }
             Action::Hold | Action::Unspecified => return Ok(()),
         };
