@@ -35,6 +35,23 @@ pub struct Config {
     pub auth: AuthConfig,
     pub fencing: FencingConfig,
     pub store: StoreConfig,
+    pub networks: NetworksConfig,
+}
+
+/// Tenant networks: the bridge on every node that tenant NICs attach to (Open vSwitch, so that each NIC's
+/// VLAN tag applies), and the VLAN IDs the coordinator hands out.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworksConfig {
+    pub bridge: String,
+    pub vlan_first: u32,
+    pub vlan_last: u32,
+}
+
+impl Default for NetworksConfig {
+    fn default() -> Self {
+        NetworksConfig { bridge: "br-tenants".into(), vlan_first: 100, vlan_last: 3999 }
+    }
 }
 
 /// Where the grid view is kept: the embedded store (redb in `state_dir`, one coordinator) or etcd (several
@@ -159,6 +176,9 @@ pub struct OpsConfig {
     /// Finished operations older than this are purged from the grid view, except each VM's latest
     /// (hours; 0 keeps them all).
     pub keep_finished_hours: u64,
+    /// The configuration's `[networks]` (set by the daemon).
+    #[serde(skip)]
+    pub networks: NetworksConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -194,6 +214,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             fencing: FencingConfig::default(),
             store: StoreConfig::default(),
+            networks: NetworksConfig::default(),
         }
     }
 }
@@ -224,6 +245,7 @@ impl Default for OpsConfig {
             max_disk_jobs_per_node: 2,
             dispatch_wait_ms: 250,
             keep_finished_hours: 168,
+            networks: NetworksConfig::default(),
         }
     }
 }
@@ -247,7 +269,7 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let invalid = |reason: String| ConfigError::Invalid { path: path.to_path_buf(), reason };
-        let config: Config = gridforge_common::config::parse_toml(text).map_err(invalid)?;
+        let mut config: Config = gridforge_common::config::parse_toml(text).map_err(invalid)?;
         if config.tls.insecure && !config.listen.ip().is_loopback() {
             return Err(invalid(format!(
                 "tls.insecure serves plaintext without authentication and is allowed only on a loopback \
@@ -315,6 +337,14 @@ impl Config {
                     .into(),
             ));
         }
+        let n = &config.networks;
+        if n.vlan_first == 0 || n.vlan_first > n.vlan_last || n.vlan_last > 4094 || n.bridge.is_empty() {
+            return Err(invalid(format!(
+                "networks: vlan_first {} to vlan_last {} must be a range within 1-4094, and bridge set",
+                n.vlan_first, n.vlan_last
+            )));
+        }
+        config.ops.networks = config.networks.clone();
         Ok(config)
     }
 

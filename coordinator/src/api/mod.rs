@@ -20,12 +20,15 @@ use gridforge_proto::v1::{
     ListTenantsRequest, ListTenantsResponse, PutGroupRequest, PutTenantRequest, RemoveGroupRequest,
     RemoveTenantRequest, Tenant,
 };
+use gridforge_proto::v1::{
+    ListNetworksRequest, ListNetworksResponse, PutNetworkRequest, RemoveNetworkRequest, TenantNetwork,
+};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::config::AuthConfig;
 use crate::grid::{GridState, VmState, is_finished};
-use crate::ops::{Engine, OpError, explain, schedule_request, tenant_view};
+use crate::ops::{Engine, OpError, explain, network_view, schedule_request, tenant_view};
 use crate::store::StoreError;
 
 pub use crate::auth::Role;
@@ -578,5 +581,46 @@ impl Coordinator for CoordinatorService {
         }
         let decisions = self.engine.decisions(req.plan, &req.tenant, req.limit as usize);
         Ok(Response::new(ListDecisionsResponse { decisions }))
+    }
+
+    async fn put_network(
+        &self,
+        request: Request<PutNetworkRequest>,
+    ) -> Result<Response<TenantNetwork>, Status> {
+        let tenant = request.get_ref().tenant.clone();
+        let c = self.allow_tenant(&request, Role::Operator, "network put", &tenant)?;
+        let req = request.into_inner();
+        let n = self.engine.put_network(&req.tenant, &req.name, req.uplink_vlans).await?;
+        tracing::info!(tenant = %n.tenant, network = %n.name, vlan = n.vlan_id, by = %c.name, "network put");
+        Ok(Response::new(n))
+    }
+
+    async fn remove_network(
+        &self,
+        request: Request<RemoveNetworkRequest>,
+    ) -> Result<Response<TenantNetwork>, Status> {
+        let tenant = request.get_ref().tenant.clone();
+        let c = self.allow_tenant(&request, Role::Operator, "network remove", &tenant)?;
+        let req = request.into_inner();
+        let n = self.engine.remove_network(&req.tenant, &req.name).await?;
+        tracing::info!(tenant = %n.tenant, network = %n.name, vlan = n.vlan_id, by = %c.name, "network removed");
+        Ok(Response::new(n))
+    }
+
+    async fn list_networks(
+        &self,
+        request: Request<ListNetworksRequest>,
+    ) -> Result<Response<ListNetworksResponse>, Status> {
+        let c = self.allow(&request, Role::Viewer, "network list")?;
+        let tenant = request.into_inner().tenant;
+        let bridge = self.engine.tenant_bridge().to_string();
+        let networks = self.engine.view().read(|s| {
+            s.tenants
+                .values()
+                .filter(|t| c.sees(&t.name) && (tenant.is_empty() || t.name == tenant))
+                .flat_map(|t| t.networks.iter().map(|n| network_view(s, &bridge, n)))
+                .collect()
+        });
+        Ok(Response::new(ListNetworksResponse { networks }))
     }
 }

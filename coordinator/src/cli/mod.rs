@@ -20,8 +20,9 @@ use gridforge_proto::v1::{
     control_job::Action, operation,
 };
 use gridforge_proto::v1::{
-    GetGroupRequest, GetTenantRequest, Group, ListDecisionsRequest, ListTenantsRequest, PutGroupRequest,
-    PutTenantRequest, Quota, RemoveGroupRequest, RemoveTenantRequest,
+    GetGroupRequest, GetTenantRequest, Group, ListDecisionsRequest, ListNetworksRequest, ListTenantsRequest,
+    PutGroupRequest, PutNetworkRequest, PutTenantRequest, Quota, RemoveGroupRequest, RemoveNetworkRequest,
+    RemoveTenantRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -99,6 +100,36 @@ enum Command {
     /// The scaling loop: the decisions it took, with their reasons, or what it would decide now.
     #[command(subcommand)]
     Scaling(ScalingCommand),
+    /// Tenant networks: each a VLAN ID of its own on the nodes' tenant bridge, with uplink translations.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+}
+
+#[derive(Subcommand)]
+enum NetworkCommand {
+    /// Add the network TENANT/NAME (the lowest free VLAN ID of [networks] is its own), or set a known
+    /// network's uplink translations.
+    Create {
+        network: String,
+        /// On node NODE's uplink the network has VLAN ID (translated to its own on the bridge), NODE=ID;
+        /// repeatable.
+        #[arg(long = "translate", value_parser = parse_kv)]
+        translate: Vec<(String, String)>,
+    },
+    /// Networks with their VLAN IDs, translations and VMs.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    Show {
+        network: String,
+    },
+    /// Remove a network no VM uses (its VLAN ID is free again).
+    #[command(alias = "rm")]
+    Delete {
+        network: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -295,6 +326,9 @@ enum VmCommand {
         /// The tenant's group it joins.
         #[arg(long)]
         group: Option<String>,
+        /// A network of the tenant it gets a NIC on, tagged with the network's VLAN (repeatable).
+        #[arg(long = "network")]
+        networks: Vec<String>,
         /// Show where it would go and why, node by node; create nothing.
         #[arg(long)]
         dry_run: bool,
@@ -642,6 +676,7 @@ async fn run_at(cli: &Cli, server: &str, out: &output::Output) -> Result<(), Fai
         }
         Command::Tenant(t) => run_tenant(&mut c, t, out).await,
         Command::Group(g) => run_group(&mut c, g, out).await,
+        Command::Network(n) => run_network(&mut c, n, out).await,
         Command::Scaling(x) => {
             let req = match x {
                 ScalingCommand::Log { tenant, limit } => ListDecisionsRequest {
@@ -683,11 +718,46 @@ async fn run_tenant(c: &mut Client, cmd: &TenantCommand, out: &output::Output) -
     Ok(())
 }
 
+async fn run_network(c: &mut Client, cmd: &NetworkCommand, out: &output::Output) -> Result<(), Failure> {
+    match cmd {
+        NetworkCommand::Create { network, translate } => {
+            let (tenant, name) = group_name(network)?;
+            let mut uplink_vlans = HashMap::new();
+            for (node, id) in translate {
+                let id: u32 =
+                    id.parse().map_err(|_| fail(2, format!("--translate {node}={id}: not a VLAN ID")))?;
+                uplink_vlans.insert(node.clone(), id);
+            }
+            let n = c.put_network(PutNetworkRequest { tenant, name, uplink_vlans }).await?.into_inner();
+            out.networks(&[n]);
+        }
+        NetworkCommand::List { tenant } => {
+            let req = ListNetworksRequest { tenant: tenant.clone().unwrap_or_default() };
+            out.networks(&c.list_networks(req).await?.into_inner().networks);
+        }
+        NetworkCommand::Show { network } => {
+            let (tenant, name) = group_name(network)?;
+            let all = c.list_networks(ListNetworksRequest { tenant: tenant.clone() }).await?.into_inner();
+            let n = all.networks.into_iter().find(|n| n.name == name);
+            let n = n.ok_or_else(|| fail(3, format!("tenant {tenant} has no network {name:?}")))?;
+            out.networks(&[n]);
+        }
+        NetworkCommand::Delete { network } => {
+            let (tenant, name) = group_name(network)?;
+            c.remove_network(RemoveNetworkRequest { tenant, name }).await?;
+            if !out.is_json() {
+                println!("network {network} removed");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// "TENANT/NAME" as its two parts.
 fn group_name(s: &str) -> Result<(String, String), Failure> {
     match s.split_once('/') {
         Some((t, g)) if !t.is_empty() && !g.is_empty() => Ok((t.into(), g.into())),
-        _ => Err(fail(2, format!("{s:?}: name a group as TENANT/GROUP"))),
+        _ => Err(fail(2, format!("{s:?}: name it as TENANT/NAME"))),
     }
 }
 
@@ -813,6 +883,7 @@ async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result
             workload,
             tenant,
             group,
+            networks,
             dry_run,
             wait,
         } => {
@@ -837,6 +908,7 @@ async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result
             if let Some(g) = group {
                 req.group = g.clone();
             }
+            req.networks.extend(networks.iter().cloned());
             req.dry_run = *dry_run;
             let resp = c.create_vm(req).await?.into_inner();
             if *dry_run {

@@ -8,7 +8,7 @@ use clap::ValueEnum;
 use gridforge_common::pki::Issued;
 use gridforge_proto::v1::{
     CoordinatorStatusResponse, Decision, Explanation, Group, GroupStatus, ListUsersResponse, Node, Operation,
-    OperationEvent, RemoveNodeResponse, RemoveUserResponse, Tenant, Vm, drift,
+    OperationEvent, RemoveNodeResponse, RemoveUserResponse, Tenant, TenantNetwork, Vm, drift,
 };
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -418,6 +418,25 @@ impl Output {
                 of(mib(u.disk_mib), q.disk_mib, mib),
                 x.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(","),
                 age(x.created.as_ref()),
+            ]);
+        }
+        t.print();
+    }
+
+    pub fn networks(&self, ns: &[TenantNetwork]) {
+        if self.format == Format::Json {
+            return json(&ns);
+        }
+        let mut t = Table::new(&["NETWORK", "VLAN", "UPLINK TRANSLATIONS", "VMS", "AGE"]);
+        for n in ns {
+            let mut tr: Vec<String> = n.uplink_vlans.iter().map(|(node, v)| format!("{node}:{v}")).collect();
+            tr.sort();
+            t.row(vec![
+                format!("{}/{}", n.tenant, n.name),
+                n.vlan_id.to_string(),
+                if tr.is_empty() { "-".into() } else { tr.join(",") },
+                if n.vms.is_empty() { "-".into() } else { n.vms.join(",") },
+                age(n.created.as_ref()),
             ]);
         }
         t.print();

@@ -16,7 +16,7 @@ mod tests;
 mod users;
 
 pub(crate) use run::status_text;
-pub use tenants::{group_of, tenant_view};
+pub use tenants::{group_of, network_view, tenant_view};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -345,10 +345,11 @@ impl Engine {
         })?;
         let placement = req.placement.unwrap_or_default();
         let sreq = schedule_request(&spec, &placement);
-        let (tenant, group) = (req.tenant, req.group);
-        if tenant.is_empty() && !group.is_empty() {
-            return Err(OpError::Invalid(format!("group {group:?} needs its tenant (--tenant)")));
+        let (tenant, group, networks) = (req.tenant, req.group, req.networks);
+        if tenant.is_empty() && !(group.is_empty() && networks.is_empty()) {
+            return Err(OpError::Invalid("a group or tenant network needs its tenant (--tenant)".into()));
         }
+        let bridge = self.inner.config.networks.bridge.clone();
         if req.dry_run {
             let explanation = self.view().read(|s| explain(&s.snapshot, &sreq));
             return Ok(CreateVmResponse { operation: None, explanation: Some(explanation) });
@@ -365,6 +366,12 @@ impl Engine {
                     "vm {name:?} already exists (on node {})",
                     v.node
                 )));
+            }
+            if !networks.is_empty() {
+                let nics = tenants::network_nics(s, &bridge, &tenant, &networks)?;
+                for st in [&mut stored, &mut spec] {
+                    st.machine.get_or_insert_with(Default::default).nics.extend(nics.iter().cloned());
+                }
             }
             if !tenant.is_empty() {
                 if !group.is_empty() && tenants::group_of(s, &tenant, &group).is_none() {

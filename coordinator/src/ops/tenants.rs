@@ -2,7 +2,7 @@
 //! together; each group a service level and a scaling policy, and the template its new members are made
 //! from. Every VM of a tenant counts against its quota from the moment it is placed.
 
-use gridforge_proto::v1::{Quota, ScalingPolicy};
+use gridforge_proto::v1::{Nic, Quota, ScalingPolicy, TenantNetwork, nic};
 
 use crate::grid::{Change, GridState, Group, Resources, Tenant, now};
 
@@ -236,4 +236,134 @@ impl Engine {
 /// The group `tenant`/`name`, if both exist.
 pub fn group_of<'a>(s: &'a GridState, tenant: &str, name: &str) -> Option<&'a Group> {
     s.tenants.get(tenant)?.groups.iter().find(|g| g.name == name)
+}
+
+/// The network `tenant`/`name`, with the VMs that have a NIC on it.
+pub fn network_view(s: &GridState, bridge: &str, n: &TenantNetwork) -> TenantNetwork {
+    let mut n = n.clone();
+    n.vms = s
+        .tenant_vms(&n.tenant, "")
+        .filter(|v| on_network(v, bridge, n.vlan_id))
+        .map(|v| v.name.clone())
+        .collect();
+    n
+}
+
+/// Whether VM `v` has a NIC on the tenant bridge with tag `vlan`.
+fn on_network(v: &crate::grid::Vm, bridge: &str, vlan: u32) -> bool {
+    let nics =
+        v.spec.as_ref().and_then(|s| s.machine.as_ref()).map(|m| m.nics.as_slice()).unwrap_or_default();
+    nics.iter()
+        .any(|nic| nic.vlan == vlan && matches!(&nic.attach, Some(nic::Attach::Bridge(b)) if b == bridge))
+}
+
+/// The NICs a VM of `tenant` gets on its `networks`: on the tenant bridge, tagged with each one's VLAN ID.
+pub(crate) fn network_nics(
+    s: &GridState,
+    bridge: &str,
+    tenant: &str,
+    networks: &[String],
+) -> Result<Vec<Nic>, OpError> {
+    let t = s.tenants.get(tenant);
+    networks
+        .iter()
+        .map(|name| {
+            let n = t.and_then(|t| t.networks.iter().find(|n| &n.name == name)).ok_or_else(|| {
+                OpError::NotFound(format!("tenant {tenant} has no network {name:?} (gridctl network list)"))
+            })?;
+            Ok(Nic {
+                attach: Some(nic::Attach::Bridge(bridge.into())),
+                vlan: n.vlan_id,
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
+impl Engine {
+    /// Add a network to a tenant with the lowest VLAN ID of the configured range that no network has; for a
+    /// known network, set its uplink translations.
+    pub async fn put_network(
+        &self,
+        tenant: &str,
+        name: &str,
+        uplink_vlans: std::collections::HashMap<String, u32>,
+    ) -> Result<TenantNetwork, OpError> {
+        check_name("network", name)?;
+        if let Some((node, v)) = uplink_vlans.iter().find(|(_, v)| !(1..=4094).contains(*v)) {
+            return Err(OpError::Invalid(format!("uplink VLAN {v} for node {node}: not a VLAN ID (1-4094)")));
+        }
+        let range = &self.inner.config.networks;
+        let (first, last) = (range.vlan_first, range.vlan_last);
+        self.view()
+            .update(|s| {
+                let mut t = s.tenants.get(tenant).cloned().ok_or_else(|| {
+                    OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)"))
+                })?;
+                if let Some(unknown) = uplink_vlans.keys().find(|n| !s.nodes.contains_key(*n)) {
+                    return Err(OpError::NotFound(format!("uplink VLAN for node {unknown:?}: no such node")));
+                }
+                let network = match t.networks.iter_mut().find(|n| n.name == name) {
+                    Some(n) => {
+                        n.uplink_vlans = uplink_vlans.clone();
+                        n.clone()
+                    }
+                    None => {
+                        let taken: std::collections::BTreeSet<u32> =
+                            s.tenants.values().flat_map(|t| t.networks.iter().map(|n| n.vlan_id)).collect();
+                        let vlan_id = (first..=last).find(|v| !taken.contains(v)).ok_or_else(|| {
+                            OpError::Quota(format!(
+                                "no free VLAN ID left in {first}-{last} ([networks] vlan_first, vlan_last): \
+                                 {} networks use them all",
+                                taken.len()
+                            ))
+                        })?;
+                        let n = TenantNetwork {
+                            tenant: tenant.into(),
+                            name: name.into(),
+                            vlan_id,
+                            uplink_vlans: uplink_vlans.clone(),
+                            created: Some(now()),
+                            vms: Vec::new(),
+                        };
+                        t.networks.push(n.clone());
+                        n
+                    }
+                };
+                t.updated = Some(now());
+                Ok((network, vec![Change::PutTenant(t)]))
+            })
+            .await
+    }
+
+    /// Remove a network no VM uses; its VLAN ID is free again.
+    pub async fn remove_network(&self, tenant: &str, name: &str) -> Result<TenantNetwork, OpError> {
+        let bridge = self.inner.config.networks.bridge.clone();
+        self.view()
+            .update(|s| {
+                let mut t = s.tenants.get(tenant).cloned().ok_or_else(|| {
+                    OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)"))
+                })?;
+                let at =
+                    t.networks.iter().position(|n| n.name == name).ok_or_else(|| {
+                        OpError::NotFound(format!("tenant {tenant} has no network {name:?}"))
+                    })?;
+                let shown = network_view(s, &bridge, &t.networks[at]);
+                if !shown.vms.is_empty() {
+                    return Err(OpError::Precondition(format!(
+                        "network {tenant}/{name} is used by {}: delete them first",
+                        shown.vms.join(", ")
+                    )));
+                }
+                t.networks.remove(at);
+                t.updated = Some(now());
+                Ok((shown, vec![Change::PutTenant(t)]))
+            })
+            .await
+    }
+
+    /// The tenant bridge NICs attach to (`[networks] bridge`).
+    pub fn tenant_bridge(&self) -> &str {
+        &self.inner.config.networks.bridge
+    }
 }

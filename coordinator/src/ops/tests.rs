@@ -690,3 +690,55 @@ async fn a_higher_priority_group_takes_a_lower_ones_spare_member_never_below_its
         .collect();
     assert_eq!(holds.len(), 1, "a hold logged once for one reason: {holds:?}");
 }
+
+#[tokio::test]
+async fn tenant_networks_get_vlan_ids_of_their_own_tag_their_vms_nics_and_free_them() {
+    let (agent, store) = tenant_engine_parts();
+    let address = serve(agent.clone()).await;
+    store.commit(&[Change::PutNode(node(&address))]).unwrap();
+    let view = GridView::open(Box::new(store), Defaults::default()).unwrap();
+    let networks = crate::config::NetworksConfig { bridge: "br-t".into(), vlan_first: 100, vlan_last: 101 };
+    let config = OpsConfig { retry_attempts: 3, retry_backoff_ms: 10, networks, ..OpsConfig::default() };
+    let e = Engine::new(view, AgentPool::new(None, Duration::from_secs(5)), config);
+    for t in ["acme", "globex"] {
+        e.put_tenant(t, Default::default()).await.unwrap();
+    }
+    let a = e.put_network("acme", "back", Default::default()).await.unwrap();
+    let g = e.put_network("globex", "back", Default::default()).await.unwrap();
+    assert_eq!((a.vlan_id, g.vlan_id), (100, 101), "no two networks share an ID");
+    let full = e.put_network("acme", "front", Default::default()).await;
+    assert!(
+        matches!(&full, Err(super::OpError::Quota(m)) if m.contains("no free VLAN ID left in 100-101")),
+        "{full:?}"
+    );
+    // Translations of a known network change; its ID does not.
+    let tr: HashMap<String, u32> = [("n1".to_string(), 3001)].into();
+    let a2 = e.put_network("acme", "back", tr.clone()).await.unwrap();
+    assert_eq!((a2.vlan_id, a2.uplink_vlans), (100, tr));
+    let bad: HashMap<String, u32> = [("nowhere".to_string(), 5)].into();
+    assert!(matches!(e.put_network("acme", "back", bad).await, Err(super::OpError::NotFound(_))));
+
+    // A VM on it: a NIC on the tenant bridge with the network's tag, in the job the agent gets.
+    let mut req = create_req("a1", 1, "acme", "");
+    req.networks = vec!["back".into()];
+    let op = e.create_vm(req, "alice").await.unwrap().operation.unwrap();
+    assert_eq!(finished(&e, &op.id).await.state(), OpState::Succeeded);
+    let nics = e.view().read(|s| s.vms["a1"].spec.clone().unwrap().machine.unwrap().nics);
+    assert_eq!(nics.len(), 1);
+    assert_eq!(nics[0].vlan, 100);
+    assert_eq!(nics[0].attach, Some(gridforge_proto::v1::nic::Attach::Bridge("br-t".into())));
+    let mut other = create_req("a2", 1, "acme", "");
+    other.networks = vec!["front".into()];
+    assert!(
+        matches!(e.create_vm(other, "alice").await, Err(super::OpError::NotFound(m)) if m.contains("no network"))
+    );
+    let used = e.remove_network("acme", "back").await;
+    assert!(matches!(&used, Err(super::OpError::Precondition(m)) if m.contains("used by a1")), "{used:?}");
+
+    // Deleted VM, removed network: its ID is free again.
+    let del =
+        e.delete_vm(DeleteVmRequest { name: "a1".into(), ..Default::default() }, "alice").await.unwrap();
+    finished(&e, &del.id).await;
+    e.remove_network("acme", "back").await.unwrap();
+    assert_eq!(e.put_network("acme", "front", Default::default()).await.unwrap().vlan_id, 100);
+}
