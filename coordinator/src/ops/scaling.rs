@@ -94,9 +94,7 @@ impl Engine {
     pub fn group_status(&self, tenant: &str, name: &str) -> Result<GroupStatus, OpError> {
         let at = now_secs();
         self.view().read(|s| {
-            if !s.tenants.contains_key(tenant) {
-                return Err(OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)")));
-            }
+            super::tenants::tenant_of(s, tenant)?;
             let g = group_of(s, tenant, name)
                 .ok_or_else(|| OpError::NotFound(format!("tenant {tenant} has no group {name:?}")))?;
             let window = group_window(g);

@@ -21,6 +21,11 @@ fn check_name(what: &str, name: &str) -> Result<(), OpError> {
     })
 }
 
+/// The tenant `name`, or NOT_FOUND naming it.
+pub(crate) fn tenant_of<'s>(s: &'s GridState, name: &str) -> Result<&'s Tenant, OpError> {
+    s.tenants.get(name).ok_or_else(|| OpError::NotFound(format!("no tenant {name:?} (gridctl tenant list)")))
+}
+
 /// Refuse `extra` (more VMs: `new_vms`) when it would take `tenant` past its quota; the error names the
 /// tenant, the resource, what is used, asked and allowed.
 pub(crate) fn check_quota(
@@ -29,10 +34,7 @@ pub(crate) fn check_quota(
     extra: &Resources,
     new_vms: u32,
 ) -> Result<(), OpError> {
-    let Some(t) = s.tenants.get(tenant) else {
-        return Err(OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)")));
-    };
-    let q = t.quota.unwrap_or_default();
+    let q = tenant_of(s, tenant)?.quota.unwrap_or_default();
     let (used, count) = s.tenant_usage(tenant);
     let mut over = Vec::new();
     let mut check = |what: &str, used: u64, asked: u64, limit: u64, unit: &str| {
@@ -186,9 +188,7 @@ impl Engine {
         }
         self.view()
             .update(|s| {
-                let mut tenant = s.tenants.get(&g.tenant).cloned().ok_or_else(|| {
-                    OpError::NotFound(format!("no tenant {:?} (gridctl tenant list)", g.tenant))
-                })?;
+                let mut tenant = tenant_of(s, &g.tenant)?.clone();
                 match tenant.groups.iter_mut().find(|x| x.name == g.name) {
                     Some(old) => {
                         g.last_scaled = old.last_scaled;
@@ -211,9 +211,7 @@ impl Engine {
     pub async fn remove_group(&self, tenant: &str, name: &str) -> Result<Group, OpError> {
         self.view()
             .update(|s| {
-                let mut t = s.tenants.get(tenant).cloned().ok_or_else(|| {
-                    OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)"))
-                })?;
+                let mut t = tenant_of(s, tenant)?.clone();
                 let at = t
                     .groups
                     .iter()
@@ -297,9 +295,7 @@ impl Engine {
         let (first, last) = (range.vlan_first, range.vlan_last);
         self.view()
             .update(|s| {
-                let mut t = s.tenants.get(tenant).cloned().ok_or_else(|| {
-                    OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)"))
-                })?;
+                let mut t = tenant_of(s, tenant)?.clone();
                 if let Some(unknown) = uplink_vlans.keys().find(|n| !s.nodes.contains_key(*n)) {
                     return Err(OpError::NotFound(format!("uplink VLAN for node {unknown:?}: no such node")));
                 }
@@ -341,9 +337,7 @@ impl Engine {
         let bridge = self.inner.config.networks.bridge.clone();
         self.view()
             .update(|s| {
-                let mut t = s.tenants.get(tenant).cloned().ok_or_else(|| {
-                    OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)"))
-                })?;
+                let mut t = tenant_of(s, tenant)?.clone();
                 let at =
                     t.networks.iter().position(|n| n.name == name).ok_or_else(|| {
                         OpError::NotFound(format!("tenant {tenant} has no network {name:?}"))

@@ -44,8 +44,8 @@ impl Engine {
         };
         self.view()
             .update(|s| {
-                if !tenant.is_empty() && !s.tenants.contains_key(tenant) {
-                    return Err(OpError::NotFound(format!("no tenant {tenant:?} (gridctl tenant list)")));
+                if !tenant.is_empty() {
+                    super::tenants::tenant_of(s, tenant)?;
                 }
                 Ok((user.clone(), vec![Change::PutUser(user.clone())]))
             })
