@@ -42,6 +42,7 @@ pub struct Config {
     pub tls: TlsFiles,
     pub images: ImagesConfig,
     pub libvirt: LibvirtConfig,
+    pub network: NetworkConfig,
     pub jobs: JobsConfig,
 }
 
@@ -107,6 +108,39 @@ pub struct LibvirtConfig {
     pub migration_address: String,
 }
 
+/// How NICs on a bridge reach it.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    /// libvirt attaches the NIC to a Linux bridge (with a VLAN tag only where the bridge filters VLANs).
+    #[default]
+    Linux,
+    /// The agent plumbs a tap per NIC on an Open vSwitch bridge, as an access port with the NIC's tag, and
+    /// applies uplink VLAN translations on `uplink_bridge`.
+    Openvswitch,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    pub switch: Switch,
+    /// Open vSwitch's run directory (its db.sock and the bridges' management sockets).
+    pub ovs_rundir: PathBuf,
+    /// The Open vSwitch bridge that holds the node's physical uplink, patched to the tenant bridge; VLAN
+    /// translations go on it. Empty: NICs with an uplink translation are refused on this node.
+    pub uplink_bridge: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            switch: Switch::Linux,
+            ovs_rundir: PathBuf::from("/run/openvswitch"),
+            uplink_bridge: String::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
@@ -139,6 +173,7 @@ impl Default for Config {
             tls: default_tls(),
             images: ImagesConfig::default(),
             libvirt: LibvirtConfig::default(),
+            network: NetworkConfig::default(),
             jobs: JobsConfig {
                 report_signing_key: state_dir.join("report-signing.key"),
                 ..Default::default()

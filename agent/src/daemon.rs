@@ -97,7 +97,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         tracing::info!("no libvirt URI configured: disk jobs only, hypervisor jobs are refused");
         None
     } else {
-        Some(Arc::new(Libvirt::new(&config.libvirt, &config.state_dir)))
+        Some(Arc::new(Libvirt::new(&config.libvirt, &config.state_dir).with_network(&config.network)))
     };
     if let Some(hv) = hypervisor.clone() {
         // Only for the log: the connection is made on first use and remade whenever it breaks.

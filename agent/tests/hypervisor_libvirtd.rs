@@ -127,7 +127,14 @@ fn real_libvirtd_pool_volume_and_domain_life_cycle() {
         vcpus: common_vm::guest_vcpus(),
         memory_mib: 256,
         disk: vol.path.clone(),
-        nics: vec![NicDef { network: Some(NETWORK.into()), bridge: None, mac: mac.into(), vlan: None }],
+        nics: vec![NicDef {
+            network: Some(NETWORK.into()),
+            bridge: None,
+            mac: mac.into(),
+            vlan: None,
+            uplink_vlan: None,
+            tap: None,
+        }],
     };
     hv.define(&def).expect("define");
     assert_eq!(hv.state(name).unwrap(), Some(DomainState::Shutoff));

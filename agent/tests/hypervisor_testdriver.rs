@@ -29,6 +29,8 @@ fn def(name: &str) -> DomainDef {
             bridge: None,
             mac: "52:54:00:aa:bb:01".into(),
             vlan: None,
+            uplink_vlan: None,
+            tap: None,
         }],
     }
 }

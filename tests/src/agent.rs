@@ -106,6 +106,17 @@ impl Agent {
         std::fs::write(&self.config, text.replacen(table, &line, 1)).unwrap();
     }
 
+    /// Add table `[name]` with `lines` to the agent's configuration; before it starts.
+    pub fn add_table(&mut self, name: &str, lines: &[(&str, &str)]) {
+        assert!(self.daemon.is_none(), "agent {} is running", self.name);
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(&format!("\n[{name}]\n"));
+        for (k, v) in lines {
+            text.push_str(&format!("{k} = {}\n", gridforge_testsupport::agent_config::quoted(v)));
+        }
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     /// The file the serial console of the agent's domain `vm` is written to.
     pub fn console_log(&self, vm: &str) -> PathBuf {
         self.dir.join("state/console").join(format!("{vm}.log"))

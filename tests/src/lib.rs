@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod grid;
 pub mod images;
 pub mod netns;
+pub mod ovs;
 pub mod pki;
 pub mod process;
 

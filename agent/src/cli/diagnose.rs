@@ -34,8 +34,10 @@ pub fn run(args: &DiagnoseArgs, json: bool) -> Result<()> {
             (Config::default(), Check { name: "config".into(), status: Status::Fail as i32, reason })
         }
     };
-    let hypervisor = (!config.libvirt.uri.is_empty())
-        .then(|| Arc::new(Libvirt::new(&config.libvirt, &config.state_dir)) as Arc<dyn Hypervisor>);
+    let hypervisor = (!config.libvirt.uri.is_empty()).then(|| {
+        Arc::new(Libvirt::new(&config.libvirt, &config.state_dir).with_network(&config.network))
+            as Arc<dyn Hypervisor>
+    });
     let journal = config.journal_path();
     // The journal is opened read-only in the mode the daemon shares it in, so this works while it runs.
     let jobs = if journal.exists() {

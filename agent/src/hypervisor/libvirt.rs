@@ -15,7 +15,7 @@ use super::{
     DomainDef, DomainFiles, DomainState, DomainStats, DomainType, Hypervisor, HypervisorError, LivePlan,
     LiveProgress, PoolInfo, Volume, detect_domain_type,
 };
-use crate::config::LibvirtConfig;
+use crate::config::{LibvirtConfig, NetworkConfig, Switch};
 
 /// libvirt through one shared connection.
 pub struct Libvirt {
@@ -24,6 +24,8 @@ pub struct Libvirt {
     conn: Mutex<Option<Connect>>,
     /// Serializes creating the pool, so two first calls do not both define it.
     pool_setup: Mutex<()>,
+    /// Set when bridge NICs go on Open vSwitch (plumbed by the agent).
+    ovs: Option<super::ovs::Ovs>,
 }
 
 impl std::fmt::Debug for Libvirt {
@@ -78,7 +80,17 @@ impl Libvirt {
             state_dir: state_dir.to_path_buf(),
             conn: Mutex::new(None),
             pool_setup: Mutex::new(()),
+            ovs: None,
         }
+    }
+
+    /// Bridge NICs as the node's `[network]` says: on Open vSwitch, the agent plumbs their ports.
+    pub fn with_network(mut self, net: &NetworkConfig) -> Libvirt {
+        self.ovs = (net.switch == Switch::Openvswitch).then(|| super::ovs::Ovs {
+            rundir: net.ovs_rundir.clone(),
+            uplink_bridge: net.uplink_bridge.clone(),
+        });
+        self
     }
 
     /// The per-VM copy of the OVMF variable store.
@@ -397,10 +409,26 @@ impl Hypervisor for Libvirt {
             Err(e) => return Err(self.fail("look up domain", &def.name, e)),
         };
         let ty = detect_domain_type(&self.cfg);
+        let plumbed;
+        let def = match &self.ovs {
+            Some(ovs) => {
+                let nics = ovs.attach(&def.name, &def.nics).inspect_err(|_| {
+                    let _ = ovs.detach(&def.name);
+                })?;
+                plumbed = DomainDef { nics, ..def.clone() };
+                &plumbed
+            }
+            None => def,
+        };
         let desc = xml::domain_xml_with_uuid(def, ty, &self.cfg, &nvram, &console, uuid.as_deref());
         if let Err(e) = conn.define_domain_xml(&desc) {
             if fresh_nvram {
                 let _ = std::fs::remove_file(&nvram);
+            }
+            if uuid.is_none()
+                && let Some(ovs) = &self.ovs
+            {
+                let _ = ovs.detach(&def.name);
             }
             return Err(self.fail("define domain", &def.name, e));
         }
@@ -472,6 +500,9 @@ impl Hypervisor for Libvirt {
         dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM)
             .or_else(|e| if e.code().is(ErrorNumber::InvalidArg) { dom.undefine() } else { Err(e) })
             .map_err(|e| self.fail("undefine domain", name, e))?;
+        if let Some(ovs) = &self.ovs {
+            ovs.detach(name)?;
+        }
         remove_if_present(&self.nvram_path(name))?;
         remove_if_present(&self.console_log_path(name))
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 pub mod detect;
 pub mod libvirt;
+pub mod ovs;
 pub mod xml;
 
 pub use detect::{detect_domain_type, kvm_probe_failure};
@@ -45,6 +46,9 @@ pub enum HypervisorError {
     /// libvirt refused an operation.
     #[error("{op}: {message}")]
     Libvirt { op: String, message: String },
+    /// The node's switch (Open vSwitch, its tap devices) refused a change.
+    #[error("{op}: {message}")]
+    Switch { op: String, message: String },
     #[error("{what}")]
     Io {
         what: String,
@@ -78,6 +82,10 @@ pub struct NicDef {
     pub bridge: Option<String>,
     pub mac: String,
     pub vlan: Option<u16>,
+    /// The network's ID on this node's uplink where it differs from `vlan` (translated by the switch).
+    pub uplink_vlan: Option<u16>,
+    /// The tap device the agent plumbed on an Open vSwitch bridge; the domain then attaches to it.
+    pub tap: Option<String>,
 }
 
 /// Everything needed to define a domain.

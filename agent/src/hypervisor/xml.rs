@@ -185,6 +185,14 @@ pub fn domain_xml_with_uuid(
 }
 
 fn nic_xml(x: &mut String, nic: &NicDef) {
+    if let Some(tap) = &nic.tap {
+        // Plumbed by the agent on Open vSwitch: the port carries the tag.
+        let _ = writeln!(x, "    <interface type='ethernet'>");
+        let _ = writeln!(x, "      <mac address='{}'/>", escape(&nic.mac));
+        let _ = writeln!(x, "      <target dev='{}' managed='no'/>", escape(tap));
+        x.push_str("      <model type='virtio'/>\n    </interface>\n");
+        return;
+    }
     let (kind, source) = match (&nic.network, &nic.bridge) {
         (Some(n), _) => ("network", format!("<source network='{}'/>", escape(n))),
         (None, Some(b)) => ("bridge", format!("<source bridge='{}'/>", escape(b))),

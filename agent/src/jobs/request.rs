@@ -822,7 +822,15 @@ fn domain_plan(name: &str, machine: &Machine, field_prefix: &str) -> Result<Doma
                 return Err(invalid(field("vlan"), format!("{v} is not a VLAN tag (1-4094, or 0 for none)")));
             }
         };
-        nics.push(NicDef { network, bridge, mac, vlan });
+        let uplink_vlan = match nic.uplink_vlan {
+            0 => None,
+            _ if vlan.is_none() => {
+                return Err(invalid(field("uplink_vlan"), "a translation needs the NIC's own vlan"));
+            }
+            v @ 1..=4094 => Some(v as u16),
+            v => return Err(invalid(field("uplink_vlan"), format!("{v} is not a VLAN ID (1-4094)"))),
+        };
+        nics.push(NicDef { network, bridge, mac, vlan, uplink_vlan, tap: None });
     }
     Ok(DomainPlan {
         name: name.to_string(),

@@ -258,6 +258,8 @@ impl Engine {
                 })
             })
             .ok_or_else(|| format!("operation {id} vanished"))?;
+        let mut req = req;
+        self.view().read(|s| super::tenants::localize_nics(s, &node, &mut req));
         let _permit = if disk_heavy { Some(self.node_slot(id, &node).await) } else { None };
         // Not stored on its own: a durable write here would sit between the API's answer and the agent
         // receiving the job. The job id, or the end, stores it.

@@ -278,6 +278,56 @@ pub(crate) fn network_nics(
         .collect()
 }
 
+/// Why network `tenant`/`name` with ID `vlan_id` and translations `uplink` cannot be: on some node, an ID
+/// it holds on the uplink is another network's there (their frames would mix, or be dropped). A network
+/// holds its uplink ID there and, where translated, its own ID too (the uplink bridge drops it).
+fn uplink_clash(
+    s: &GridState,
+    tenant: &str,
+    name: &str,
+    vlan_id: u32,
+    uplink: &std::collections::HashMap<String, u32>,
+) -> Option<String> {
+    let held =
+        |inner: u32, uplink: &std::collections::HashMap<String, u32>, node: &str| match uplink.get(node) {
+            Some(&outer) if outer != inner => vec![outer, inner],
+            _ => vec![inner],
+        };
+    let others: Vec<&TenantNetwork> = s
+        .tenants
+        .values()
+        .flat_map(|t| t.networks.iter())
+        .filter(|n| !(n.tenant == tenant && n.name == name))
+        .collect();
+    s.nodes.keys().find_map(|node| {
+        let mine = held(vlan_id, uplink, node);
+        others.iter().find_map(|o| {
+            let theirs = held(o.vlan_id, &o.uplink_vlans, node);
+            mine.iter().find(|v| theirs.contains(v)).map(|v| {
+                format!(
+                    "on node {node}'s uplink, VLAN {v} is already network {}/{}'s: pick another uplink ID",
+                    o.tenant, o.name
+                )
+            })
+        })
+    })
+}
+
+/// The NICs of job `req`'s spec with the uplink ID their network has on `node`, where it is translated.
+pub(crate) fn localize_nics(s: &GridState, node: &str, req: &mut gridforge_proto::v1::SubmitJobRequest) {
+    use gridforge_proto::v1::submit_job_request::Job as JobReq;
+    let spec = match &mut req.job {
+        Some(JobReq::Provision(p)) => p.spec.as_mut(),
+        Some(JobReq::MigrateReceive(m)) => m.spec.as_mut(),
+        _ => None,
+    };
+    let Some(machine) = spec.and_then(|s| s.machine.as_mut()) else { return };
+    for nic in machine.nics.iter_mut().filter(|n| n.vlan != 0) {
+        let network = s.tenants.values().flat_map(|t| t.networks.iter()).find(|n| n.vlan_id == nic.vlan);
+        nic.uplink_vlan = network.and_then(|n| n.uplink_vlans.get(node)).copied().unwrap_or(0);
+    }
+}
+
 impl Engine {
     /// Add a network to a tenant with the lowest VLAN ID of the configured range that no network has; for a
     /// known network, set its uplink translations.
@@ -301,19 +351,33 @@ impl Engine {
                 }
                 let network = match t.networks.iter_mut().find(|n| n.name == name) {
                     Some(n) => {
+                        if let Some(clash) = uplink_clash(s, tenant, name, n.vlan_id, &uplink_vlans) {
+                            return Err(OpError::AlreadyExists(clash));
+                        }
                         n.uplink_vlans = uplink_vlans.clone();
                         n.clone()
                     }
                     None => {
                         let taken: std::collections::BTreeSet<u32> =
                             s.tenants.values().flat_map(|t| t.networks.iter().map(|n| n.vlan_id)).collect();
-                        let vlan_id = (first..=last).find(|v| !taken.contains(v)).ok_or_else(|| {
-                            OpError::Quota(format!(
-                                "no free VLAN ID left in {first}-{last} ([networks] vlan_first, vlan_last): \
-                                 {} networks use them all",
-                                taken.len()
-                            ))
-                        })?;
+                        let free = (first..=last).filter(|v| !taken.contains(v));
+                        let mut clash = None;
+                        let vlan_id = free
+                            .into_iter()
+                            .find(|v| {
+                                clash = uplink_clash(s, tenant, name, *v, &uplink_vlans);
+                                clash.is_none()
+                            })
+                            .ok_or_else(|| {
+                                if let Some(c) = &clash {
+                                    return OpError::AlreadyExists(c.clone());
+                                }
+                                OpError::Quota(format!(
+                                    "no free VLAN ID left in {first}-{last} ([networks] vlan_first, vlan_last): \
+                                     {} networks use them all",
+                                    taken.len()
+                                ))
+                            })?;
                         let n = TenantNetwork {
                             tenant: tenant.into(),
                             name: name.into(),
