@@ -18,7 +18,7 @@ use gridforge_proto::v1::{
 use gridforge_proto::v1::{
     GetGroupRequest, GetTenantRequest, Group, GroupStatus, ListDecisionsRequest, ListDecisionsResponse,
     ListTenantsRequest, ListTenantsResponse, PutGroupRequest, PutTenantRequest, RemoveGroupRequest,
-    RemoveTenantRequest, Tenant,
+    RemoveTenantRequest, SetVmScalingRequest, Tenant,
 };
 use gridforge_proto::v1::{
     ListNetworksRequest, ListNetworksResponse, PutNetworkRequest, RemoveNetworkRequest, TenantNetwork,
@@ -565,6 +565,15 @@ impl Coordinator for CoordinatorService {
         self.allow_tenant(&request, Role::Viewer, "group show", &tenant)?;
         let req = request.into_inner();
         Ok(Response::new(self.engine.group_status(&req.tenant, &req.name)?))
+    }
+
+    async fn set_vm_scaling(&self, request: Request<SetVmScalingRequest>) -> Result<Response<Vm>, Status> {
+        let name = request.get_ref().name.clone();
+        let c = self.allow_vm(&request, Role::Operator, "vm scaling", &name)?;
+        let req = request.into_inner();
+        let vm = self.engine.set_vm_scaling(&req.name, req.scaling).await?;
+        tracing::info!(vm = %name, scaling = vm.scaling.is_some(), by = %c.name, "vm scaling set");
+        Ok(Response::new(vm))
     }
 
     async fn list_decisions(

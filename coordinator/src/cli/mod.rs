@@ -388,6 +388,38 @@ enum VmCommand {
         #[command(flatten)]
         wait: WaitArg,
     },
+    /// A VM's own thresholds, for a VM outside a group: above --cpu-up (percent of its vCPUs, averaged over
+    /// --window seconds) it gets a vCPU, below --cpu-down it gives one back (within --min-vcpus and
+    /// --max-vcpus, and memory likewise with --memory-up/--max-memory-mib), by resize operations (restarting
+    /// it) with --cooldown seconds between steps; where its node has no room it is migrated first.
+    /// --off removes them. Shown by `vm show`; the decisions by `scaling log`.
+    Scaling {
+        name: String,
+        #[arg(long, value_name = "PERCENT")]
+        cpu_up: Option<f64>,
+        #[arg(long, value_name = "PERCENT")]
+        cpu_down: Option<f64>,
+        #[arg(long)]
+        min_vcpus: Option<u32>,
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        #[arg(long, value_name = "PERCENT")]
+        memory_up: Option<f64>,
+        #[arg(long, value_name = "PERCENT")]
+        memory_down: Option<f64>,
+        #[arg(long)]
+        min_memory_mib: Option<u64>,
+        #[arg(long)]
+        max_memory_mib: Option<u64>,
+        /// Seconds the load is averaged over [default: 60].
+        #[arg(long, value_name = "SECS")]
+        window: Option<u32>,
+        /// Seconds between two steps [default: none].
+        #[arg(long, value_name = "SECS")]
+        cooldown: Option<u32>,
+        #[arg(long, conflicts_with_all = ["cpu_up", "cpu_down", "memory_up", "memory_down"])]
+        off: bool,
+    },
     /// Immediate power off.
     Destroy {
         name: String,
@@ -929,6 +961,38 @@ async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result
         }
         VmCommand::Show { name } => {
             out.vm(&c.get_vm(GetVmRequest { name: name.clone() }).await?.into_inner());
+            return Ok(());
+        }
+        VmCommand::Scaling {
+            name,
+            cpu_up,
+            cpu_down,
+            min_vcpus,
+            max_vcpus,
+            memory_up,
+            memory_down,
+            min_memory_mib,
+            max_memory_mib,
+            window,
+            cooldown,
+            off,
+        } => {
+            let scaling = (!*off).then(|| gridforge_proto::v1::ScalingPolicy {
+                vertical: true,
+                cpu_up_percent: cpu_up.unwrap_or(0.0),
+                cpu_down_percent: cpu_down.unwrap_or(0.0),
+                memory_up_percent: memory_up.unwrap_or(0.0),
+                memory_down_percent: memory_down.unwrap_or(0.0),
+                min_vcpus: min_vcpus.unwrap_or(0),
+                max_vcpus: max_vcpus.unwrap_or(0),
+                min_memory_mib: min_memory_mib.unwrap_or(0),
+                max_memory_mib: max_memory_mib.unwrap_or(0),
+                window_secs: window.unwrap_or(0),
+                cooldown_secs: cooldown.unwrap_or(0),
+                ..Default::default()
+            });
+            let req = gridforge_proto::v1::SetVmScalingRequest { name: name.clone(), scaling };
+            out.vm(&c.set_vm_scaling(req).await?.into_inner());
             return Ok(());
         }
         VmCommand::Why { name } => {

@@ -358,6 +358,9 @@ impl Output {
                 u.cpu_percent, u.avg_cpu_percent, u.memory_percent, u.avg_memory_percent, u.samples
             );
         }
+        if let Some(p) = &v.scaling {
+            println!("Scaling:     {}", policy(p, v.last_scaled.as_ref()));
+        }
         println!("Volume:      {}", v.volume);
         println!("Resources:   {} vCPUs, {} memory, {} disk", r.vcpus, mib(r.memory_mib), mib(r.disk_mib));
         if let Some(i) = v.spec.as_ref().and_then(|s| s.image.as_ref()) {
@@ -473,21 +476,7 @@ impl Output {
             "Load:          {} running, average CPU {:.1}%, memory {:.1}% over {} s",
             st.running, st.avg_cpu_percent, st.avg_memory_percent, p.window_secs
         );
-        let mut kinds = Vec::new();
-        if p.horizontal {
-            kinds.push("horizontal");
-        }
-        if p.vertical {
-            kinds.push("vertical");
-        }
-        println!(
-            "Scaling:       {} (CPU up {:.0}% / down {:.0}%, cooldown {} s, last step {})",
-            if kinds.is_empty() { "off".into() } else { kinds.join(" + ") },
-            p.cpu_up_percent,
-            p.cpu_down_percent,
-            p.cooldown_secs,
-            g.last_scaled.as_ref().map_or("never".into(), |t| format!("{} ago", age(Some(t))))
-        );
+        println!("Scaling:       {}", policy(&p, g.last_scaled.as_ref()));
         self.vms(&st.members);
     }
 
@@ -710,4 +699,25 @@ fn tenant_group(v: &Vm) -> String {
         (false, true) => v.tenant.clone(),
         (false, false) => format!("{}/{}", v.tenant, v.group),
     }
+}
+
+/// A scaling policy in one line: its kinds, thresholds, cooldown and last step.
+fn policy(p: &gridforge_proto::v1::ScalingPolicy, last_scaled: Option<&pbjson_types::Timestamp>) -> String {
+    let mut kinds = Vec::new();
+    if p.horizontal {
+        kinds.push("horizontal");
+    }
+    if p.vertical {
+        kinds.push("vertical");
+    }
+    format!(
+        "{} (CPU up {:.0}% / down {:.0}%, vCPUs {}-{}, cooldown {} s, last step {})",
+        if kinds.is_empty() { "off".into() } else { kinds.join(" + ") },
+        p.cpu_up_percent,
+        p.cpu_down_percent,
+        p.min_vcpus.max(1),
+        if p.max_vcpus == 0 { "any".to_string() } else { p.max_vcpus.to_string() },
+        p.cooldown_secs,
+        last_scaled.map_or("never".into(), |t| format!("{} ago", age(Some(t))))
+    )
 }

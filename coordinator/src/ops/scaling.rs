@@ -29,9 +29,10 @@ fn group_window(g: &crate::grid::Group) -> u32 {
     pure::effective_window(g.scaling.map_or(0, |p| p.window_secs))
 }
 
-/// The window a VM's load is shown over: its group's, or the default.
+/// The window a VM's load is shown over: its group's, its own policy's, or the default.
 fn window_of(s: &GridState, v: &Vm) -> u32 {
-    group_of(s, &v.tenant, &v.group).map_or(pure::effective_window(0), group_window)
+    group_of(s, &v.tenant, &v.group)
+        .map_or_else(|| pure::effective_window(v.scaling.map_or(0, |p| p.window_secs)), group_window)
 }
 
 /// The members of `tenant`/`group` (not deleted) oldest first, as the pure loop takes them.
@@ -45,17 +46,31 @@ fn members(
 ) -> Vec<Member> {
     let mut vms: Vec<&Vm> = s.tenant_vms(tenant, group).collect();
     vms.sort_by_key(|v| (v.created.map_or(0, |t| t.seconds), v.name.clone()));
-    vms.into_iter()
-        .map(|v| Member {
-            name: v.name.clone(),
-            node: v.node.clone(),
-            running: v.state() == VmState::Running,
-            resources: v.resources.unwrap_or_default(),
-            created_secs: v.created.map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0)),
-            usage: usage.usage(&v.name, window, at),
-            busy: s.lock_holder(&v.name).is_some(),
-        })
-        .collect()
+    vms.into_iter().map(|v| member(s, usage, v, window, at)).collect()
+}
+
+fn member(s: &GridState, usage: &pure::UsageWindows, v: &Vm, window: u32, at: u64) -> Member {
+    Member {
+        name: v.name.clone(),
+        node: v.node.clone(),
+        running: v.state() == VmState::Running,
+        resources: v.resources.unwrap_or_default(),
+        created_secs: v.created.map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0)),
+        usage: usage.usage(&v.name, window, at),
+        busy: s.lock_holder(&v.name).is_some(),
+    }
+}
+
+/// A VM outside a group with thresholds of its own, as the pure loop takes it: a group of one, named "",
+/// with the VM's policy (vertical only) and cooldown.
+fn solo_group(v: &Vm) -> Option<crate::grid::Group> {
+    let policy = v.scaling.filter(|p| p.vertical && v.group.is_empty() && v.state() != VmState::Deleted)?;
+    Some(crate::grid::Group {
+        tenant: v.tenant.clone(),
+        scaling: Some(gridforge_proto::v1::ScalingPolicy { horizontal: false, ..policy }),
+        last_scaled: v.last_scaled,
+        ..Default::default()
+    })
 }
 
 impl Engine {
@@ -131,6 +146,12 @@ impl Engine {
                     });
                 }
             }
+            let solos: Vec<(crate::grid::Group, &Vm)> =
+                s.vms.values().filter_map(|v| solo_group(v).map(|g| (g, v))).collect();
+            for (g, v) in &solos {
+                groups
+                    .push(GroupInput { group: g, members: vec![member(s, &usage, v, group_window(g), at)] });
+            }
             let mut snapshot = s.snapshot.clone();
             let mut room = SnapshotRoom::new(&mut snapshot);
             // A member whose node has no room to grow moves first (see `act`).
@@ -191,7 +212,7 @@ impl Engine {
             && log
                 .iter()
                 .rev()
-                .find(|x| x.tenant == d.tenant && x.group == d.group)
+                .find(|x| x.tenant == d.tenant && x.group == d.group && (!d.group.is_empty() || x.vm == d.vm))
                 .is_some_and(|x| x.action() == Action::Hold)
         {
             return;
@@ -218,7 +239,7 @@ impl Engine {
         if action == Action::Hold {
             return Ok(());
         }
-        self.mark_scaled(&d.tenant, &d.group, action == Action::ScaleOut).await?;
+        self.mark_scaled(d, action == Action::ScaleOut).await?;
         let op = match action {
             Action::ScaleOut => {
                 let (spec, placement) = self.view().read(|s| {
@@ -273,10 +294,16 @@ impl Engine {
         Ok(())
     }
 
-    /// The group's cooldown starts now; a scale-out takes the next member number.
-    async fn mark_scaled(&self, tenant: &str, group: &str, take_number: bool) -> Result<(), OpError> {
+    /// The group's (or a VM's own) cooldown starts now; a scale-out takes the next member number.
+    async fn mark_scaled(&self, d: &Decision, take_number: bool) -> Result<(), OpError> {
+        let (tenant, group, vm) = (d.tenant.as_str(), d.group.as_str(), d.vm.as_str());
         self.view()
             .update(|s| {
+                if group.is_empty() {
+                    let Some(mut v) = s.vms.get(vm).cloned() else { return Ok(((), vec![])) };
+                    v.last_scaled = Some(now());
+                    return Ok(((), vec![Change::PutVm(v)]));
+                }
                 let Some(mut t) = s.tenants.get(tenant).cloned() else { return Ok(((), vec![])) };
                 let Some(g) = t.groups.iter_mut().find(|g| g.name == group) else { return Ok(((), vec![])) };
                 g.last_scaled = Some(now());
@@ -284,6 +311,46 @@ impl Engine {
                     g.next_member = g.next_member.max(1) + 1;
                 }
                 Ok::<_, OpError>(((), vec![Change::PutTenant(t)]))
+            })
+            .await
+    }
+
+    /// Set (or with `None` remove) the thresholds of VM `name`, outside a group.
+    pub async fn set_vm_scaling(
+        &self,
+        name: &str,
+        scaling: Option<gridforge_proto::v1::ScalingPolicy>,
+    ) -> Result<Vm, OpError> {
+        if let Some(p) = &scaling {
+            if p.horizontal {
+                return Err(OpError::Invalid(format!(
+                    "vm {name}: a VM's own thresholds scale it vertically only (members are added to groups)"
+                )));
+            }
+            let probe = crate::grid::Group {
+                name: name.into(),
+                scaling: Some(gridforge_proto::v1::ScalingPolicy { vertical: true, ..*p }),
+                ..Default::default()
+            };
+            super::tenants::check_policy(&probe)?;
+        }
+        self.view()
+            .update(|s| {
+                let mut v = s
+                    .vms
+                    .get(name)
+                    .filter(|v| v.state() != VmState::Deleted)
+                    .cloned()
+                    .ok_or_else(|| OpError::NotFound(format!("no vm {name:?}")))?;
+                if !v.group.is_empty() {
+                    return Err(OpError::Precondition(format!(
+                        "vm {name} is a member of group {}/{}: it follows the group's thresholds",
+                        v.tenant, v.group
+                    )));
+                }
+                v.scaling = scaling.map(|p| gridforge_proto::v1::ScalingPolicy { vertical: true, ..p });
+                v.updated = Some(now());
+                Ok((v.clone(), vec![Change::PutVm(v)]))
             })
             .await
     }

@@ -62,7 +62,7 @@ pub fn tenant_view(s: &GridState, name: &str) -> Option<Tenant> {
     Some(t)
 }
 
-fn check_policy(g: &Group) -> Result<(), OpError> {
+pub(super) fn check_policy(g: &Group) -> Result<(), OpError> {
     let sl = g.service_level.unwrap_or_default();
     let p = g.scaling.unwrap_or_default();
     let bad = |m: String| Err(OpError::Invalid(format!("group {}: {m}", g.name)));

@@ -742,3 +742,65 @@ async fn tenant_networks_get_vlan_ids_of_their_own_tag_their_vms_nics_and_free_t
     e.remove_network("acme", "back").await.unwrap();
     assert_eq!(e.put_network("acme", "front", Default::default()).await.unwrap().vlan_id, 100);
 }
+
+#[tokio::test]
+async fn a_vm_outside_a_group_follows_its_own_thresholds_up_and_down_without_flapping() {
+    use gridforge_proto::v1::ScalingPolicy;
+    use gridforge_proto::v1::decision::Action;
+    let (agent, store) = tenant_engine_parts();
+    let address = serve(agent.clone()).await;
+    store.commit(&[Change::PutNode(node(&address))]).unwrap();
+    let e = engine(store, 3);
+    e.put_tenant("acme", Default::default()).await.unwrap();
+    e.put_group(scaling_group("acme", "web", 0, 4, 0, false)).await.unwrap();
+    for (name, group) in [("solo", ""), ("member", "web")] {
+        let op = e.create_vm(create_req(name, 1, "acme", group), "alice").await.unwrap();
+        finished(&e, &op.operation.unwrap().id).await;
+    }
+    let policy = ScalingPolicy {
+        cpu_up_percent: 70.0,
+        cpu_down_percent: 20.0,
+        min_vcpus: 1,
+        max_vcpus: 3,
+        window_secs: 20,
+        ..Default::default()
+    };
+    // A group's member follows the group; a VM's own policy is vertical only; thresholds need their gap.
+    let err = e.set_vm_scaling("member", Some(policy)).await.unwrap_err();
+    assert!(matches!(err, super::OpError::Precondition(_)) && err.to_string().contains("acme/web"), "{err}");
+    let err = e.set_vm_scaling("solo", Some(ScalingPolicy { horizontal: true, ..policy })).await.unwrap_err();
+    assert!(matches!(err, super::OpError::Invalid(_)), "{err}");
+    let err =
+        e.set_vm_scaling("solo", Some(ScalingPolicy { cpu_down_percent: 80.0, ..policy })).await.unwrap_err();
+    assert!(err.to_string().contains("flapping"), "{err}");
+    let vm = e.set_vm_scaling("solo", Some(policy)).await.unwrap();
+    assert!(vm.scaling.is_some_and(|p| p.vertical));
+
+    // 0.9 host cores for 10 rounds, then 0.1: up to the bound, then down to the minimum, once each way.
+    let vcpus = |e: &Engine| e.view().read(|s| s.vms["solo"].resources.unwrap().vcpus);
+    let base = epoch_secs();
+    let mut seen = vec![vcpus(&e)];
+    for i in 1..=30u64 {
+        let at = base + i * 10;
+        let cores = if i <= 10 { 2.7 } else { 0.1 };
+        e.record_usage_at(&load(&agent, &["solo".to_string()], cores), at);
+        let ds = round(&e, at).await;
+        assert!(ds.iter().all(|d| d.vm == "solo" && d.group.is_empty()), "only the solo VM scales: {ds:?}");
+        seen.push(vcpus(&e));
+    }
+    assert_eq!(*seen.iter().max().unwrap(), 3, "{seen:?}");
+    assert_eq!(*seen.last().unwrap(), 1, "{seen:?}");
+    let last_up = seen.windows(2).rposition(|w| w[1] > w[0]).unwrap();
+    let first_down = seen.windows(2).position(|w| w[1] < w[0]).unwrap();
+    assert!(last_up < first_down, "no step up after the first step down (flapping): {seen:?}");
+    let log = e.decisions(false, "acme", 0);
+    let ups = log.iter().filter(|d| d.action() == Action::ScaleUp).count();
+    let downs = log.iter().filter(|d| d.action() == Action::ScaleDown).count();
+    assert_eq!((ups, downs), (2, 2), "{log:?}");
+    assert!(e.view().read(|s| s.vms["solo"].last_scaled.is_some()), "the cooldown's start is stored");
+    assert_eq!(e.view().read(|s| s.vms["member"].resources.unwrap().vcpus), 1, "the member is the group's");
+    // Removed: the VM keeps its size, whatever its load.
+    e.set_vm_scaling("solo", None).await.unwrap();
+    e.record_usage_at(&load(&agent, &["solo".to_string()], 0.95), base + 400);
+    assert!(round(&e, base + 400).await.is_empty());
+}
