@@ -116,6 +116,7 @@ fn grid_node(rng: &mut StdRng, i: usize) -> NodeInfo {
         name: format!("node-{i:05}"),
         state,
         cordoned: rng.random_bool(0.01),
+        dedicated: false,
         datacenter: datacenter(rng).to_owned(),
         labels,
         hypervisors: if kvm { vec!["kvm".into(), "qemu".into()] } else { vec!["qemu".into()] },

@@ -36,6 +36,20 @@ pub struct Config {
     pub fencing: FencingConfig,
     pub store: StoreConfig,
     pub networks: NetworksConfig,
+    pub power: PowerConfig,
+}
+
+/// The power actuator of dedicated servers: a program run with `{node}`, `{address}` and `{action}`
+/// replaced in its arguments; `{action}` is "boot" (boot the server from its freshly written disk) or "off"
+/// (after its release wiped it). Exit 0 is success.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PowerConfig {
+    /// E.g. ["/usr/local/sbin/gridforge-power", "{node}", "{action}"] mapping to ipmitool or a PDU;
+    /// empty: dedicated servers are refused.
+    pub command: Vec<String>,
+    /// A command that has not exited by then is killed and its step fails (0: 60 s).
+    pub timeout_secs: u64,
 }
 
 /// Tenant networks: the bridge on every node that tenant NICs attach to (Open vSwitch, so that each NIC's
@@ -179,6 +193,9 @@ pub struct OpsConfig {
     /// The configuration's `[networks]` (set by the daemon).
     #[serde(skip)]
     pub networks: NetworksConfig,
+    /// The configuration's `[power]` (set by the daemon).
+    #[serde(skip)]
+    pub power: PowerConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -215,6 +232,7 @@ impl Default for Config {
             fencing: FencingConfig::default(),
             store: StoreConfig::default(),
             networks: NetworksConfig::default(),
+            power: PowerConfig::default(),
         }
     }
 }
@@ -246,6 +264,7 @@ impl Default for OpsConfig {
             dispatch_wait_ms: 250,
             keep_finished_hours: 168,
             networks: NetworksConfig::default(),
+            power: PowerConfig::default(),
         }
     }
 }
@@ -345,6 +364,7 @@ impl Config {
             )));
         }
         config.ops.networks = config.networks.clone();
+        config.ops.power = config.power.clone();
         Ok(config)
     }
 

@@ -106,6 +106,17 @@ impl Agent {
         std::fs::write(&self.config, text.replacen(table, &line, 1)).unwrap();
     }
 
+    /// Let the agent's jobs target `devices` (block devices or files outside its pool); before it starts.
+    pub fn set_devices(&mut self, devices: &[PathBuf]) {
+        assert!(self.daemon.is_none(), "agent {} is running", self.name);
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let list: Vec<String> = devices.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
+        let from = "\ndevices = []\n";
+        assert!(text.contains(from), "{} has no empty devices list", self.config.display());
+        std::fs::write(&self.config, text.replace(from, &format!("\ndevices = [{}]\n", list.join(", "))))
+            .unwrap();
+    }
+
     /// Add table `[name]` with `lines` to the agent's configuration; before it starts.
     pub fn add_table(&mut self, name: &str, lines: &[(&str, &str)]) {
         assert!(self.daemon.is_none(), "agent {} is running", self.name);

@@ -45,6 +45,8 @@ pub struct Settings {
     pub fencing_command: Vec<String>,
     /// The grid view in etcd, shared with other coordinators; `None`: the embedded store in `state_dir`.
     pub etcd: Option<EtcdStore>,
+    /// `[power] command` (dedicated servers' actuator); empty: none.
+    pub power_command: Vec<String>,
 }
 
 /// A coordinator's `[store.etcd]`: where the shared grid view lives and who this member is.
@@ -72,6 +74,7 @@ impl Default for Settings {
             lost_after_secs: 120,
             fencing_command: Vec::new(),
             etcd: None,
+            power_command: Vec::new(),
         }
     }
 }
@@ -152,6 +155,10 @@ default_role = ""
             attempts = s.retry_attempts,
             backoff = s.retry_backoff_ms,
         );
+        if !s.power_command.is_empty() {
+            let command = serde_json::to_string(&s.power_command).unwrap();
+            text.push_str(&format!("\n[power]\ncommand = {command}\ntimeout_secs = 20\n"));
+        }
         if let Some(etcd) = &s.etcd {
             text.push_str(&format!(
                 r#"

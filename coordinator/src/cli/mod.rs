@@ -241,6 +241,13 @@ enum NodeCommand {
         /// Licensed component the node offers (repeatable).
         #[arg(long = "license")]
         licenses: Vec<String>,
+        /// A dedicated (bare-metal) server, never a VM host: `vm create --dedicated` provisions its whole
+        /// --disk for one tenant and boots it through the power actuator ([power] command).
+        #[arg(long, requires = "disk")]
+        dedicated: bool,
+        /// The dedicated server's whole disk as its agent names it (listed in the agent's jobs.devices).
+        #[arg(long, requires = "dedicated", value_name = "DEVICE")]
+        disk: Option<String>,
     },
     /// List nodes.
     #[command(alias = "ls")]
@@ -332,6 +339,10 @@ enum VmCommand {
         /// Show where it would go and why, node by node; create nothing.
         #[arg(long)]
         dry_run: bool,
+        /// A dedicated server instead of a VM: a free dedicated node (--node, --datacenter apply) gets the
+        /// spec's image on its whole disk and is booted through the power actuator.
+        #[arg(long, conflicts_with_all = ["group", "networks"])]
+        dedicated: bool,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -837,8 +848,12 @@ async fn run_node(c: &mut Client, cmd: &NodeCommand, out: &output::Output) -> Re
             overcommit_cpu,
             overcommit_memory,
             licenses,
+            dedicated,
+            disk,
         } => {
             let req = AddNodeRequest {
+                dedicated: *dedicated,
+                disk: disk.clone().unwrap_or_default(),
                 name: name.clone(),
                 address: address.clone(),
                 datacenter: datacenter.clone(),
@@ -917,9 +932,11 @@ async fn run_vm(c: &mut Client, cmd: &VmCommand, out: &output::Output) -> Result
             group,
             networks,
             dry_run,
+            dedicated,
             wait,
         } => {
             let mut req = read_create(file)?;
+            req.dedicated |= *dedicated;
             let p = req.placement.get_or_insert_with(PlacementConstraints::default);
             if let Some(n) = node {
                 p.node = n.clone();

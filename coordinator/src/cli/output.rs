@@ -167,6 +167,9 @@ impl Output {
         println!("Name:         {}", n.name);
         println!("Address:      {}", n.address);
         println!("Datacenter:   {}", n.datacenter);
+        if n.dedicated {
+            println!("Dedicated:    a bare-metal server, whole disk {}", n.disk);
+        }
         println!(
             "Status:       {}{}",
             node_status(n),

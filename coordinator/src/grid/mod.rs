@@ -269,6 +269,7 @@ impl GridState {
                 NodeState::NotReady | NodeState::Unspecified => scheduler::NodeState::NotReady,
             },
             cordoned: n.cordoned,
+            dedicated: n.dedicated,
             datacenter: n.datacenter.clone(),
             labels: n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             hypervisors: n.hypervisors.clone(),

@@ -99,7 +99,9 @@ impl Engine {
                     .map(|a| a.replace("{node}", &node).replace("{address}", &address))
                     .collect();
                 self.note_op(id, |o| o.steps[0].message = format!("running {}", argv.join(" ")));
-                let text = run_actuator(&argv, Duration::from_secs(fencing.timeout_secs)).await?;
+                let text = run_actuator("fencing actuator", &argv, Duration::from_secs(fencing.timeout_secs))
+                    .await
+                    .map_err(|e| format!("{e}: the node stays LOST"))?;
                 self.mark_fenced(&node, true).await?;
                 format!("{} exited 0{text}", argv[0])
             }
@@ -297,8 +299,9 @@ impl Engine {
     }
 }
 
-/// Runs the actuator program; Ok with a note of its output when it exits 0, else why not.
-async fn run_actuator(argv: &[String], timeout: Duration) -> Result<String, String> {
+/// Runs an actuator program (`label` names it in errors); Ok with a note of its output when it exits 0,
+/// else why not.
+pub(super) async fn run_actuator(label: &str, argv: &[String], timeout: Duration) -> Result<String, String> {
     let child = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
@@ -306,7 +309,7 @@ async fn run_actuator(argv: &[String], timeout: Duration) -> Result<String, Stri
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("fencing actuator {}: cannot start: {e}", argv[0]))?;
+        .map_err(|e| format!("{label} {}: cannot start: {e}", argv[0]))?;
     let tail = |bytes: &[u8]| {
         let text = String::from_utf8_lossy(bytes);
         let t = text.trim();
@@ -314,17 +317,10 @@ async fn run_actuator(argv: &[String], timeout: Duration) -> Result<String, Stri
     };
     // On timeout the dropped future drops the child, which kill_on_drop kills.
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => {
-            Err(format!("fencing actuator {} did not exit within {timeout:?}: the node stays LOST", argv[0]))
-        }
-        Ok(Err(e)) => Err(format!("fencing actuator {}: {e}", argv[0])),
+        Err(_) => Err(format!("{label} {} did not exit within {timeout:?}", argv[0])),
+        Ok(Err(e)) => Err(format!("{label} {}: {e}", argv[0])),
         Ok(Ok(out)) if out.status.success() => Ok(tail(&out.stdout)),
-        Ok(Ok(out)) => Err(format!(
-            "fencing actuator {} failed ({}){}: the node stays LOST",
-            argv[0],
-            out.status,
-            tail(&out.stderr)
-        )),
+        Ok(Ok(out)) => Err(format!("{label} {} failed ({}){}", argv[0], out.status, tail(&out.stderr))),
     }
 }
 

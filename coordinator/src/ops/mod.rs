@@ -4,6 +4,7 @@
 //! until it ends; disk-heavy steps take one of a node's slots (the rest wait QUEUED). Unfinished operations
 //! are resumed from the store at start.
 
+mod dedicated;
 mod drain;
 mod fence;
 mod migrate;
@@ -335,7 +336,17 @@ impl Engine {
     pub async fn create_vm(&self, req: CreateVmRequest, who: &str) -> Result<CreateVmResponse, OpError> {
         let mut spec = req.spec.ok_or_else(|| OpError::Invalid("invalid spec: spec: required".into()))?;
         check_vm_name(&spec.name)?;
-        if spec.machine.is_none() {
+        let dedicated = req.dedicated;
+        if dedicated {
+            self.check_power()?;
+            if !req.networks.is_empty() || !req.group.is_empty() {
+                return Err(OpError::Invalid(
+                    "a dedicated server joins no group or tenant network (those are for VMs)".into(),
+                ));
+            }
+            // The whole server: no domain to define.
+            spec.machine = None;
+        } else if spec.machine.is_none() {
             spec.machine = Some(Machine { vcpus: 1, memory_mib: 1024, start: true, ..Default::default() });
         }
         // The agent's own checks, so that a spec it would refuse is refused before placement. Its field paths
@@ -350,7 +361,7 @@ impl Engine {
             return Err(OpError::Invalid("a group or tenant network needs its tenant (--tenant)".into()));
         }
         let bridge = self.inner.config.networks.bridge.clone();
-        if req.dry_run {
+        if req.dry_run && !dedicated {
             let explanation = self.view().read(|s| explain(&s.snapshot, &sreq));
             return Ok(CreateVmResponse { operation: None, explanation: Some(explanation) });
         }
@@ -372,6 +383,41 @@ impl Engine {
                 for st in [&mut stored, &mut spec] {
                     st.machine.get_or_insert_with(Default::default).nics.extend(nics.iter().cloned());
                 }
+            }
+            if dedicated {
+                let (node, disk) = dedicated::place(s, &placement)?;
+                let whole = s.nodes.get(&node).and_then(|n| n.capacity).unwrap_or_default();
+                if !tenant.is_empty() {
+                    tenants::check_quota(s, &tenant, &whole, 1)?;
+                }
+                if req.dry_run {
+                    return Err(OpError::Invalid(format!(
+                        "dry run: the server would be {node} (disk {disk})"
+                    )));
+                }
+                let id = s.next_op_id();
+                let t = now();
+                let vm = Vm {
+                    name: name.clone(),
+                    tenant: tenant.clone(),
+                    spec: Some(stored.clone()),
+                    placement: Some(placement.clone()),
+                    node: node.clone(),
+                    volume: disk,
+                    resources: Some(whole),
+                    state: VmState::Provisioning as i32,
+                    desired_state: "running".into(),
+                    operation: id.clone(),
+                    dedicated: true,
+                    created: Some(t),
+                    updated: Some(t),
+                    ..Default::default()
+                };
+                let steps = vec![step("provision", &id, &node), step(dedicated::POWER_BOOT_STEP, &id, &node)];
+                let summary = format!("create dedicated server {name} on {node}");
+                let mut op = new_op(&id, OpKind::CreateVm, (&name, &node), steps, who, summary);
+                op.secrets_in_memory = secrets;
+                return Ok((op.clone(), vec![Change::PutVm(vm), Change::PutOp(op)]));
             }
             if !tenant.is_empty() {
                 if !group.is_empty() && tenants::group_of(s, &tenant, &group).is_none() {
@@ -433,6 +479,13 @@ impl Engine {
                 .filter(|v| v.state() != VmState::Deleted)
                 .cloned()
                 .ok_or_else(|| OpError::NotFound(format!("no vm {name:?}")))?;
+            if vm.dedicated && kind != OpKind::DeleteVm {
+                return Err(OpError::Precondition(format!(
+                    "{name} is a dedicated server on {}: it is created and released (vm delete), its power is \
+                     the actuator's",
+                    vm.node
+                )));
+            }
             if let Some(holder) = s.lock_holder(name) {
                 return Err(OpError::Precondition(format!(
                     "vm {name} is busy: operation {} ({}) holds it",
@@ -501,6 +554,14 @@ impl Engine {
         self.begin(&req.name, OpKind::DeleteVm, "delete", summary, who, |_, vm, op| {
             if !req.wipe_method.is_empty() {
                 op.params.insert("wipe_method".into(), req.wipe_method.clone());
+            }
+            if vm.dedicated {
+                // The whole disk is wiped while the server's agent runs, then the server is powered off.
+                op.steps = vec![
+                    step(dedicated::WIPE_STEP, &op.id, &vm.node),
+                    step(dedicated::POWER_OFF_STEP, &op.id, &vm.node),
+                ];
+                op.summary = format!("release dedicated server {} ({})", vm.name, vm.node);
             }
             vm.state = VmState::Deleting as i32;
             vm.desired_state = "deleted".into();

@@ -55,6 +55,12 @@ impl Engine {
         if req.address.is_empty() {
             return Err(OpError::Invalid("address: required (host:port of the agent)".into()));
         }
+        if req.dedicated == req.disk.is_empty() {
+            return Err(OpError::Invalid(
+                "a dedicated server needs its whole disk (--dedicated with --disk DEVICE), and only it"
+                    .into(),
+            ));
+        }
         if self.view().read(|s| s.nodes.contains_key(&req.name)) {
             return Err(OpError::AlreadyExists(format!("node {:?} is already in the grid", req.name)));
         }
@@ -100,6 +106,8 @@ impl Engine {
             images: diag.images.clone(),
             cached_images: diag.cached_images.clone(),
             live_migration: diag.live_migration,
+            dedicated: req.dedicated,
+            disk: req.disk.clone(),
             capacity: Some(capacity(&stats)),
             overcommit_cpu: req.overcommit_cpu,
             overcommit_memory: req.overcommit_memory,

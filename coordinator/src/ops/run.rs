@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gridforge_proto::v1::{
     ControlJob, DeleteJob, DiskTarget, GetJobRequest, Job, JobKind, JobState, ListJobsRequest,
-    OperationEvent, ProvisionJob, ResizeJob, SnapshotJob, SubmitJobRequest, WatchJobRequest,
+    OperationEvent, ProvisionJob, ResizeJob, SnapshotJob, SubmitJobRequest, WatchJobRequest, WipeJob,
     control_job::Action, disk_target, job::Outcome, submit_job_request::Job as JobReq,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -54,6 +54,14 @@ pub(super) fn volume(name: &str) -> Option<DiskTarget> {
     Some(DiskTarget { target: Some(disk_target::Target::Volume(name.to_string())) })
 }
 
+/// The disk of `vm`: its pool volume, or a dedicated server's whole disk (a device).
+fn disk_target(vm: &crate::grid::Vm) -> Option<DiskTarget> {
+    if vm.dedicated {
+        return Some(DiskTarget { target: Some(disk_target::Target::Device(vm.volume.clone())) });
+    }
+    volume(&vm.volume)
+}
+
 impl Engine {
     pub(super) async fn run(&self, id: String) {
         let outcome = self.run_steps(&id).await;
@@ -80,6 +88,15 @@ impl Engine {
         let mut last = Err("the operation has no step".to_string());
         for index in 0..op.steps.len() {
             if op.steps[index].state() == OpState::Succeeded {
+                continue;
+            }
+            if let Some(action) = super::dedicated::power_action(&op.steps[index].name) {
+                self.power_step(id, index, action).await?;
+                // The operation's outcome stays the last agent job's (an operation resumed here has none
+                // in hand: it ends with the power step's success).
+                if last.is_err() {
+                    last = Ok(Job { state: JobState::Succeeded as i32, ..Default::default() });
+                }
                 continue;
             }
             let req = self.agent_request(id, index)?;
@@ -128,8 +145,13 @@ impl Engine {
                     // (found by its key in resume_key) may go on.
                     None => vm.spec.clone().unwrap_or_default(),
                 };
-                JobReq::Provision(ProvisionJob { spec: Some(spec), target: volume(&vm.volume) })
+                JobReq::Provision(ProvisionJob { spec: Some(spec), target: disk_target(&vm) })
             }
+            OpKind::DeleteVm if vm.dedicated => JobReq::Wipe(WipeJob {
+                target: disk_target(&vm),
+                method: param("wipe_method"),
+                ..Default::default()
+            }),
             OpKind::DeleteVm => JobReq::Delete(DeleteJob {
                 domain: vm.name.clone(),
                 target: volume(&vm.volume),
@@ -440,8 +462,8 @@ impl Engine {
                             if let Some(Outcome::Provision(p)) = outcome {
                                 vm.provision = Some(p.clone());
                             }
-                            let start =
-                                vm.spec.as_ref().and_then(|s| s.machine.as_ref()).is_some_and(|m| m.start);
+                            let start = vm.dedicated
+                                || vm.spec.as_ref().and_then(|s| s.machine.as_ref()).is_some_and(|m| m.start);
                             vm.state = if start { VmState::Running } else { VmState::Stopped } as i32;
                             op.result = if op.kind() == OpKind::RebuildVm {
                                 format!(

@@ -16,6 +16,7 @@ pub(super) enum Failed {
     NotReady,
     Unreachable,
     Cordoned,
+    Dedicated,
     Excluded,
     Datacenter,
     NotPinned,
@@ -35,6 +36,7 @@ pub(super) fn check(node: &NodeInfo, r: &Request) -> Result<(), Failed> {
     fail(node.state == NodeState::NotReady, Failed::NotReady)?;
     fail(node.state == NodeState::Unreachable, Failed::Unreachable)?;
     fail(node.cordoned, Failed::Cordoned)?;
+    fail(node.dedicated, Failed::Dedicated)?;
     fail(r.exclude.contains(&node.name), Failed::Excluded)?;
     fail(r.datacenter.as_ref().is_some_and(|dc| *dc != node.datacenter), Failed::Datacenter)?;
     fail(r.node.as_ref().is_some_and(|pin| *pin != node.name), Failed::NotPinned)?;
@@ -67,6 +69,7 @@ fn refusal(failed: Failed, node: &NodeInfo, r: &Request) -> Refusal {
         Failed::NotReady => Refusal::NotReady,
         Failed::Unreachable => Refusal::Unreachable,
         Failed::Cordoned => Refusal::Cordoned,
+        Failed::Dedicated => Refusal::Dedicated,
         Failed::Excluded => Refusal::Excluded,
         Failed::Datacenter => {
             Refusal::Datacenter { want: want(&r.datacenter), have: node.datacenter.clone() }

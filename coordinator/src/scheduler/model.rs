@@ -48,6 +48,8 @@ pub struct NodeInfo {
     pub name: String,
     pub state: NodeState,
     pub cordoned: bool,
+    /// A dedicated (bare-metal) server: provisioned whole for one tenant, never a VM host.
+    pub dedicated: bool,
     pub datacenter: String,
     pub labels: BTreeMap<String, String>,
     /// Hypervisor kinds the node runs, e.g. "kvm", "qemu" (TCG), "test".
@@ -75,9 +77,9 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
-    /// Ready and not cordoned: the only nodes the placement index holds.
+    /// Ready, not cordoned, not a dedicated server: the only nodes the placement index holds.
     pub fn schedulable(&self) -> bool {
-        self.state == NodeState::Ready && !self.cordoned
+        self.state == NodeState::Ready && !self.cordoned && !self.dedicated
     }
 
     /// What is left after overcommit: `capacity * ratio - allocated`, never below zero.

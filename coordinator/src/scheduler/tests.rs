@@ -14,6 +14,7 @@ fn node(name: &str, memory_mib: u64) -> NodeInfo {
         name: name.to_owned(),
         state: NodeState::Ready,
         cordoned: false,
+        dedicated: false,
         datacenter: "dc1".to_owned(),
         labels: BTreeMap::new(),
         hypervisors: vec!["kvm".to_owned()],
