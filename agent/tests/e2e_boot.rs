@@ -1,5 +1,6 @@
 //! End to end: a real Debian 12 image packed into a signed store, provisioned onto a disk file by the CLI,
-//! booted in qemu with UEFI, and checked from inside the guest over ssh. The guest takes its address from
+//! booted in qemu with UEFI, and checked from inside the guest over ssh. The provision is cached: a first
+//! VM's provision makes the base disk, and the guest booted is a second VM cloned from that base. The guest takes its address from
 //! DHCP; a static address, gateway and DNS are checked on the guest that `tests/tests/e2e_grid_boot.rs`
 //! creates through the coordinator on a real libvirtd (one emulated boot each keeps the test run short).
 
@@ -78,7 +79,9 @@ impl Store {
                 .arg("--cache")
                 .arg(self.dir.join("cache"))
                 .arg("--work-dir")
-                .arg(self.dir.join("work")),
+                .arg(self.dir.join("work"))
+                .arg("--bases")
+                .arg(self.dir.join("bases")),
             &format!("provision {name}"),
         );
         let last = stdout.lines().last().unwrap_or_default();
@@ -90,6 +93,7 @@ fn spec(name: &str, key: &SshKey, network: serde_json::Value, firstboot: &[&str]
     serde_json::json!({
         "name": name,
         "image": {"name": "debian-12-minimal", "version": "1"},
+        "provision_mode": "PROVISION_CACHED",
         "disk": {"size_mib": 3072, "partitions": [
             {"label": "esp", "role": "ESP", "size_mib": 256, "filesystem": "VFAT"},
             {"label": "root", "role": "ROOT", "filesystem": "EXT4"}
@@ -217,11 +221,17 @@ fn a_debian_guest_boots_customized_on_dhcp() {
     // First-boot commands run once the network is up: what they see of it is recorded and checked below.
     let firstboot =
         ["touch /var/lib/firstboot-ran", "ip -4 -o addr show scope global > /var/lib/firstboot-network"];
+    let t = Instant::now();
+    let first =
+        store.provision(&spec("web-0", &key, dhcp_net.clone(), &firstboot), &dir.path().join("web-0.img"));
+    eprintln!("provision web-0 (makes the base): {:.1} s", t.elapsed().as_secs_f64());
     let disk = dir.path().join("web-1.img");
     let t = Instant::now();
     let res = store.provision(&spec("web-1", &key, dhcp_net, &firstboot), &disk);
-    eprintln!("provision web-1: {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!("provision web-1 (cloned, {}): {:.1} s", res.clone_method, t.elapsed().as_secs_f64());
+    assert_eq!(res.base_id, first.base_id, "web-1 is not a clone of web-0's base: {res:?}");
     let uuid = root_uuid(&res);
+    assert_ne!(uuid, root_uuid(&first), "two clones share a root file system UUID");
 
     let mut vm = Vm::boot("web-1", &disk, "52:54:00:12:34:57", dir.path());
     boot_and_login(&mut vm, &key, "web-1");
