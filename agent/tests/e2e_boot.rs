@@ -4,13 +4,14 @@
 //! DHCP; a static address, gateway and DNS are checked on the guest that `tests/tests/e2e_grid_boot.rs`
 //! creates through the coordinator on a real libvirtd (one emulated boot each keeps the test run short).
 
+mod common_store;
 mod common_vm;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common_store::Store;
 use common_vm::{SshKey, Vm};
 use gridforge_proto::v1::{ProvisionResult, partition::Role};
 
@@ -20,73 +21,9 @@ const LOGIN_TYPICAL: Duration = Duration::from_secs(30);
 // First boot generates ssh host keys (RSA included), which takes a while under TCG on a busy host.
 const SSH_TYPICAL: Duration = Duration::from_secs(15);
 
-fn agent() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gridforge-agent"))
-}
-
 /// The Debian rootfs tar: from GRIDFORGE_DEBIAN_ROOTFS, else built (or found cached) by scripts/build-image.
 fn debian_rootfs() -> PathBuf {
     common_vm::image_rootfs("debian-12-minimal", "GRIDFORGE_DEBIAN_ROOTFS")
-}
-
-fn run_agent(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: gridforge-agent could not run: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Store {
-    dir: PathBuf,
-}
-
-impl Store {
-    fn pack(dir: &Path, rootfs: &Path) -> Self {
-        let key = dir.join("signing.key");
-        run_agent(agent().args(["image", "keygen", "--out"]).arg(&key), "image keygen");
-        run_agent(
-            agent()
-                .args(["image", "pack", "--rootfs"])
-                .arg(rootfs)
-                .args(["--name", "debian-12-minimal", "--version", "1", "--store"])
-                .arg(dir.join("store"))
-                .arg("--key")
-                .arg(&key),
-            "image pack",
-        );
-        Self { dir: dir.to_path_buf() }
-    }
-
-    fn provision(&self, spec: &serde_json::Value, disk: &Path) -> ProvisionResult {
-        let name = spec["name"].as_str().unwrap();
-        let spec_path = self.dir.join(format!("{name}.json"));
-        std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
-        let stdout = run_agent(
-            agent()
-                .args(["--json", "provision", "--spec"])
-                .arg(&spec_path)
-                .arg("--disk")
-                .arg(disk)
-                .arg("--store")
-                .arg(self.dir.join("store"))
-                .arg("--trusted-key")
-                .arg(self.dir.join("signing.key.pub"))
-                .arg("--cache")
-                .arg(self.dir.join("cache"))
-                .arg("--work-dir")
-                .arg(self.dir.join("work"))
-                .arg("--bases")
-                .arg(self.dir.join("bases")),
-            &format!("provision {name}"),
-        );
-        let last = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("provision result {last:?}: {e}"))
-    }
 }
 
 fn spec(name: &str, key: &SshKey, network: serde_json::Value, firstboot: &[&str]) -> serde_json::Value {

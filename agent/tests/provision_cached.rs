@@ -3,89 +3,31 @@
 //! own; the base kept while clones use it; a failed clone left unbootable; reflink clones on an XFS pool.
 
 mod common;
+mod common_store;
 mod common_vm;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common_store::{Store, agent, output_text as text};
 use gridforge_proto::v1::{ProvisionMode, ProvisionResult, partition::Role};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
 
-fn agent() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gridforge-agent"))
-}
-
 fn output(cmd: &mut Command) -> Output {
     cmd.output().expect("gridforge-agent runs")
 }
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+fn base(store: &Store, args: &[&str]) -> Output {
+    output(agent().arg("base").args(args).arg("--bases").arg(&store.bases))
 }
 
-/// A signed store holding the Debian image, a blob cache, a base store and the VMs' disks, in one place.
-struct Site {
-    dir: PathBuf,
-    bases: PathBuf,
-}
-
-impl Site {
-    fn new(dir: &Path, bases: &Path) -> Self {
-        let rootfs = common_vm::image_rootfs("debian-12-minimal", "GRIDFORGE_DEBIAN_ROOTFS");
-        let key = dir.join("signing.key");
-        let out = output(agent().args(["image", "keygen", "--out"]).arg(&key));
-        assert!(out.status.success(), "keygen: {}", text(&out));
-        let out = output(
-            agent()
-                .args(["image", "pack", "--rootfs"])
-                .arg(&rootfs)
-                .args(["--name", "debian-12-minimal", "--version", "1", "--store"])
-                .arg(dir.join("store"))
-                .arg("--key")
-                .arg(&key),
-        );
-        assert!(out.status.success(), "pack: {}", text(&out));
-        Self { dir: dir.to_path_buf(), bases: bases.to_path_buf() }
-    }
-
-    fn provision_output(&self, spec: &serde_json::Value, disk: &Path) -> Output {
-        let name = spec["name"].as_str().unwrap();
-        let spec_path = self.dir.join(format!("{name}.json"));
-        std::fs::write(&spec_path, serde_json::to_vec(spec).unwrap()).unwrap();
-        output(
-            agent()
-                .args(["--json", "provision", "--spec"])
-                .arg(&spec_path)
-                .arg("--disk")
-                .arg(disk)
-                .arg("--store")
-                .arg(self.dir.join("store"))
-                .arg("--trusted-key")
-                .arg(self.dir.join("signing.key.pub"))
-                .arg("--cache")
-                .arg(self.dir.join("cache"))
-                .arg("--work-dir")
-                .arg(self.dir.join("work"))
-                .arg("--bases")
-                .arg(&self.bases),
-        )
-    }
-
-    fn provision(&self, spec: &serde_json::Value, disk: &Path) -> ProvisionResult {
-        let out = self.provision_output(spec, disk);
-        assert!(out.status.success(), "provision {disk:?}: {}", text(&out));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("provision result {last:?}: {e}"))
-    }
-
-    fn base(&self, args: &[&str]) -> Output {
-        output(agent().arg("base").args(args).arg("--bases").arg(&self.bases))
-    }
+fn debian(dir: &Path, bases: &Path) -> Store {
+    let rootfs = common_vm::image_rootfs("debian-12-minimal", "GRIDFORGE_DEBIAN_ROOTFS");
+    Store { bases: bases.to_path_buf(), ..Store::pack(dir, &rootfs) }
 }
 
 fn spec(name: &str) -> serde_json::Value {
@@ -189,7 +131,7 @@ fn identity_of(disk: &Path, res: &ProvisionResult) -> Identity {
 #[test]
 fn two_vms_cloned_from_one_base_have_identifiers_of_their_own() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let site = Site::new(dir.path(), &dir.path().join("bases"));
+    let site = debian(dir.path(), &dir.path().join("bases"));
     let (a, b) = (dir.path().join("vm-a.img"), dir.path().join("vm-b.img"));
     let ra = site.provision(&spec("vm-a"), &a);
     let rb = site.provision(&spec("vm-b"), &b);
@@ -217,13 +159,13 @@ fn two_vms_cloned_from_one_base_have_identifiers_of_their_own() {
     assert!(guest_file(&b, root_a, "/etc/passwd").contains("\nops:x:1000:"));
 
     // The base is read-only, unchanged by its clones, and cannot be deleted while they hold it.
-    let list = site.base(&["list"]);
+    let list = base(&site, &["list"]);
     let listing = text(&list);
     assert!(listing.contains(&ra.base_id) && listing.contains("2 clone(s)"), "{listing}");
     let base_disk = dir.path().join("bases").join(&ra.base_id).join("disk.raw");
     assert_eq!(std::fs::metadata(&base_disk).unwrap().mode() & 0o777, 0o444);
     let base_digest = sha256_file(&base_disk);
-    let refused = site.base(&["delete", &ra.base_id]);
+    let refused = base(&site, &["delete", &ra.base_id]);
     assert!(!refused.status.success());
     assert!(text(&refused).contains("in use by 2 disk(s)"), "{}", text(&refused));
 
@@ -249,10 +191,10 @@ fn two_vms_cloned_from_one_base_have_identifiers_of_their_own() {
     let e2fsck = common::try_run("e2fsck", &["-fn", &format!("{}?offset={root_a}", base_disk.display())]);
     assert!(e2fsck.0, "the base after wiping a clone: {}", e2fsck.1);
 
-    let refused = site.base(&["delete", &ra.base_id]);
+    let refused = base(&site, &["delete", &ra.base_id]);
     assert!(text(&refused).contains("in use by 1 disk(s)"), "{}", text(&refused));
     std::fs::remove_file(&b).unwrap();
-    let deleted = site.base(&["delete", &ra.base_id]);
+    let deleted = base(&site, &["delete", &ra.base_id]);
     assert!(deleted.status.success(), "{}", text(&deleted));
     assert!(!base_disk.exists());
 }
@@ -260,7 +202,7 @@ fn two_vms_cloned_from_one_base_have_identifiers_of_their_own() {
 #[test]
 fn a_failed_cached_provision_leaves_no_bootable_disk() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let site = Site::new(dir.path(), &dir.path().join("bases"));
+    let site = debian(dir.path(), &dir.path().join("bases"));
     // An existing disk holding something bootable-looking: after the failure its first MiB must be zero.
     let disk = dir.path().join("old.img");
     std::fs::write(&disk, vec![0xAB; 2 * MIB as usize]).unwrap();
@@ -314,7 +256,7 @@ fn clones_on_an_xfs_pool_are_reflinks_that_use_a_few_percent_of_the_base() {
     }
     let _unmount = Unmount(&pool);
 
-    let site = Site::new(dir.path(), &pool.join(".bases"));
+    let site = debian(dir.path(), &pool.join(".bases"));
     let first = site.provision(&spec("vm-1"), &pool.join("vm-1.img"));
     assert_eq!(first.clone_method, "reflink");
     let base_disk = pool.join(".bases").join(&first.base_id).join("disk.raw");
