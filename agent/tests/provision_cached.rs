@@ -242,11 +242,11 @@ fn clones_on_an_xfs_pool_are_reflinks_that_use_a_few_percent_of_the_base() {
     common_vm::require_tool("mkfs.xfs", "xfsprogs");
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let image = dir.path().join("pool.xfs");
-    std::fs::File::create(&image).unwrap().set_len(12 << 30).unwrap();
+    std::fs::File::create(&image).unwrap().set_len(6 << 30).unwrap();
     common::run("mkfs.xfs", &["-q", "-m", "reflink=1", image.to_str().unwrap()]);
     let pool = dir.path().join("pool");
     std::fs::create_dir(&pool).unwrap();
-    let dev = common::attach_range(&image, 0, 12 << 30);
+    let dev = common::attach_range(&image, 0, 6 << 30);
     common::run("mount", &[dev.path(), pool.to_str().unwrap()]);
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
@@ -273,4 +273,35 @@ fn clones_on_an_xfs_pool_are_reflinks_that_use_a_few_percent_of_the_base() {
         per_vm * 20 <= base_used,
         "a clone took {per_vm} bytes of the pool, more than 5% of the base's {base_used}"
     );
+
+    // Wiping the clone overwrites the VM's own blocks on the pool (O_DIRECT zero-write: XFS overwrites an
+    // extent no longer shared in place) and never the base's.
+    let base_digest = sha256_file(&base_disk);
+    let pool_image = image.to_str().unwrap().to_string();
+    let marker = "this is vm-2";
+    common::run("sync", &[]);
+    assert!(
+        common::try_run("grep", &["-qa", marker, &pool_image]).0,
+        "the clone's own data is not on the pool"
+    );
+    let wiped = output(
+        agent()
+            .args(["wipe", "--method", "zero-write", "--verify", "sample", "--disk"])
+            .arg(pool.join("vm-2.img"))
+            .arg("--report")
+            .arg(dir.path().join("wipe.json"))
+            .arg("--signing-key")
+            .arg(dir.path().join("signing.key"))
+            .arg("--pool")
+            .arg(&pool),
+    );
+    assert!(wiped.status.success(), "wipe: {}", text(&wiped));
+    common::run("sync", &[]);
+    assert!(
+        !common::try_run("grep", &["-qa", marker, &pool_image]).0,
+        "the wiped clone's data is still on the pool"
+    );
+    assert_eq!(sha256_file(&base_disk), base_digest, "wiping a clone changed the base");
+    let listing = text(&base(&site, &["list"]));
+    assert!(listing.contains("1 clone(s)"), "after wiping vm-2 only vm-1 holds the base: {listing}");
 }
