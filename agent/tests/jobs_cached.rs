@@ -16,12 +16,16 @@ use gridforge_proto::v1::{
 use jobs_support::*;
 
 fn provision_request(name: &str, disk: &Path, mode: Option<&str>) -> SubmitJobRequest {
+    request(name, disk, mode, "root")
+}
+
+fn request(name: &str, disk: &Path, mode: Option<&str>, root_label: &str) -> SubmitJobRequest {
     let mut spec = serde_json::json!({
         "name": name,
         "image": {"name": "tiny", "version": "1"},
         "disk": {"size_mib": 96, "partitions": [
             {"label": "data", "role": "DATA", "size_mib": 16, "filesystem": "EXT4", "mount_point": "/srv"},
-            {"label": "root", "role": "ROOT", "filesystem": "EXT4"}
+            {"label": root_label, "role": "ROOT", "filesystem": "EXT4"}
         ]},
         "customize": {"hostname": name}
     });
@@ -69,8 +73,8 @@ fn identifiers(disk: &Path, res: &ProvisionResult) -> Vec<String> {
     ids
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_configured_for_cached_provisions_clones_one_base_per_image() {
+/// A node serving jobs from a store holding the tiny image, configured for cached provisions.
+async fn cached_node() -> (Node, gridforge_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) {
     let mut node = Node::new();
     let dir = node.dir.path().to_path_buf();
     common::small_rootfs(&dir.join("tree"));
@@ -81,8 +85,40 @@ async fn an_agent_configured_for_cached_provisions_clones_one_base_per_image() {
     node.config.images.store = dir.join("store").display().to_string();
     node.config.images.trusted_key = sign::public_key_path(&key_path).display().to_string();
     node.config.images.provision_mode = "cached".into();
-    let (mut client, _) = serve(node.open(), &node.config).await;
+    let (client, _) = serve(node.open(), &node.config).await;
+    (node, client)
+}
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_that_cannot_be_made_leaves_no_base_and_an_unbootable_disk() {
+    let (node, mut client) = cached_node().await;
+    let disk = node.sparse_disk("a.img", 96 * MIB);
+    std::fs::write(&disk, vec![0xAB; MIB as usize]).unwrap();
+    std::fs::File::options().write(true).open(&disk).unwrap().set_len(96 * MIB).unwrap();
+    // mke2fs refuses a label over 16 bytes, which GPT accepts: the base fails at its root file system.
+    let req = request("vm-a", &disk, None, "a-root-label-of-26-bytes");
+    let job = client.submit_job(req).await.expect("SubmitJob").into_inner();
+    watch_to_end(&mut client, &job.id).await;
+    let done = get(&mut client, &job.id).await;
+    let err = job_error(&done);
+    assert_eq!(err.step, "format", "{err:?}");
+    assert!(err.message.contains("a-root-label-of-26-bytes"), "{err:?}");
+    assert!(head(&disk, MIB as usize).iter().all(|&b| b == 0), "the failed target's first MiB is not zeroed");
+    let bases = node.dir.path().join("bases");
+    let left: Vec<_> = std::fs::read_dir(&bases)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.ends_with(".lock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a failed base left {left:?} in {}", bases.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_configured_for_cached_provisions_clones_one_base_per_image() {
+    let (node, mut client) = cached_node().await;
+    let dir = node.dir.path().to_path_buf();
     let (a, b, c) = (
         node.sparse_disk("a.img", 96 * MIB),
         node.sparse_disk("b.img", 96 * MIB),
