@@ -64,7 +64,7 @@ pub struct ImagesConfig {
     /// "cached" (clone a prepared base disk per image and layout, kept in `bases_dir`).
     pub provision_mode: String,
     /// Where cached provisions keep their base disks: on the pool's file system, so that clones are reflinks
-    /// where it supports them (btrfs, xfs).
+    /// where it supports them (btrfs, xfs), but not inside the pool directory (libvirt would list it).
     pub bases_dir: PathBuf,
 }
 
@@ -174,7 +174,7 @@ impl Default for ImagesConfig {
             snapshot_signing_key: PathBuf::new(),
             efi_binary: None,
             provision_mode: "full".to_string(),
-            bases_dir: PathBuf::from("/var/lib/gridforge-agent/pool/.bases"),
+            bases_dir: PathBuf::from("/var/lib/gridforge-agent/bases"),
         }
     }
 }

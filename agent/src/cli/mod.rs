@@ -206,7 +206,7 @@ enum BaseCommand {
 #[derive(Args)]
 struct BasesArg {
     /// The base store (as given to `provision --bases`).
-    #[arg(long, env = "GRIDFORGE_BASES_DIR", default_value = "/var/lib/gridforge-agent/pool/.bases")]
+    #[arg(long, env = "GRIDFORGE_BASES_DIR", default_value = "/var/lib/gridforge-agent/bases")]
     bases: PathBuf,
 }
 
