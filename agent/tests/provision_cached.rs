@@ -305,3 +305,31 @@ fn clones_on_an_xfs_pool_are_reflinks_that_use_a_few_percent_of_the_base() {
     let listing = text(&base(&site, &["list"]));
     assert!(listing.contains("1 clone(s)"), "after wiping vm-2 only vm-1 holds the base: {listing}");
 }
+
+#[test]
+fn a_block_device_gets_the_base_copied_and_everything_else_zeroed() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let site = debian(dir.path(), &dir.path().join("bases"));
+    let first = site.provision(&spec("vm-file"), &dir.path().join("vm-file.img"));
+    // A device that held something else: random bytes at its start and in the middle of the root partition,
+    // where the base has a hole.
+    let backing = dir.path().join("device.img");
+    let file = std::fs::File::create(&backing).unwrap();
+    file.set_len(3072 * MIB).unwrap();
+    let junk: Vec<u8> = (0..MIB).map(|i| (i * 7 + 3) as u8).collect();
+    let root = part(&first, Role::Root);
+    let middle = root.offset_bytes + root.size_bytes / 2;
+    for at in [0, middle] {
+        std::os::unix::fs::FileExt::write_all_at(&file, &junk, at).unwrap();
+    }
+    drop(file);
+    let dev = common::Loop::attach(&backing, 512);
+    let res = site.provision(&spec("vm-dev"), &dev.dev);
+    assert_eq!(res.clone_method, "copy");
+    assert_eq!(res.base_id, first.base_id);
+    identity_of(&dev.dev, &res);
+    let mut back = vec![1u8; MIB as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&dev.dev).unwrap(), &mut back, middle)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0), "the device's old bytes survived where the base has none");
+}
