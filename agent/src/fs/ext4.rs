@@ -1,4 +1,4 @@
-//! ext4 made, grown and checked with e2fsprogs directly inside a byte range of the target.
+//! ext4 made, grown, checked and given new UUIDs with e2fsprogs directly inside a byte range of the target.
 //!
 //! `mke2fs -E offset=` writes into the range; `e2fsck` and `resize2fs` take `"<path>?offset=<bytes>"` (the
 //! unix I/O manager's option). resize2fs on a *regular file* then sets the file's length to the file
