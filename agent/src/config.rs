@@ -61,9 +61,25 @@ pub struct ImagesConfig {
     pub snapshot_signing_key: PathBuf,
     /// systemd-boot EFI binary for images that do not carry one.
     pub efi_binary: Option<PathBuf>,
+    /// How provisions whose spec names no mode make disks: "full" (unpack and write every file system) or
+    /// "cached" (clone a prepared base disk per image and layout, kept in `bases_dir`).
+    pub provision_mode: String,
+    /// Where cached provisions keep their base disks: on the pool's file system, so that clones are reflinks
+    /// where it supports them (btrfs, xfs), but not inside the pool directory (libvirt would list it).
+    pub bases_dir: PathBuf,
 }
 
 impl ImagesConfig {
+    /// The mode of provisions whose spec names none (checked at load: "full" or "cached").
+    pub fn default_provision_mode(&self) -> gridforge_proto::v1::ProvisionMode {
+        use gridforge_proto::v1::ProvisionMode;
+        if self.provision_mode == "cached" {
+            ProvisionMode::ProvisionCached
+        } else {
+            ProvisionMode::ProvisionFull
+        }
+    }
+
     /// How the store's index is checked: the trusted key, or no check where `insecure_images` allows it.
     pub fn trust(&self) -> Result<crate::image::Trust, UntrustedStore> {
         if !self.trusted_key.is_empty() {
@@ -192,6 +208,8 @@ impl Default for ImagesConfig {
             snapshot_store: PathBuf::new(),
             snapshot_signing_key: PathBuf::new(),
             efi_binary: None,
+            provision_mode: "full".to_string(),
+            bases_dir: PathBuf::from("/var/lib/gridforge-agent/bases"),
         }
     }
 }
@@ -246,6 +264,9 @@ impl Config {
         }
         if !matches!(cfg.libvirt.domain_type.as_str(), "auto" | "kvm" | "qemu") {
             return Err(invalid("libvirt.domain_type", "must be \"auto\", \"kvm\" or \"qemu\""));
+        }
+        if !matches!(cfg.images.provision_mode.as_str(), "full" | "cached") {
+            return Err(invalid("images.provision_mode", "must be \"full\" or \"cached\""));
         }
         if cfg.images.store.is_empty() && !cfg.images.trusted_key.is_empty() {
             return Err(invalid("images.trusted_key", "set without images.store"));

@@ -1,15 +1,17 @@
 //! End to end: a real Debian 12 image packed into a signed store, provisioned onto a disk file by the CLI,
-//! booted in qemu with UEFI, and checked from inside the guest over ssh. The guest takes its address from
+//! booted in qemu with UEFI, and checked from inside the guest over ssh. The provision is cached: a first
+//! VM's provision makes the base disk, and the guest booted is a second VM cloned from that base. The guest takes its address from
 //! DHCP; a static address, gateway and DNS are checked on the guest that `tests/tests/e2e_grid_boot.rs`
 //! creates through the coordinator on a real libvirtd (one emulated boot each keeps the test run short).
 
+mod common_store;
 mod common_vm;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common_store::Store;
 use common_vm::{SshKey, Vm};
 use gridforge_proto::v1::{ProvisionResult, partition::Role};
 
@@ -19,77 +21,16 @@ const LOGIN_TYPICAL: Duration = Duration::from_secs(30);
 // First boot generates ssh host keys (RSA included), which takes a while under TCG on a busy host.
 const SSH_TYPICAL: Duration = Duration::from_secs(15);
 
-fn agent() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gridforge-agent"))
-}
-
 /// The Debian rootfs tar: from GRIDFORGE_DEBIAN_ROOTFS, else built (or found cached) by scripts/build-image.
 fn debian_rootfs() -> PathBuf {
     common_vm::image_rootfs("debian-12-minimal", "GRIDFORGE_DEBIAN_ROOTFS")
-}
-
-fn run_agent(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: gridforge-agent could not run: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Store {
-    dir: PathBuf,
-}
-
-impl Store {
-    fn pack(dir: &Path, rootfs: &Path) -> Self {
-        let key = dir.join("signing.key");
-        run_agent(agent().args(["image", "keygen", "--out"]).arg(&key), "image keygen");
-        run_agent(
-            agent()
-                .args(["image", "pack", "--rootfs"])
-                .arg(rootfs)
-                .args(["--name", "debian-12-minimal", "--version", "1", "--store"])
-                .arg(dir.join("store"))
-                .arg("--key")
-                .arg(&key),
-            "image pack",
-        );
-        Self { dir: dir.to_path_buf() }
-    }
-
-    fn provision(&self, spec: &serde_json::Value, disk: &Path) -> ProvisionResult {
-        let name = spec["name"].as_str().unwrap();
-        let spec_path = self.dir.join(format!("{name}.json"));
-        std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
-        let stdout = run_agent(
-            agent()
-                .args(["--json", "provision", "--spec"])
-                .arg(&spec_path)
-                .arg("--disk")
-                .arg(disk)
-                .arg("--store")
-                .arg(self.dir.join("store"))
-                .arg("--trusted-key")
-                .arg(self.dir.join("signing.key.pub"))
-                .arg("--cache")
-                .arg(self.dir.join("cache"))
-                .arg("--work-dir")
-                .arg(self.dir.join("work")),
-            &format!("provision {name}"),
-        );
-        let last = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("provision result {last:?}: {e}"))
-    }
 }
 
 fn spec(name: &str, key: &SshKey, network: serde_json::Value, firstboot: &[&str]) -> serde_json::Value {
     serde_json::json!({
         "name": name,
         "image": {"name": "debian-12-minimal", "version": "1"},
+        "provision_mode": "PROVISION_CACHED",
         "disk": {"size_mib": 3072, "partitions": [
             {"label": "esp", "role": "ESP", "size_mib": 256, "filesystem": "VFAT"},
             {"label": "root", "role": "ROOT", "filesystem": "EXT4"}
@@ -217,11 +158,17 @@ fn a_debian_guest_boots_customized_on_dhcp() {
     // First-boot commands run once the network is up: what they see of it is recorded and checked below.
     let firstboot =
         ["touch /var/lib/firstboot-ran", "ip -4 -o addr show scope global > /var/lib/firstboot-network"];
+    let t = Instant::now();
+    let first =
+        store.provision(&spec("web-0", &key, dhcp_net.clone(), &firstboot), &dir.path().join("web-0.img"));
+    eprintln!("provision web-0 (makes the base): {:.1} s", t.elapsed().as_secs_f64());
     let disk = dir.path().join("web-1.img");
     let t = Instant::now();
     let res = store.provision(&spec("web-1", &key, dhcp_net, &firstboot), &disk);
-    eprintln!("provision web-1: {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!("provision web-1 (cloned, {}): {:.1} s", res.clone_method, t.elapsed().as_secs_f64());
+    assert_eq!(res.base_id, first.base_id, "web-1 is not a clone of web-0's base: {res:?}");
     let uuid = root_uuid(&res);
+    assert_ne!(uuid, root_uuid(&first), "two clones share a root file system UUID");
 
     let mut vm = Vm::boot("web-1", &disk, "52:54:00:12:34:57", dir.path());
     boot_and_login(&mut vm, &key, "web-1");

@@ -110,6 +110,7 @@ impl Agent for FakeAgent {
                 disk_guid: format!("{:08x}-0000-4000-8000-000000000000", jobs.len()),
                 partitions: vec![],
                 image_digests: vec!["0".repeat(64)],
+                ..Default::default()
             })),
             created: Some(t),
             started: Some(t),

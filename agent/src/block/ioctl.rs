@@ -1,4 +1,4 @@
-//! The block-device ioctls the agent uses, in one place.
+//! The block-device and file ioctls the agent uses, in one place.
 
 use std::os::fd::AsRawFd;
 
@@ -9,6 +9,8 @@ mod raw {
     // Defined as _IO(0x12, 127) and _IO(0x12, 119) although they take a pointer to a u64 pair.
     nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
     nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
+    // FICLONE is _IOW(0x94, 9, int): the source descriptor is passed as the argument itself.
+    nix::ioctl_write_int!(ficlone, 0x94, 9);
 }
 
 /// Size of a block device in bytes.
@@ -40,5 +42,14 @@ pub fn discard(fd: &impl AsRawFd, offset: u64, len: u64) -> nix::Result<()> {
     let range = [offset, len];
     // SAFETY: BLKDISCARD reads two u64 values through the pointer, which points at a live local array.
     unsafe { raw::blkdiscard(fd.as_raw_fd(), &range) }?;
+    Ok(())
+}
+
+/// Make `dst` share all of `src`'s extents (a reflink copy, FICLONE): both must be regular files on one file
+/// system that supports it (btrfs, xfs with reflink); EOPNOTSUPP, EXDEV or EINVAL where not.
+pub fn clone_file(dst: &impl AsRawFd, src: &impl AsRawFd) -> nix::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor by value and reads no memory of ours; both descriptors are
+    // open for the duration of the call.
+    unsafe { raw::ficlone(dst.as_raw_fd(), src.as_raw_fd() as libc::c_ulong) }?;
     Ok(())
 }

@@ -227,6 +227,69 @@ impl BlockTarget {
         Ok(())
     }
 
+    /// Make the target's content that of `src`, a regular file of the target's size: a reflink copy
+    /// (FICLONE) where the file system shares extents between files, else a copy of `src`'s allocated
+    /// extents (SEEK_DATA/SEEK_HOLE; `copy_file_range` between files) with everything else zero.
+    pub fn clone_from(&self, src: &File) -> Result<CloneMethod, BlockError> {
+        let src_size = src.metadata().map_err(self.io_err("reading the clone source"))?.len();
+        if src_size != self.size {
+            return Err(BlockError::Io {
+                context: format!("cloning a {src_size}-byte source onto {} bytes", self.size),
+                path: self.path.clone(),
+                source: io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        if self.kind == TargetKind::File && ioctl::clone_file(&*self.file, src).is_ok() {
+            return Ok(CloneMethod::Reflink);
+        }
+        let extents = data_extents(src, src_size).map_err(self.io_err("finding the source's extents"))?;
+        let mut pos = 0;
+        for (offset, len) in extents {
+            if !self.created {
+                self.zero_range(pos, offset - pos)?;
+            }
+            self.copy_range(src, offset, len)?;
+            pos = offset + len;
+        }
+        if !self.created {
+            self.zero_range(pos, self.size - pos)?;
+        }
+        Ok(CloneMethod::Copy)
+    }
+
+    /// Copy `[offset, offset + len)` of `src` to the same place here: in the kernel between files, else
+    /// through an aligned buffer.
+    fn copy_range(&self, src: &File, offset: u64, len: u64) -> Result<(), BlockError> {
+        let end = offset + len;
+        let mut pos = offset;
+        if self.kind == TargetKind::File {
+            while pos < end {
+                let (mut off_in, mut off_out) = (pos as i64, pos as i64);
+                let want = (end - pos).min(1 << 30) as usize;
+                match nix::fcntl::copy_file_range(
+                    src,
+                    Some(&mut off_in),
+                    &*self.file,
+                    Some(&mut off_out),
+                    want,
+                ) {
+                    Ok(0) => break,
+                    Ok(n) => pos += n as u64,
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut buf =
+            AlignedBuf::new((4 * MIB).min((end - pos).next_multiple_of(DIRECT_ALIGN as u64)) as usize);
+        while pos < end {
+            let n = (end - pos).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], pos).map_err(self.io_err("reading the clone source"))?;
+            self.write_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
     /// Zero the first MiB (partition table and boot code), so a half-written disk can never boot.
     pub fn zero_head(&self) -> Result<(), BlockError> {
         let buf = AlignedBuf::new(MIB.min(self.size) as usize);
@@ -241,6 +304,53 @@ impl BlockTarget {
         }
         self.file.sync_all().map_err(self.io_err("syncing"))
     }
+}
+
+/// How [`BlockTarget::clone_from`] made the copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloneMethod {
+    /// The target shares the source's extents (FICLONE); blocks are copied only when written.
+    Reflink,
+    /// The source's allocated extents were copied.
+    Copy,
+}
+
+impl CloneMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloneMethod::Reflink => "reflink",
+            CloneMethod::Copy => "copy",
+        }
+    }
+}
+
+/// The allocated extents of `file` (size `size`), from SEEK_DATA and SEEK_HOLE: (offset, length), in order.
+/// A file system or device that does not report holes yields one extent over everything.
+pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{Whence, lseek};
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match lseek(file, pos as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(nix::errno::Errno::EINVAL) if pos == 0 => return Ok(vec![(0, size)]),
+            Err(e) => return Err(e.into()),
+        };
+        if data >= size {
+            break;
+        }
+        let hole = match lseek(file, data as i64, Whence::SeekHole) {
+            Ok(h) => (h as u64).min(size),
+            Err(nix::errno::Errno::ENXIO) => size,
+            Err(e) => return Err(e.into()),
+        };
+        if hole > data {
+            extents.push((data, hole - data));
+        }
+        pos = hole;
+    }
+    Ok(extents)
 }
 
 /// O_EXCL on a block device fails while the kernel has it in use (mounted, swap, holders such as
@@ -263,5 +373,25 @@ fn open_direct(path: &Path) -> Option<File> {
             tracing::warn!(target = %path.display(), error = %e, "O_DIRECT refused; using buffered I/O");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_are_the_allocated_ranges_of_a_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).open(dir.path().join("d")).unwrap();
+        let size = 16 << 20;
+        file.set_len(size).unwrap();
+        assert_eq!(data_extents(&file, size).unwrap(), []);
+        file.write_all_at(&[1u8; 8192], 1 << 20).unwrap();
+        file.write_all_at(&[2u8; 4096], size - 4096).unwrap();
+        file.sync_all().unwrap();
+        let extents = data_extents(&file, size).unwrap();
+        assert_eq!(extents, [(1 << 20, 8192), (size - 4096, 4096)]);
     }
 }

@@ -48,6 +48,9 @@ enum Command {
     /// Make and manage LUKS2 volumes (readable by cryptsetup) without device-mapper.
     #[command(subcommand)]
     Luks(LuksCommand),
+    /// List or delete the base disks of cached provisions.
+    #[command(subcommand)]
+    Base(BaseCommand),
     /// Check the node (libvirt, KVM, CPU, memory, devices, pool, cache, TLS certificate, clock, state, jobs);
     /// one line per check: OK, WARN or FAIL and why. Exits 1 when any check fails.
     Diagnose(diagnose::DiagnoseArgs),
@@ -188,6 +191,26 @@ enum VerifyArg {
 }
 
 #[derive(Subcommand)]
+enum BaseCommand {
+    /// Each base: its id, images, size and the disks cloned from it.
+    List(BasesArg),
+    /// Delete a base; refused while a disk cloned from it still holds the clone.
+    Delete {
+        /// The base id, as `base list` shows it.
+        id: String,
+        #[command(flatten)]
+        bases: BasesArg,
+    },
+}
+
+#[derive(Args)]
+struct BasesArg {
+    /// The base store (as given to `provision --bases`).
+    #[arg(long, env = "GRIDFORGE_BASES_DIR", default_value = "/var/lib/gridforge-agent/bases")]
+    bases: PathBuf,
+}
+
+#[derive(Subcommand)]
 enum ReportCommand {
     /// Check a wipe report's signature against a trusted key; exits 0 only for an intact, validly signed report.
     Verify {
@@ -262,6 +285,27 @@ struct ProvisionArgs {
     /// systemd-boot EFI binary for images that carry none [default: the host's, from systemd-boot-efi].
     #[arg(long)]
     efi_binary: Option<PathBuf>,
+    /// How to make the disk when the spec names no provision_mode: unpack and write everything, or clone a
+    /// prepared base disk of the image and layout (made on first use) and customize the clone.
+    #[arg(long, value_enum, default_value_t = ModeArg::Full)]
+    mode: ModeArg,
+    #[command(flatten)]
+    bases: BasesArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Full,
+    Cached,
+}
+
+impl From<ModeArg> for gridforge_proto::v1::ProvisionMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Full => Self::ProvisionFull,
+            ModeArg::Cached => Self::ProvisionCached,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -343,6 +387,8 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
                 work_dir: args.work_dir,
                 efi_binary: args.efi_binary,
                 cancel: None,
+                default_mode: args.mode.into(),
+                bases_dir: args.bases.bases,
             };
             let result = provision::provision(&req, &out.progress())?;
             out.provision_result(&result);
@@ -368,6 +414,14 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
             }
         }
         Command::Luks(command) => luks(command, json)?,
+        Command::Base(BaseCommand::List(args)) => {
+            let bases = provision::BaseStore::new(&args.bases).list()?;
+            out.bases(&bases);
+        }
+        Command::Base(BaseCommand::Delete { id, bases }) => {
+            let info = provision::BaseStore::new(&bases.bases).delete(&id)?;
+            out.base_deleted(&info);
+        }
         Command::Diagnose(args) => diagnose::run(&args, json)?,
         Command::Serve(_) => unreachable!("serve is dispatched before logging is set up"),
         Command::Job(args) => job::run(args, json)?,

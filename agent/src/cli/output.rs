@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use gridforge_agent::image::index::IndexEntry;
+use gridforge_agent::provision::{BaseEntry, BaseInfo};
 use gridforge_common::error_chain;
 use gridforge_common::progress::{Progress, ProgressEvent};
 use gridforge_proto::v1::{Filesystem, JobEvent, ProvisionResult, partition::Role};
@@ -106,6 +107,35 @@ impl Output {
         }
     }
 
+    pub fn bases(&self, bases: &[BaseEntry]) {
+        for b in bases {
+            if self.json {
+                let v = serde_json::json!({"base": b.info, "path": b.path, "clones": b.clones});
+                println!("{v}");
+            } else {
+                println!(
+                    "{}  {}  {} MiB  {} clone(s)  {}",
+                    b.info.id,
+                    b.info.images.join(" + "),
+                    b.info.disk_size_bytes >> 20,
+                    b.clones.len(),
+                    b.path.display()
+                );
+                for c in &b.clones {
+                    println!("    {}", c.display());
+                }
+            }
+        }
+    }
+
+    pub fn base_deleted(&self, info: &BaseInfo) {
+        if self.json {
+            println!("{}", serde_json::json!({"deleted": info}));
+        } else {
+            println!("deleted base {} ({})", info.id, info.images.join(" + "));
+        }
+    }
+
     pub fn packed(&self, entry: &IndexEntry) {
         if self.json {
             println!("{}", serde_json::to_string(entry).expect("entry serializes"));
@@ -127,6 +157,9 @@ impl Output {
             println!("{}", serde_json::to_string(result).expect("result serializes"));
         } else {
             println!("provisioned {}", result.disk_path);
+            if !result.base_id.is_empty() {
+                println!("cloned from base {} ({})", result.base_id, result.clone_method);
+            }
             self.table(result);
         }
     }

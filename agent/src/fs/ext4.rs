@@ -1,4 +1,4 @@
-//! ext4 made, grown and checked with e2fsprogs directly inside a byte range of the target.
+//! ext4 made, grown, checked and given new UUIDs with e2fsprogs directly inside a byte range of the target.
 //!
 //! `mke2fs -E offset=` writes into the range; `e2fsck` and `resize2fs` take `"<path>?offset=<bytes>"` (the
 //! unix I/O manager's option). resize2fs on a *regular file* then sets the file's length to the file
@@ -38,8 +38,10 @@ pub fn make(
         clear_signatures(&disk, offset, len)?;
     }
     let mut command = Command::new("mke2fs");
+    // metadata_csum_seed: the checksums are seeded from a field of their own, not from the UUID, so a clone
+    // of this file system can take a fresh UUID without every metadata checksum being rewritten.
     command
-        .args(["-q", "-F", "-t", "ext4", "-b"])
+        .args(["-q", "-F", "-t", "ext4", "-O", "metadata_csum_seed", "-b"])
         .arg(BLOCK_SIZE.to_string())
         .arg("-U")
         .arg(uuid.hyphenated().to_string())
@@ -87,6 +89,49 @@ pub fn grow(disk_path: &Path, offset: u64, new_len: u64) -> Result<(), FsError> 
         loop_device.detach()?;
     }
     Ok(())
+}
+
+/// Gives the ext file system at `offset` a new UUID (`tune2fs -U`, every superblock copy). Made by [`make`],
+/// it carries `metadata_csum_seed`, so no other metadata changes.
+pub fn set_uuid(disk_path: &Path, offset: u64, uuid: Uuid) -> Result<FsInfo, FsError> {
+    let disk = open_target(disk_path, false)?;
+    let label = read_superblock(&disk, offset)?.label;
+    drop(disk);
+    let target = offset_target(disk_path, offset)?;
+    let uuid_text = uuid.hyphenated().to_string();
+    run_tool("tune2fs", Command::new("tune2fs").arg("-U").arg(&uuid_text).arg(target), |code| code == 0)?;
+    Ok(FsInfo { kind: Filesystem::Ext4, uuid: uuid_text, label })
+}
+
+/// Runs `f` on the ext file system in `[offset, offset + len)` of the regular file `disk_path`, mounted
+/// (nodev, nosuid) at a new directory under `scratch` through a loop device; unmounted and detached after,
+/// whatever `f` returns. For file systems the agent made itself: the kernel parses them.
+pub fn with_mounted<T>(
+    disk_path: &Path,
+    offset: u64,
+    len: u64,
+    scratch: &Path,
+    f: impl FnOnce(&Path) -> T,
+) -> Result<T, FsError> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let dir = tempfile::Builder::new()
+        .prefix("mount-")
+        .tempdir_in(scratch)
+        .map_err(|source| FsError::io(format!("making a mount point in {}", scratch.display()), source))?;
+    let loop_device = LoopDevice::attach(disk_path, offset, len)?;
+    mount(
+        Some(loop_device.path()),
+        dir.path(),
+        Some("ext4"),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        None::<&str>,
+    )
+    .map_err(|e| FsError::io(format!("mounting {}", loop_device.path().display()), e.into()))?;
+    let out = f(dir.path());
+    umount2(dir.path(), MntFlags::empty())
+        .map_err(|e| FsError::io(format!("unmounting {}", dir.path().display()), e.into()))?;
+    loop_device.detach()?;
+    Ok(out)
 }
 
 /// Checks the ext file system at `offset` read-only (`e2fsck -fn`); any problem found is an error carrying

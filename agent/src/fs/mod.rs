@@ -2,7 +2,8 @@
 //! block device: no loop device for making them, no mount.
 //!
 //! - [`vfat`]: FAT32 written in-process with the `fatfs` crate, plus a directory fix-up it needs.
-//! - [`ext4`]: `mke2fs -d <tree> -E offset=…` into the target; grow and check with e2fsprogs.
+//! - [`ext4`]: `mke2fs -d <tree> -E offset=…` into the target; grow, check and give a new UUID with
+//!   e2fsprogs; mounted through a loop device only to customize a clone of the agent's own base in place.
 //! - [`swap`]: a Linux swap v1 header written natively.
 //! - [`probe()`]: recognises ext2/3/4, FAT, swap and LUKS in a range, for inspecting disks.
 //!

@@ -105,6 +105,67 @@ pub fn format(
     })
 }
 
+/// Gives the FAT32 volume at `offset` a new random volume id, in its boot sector and the backup copy, and
+/// returns the volume as blkid now names it.
+pub fn set_volume_id(disk: &File, offset: u64, len: u64) -> Result<FsInfo, FsError> {
+    check_range(disk, offset, len)?;
+    let mut boot = [0u8; 512];
+    disk.read_exact_at(&mut boot, offset)
+        .map_err(|source| FsError::io("reading the FAT boot sector", source))?;
+    let u16_at = |at: usize| u16::from_le_bytes([boot[at], boot[at + 1]]);
+    if u16_at(0x16) != 0 || boot[0x42] != 0x29 || boot[510..512] != [0x55, 0xAA] {
+        return Err(FsError::Malformed {
+            what: "FAT32 boot sector",
+            reason: format!("no FAT32 volume with an extended boot signature at offset {offset}"),
+        });
+    }
+    let volume_id: u32 = rand::random();
+    let mut copies = vec![offset];
+    let backup = u64::from(u16_at(0x32)) * u64::from(u16_at(0x0B));
+    if backup > 0 && backup < len && u16_at(0x32) != 0xFFFF {
+        copies.push(offset + backup);
+    }
+    for at in copies {
+        disk.write_all_at(&volume_id.to_le_bytes(), at + 0x43)
+            .map_err(|source| FsError::io("writing the FAT volume id", source))?;
+    }
+    match super::probe(disk, offset, len)? {
+        Some(super::Probed::Filesystem(info)) if info.uuid == volume_id_string(volume_id) => Ok(info),
+        other => Err(FsError::Malformed {
+            what: "FAT32 volume",
+            reason: format!("reads back as {other:?} after setting its volume id"),
+        }),
+    }
+}
+
+/// Replaces the text of the existing file `path` (relative to the root) of the FAT volume at `offset` with
+/// `edit` of its current text.
+pub fn edit_file(
+    disk: &File,
+    offset: u64,
+    len: u64,
+    path: &str,
+    edit: impl FnOnce(&str) -> String,
+) -> Result<(), FsError> {
+    use std::io::{Read, Seek, SeekFrom};
+    check_range(disk, offset, len)?;
+    let fs = fatfs::FileSystem::new(RangeIo::new(disk, offset, len), FsOptions::new())
+        .map_err(|source| FsError::io("opening the FAT file system", source))?;
+    {
+        let mut file =
+            fs.root_dir().open_file(path).map_err(|source| FsError::io(format!("opening {path}"), source))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(|source| FsError::io(format!("reading {path}"), source))?;
+        let new_text = edit(&text);
+        file.seek(SeekFrom::Start(0)).map_err(|source| FsError::io(format!("rewinding {path}"), source))?;
+        file.truncate().map_err(|source| FsError::io(format!("truncating {path}"), source))?;
+        file.write_all(new_text.as_bytes())
+            .map_err(|source| FsError::io(format!("writing {path}"), source))?;
+        file.flush().map_err(|source| FsError::io(format!("writing {path}"), source))?;
+    }
+    fs.unmount().map_err(|source| FsError::io("unmounting the FAT file system", source))
+}
+
 /// The smallest range that holds a FAT32 volume with `sector_size` sectors: the reserved sectors, two FATs
 /// and 65525 one-sector clusters (fatfs uses one-sector clusters at this size).
 pub fn fat32_min_bytes(sector_size: u32) -> u64 {

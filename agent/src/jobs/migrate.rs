@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 use super::request::{MigrateReceive, MigrateSend, Target};
 use super::run::{Failure, JobContext, check_disk_idle, define_domain, delete_vm};
 use super::{JobEngine, lock, make_safe};
+use crate::block::data_extents;
 use crate::hypervisor::{DomainFiles, DomainState, LivePlan, LiveProgress};
 
 /// The migration modes results report: the domain is shut off for the whole transfer, or it runs on.
@@ -731,35 +732,6 @@ fn read_stream(
     Ok(Received { bytes, extents, sha256 })
 }
 
-/// The allocated extents of `file` (size `size`), from SEEK_DATA and SEEK_HOLE: (offset, length), in order.
-/// A file system or device that does not report holes yields one extent over everything.
-fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use nix::unistd::{Whence, lseek};
-    let mut extents = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let data = match lseek(file, pos as i64, Whence::SeekData) {
-            Ok(d) => d as u64,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(nix::errno::Errno::EINVAL) if pos == 0 => return Ok(vec![(0, size)]),
-            Err(e) => return Err(e.into()),
-        };
-        if data >= size {
-            break;
-        }
-        let hole = match lseek(file, data as i64, Whence::SeekHole) {
-            Ok(h) => (h as u64).min(size),
-            Err(nix::errno::Errno::ENXIO) => size,
-            Err(e) => return Err(e.into()),
-        };
-        if hole > data {
-            extents.push((data, hole - data));
-        }
-        pos = hole;
-    }
-    Ok(extents)
-}
-
 /// Size in bytes of a file or block device.
 fn disk_size(file: &File) -> std::io::Result<u64> {
     use std::io::Seek;
@@ -1087,25 +1059,6 @@ fn feed(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn extents_are_the_allocated_ranges_of_a_sparse_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(dir.path().join("d"))
-            .unwrap();
-        let size = 16 << 20;
-        file.set_len(size).unwrap();
-        assert_eq!(data_extents(&file, size).unwrap(), []);
-        file.write_all_at(&[1u8; 8192], 1 << 20).unwrap();
-        file.write_all_at(&[2u8; 4096], size - 4096).unwrap();
-        file.sync_all().unwrap();
-        let extents = data_extents(&file, size).unwrap();
-        assert_eq!(extents, [(1 << 20, 8192), (size - 4096, 4096)]);
-    }
 
     #[test]
     fn the_digest_covers_offsets_lengths_data_and_size() {

@@ -247,6 +247,8 @@ fn provision_onto(
         work_dir: config.work_dir.clone(),
         efi_binary: config.images.efi_binary.clone(),
         cancel: Some(ctx.cancel.clone()),
+        default_mode: config.images.default_provision_mode(),
+        bases_dir: config.images.bases_dir.clone(),
     };
     let result = provision::provision(&req, &ctx.progress);
     scrub_spec(&mut req.spec);

@@ -2,6 +2,7 @@
 //! and write file systems, report. On any failure after the disk was touched its first MiB is zeroed, so a
 //! half-written disk can never boot, and the error names the step and the cause.
 
+pub mod cached;
 mod encrypted;
 pub mod resize;
 pub mod spec;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use gridforge_common::error_chain;
 use gridforge_common::progress::Progress;
 use gridforge_proto::v1::{
-    Filesystem, PartitionResult, ProvisionResult, VmSpec, error::Code, partition::Role,
+    Filesystem, PartitionResult, ProvisionMode, ProvisionResult, VmSpec, error::Code, partition::Role,
 };
 
 use crate::block::{BlockTarget, MIB, TargetOptions};
@@ -25,6 +26,7 @@ use crate::partition::{self, GptPlan, PartitionRequest};
 use crate::pipeline::{rawdisk, unpack};
 use crate::wipe::CancelToken;
 
+pub use cached::{BaseEntry, BaseError, BaseInfo, BaseStore};
 pub use spec::SpecError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -78,6 +80,10 @@ pub struct ProvisionRequest {
     /// Checked between steps: once cancelled, the provision stops at the next one with code CANCELLED (and
     /// the target's head zeroed, like any failure).
     pub cancel: Option<CancelToken>,
+    /// The mode of a spec that names none (PROVISION_FULL or PROVISION_CACHED).
+    pub default_mode: ProvisionMode,
+    /// The base store of cached provisions (see [`cached`]).
+    pub bases_dir: PathBuf,
 }
 
 impl ProvisionRequest {
@@ -154,6 +160,7 @@ fn provision_onto(
     let (store, entries) = resolve_images(&req.spec, &req.images)?;
     req.checkpoint("fetch")?;
     let os = &entries[0];
+    let mode = provision_mode(req, os, disk_spec, progress)?;
     let plan = match os.format {
         Format::RootfsTar => Some(plan_layout(&disk_spec.partitions, target)?),
         Format::RawDisk => {
@@ -180,18 +187,56 @@ fn provision_onto(
             None
         }
     };
-    let cache = Cache::new(&req.images.cache_dir).map_err(|e| fetch_error(e.into()))?;
-    let mut blobs = Vec::with_capacity(entries.len());
-    for entry in &entries {
-        blobs.push(cache.fetch(&store, entry, progress).map_err(|e| fetch_error(e.into()))?);
-        req.checkpoint("fetch")?;
-    }
-    let mut result = match plan {
-        None => write_raw(target, os, &blobs[0], progress)?,
-        Some(plan) => build_from_rootfs(req, target, &plan, &entries, &blobs, progress)?,
+    let fetch = || {
+        let cache = Cache::new(&req.images.cache_dir).map_err(|e| fetch_error(e.into()))?;
+        let mut blobs = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            blobs.push(cache.fetch(&store, entry, progress).map_err(|e| fetch_error(e.into()))?);
+            req.checkpoint("fetch")?;
+        }
+        Ok(blobs)
     };
+    let mut result = match (plan, mode) {
+        (Some(_), ProvisionMode::ProvisionCached) => {
+            cached::provision_cached(req, target, &entries, fetch, progress)?
+        }
+        (None, _) => write_raw(target, os, &fetch()?[0], progress)?,
+        (Some(plan), _) => build_from_rootfs(req, target, &plan, &entries, &fetch()?, progress)?,
+    };
+    result.mode = mode as i32;
     result.image_digests = entries.iter().map(|e| e.sha256.clone()).collect();
     Ok(result)
+}
+
+/// The spec's mode, else the agent's. A cached provision needs a rootfs image and a layout a base can hold:
+/// asked for by the spec, anything else is refused; by the agent's default, it is provisioned in full.
+fn provision_mode(
+    req: &ProvisionRequest,
+    os: &IndexEntry,
+    disk: &gridforge_proto::v1::DiskLayout,
+    progress: &Progress,
+) -> Result<ProvisionMode, ProvisionError> {
+    let asked = req.spec.provision_mode();
+    let mode = if asked == ProvisionMode::Unspecified { req.default_mode } else { asked };
+    if mode != ProvisionMode::ProvisionCached {
+        return Ok(ProvisionMode::ProvisionFull);
+    }
+    let why_not = match os.format {
+        Format::RawDisk => Some(format!("image {} is a raw disk, provisioned as it is", os.name)),
+        Format::RootfsTar => cached::unsupported(disk),
+    };
+    match why_not {
+        None => Ok(ProvisionMode::ProvisionCached),
+        Some(reason) if asked == ProvisionMode::ProvisionCached => Err(ProvisionError::new(
+            "validate",
+            Code::InvalidSpec,
+            SpecError { field: "provision_mode".into(), reason: format!("PROVISION_CACHED: {reason}") },
+        )),
+        Some(reason) => {
+            progress.note("validate", format!("provisioning in full: {reason}"));
+            Ok(ProvisionMode::ProvisionFull)
+        }
+    }
 }
 
 fn resolve_images(spec: &VmSpec, src: &ImageSource) -> Result<(Store, Vec<IndexEntry>), ProvisionError> {
@@ -376,7 +421,7 @@ fn build_from_rootfs(
         sector_size: target.sector_size(),
         disk_guid: plan.disk_guid.to_string(),
         partitions: results,
-        image_digests: Vec::new(),
+        ..Default::default()
     })
 }
 
@@ -533,6 +578,6 @@ pub fn describe(target: &BlockTarget) -> Result<ProvisionResult, crate::Error> {
         sector_size: target.sector_size(),
         disk_guid: table.disk_guid.to_string(),
         partitions,
-        image_digests: Vec::new(),
+        ..Default::default()
     })
 }

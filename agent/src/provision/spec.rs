@@ -1,6 +1,6 @@
 //! Validation of a `VmSpec` before anything touches a disk. Every error names the offending field.
 
-use gridforge_proto::v1::{Filesystem, VmSpec, partition::Role};
+use gridforge_proto::v1::{Filesystem, ProvisionMode, VmSpec, partition::Role};
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid spec: {field}: {reason}")]
@@ -24,6 +24,9 @@ pub fn validate(spec: &VmSpec) -> Result<(), SpecError> {
     }
     if image.version.is_empty() {
         return Err(err("image.version", "must not be empty"));
+    }
+    if ProvisionMode::try_from(spec.provision_mode).is_err() {
+        return Err(err("provision_mode", format!("unknown value {}", spec.provision_mode)));
     }
     let disk = spec.disk.as_ref().ok_or_else(|| err("disk", "is required"))?;
     if !matches!(disk.sector_size, 0 | 512 | 4096) {

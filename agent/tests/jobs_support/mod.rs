@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gridforge_agent::config::{Config, JobsConfig, LibvirtConfig};
+use gridforge_agent::config::{Config, ImagesConfig, JobsConfig, LibvirtConfig};
 use gridforge_agent::jobs::JobEngine;
 use gridforge_agent::node::NodeContext;
 use gridforge_agent::server::{AgentService, agent_server};
@@ -66,6 +66,7 @@ pub fn config_in(dir: &Path) -> Config {
         work_dir: dir.join("work"),
         metrics_listen: None,
         libvirt: LibvirtConfig { uri: String::new(), ..defaults.libvirt },
+        images: ImagesConfig { bases_dir: dir.join("bases"), ..defaults.images },
         tls: TlsFiles { insecure: true, ..defaults.tls },
         jobs: JobsConfig {
             devices: vec![dir.join("disks")],

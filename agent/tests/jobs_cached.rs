@@ -1,0 +1,151 @@
+//! Provision jobs over real tonic on an agent configured with `images.provision_mode = "cached"`: each job's
+//! disk is a clone of one base, with identifiers of its own (checked with sfdisk, blkid, dumpe2fs, e2fsck and
+//! debugfs); a spec asking for PROVISION_FULL is provisioned in full.
+
+mod common;
+mod jobs_support;
+
+use std::path::Path;
+
+use common::{run, try_run};
+use gridforge_agent::image::{index::Kind, pack::pack_rootfs, sign};
+use gridforge_proto::v1::{
+    ProvisionJob, ProvisionMode, ProvisionResult, SubmitJobRequest, VmSpec, job::Outcome,
+    submit_job_request::Job as JobReq,
+};
+use jobs_support::*;
+
+fn provision_request(name: &str, disk: &Path, mode: Option<&str>) -> SubmitJobRequest {
+    request(name, disk, mode, "root")
+}
+
+fn request(name: &str, disk: &Path, mode: Option<&str>, root_label: &str) -> SubmitJobRequest {
+    let mut spec = serde_json::json!({
+        "name": name,
+        "image": {"name": "tiny", "version": "1"},
+        "disk": {"size_mib": 96, "partitions": [
+            {"label": "data", "role": "DATA", "size_mib": 16, "filesystem": "EXT4", "mount_point": "/srv"},
+            {"label": root_label, "role": "ROOT", "filesystem": "EXT4"}
+        ]},
+        "customize": {"hostname": name}
+    });
+    if let Some(mode) = mode {
+        spec["provision_mode"] = mode.into();
+    }
+    let spec: VmSpec = serde_json::from_value(spec).unwrap();
+    SubmitJobRequest {
+        idempotency_key: format!("provision-{name}"),
+        job: Some(JobReq::Provision(ProvisionJob { spec: Some(spec), target: device(disk) })),
+        ..Default::default()
+    }
+}
+
+async fn provision(
+    client: &mut gridforge_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    req: SubmitJobRequest,
+) -> ProvisionResult {
+    let job = client.submit_job(req).await.expect("SubmitJob").into_inner();
+    let events = watch_to_end(client, &job.id).await;
+    match get(client, &job.id).await.outcome {
+        Some(Outcome::Provision(r)) => r,
+        other => panic!("provision job: {other:?}\n{events:#?}"),
+    }
+}
+
+/// The disk's GPT disk GUID and, per partition, its GUID and file system UUID, as the stock tools read them.
+fn identifiers(disk: &Path, res: &ProvisionResult) -> Vec<String> {
+    let d = disk.to_str().unwrap();
+    let dump = run("sfdisk", &["--dump", d]);
+    let mut ids = vec![dump.lines().find_map(|l| l.strip_prefix("label-id: ")).unwrap().to_lowercase()];
+    assert_eq!(ids[0], res.disk_guid.to_lowercase());
+    for p in &res.partitions {
+        let target = format!("{d}?offset={}", p.offset_bytes);
+        let (ok, out, err) = try_run("e2fsck", &["-fn", &target]);
+        assert!(ok, "e2fsck -fn {target}: {out}{err}");
+        let dumpe2fs = run("dumpe2fs", &["-h", &target]);
+        assert!(dumpe2fs.contains(&format!("Filesystem UUID:          {}", p.fs_uuid)), "{dumpe2fs}");
+        let blkid = run("blkid", &["-p", "-o", "value", "-s", "UUID", "-O", &p.offset_bytes.to_string(), d]);
+        assert_eq!(blkid.trim(), p.fs_uuid);
+        ids.push(p.partition_guid.to_lowercase());
+        ids.push(p.fs_uuid.clone());
+    }
+    assert!(dump.contains(&format!("uuid={}", res.partitions[0].partition_guid.to_uppercase())), "{dump}");
+    ids
+}
+
+/// A node serving jobs from a store holding the tiny image, configured for cached provisions.
+async fn cached_node() -> (Node, gridforge_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) {
+    let mut node = Node::new();
+    let dir = node.dir.path().to_path_buf();
+    common::small_rootfs(&dir.join("tree"));
+    let key_path = dir.join("store.key");
+    sign::keygen(&key_path).unwrap();
+    let key = sign::load_signing_key(&key_path).unwrap();
+    pack_rootfs(&dir.join("tree"), &dir.join("store"), "tiny", "1", Kind::Os, &key, 3).unwrap();
+    node.config.images.store = dir.join("store").display().to_string();
+    node.config.images.trusted_key = sign::public_key_path(&key_path).display().to_string();
+    node.config.images.provision_mode = "cached".into();
+    let (client, _) = serve(node.open(), &node.config).await;
+    (node, client)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_that_cannot_be_made_leaves_no_base_and_an_unbootable_disk() {
+    let (node, mut client) = cached_node().await;
+    let disk = node.sparse_disk("a.img", 96 * MIB);
+    std::fs::write(&disk, vec![0xAB; MIB as usize]).unwrap();
+    std::fs::File::options().write(true).open(&disk).unwrap().set_len(96 * MIB).unwrap();
+    // mke2fs refuses a label over 16 bytes, which GPT accepts: the base fails at its root file system.
+    let req = request("vm-a", &disk, None, "a-root-label-of-26-bytes");
+    let job = client.submit_job(req).await.expect("SubmitJob").into_inner();
+    watch_to_end(&mut client, &job.id).await;
+    let done = get(&mut client, &job.id).await;
+    let err = job_error(&done);
+    assert_eq!(err.step, "format", "{err:?}");
+    assert!(err.message.contains("a-root-label-of-26-bytes"), "{err:?}");
+    assert!(head(&disk, MIB as usize).iter().all(|&b| b == 0), "the failed target's first MiB is not zeroed");
+    let bases = node.dir.path().join("bases");
+    let left: Vec<_> = std::fs::read_dir(&bases)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.ends_with(".lock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a failed base left {left:?} in {}", bases.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_configured_for_cached_provisions_clones_one_base_per_image() {
+    let (node, mut client) = cached_node().await;
+    let dir = node.dir.path().to_path_buf();
+    let (a, b, c) = (
+        node.sparse_disk("a.img", 96 * MIB),
+        node.sparse_disk("b.img", 96 * MIB),
+        node.sparse_disk("c.img", 96 * MIB),
+    );
+    let ra = provision(&mut client, provision_request("vm-a", &a, None)).await;
+    let rb = provision(&mut client, provision_request("vm-b", &b, None)).await;
+    for r in [&ra, &rb] {
+        assert_eq!(r.mode, ProvisionMode::ProvisionCached as i32, "{r:?}");
+    }
+    assert!(!ra.base_id.is_empty());
+    assert_eq!(ra.base_id, rb.base_id);
+    assert!(dir.join("bases").join(&ra.base_id).join("disk.raw").is_file());
+    let (ia, ib) = (identifiers(&a, &ra), identifiers(&b, &rb));
+    for id in &ia {
+        assert!(!ib.contains(id), "{id} is on both clones: {ia:?} {ib:?}");
+    }
+    for (disk, res, name) in [(&a, &ra, "vm-a"), (&b, &rb, "vm-b")] {
+        let root = res.partitions.iter().find(|p| p.label == "root").unwrap();
+        let target = format!("{}?offset={}", disk.display(), root.offset_bytes);
+        assert_eq!(run("debugfs", &["-R", "cat /etc/hostname", &target]), format!("{name}\n"));
+        let fstab = run("debugfs", &["-R", "cat /etc/fstab", &target]);
+        assert!(fstab.contains(&format!("UUID={} /srv ext4", res.partitions[0].fs_uuid)), "{fstab}");
+    }
+
+    let rc = provision(&mut client, provision_request("vm-c", &c, Some("PROVISION_FULL"))).await;
+    assert_eq!(rc.mode, ProvisionMode::ProvisionFull as i32);
+    assert!(rc.base_id.is_empty(), "a full provision came from base {}", rc.base_id);
+    identifiers(&c, &rc);
+}
