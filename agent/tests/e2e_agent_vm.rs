@@ -53,7 +53,7 @@ fn provision_request(key: &str, name: &str) -> SubmitJobRequest {
 
 /// The agent's unit as systemd sees it, from the console.
 fn unit_status(uvm: &mut Uvm) -> String {
-    uvm.shell(
+    uvm.query(
         "systemctl is-active gridforge-agent; systemctl show -p Type -p NRestarts -p MainPID -p FragmentPath \
          -p UnitFileState gridforge-agent",
         SHELL_TIMEOUT,
@@ -237,7 +237,7 @@ async fn agent_killed_mid_provision_is_restarted_by_systemd_and_the_job_is_inter
     let job = get(&mut client, &id).await;
     assert_eq!(job.state, JobState::Interrupted as i32, "{job:?}");
     assert_eq!(job_error(&job).code, Code::Interrupted as i32, "{job:?}");
-    let head = uvm.shell("cmp -n 1048576 /dev/vdb /dev/zero && echo first-mib-zero", SHELL_TIMEOUT);
+    let head = uvm.query("cmp -n 1048576 /dev/vdb /dev/zero && echo first-mib-zero", SHELL_TIMEOUT);
     assert!(
         head.contains("first-mib-zero"),
         "the first MiB of /dev/vdb is not zero after the interruption: {head}"

@@ -414,6 +414,22 @@ impl Uvm {
         }
     }
 
+    /// A read-only `command`'s output, asked until two answers in a row agree: the serial console now and
+    /// then garbles a character (a doubled byte) when the guest's own messages cross it, and a query's
+    /// answer does not change between two asks. At most 5 asks.
+    pub fn query(&mut self, command: &str, timeout: Duration) -> String {
+        let mut last = self.shell(command, timeout);
+        for _ in 0..4 {
+            let next = self.shell(command, timeout);
+            if next == last {
+                return next;
+            }
+            eprintln!("{}: {command:?} answered differently twice; asking again", self.vm.name);
+            last = next;
+        }
+        panic!("{}: {command:?} never answered the same twice on the serial console: {last}", self.vm.name)
+    }
+
     /// Powers the guest off from its console and waits for qemu to exit (killed after `timeout`).
     pub fn power_off(&mut self, timeout: Duration) {
         self.vm.type_serial("systemctl poweroff\n");
