@@ -36,6 +36,25 @@ pub struct Config {
     pub fencing: FencingConfig,
     pub store: StoreConfig,
     pub networks: NetworksConfig,
+    pub http: HttpConfig,
+}
+
+/// The HTTP/JSON API and the web panel, on a port of their own beside gRPC, with the same TLS files (a
+/// client certificate is asked for but not required: a bearer token from `gridctl token create` does too).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to serve on; absent: no HTTP API and no panel.
+    pub listen: Option<SocketAddr>,
+    /// The panel's meters turn amber and red at these percentages of a VM's CPU, memory or node's usage.
+    pub amber_percent: f64,
+    pub red_percent: f64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: None, amber_percent: 70.0, red_percent: 90.0 }
+    }
 }
 
 /// Tenant networks: the bridge on every node that tenant NICs attach to (Open vSwitch, so that each NIC's
@@ -215,6 +234,7 @@ impl Default for Config {
             fencing: FencingConfig::default(),
             store: StoreConfig::default(),
             networks: NetworksConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -343,6 +363,16 @@ impl Config {
                 "networks: vlan_first {} to vlan_last {} must be a range within 1-4094, and bridge set",
                 n.vlan_first, n.vlan_last
             )));
+        }
+        let h = &config.http;
+        if !(0.0 < h.amber_percent && h.amber_percent <= h.red_percent) {
+            return Err(invalid(format!(
+                "http: amber_percent {} must be above 0 and at most red_percent {}",
+                h.amber_percent, h.red_percent
+            )));
+        }
+        if config.tls.insecure && h.listen.is_some_and(|l| !l.ip().is_loopback()) {
+            return Err(invalid("http.listen: tls.insecure allows only a loopback address".into()));
         }
         config.ops.networks = config.networks.clone();
         Ok(config)
