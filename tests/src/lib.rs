@@ -11,6 +11,7 @@ pub mod bins;
 pub mod coordinator;
 pub mod etcd;
 pub mod grid;
+pub mod http;
 pub mod images;
 pub mod netns;
 pub mod pki;
