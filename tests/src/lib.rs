@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod bins;
+pub mod browser;
 pub mod coordinator;
 pub mod etcd;
 pub mod grid;

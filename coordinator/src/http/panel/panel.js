@@ -6,6 +6,7 @@ const TOKEN_KEY = "gridforge-token";
 let settings = { amberPercent: 70, redPercent: 90, needsToken: true };
 // Streams and timers of the page shown; stopped when another page is shown.
 let page = new AbortController();
+let shown = "";
 
 // ---- API ----
 
@@ -27,7 +28,7 @@ function headers() {
 async function refusal(resp) {
   let body;
   try { body = await resp.json(); } catch (_) { body = { message: resp.statusText, status: resp.status }; }
-  if (resp.status === 401 && settings.needsToken) {
+  if (resp.status === 401 && settings.needsToken && shown !== "login") {
     sessionStorage.removeItem(TOKEN_KEY);
     location.hash = "#/login";
   }
@@ -437,7 +438,8 @@ function createPage() {
   el("label", { for: "vm-spec" }, "Or a whole request (CreateVmRequest, JSON)",
     el("span", { class: "hint", id: "spec-hint" }, "replaces the fields above when not empty"), spec),
   submit);
-  show("Create server", form, el("h2", {}, "Progress"), progress);
+  show("Create server", el("div", { class: "two-columns" }, form,
+    el("section", { "aria-labelledby": "progress-title" }, el("h2", { id: "progress-title" }, "Progress"), progress)));
   api("ListNodes", {}, page.signal).then((r) => {
     const all = new Set((r.nodes || []).flatMap((n) => n.images || []));
     for (const i of [...all].sort()) images.append(el("option", { value: i }));
@@ -467,6 +469,7 @@ function route() {
       || (target === "operation" && a.getAttribute("href") === "#/operations");
     if (current) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
+  shown = target;
   pages[target](arg);
   if (target !== "login" && target !== "create") document.getElementById("main").focus({ preventScroll: true });
 }
