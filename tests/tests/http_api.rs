@@ -77,6 +77,23 @@ fn every_method_over_http_with_tokens_certificates_and_refusals() {
     assert!(names(&users["users"]).contains(&"token:script".to_string()), "{users}");
     assert!(!users.to_string().contains("tokenSha256"), "{users}");
 
+    // Every method, as the served document lists them: no credential, malformed JSON, an unknown field and a
+    // wrong type are each refused with the one body, before the method runs.
+    let doc = admin.get("/v1/openapi.json").body;
+    let methods: Vec<String> =
+        doc["paths"].as_object().unwrap().keys().map(|p| p.trim_start_matches("/v1/").to_string()).collect();
+    assert_eq!(methods.len(), 38, "{methods:?}");
+    for m in &methods {
+        refused(&anonymous.post(m, &json!({})), 401, "UNAUTHENTICATED");
+        let said = refused(&admin.post_raw(m, "{\"name\": "), 400, "INVALID_ARGUMENT");
+        assert!(said.starts_with("request body: "), "{m}: {said}");
+        let said = refused(&admin.post(m, &json!({"bogus": 1})), 400, "INVALID_ARGUMENT");
+        assert!(said.contains("unknown field `bogus`"), "{m}: {said}");
+        let said = refused(&admin.post_raw(m, "[]"), 400, "INVALID_ARGUMENT");
+        assert!(said.contains("invalid type: sequence"), "{m}: {said}");
+    }
+    assert_eq!(names(&admin.ok("ListNodes", &json!({}))["nodes"]), ["node-a"], "a node changed on bad input");
+
     // Nodes: AddNode over HTTP; a second add of the name is a conflict.
     let b = grid.agents.iter().find(|a| a.name == "node-b").unwrap();
     let node_b = json!({"name": "node-b", "address": b.address(), "datacenter": "dc2"});

@@ -163,10 +163,21 @@ const pages = {
   create: createPage,
 };
 
+// Calls `f` now and every `ms` while the page is shown.
 function every(ms, f) {
   f();
   const t = setInterval(f, ms);
   page.signal.addEventListener("abort", () => clearInterval(t));
+}
+
+// Whether `answer` differs from the last one `key` saw on this page (lists are redrawn only then, so that
+// keyboard focus stays where it was while nothing changes).
+function changed(key, answer) {
+  const text = JSON.stringify(answer);
+  const seen = page.seen || (page.seen = {});
+  if (seen[key] === text) return false;
+  seen[key] = text;
+  return true;
 }
 
 function show(title, ...content) {
@@ -201,6 +212,7 @@ function gridPage() {
   const body = el("div", { id: "grid" });
   show("Grid", body);
   every(3000, () => api("ListNodes", {}, page.signal).then((r) => {
+    if (!changed("nodes", r)) return;
     const byDc = new Map();
     for (const n of r.nodes || []) {
       const dc = n.datacenter || "no datacenter";
@@ -248,6 +260,7 @@ function tenantPage(name) {
   show("Tenant " + name, body);
   every(3000, () => Promise.all([api("GetTenant", { name }, page.signal), api("ListVms", { tenant: name }, page.signal)])
     .then(([t, r]) => {
+      if (!changed("tenant", [t, r])) return;
       const vms = r.vms || [];
       const tiers = (t.groups || []).map((g) => el("section", { "aria-labelledby": "tier-" + g.name },
         el("h2", { id: "tier-" + g.name }, "Tier " + g.name),
@@ -264,6 +277,7 @@ function serversPage() {
   const body = el("div");
   show("Servers", body, el("p", {}, link("#/create", "Create a server")));
   every(3000, () => api("ListVms", {}, page.signal).then((r) => {
+    if (!changed("vms", r)) return;
     body.replaceChildren(table(null, SERVER_COLUMNS, serverRows(r.vms || [])));
   }).catch(failed("Listing servers")));
 }
@@ -365,6 +379,7 @@ function operationsPage() {
   const body = el("div");
   show("Operations", body);
   every(2000, () => api("ListOperations", { limit: 50 }, page.signal).then((r) => {
+    if (!changed("operations", r)) return;
     const ops = (r.operations || []).slice().reverse();
     body.replaceChildren(table(null, ["Operation", "Kind", "Server", "State", "Progress", "Summary"], ops.map((o) => {
       const all = o.steps || [];
