@@ -1,7 +1,8 @@
 //! The web panel in headless Chromium against a coordinator and two agents on libvirt's test driver: log in
 //! with a token, see the grid by datacenter, create a server from the form and watch its operation reach the
 //! end, see its CPU meter turn red without a reload (the test driver's domains are always busy), find it in
-//! its tenant's tier, delete it after confirming; on a narrow window nothing scrolls sideways.
+//! its tenant's tier, stop, start and migrate it, delete it after confirming; on a narrow window nothing
+//! scrolls sideways.
 //!
 //! `GRIDFORGE_SCREENSHOTS=1` writes the screenshots to docs/ (the README shows them); otherwise they go to
 //! the grid's temp dir.
@@ -100,6 +101,19 @@ fn log_in_see_the_grid_create_watch_a_meter_turn_red_and_delete() {
     assert_eq!(fits, true, "the page is wider than a narrow window");
     b.screenshot(&dir.join("panel-narrow.png"));
     b.resize(1280, 900);
+
+    // Stop, start and migrate from the page's buttons, each followed to its end.
+    b.click("#action-stop");
+    b.wait_text("#op-state", "stop web-1");
+    b.wait_text("#server-state", "stopped");
+    b.click("#action-start");
+    b.wait_text("#op-state", "start web-1");
+    b.wait_text("#server-state", "running");
+    b.click("#migrate-to option[value='node-b']");
+    b.click("#action-migrate");
+    b.wait_text("#op-state", "succeeded");
+    b.wait_text("#facts", "node-b");
+    assert_eq!(admin.json(&["vm", "show", "web-1"])["node"], "node-b");
 
     // Delete: asks first; cancelling keeps the server, confirming deletes it.
     b.click("#action-delete");
