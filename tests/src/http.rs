@@ -71,6 +71,13 @@ impl HttpClient {
         run(cmd)
     }
 
+    /// [`post_raw`](Self::post_raw) with one more header (`Name: value`).
+    pub fn post_with(&self, method: &str, header: &str, body: &str) -> Answer {
+        let mut cmd = self.curl(&format!("/v1/{method}"));
+        cmd.args(["-X", "POST", "-H", "Content-Type: application/json", "-H", header, "--data-binary", body]);
+        run(cmd)
+    }
+
     pub fn post(&self, method: &str, body: &Value) -> Answer {
         self.post_raw(method, &body.to_string())
     }

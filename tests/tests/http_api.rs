@@ -156,6 +156,20 @@ fn every_method_over_http_with_tokens_certificates_and_refusals() {
     refused(&acme.post("CordonNode", &json!({"name": "node-a"})), 403, "PERMISSION_DENIED");
     refused(&acme.post("GetTenant", &json!({"name": "globex"})), 404, "NOT_FOUND");
     refused(&admin.post("NoSuchMethod", &json!({})), 404, "NOT_FOUND");
+    // Another site's page in a browser holding the certificate: refused; the panel's own origin is not.
+    let body = json!({"name": "node-a"}).to_string();
+    let m = refused(
+        &admin_cert.post_with("CordonNode", "Origin: https://evil.example", &body),
+        403,
+        "PERMISSION_DENIED",
+    );
+    assert!(m.contains("evil.example"), "{m}");
+    let own = format!("Origin: {}", admin.base);
+    assert_eq!(admin_cert.post_with("GetNode", &own, &body).status, 200);
+    assert!(
+        admin.ok("GetNode", &json!({"name": "node-a"}))["cordoned"].is_null(),
+        "cordoned by another site"
+    );
     refused(&admin.get("/v1/ListNodes"), 405, "UNIMPLEMENTED");
     assert_eq!(admin.ok("ListVms", &json!({"all": true})), json!({}), "a VM came of bad input");
     let jobs: usize = grid.agents.iter().map(|a| a.jobs().len()).sum();

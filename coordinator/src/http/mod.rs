@@ -132,6 +132,7 @@ struct Call<'a> {
     api: &'a HttpApi,
     peer: &'a Peer,
     headers: &'a HeaderMap,
+    authority: Option<&'a str>,
     body: &'a [u8],
 }
 
@@ -139,6 +140,20 @@ impl Call<'_> {
     /// The request message, with the caller's certificate and token for the service to authenticate.
     /// UNAUTHENTICATED before the body is read when the call carries neither.
     fn request<T: DeserializeOwned>(&self) -> Result<tonic::Request<T>, Status> {
+        // A browser sends the client certificate it holds to any page's requests: a request another site's
+        // page makes (its Origin is not this server) is refused, so that such a page cannot act as the user.
+        if let Some(origin) = self.headers.get(header::ORIGIN) {
+            // HTTP/1.1 names the server in Host, HTTP/2 in the request's :authority.
+            let host = self.headers.get(header::HOST).and_then(|h| h.to_str().ok());
+            let host = host.or(self.authority).unwrap_or_default();
+            let origin = origin.to_str().unwrap_or_default();
+            let same = origin.split_once("://").is_some_and(|(_, o)| !host.is_empty() && o == host);
+            if !same {
+                return Err(Status::permission_denied(format!(
+                    "a request from the page of {origin:?}, not of this server, is refused"
+                )));
+            }
+        }
         let authorization = self.headers.get(header::AUTHORIZATION);
         if !self.api.insecure && self.peer.0.is_none() && authorization.is_none() {
             return Err(Status::unauthenticated(
@@ -254,6 +269,7 @@ async fn call(
     State(api): State<Arc<HttpApi>>,
     Extension(peer): Extension<Peer>,
     Path(method): Path<String>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -265,7 +281,8 @@ async fn call(
             return Refusal(http, error_body(http, Code::InvalidArgument, &message)).into_response();
         }
     };
-    let call = Call { api: &api, peer: &peer, headers: &headers, body: &body };
+    let authority = uri.authority().map(|a| a.as_str());
+    let call = Call { api: &api, peer: &peer, headers: &headers, authority, body: &body };
     dispatch(&method, call).await.unwrap_or_else(|s| Refusal::from(s).into_response())
 }
 
