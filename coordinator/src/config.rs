@@ -455,4 +455,19 @@ mod tests {
         );
         assert!(Config::parse("[auth.users]\nalice = \"root\"", Path::new("c.toml")).is_err());
     }
+
+    #[test]
+    fn the_http_section() {
+        let p = Path::new("c.toml");
+        let c = Config::parse("", p).unwrap();
+        assert_eq!((c.http.listen, c.http.amber_percent, c.http.red_percent), (None, 70.0, 90.0));
+        let c = Config::parse("[http]\nlisten = \"0.0.0.0:7445\"\nred_percent = 95.0", p).unwrap();
+        assert_eq!(c.http.listen.map(|l| l.port()), Some(7445));
+        let e = Config::parse("[http]\namber_percent = 95.0\nred_percent = 90.0", p).unwrap_err();
+        assert!(e.to_string().contains("amber_percent 95 must be above 0 and at most red_percent 90"), "{e}");
+        let plain = "listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true\n[http]\nlisten = ";
+        assert!(Config::parse(&format!("{plain}\"127.0.0.1:2\""), p).is_ok());
+        let e = Config::parse(&format!("{plain}\"0.0.0.0:2\""), p).unwrap_err();
+        assert!(e.to_string().contains("http.listen: tls.insecure allows only a loopback address"), "{e}");
+    }
 }

@@ -1,6 +1,7 @@
 //! The coordinator daemon: the grid view opened from `state_dir/grid.redb` (or etcd, where this coordinator
 //! is one of several and leads only once elected: see `ha`), unfinished operations resumed and the status
-//! poller started once it leads, and the gRPC `Coordinator` service with mutual TLS, `grpc.health.v1` and reflection;
+//! poller started once it leads, and the gRPC `Coordinator` service with mutual TLS, `grpc.health.v1` and reflection
+//! (and, with `[http] listen`, the same service over HTTP/JSON with the web panel);
 //! systemd readiness, watchdog and stop notifications; a graceful stop on SIGTERM or SIGINT.
 //!
 //! Stopping needs no drain: every operation is in the store and its agent job keeps running on the node,

@@ -1,4 +1,5 @@
-//! The tonic `Coordinator` service: authenticates the caller by its client certificate, checks its role,
+//! The tonic `Coordinator` service: authenticates the caller by its client certificate or bearer token (gRPC
+//! metadata, or the HTTP front end's request), checks its role,
 //! and translates requests into engine calls and engine errors into statuses (one mapping, here).
 
 use std::pin::Pin;
