@@ -16,6 +16,9 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The W3C name of an element reference in WebDriver answers.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// WebDriver key codes.
+pub const ENTER: &str = "\u{E007}";
+pub const ESCAPE: &str = "\u{E00C}";
 pub const WAIT: Duration = Duration::from_secs(30);
 
 pub struct Browser {
@@ -120,6 +123,20 @@ impl Browser {
         let id = self.find(css);
         self.call("POST", &format!("/element/{id}/clear"), Some(json!({})));
         self.call("POST", &format!("/element/{id}/value"), Some(json!({"text": text})));
+    }
+
+    /// Presses `key` (a WebDriver key code such as [`ENTER`]) with `css` focused, as a keyboard would.
+    pub fn press(&self, css: &str, key: &str) {
+        let id = self.find(css);
+        self.call("POST", &format!("/element/{id}/value"), Some(json!({"text": key})));
+    }
+
+    /// The `id` of the focused element.
+    pub fn focused(&self) -> String {
+        self.js("return document.activeElement ? document.activeElement.id : ''", json!([]))
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// The visible text of `css`.

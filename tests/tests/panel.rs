@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use gridforge_tests::browser::Browser;
+use gridforge_tests::browser::{Browser, ENTER, ESCAPE};
 use gridforge_tests::grid::{Grid, Shape};
 use gridforge_tests::images::vm_spec;
 use serde_json::{Value, json};
@@ -115,9 +115,12 @@ fn log_in_see_the_grid_create_watch_a_meter_turn_red_and_delete() {
     b.wait_text("#facts", "node-b");
     assert_eq!(admin.json(&["vm", "show", "web-1"])["node"], "node-b");
 
-    // Delete: asks first; cancelling keeps the server, confirming deletes it.
-    b.click("#action-delete");
-    b.click("#confirm-cancel");
+    // Delete: asks first, with the focus on Cancel; Escape (the keyboard) keeps the server, confirming
+    // deletes it.
+    b.press("#action-delete", ENTER);
+    b.wait_text("#confirm-text", "Delete server web-1?");
+    assert_eq!(b.focused(), "confirm-cancel");
+    b.press("#confirm-cancel", ESCAPE);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(admin.json(&["vm", "show", "web-1"])["state"], "RUNNING");
     b.click("#action-delete");
