@@ -193,37 +193,79 @@ pub fn rustls_client_config(
     cert: &Path,
     key: &Path,
 ) -> Result<std::sync::Arc<tokio_rustls::rustls::ClientConfig>, TlsError> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
-
-    let unusable = |what: &'static str, path: &Path, reason: String| TlsError::Unusable {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
-    let ca_pem = read_certificates("CA certificate", ca)?;
-    let cert_pem = read_certificates("client certificate", cert)?;
-    let key_pem = read_private_key("client private key", key)?;
-    let mut roots = RootCertStore::empty();
-    for der in CertificateDer::pem_slice_iter(&ca_pem) {
-        let der = der.map_err(|e| unusable("CA certificate", ca, e.to_string()))?;
-        roots.add(der).map_err(|e| unusable("CA certificate", ca, e.to_string()))?;
-    }
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| unusable("client certificate", cert, e.to_string()))?;
-    let private = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| unusable("client private key", key, e.to_string()))?;
-    let provider = std::sync::Arc::new(crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
+    use tokio_rustls::rustls::ClientConfig;
+    let files = RustlsFiles::read(ca, ("client certificate", cert), ("client private key", key))?;
+    let mut config = ClientConfig::builder_with_provider(files.provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| unusable("client certificate", cert, e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, private)
+        .with_root_certificates(files.roots)
+        .with_client_auth_cert(files.chain, files.key)
         .map_err(|e| unusable("client private key", key, e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(std::sync::Arc::new(config))
+}
+
+/// The server side of TLS for a server of our own (the coordinator's HTTP/JSON API): present `cert` and
+/// `key`, ask for a client certificate chaining to `ca` but also take clients without one (they must then
+/// authenticate otherwise: a bearer token). HTTP/2 and HTTP/1.1.
+pub fn rustls_server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, TlsError> {
+    use tokio_rustls::rustls::ServerConfig;
+    use tokio_rustls::rustls::server::WebPkiClientVerifier;
+    let files = RustlsFiles::read(ca, ("server certificate", cert), ("server private key", key))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(files.roots.into(), files.provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| unusable("client CA certificate", ca, e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(files.provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| unusable("server certificate", cert, e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(files.chain, files.key)
+        .map_err(|e| unusable("server private key", key, e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+fn unusable(what: &'static str, path: &Path, reason: String) -> TlsError {
+    TlsError::Unusable { what, path: path.to_path_buf(), reason }
+}
+
+/// A CA, a certificate chain and its key, read and parsed for rustls.
+struct RustlsFiles {
+    roots: tokio_rustls::rustls::RootCertStore,
+    chain: Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    key: tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+    provider: std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider>,
+}
+
+impl RustlsFiles {
+    fn read(
+        ca: &Path,
+        (cert_what, cert): (&'static str, &Path),
+        (key_what, key): (&'static str, &Path),
+    ) -> Result<RustlsFiles, TlsError> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls::{RootCertStore, crypto};
+        let ca_pem = read_certificates("CA certificate", ca)?;
+        let cert_pem = read_certificates(cert_what, cert)?;
+        let key_pem = read_private_key(key_what, key)?;
+        let mut roots = RootCertStore::empty();
+        for der in CertificateDer::pem_slice_iter(&ca_pem) {
+            let der = der.map_err(|e| unusable("CA certificate", ca, e.to_string()))?;
+            roots.add(der).map_err(|e| unusable("CA certificate", ca, e.to_string()))?;
+        }
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unusable(cert_what, cert, e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| unusable(key_what, key, e.to_string()))?;
+        Ok(RustlsFiles { roots, chain, key, provider: std::sync::Arc::new(crypto::ring::default_provider()) })
+    }
 }
 
 /// The subject common name of a DER certificate, if it has one.

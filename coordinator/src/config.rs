@@ -37,6 +37,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub networks: NetworksConfig,
     pub power: PowerConfig,
+    pub http: HttpConfig,
 }
 
 /// The power actuator of dedicated servers: a program run with `{node}`, `{address}` and `{action}`
@@ -50,6 +51,24 @@ pub struct PowerConfig {
     pub command: Vec<String>,
     /// A command that has not exited by then is killed and its step fails (0: 60 s).
     pub timeout_secs: u64,
+}
+
+/// The HTTP/JSON API and the web panel, on a port of their own beside gRPC, with the same TLS files (a
+/// client certificate is asked for but not required: a bearer token from `gridctl token create` does too).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to serve on; absent: no HTTP API and no panel.
+    pub listen: Option<SocketAddr>,
+    /// The panel's meters turn amber and red at these percentages of a VM's CPU, memory or node's usage.
+    pub amber_percent: f64,
+    pub red_percent: f64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: None, amber_percent: 70.0, red_percent: 90.0 }
+    }
 }
 
 /// Tenant networks: the bridge on every node that tenant NICs attach to (Open vSwitch, so that each NIC's
@@ -233,6 +252,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             networks: NetworksConfig::default(),
             power: PowerConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -363,6 +383,16 @@ impl Config {
                 n.vlan_first, n.vlan_last
             )));
         }
+        let h = &config.http;
+        if !(0.0 < h.amber_percent && h.amber_percent <= h.red_percent) {
+            return Err(invalid(format!(
+                "http: amber_percent {} must be above 0 and at most red_percent {}",
+                h.amber_percent, h.red_percent
+            )));
+        }
+        if config.tls.insecure && h.listen.is_some_and(|l| !l.ip().is_loopback()) {
+            return Err(invalid("http.listen: tls.insecure allows only a loopback address".into()));
+        }
         config.ops.networks = config.networks.clone();
         config.ops.power = config.power.clone();
         Ok(config)
@@ -444,5 +474,20 @@ mod tests {
             Config::parse("listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true", Path::new("c.toml")).is_ok()
         );
         assert!(Config::parse("[auth.users]\nalice = \"root\"", Path::new("c.toml")).is_err());
+    }
+
+    #[test]
+    fn the_http_section() {
+        let p = Path::new("c.toml");
+        let c = Config::parse("", p).unwrap();
+        assert_eq!((c.http.listen, c.http.amber_percent, c.http.red_percent), (None, 70.0, 90.0));
+        let c = Config::parse("[http]\nlisten = \"0.0.0.0:7445\"\nred_percent = 95.0", p).unwrap();
+        assert_eq!(c.http.listen.map(|l| l.port()), Some(7445));
+        let e = Config::parse("[http]\namber_percent = 95.0\nred_percent = 90.0", p).unwrap_err();
+        assert!(e.to_string().contains("amber_percent 95 must be above 0 and at most red_percent 90"), "{e}");
+        let plain = "listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true\n[http]\nlisten = ";
+        assert!(Config::parse(&format!("{plain}\"127.0.0.1:2\""), p).is_ok());
+        let e = Config::parse(&format!("{plain}\"0.0.0.0:2\""), p).unwrap_err();
+        assert!(e.to_string().contains("http.listen: tls.insecure allows only a loopback address"), "{e}");
     }
 }

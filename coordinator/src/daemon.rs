@@ -1,6 +1,7 @@
 //! The coordinator daemon: the grid view opened from `state_dir/grid.redb` (or etcd, where this coordinator
 //! is one of several and leads only once elected: see `ha`), unfinished operations resumed and the status
-//! poller started once it leads, and the gRPC `Coordinator` service with mutual TLS, `grpc.health.v1` and reflection;
+//! poller started once it leads, and the gRPC `Coordinator` service with mutual TLS, `grpc.health.v1` and reflection
+//! (and, with `[http] listen`, the same service over HTTP/JSON with the web panel);
 //! systemd readiness, watchdog and stop notifications; a graceful stop on SIGTERM or SIGINT.
 //!
 //! Stopping needs no drain: every operation is in the store and its agent job keeps running on the node,
@@ -142,6 +143,10 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         builder = builder.tls_config(tls).map_err(|e| DaemonError::Serve(crate::error_chain(&e)))?;
     }
     let service = CoordinatorService::new(engine.clone(), config.auth.clone(), !config.tls.insecure);
+    let http = match config.http.listen {
+        None => None,
+        Some(listen) => Some(start_http(&config, listen, &engine).await?),
+    };
     // Answers from a view that may be out of date say so in their metadata (gridctl warns).
     let cluster = engine.cluster().clone();
     let stale = tower::util::MapResponseLayer::new(
@@ -187,6 +192,9 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             }));
         }
     }
+    if let Some(http) = http {
+        http.abort();
+    }
     systemd::notify_stopping("stopping");
     health.set_not_serving::<CoordinatorServer<CoordinatorService>>().await;
     let _ = stop_tx.send(());
@@ -196,6 +204,33 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The HTTP/JSON API and the panel on `listen`, over the same service as gRPC, with the same TLS files.
+async fn start_http(
+    config: &Config,
+    listen: std::net::SocketAddr,
+    engine: &Engine,
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let insecure = config.tls.insecure;
+    let tls = if insecure {
+        None
+    } else {
+        Some(gridforge_common::tls::rustls_server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?)
+    };
+    let service = CoordinatorService::new(engine.clone(), config.auth.clone(), !insecure);
+    let api = Arc::new(crate::http::HttpApi::new(service, &config.http, insecure));
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| DaemonError::Io { what: format!("listen on {listen}"), source })?;
+    let addr = listener.local_addr().unwrap_or(listen);
+    tracing::info!(listen = %addr, tls = !insecure, "HTTP API and panel serving");
+    let router = crate::http::router(api);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = crate::http::serve(listener, tls, router).await {
+            tracing::error!("the HTTP API stopped: {e}");
+        }
+    }))
 }
 
 /// Every hour (and at start), forget the finished operations older than `keep`, in transactions of at most

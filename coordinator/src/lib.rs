@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod grid;
 pub mod ha;
+pub mod http;
 pub mod ops;
 pub mod poller;
 pub mod scaling;

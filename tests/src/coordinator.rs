@@ -83,6 +83,8 @@ pub struct Coordinator {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub listen: SocketAddr,
+    /// The HTTP/JSON API and panel (`[http] listen`).
+    pub http: SocketAddr,
     pub settings: Settings,
     pki: Pki,
     daemon: Option<Daemon>,
@@ -106,6 +108,8 @@ impl Coordinator {
             }
         }
         let listen: SocketAddr =
+            format!("127.0.0.1:{}", gridforge_common::net::unused_loopback_port()).parse().unwrap();
+        let http: SocketAddr =
             format!("127.0.0.1:{}", gridforge_common::net::unused_loopback_port()).parse().unwrap();
         let config = dir.join("coordinator.toml");
         let s = &settings;
@@ -138,6 +142,9 @@ retry_backoff_ms = {backoff}
 [auth]
 role_from_ou = true
 default_role = ""
+
+[http]
+listen = "{http}"
 
 [auth.users]
 {OPERATOR} = "operator"
@@ -185,6 +192,7 @@ timeout_secs = {timeout}
             dir: dir.to_path_buf(),
             config,
             listen,
+            http,
             settings,
             pki: pki.clone(),
             daemon: None,

@@ -8,9 +8,11 @@
 
 pub mod agent;
 pub mod bins;
+pub mod browser;
 pub mod coordinator;
 pub mod etcd;
 pub mod grid;
+pub mod http;
 pub mod images;
 pub mod netns;
 pub mod ovs;

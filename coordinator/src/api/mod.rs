@@ -1,4 +1,5 @@
-//! The tonic `Coordinator` service: authenticates the caller by its client certificate, checks its role,
+//! The tonic `Coordinator` service: authenticates the caller by its client certificate or bearer token (gRPC
+//! metadata, or the HTTP front end's request), checks its role,
 //! and translates requests into engine calls and engine errors into statuses (one mapping, here).
 
 use std::pin::Pin;
@@ -12,8 +13,9 @@ use gridforge_proto::v1::{
     WatchOperationRequest,
 };
 use gridforge_proto::v1::{
-    AddUserRequest, CoordinatorStatusRequest, CoordinatorStatusResponse, DrainNodeRequest, FenceNodeRequest,
-    GridUser, ListUsersRequest, ListUsersResponse, MigrateVmRequest, RemoveUserRequest, RemoveUserResponse,
+    AddUserRequest, CoordinatorStatusRequest, CoordinatorStatusResponse, CreateTokenRequest,
+    CreateTokenResponse, DrainNodeRequest, FenceNodeRequest, GridUser, ListUsersRequest, ListUsersResponse,
+    MigrateVmRequest, RemoveUserRequest, RemoveUserResponse,
 };
 use gridforge_proto::v1::{
     GetGroupRequest, GetTenantRequest, Group, GroupStatus, ListDecisionsRequest, ListDecisionsResponse,
@@ -28,7 +30,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::AuthConfig;
 use crate::grid::{GridState, VmState, is_finished};
-use crate::ops::{Engine, OpError, explain, network_view, schedule_request, tenant_view};
+use crate::ops::{Engine, OpError, explain, network_view, schedule_request, tenant_view, users};
 use crate::store::StoreError;
 
 pub use crate::auth::Role;
@@ -48,6 +50,23 @@ impl Caller {
     }
 }
 
+/// The client certificate of a call that did not come through tonic's own TLS (the HTTP/JSON front end puts
+/// it in the request's extensions), DER.
+#[derive(Clone, Debug)]
+pub struct PeerCertificate(pub Vec<u8>);
+
+/// The bearer token of `metadata`'s `authorization`, if it has one; UNAUTHENTICATED for one that is not
+/// `Bearer TOKEN`.
+fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<Option<&str>, Status> {
+    let Some(value) = metadata.get("authorization") else { return Ok(None) };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| Some(t.trim()))
+        .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer TOKEN\""))
+}
+
 /// Name for callers without TLS (plaintext on loopback, development only): an admin.
 pub const LOCAL_CALLER: &str = "local";
 
@@ -59,7 +78,10 @@ pub fn caller<T>(
     tls: bool,
     grid_role: impl FnOnce(&str) -> Option<(Role, Option<String>)>,
 ) -> Caller {
-    let cert = request.peer_certs().and_then(|c| c.first().cloned());
+    let cert = request
+        .peer_certs()
+        .and_then(|c| c.first().map(|c| c.to_vec()))
+        .or_else(|| request.extensions().get::<PeerCertificate>().map(|c| c.0.clone()));
     let Some(cert) = cert else {
         return Caller {
             name: LOCAL_CALLER.into(),
@@ -67,7 +89,7 @@ pub fn caller<T>(
             tenant: None,
         };
     };
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&cert) else {
         return Caller { name: "unknown client".into(), role: None, tenant: None };
     };
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
@@ -119,14 +141,25 @@ impl CoordinatorService {
 
     /// The caller, if its role allows `need`; PERMISSION_DENIED naming both otherwise.
     fn allow<T>(&self, request: &Request<T>, need: Role, what: &str) -> Result<Caller, Status> {
-        let users = |name: &str| {
-            self.engine.view().read(|s| {
-                let u = s.users.get(name)?;
-                let tenant = Some(u.tenant.clone()).filter(|t| !t.is_empty());
-                Some((u.role.parse().ok()?, tenant))
-            })
+        let scope = |u: &GridUser| Some(u.tenant.clone()).filter(|t| !t.is_empty());
+        let c = match bearer_token(request.metadata())? {
+            Some(token) => {
+                let u = self.engine.token_user(token).ok_or_else(|| {
+                    Status::unauthenticated("the bearer token is not known (mistyped, replaced or revoked)")
+                })?;
+                Caller { role: u.role.parse().ok(), tenant: scope(&u), name: u.name }
+            }
+            None => {
+                // A certificate never names a token user.
+                let users = |name: &str| {
+                    self.engine.view().read(|s| {
+                        let u = s.users.get(name).filter(|u| u.token_sha256.is_empty())?;
+                        Some((u.role.parse().ok()?, scope(u)))
+                    })
+                };
+                caller(request, &self.auth, self.tls, users)
+            }
         };
-        let c = caller(request, &self.auth, self.tls, users);
         match c.role {
             Some(r) if r >= need && need > Role::Viewer && !self.engine.cluster().is_leader() => {
                 let cluster = self.engine.cluster();
@@ -213,6 +246,16 @@ fn op_visible(s: &GridState, o: &Operation, c: &Caller) -> bool {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<OperationEvent, Status>> + Send>>;
+type VmStream = Pin<Box<dyn Stream<Item = Result<Vm, Status>> + Send>>;
+
+/// How often a VM watch looks at the VM.
+const VM_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether a watcher of the VM is told about `now` after `before`: anything but the timestamp of the update.
+fn vm_changed(before: &Vm, now: &Vm) -> bool {
+    let strip = |v: &Vm| Vm { updated: None, ..v.clone() };
+    strip(before) != strip(now)
+}
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
@@ -465,10 +508,60 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
     }
 
+    type WatchVmStream = VmStream;
+
+    async fn watch_vm(&self, request: Request<GetVmRequest>) -> Result<Response<VmStream>, Status> {
+        let name = request.get_ref().name.clone();
+        self.allow_vm(&request, Role::Viewer, "vm watch", &name)?;
+        let read = {
+            let engine = self.engine.clone();
+            move || engine.view().read(|s| s.vms.get(&name).map(|v| engine.with_usage(s, v.clone())))
+        };
+        let Some(first) = read() else {
+            return Err(Status::not_found(format!("no vm {:?}", request.get_ref().name)));
+        };
+        let (tx, out) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            // The grid view is in memory: reading it twice a second is cheap, and the poller's load samples
+            // come no faster.
+            let mut tick = tokio::time::interval(VM_WATCH_INTERVAL);
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = tx.closed() => return,
+                }
+                let Some(vm) = read() else { return };
+                if vm_changed(&last, &vm) {
+                    let gone = vm.state() == VmState::Deleted;
+                    if tx.send(Ok(vm.clone())).await.is_err() || gone {
+                        return;
+                    }
+                    last = vm;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
     async fn add_user(&self, request: Request<AddUserRequest>) -> Result<Response<GridUser>, Status> {
         let c = self.allow_grid(&request, Role::Admin, "user add")?;
         let req = request.into_inner();
         Ok(Response::new(self.engine.add_user(&req.name, &req.role, &req.tenant, &c.name).await?))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let c = self.allow_grid(&request, Role::Admin, "token create")?;
+        let req = request.into_inner();
+        let (user, token) = self.engine.create_token(&req.name, &req.role, &req.tenant, &c.name).await?;
+        tracing::info!(token = %user.name, role = %user.role, by = %c.name, "token created");
+        Ok(Response::new(CreateTokenResponse { user: Some(user), token }))
     }
 
     async fn remove_user(
@@ -491,7 +584,7 @@ impl Coordinator for CoordinatorService {
         request: Request<ListUsersRequest>,
     ) -> Result<Response<ListUsersResponse>, Status> {
         self.allow(&request, Role::Viewer, "user list")?;
-        let users = self.engine.view().read(|s| s.users.values().cloned().collect());
+        let users = self.engine.view().read(|s| s.users.values().cloned().map(users::public).collect());
         let configured = self.auth.users.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Ok(Response::new(ListUsersResponse { users, configured }))
     }

@@ -13,11 +13,11 @@ use gridforge_common::pki::{CaArgs, CertArgs};
 use gridforge_proto::v1::coordinator_client::CoordinatorClient;
 use gridforge_proto::v1::{
     AddNodeRequest, AddUserRequest, ControlVmRequest, CoordinatorStatusRequest, CordonNodeRequest,
-    CreateVmRequest, DeleteVmRequest, DrainNodeRequest, ExplainVmRequest, FenceNodeRequest, GetNodeRequest,
-    GetOperationRequest, GetVmRequest, ListNodesRequest, ListOperationsRequest, ListUsersRequest,
-    ListUsersResponse, ListVmsRequest, MigrateVmRequest, Operation, PlacementConstraints, RemoveNodeRequest,
-    RemoveUserRequest, ResizeVmRequest, Resources, SnapshotVmRequest, VmSpec, WatchOperationRequest,
-    control_job::Action, operation,
+    CreateTokenRequest, CreateVmRequest, DeleteVmRequest, DrainNodeRequest, ExplainVmRequest,
+    FenceNodeRequest, GetNodeRequest, GetOperationRequest, GetVmRequest, ListNodesRequest,
+    ListOperationsRequest, ListUsersRequest, ListUsersResponse, ListVmsRequest, MigrateVmRequest, Operation,
+    PlacementConstraints, RemoveNodeRequest, RemoveUserRequest, ResizeVmRequest, Resources,
+    SnapshotVmRequest, VmSpec, WatchOperationRequest, control_job::Action, operation,
 };
 use gridforge_proto::v1::{
     GetGroupRequest, GetTenantRequest, Group, ListDecisionsRequest, ListNetworksRequest, ListTenantsRequest,
@@ -88,6 +88,10 @@ enum Command {
     /// before the configuration's [auth]).
     #[command(subcommand)]
     User(UserCommand),
+    /// Bearer tokens for the HTTP/JSON API and the web panel: each a user "token:NAME" with a role
+    /// (`user list` shows them, `user remove token:NAME` revokes one).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// The coordinators sharing this grid (on etcd): members, leader, term, store revision and lag.
     #[command(subcommand)]
     Coordinator(CoordinatorCommand),
@@ -216,6 +220,20 @@ enum UserCommand {
     /// Take NAME out of the grid view (its certificate then gets what the configuration gives it).
     #[command(alias = "rm")]
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token named NAME with a role and print it (only its hash is kept: it is shown this once).
+    /// Creating a known name replaces its token. Admin only.
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Scope the token to this tenant: it sees and changes only the tenant's VMs and groups.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -713,6 +731,15 @@ async fn run_at(cli: &Cli, server: &str, out: &output::Output) -> Result<(), Fai
         Command::Vm(v) => run_vm(&mut c, v, out).await,
         Command::Op(o) => run_op(&mut c, o, out).await,
         Command::User(u) => run_user(&mut c, u, out).await,
+        Command::Token(TokenCommand::Create { name, role, tenant }) => {
+            let req = CreateTokenRequest {
+                name: name.clone(),
+                role: role.as_str().into(),
+                tenant: tenant.clone().unwrap_or_default(),
+            };
+            out.token(&c.create_token(req).await?.into_inner());
+            Ok(())
+        }
         Command::Coordinator(CoordinatorCommand::Status) => {
             out.coordinator_status(&c.coordinator_status(CoordinatorStatusRequest {}).await?.into_inner());
             Ok(())

@@ -7,8 +7,9 @@ use std::time::SystemTime;
 use clap::ValueEnum;
 use gridforge_common::pki::Issued;
 use gridforge_proto::v1::{
-    CoordinatorStatusResponse, Decision, Explanation, Group, GroupStatus, ListUsersResponse, Node, Operation,
-    OperationEvent, RemoveNodeResponse, RemoveUserResponse, Tenant, TenantNetwork, Vm, drift,
+    CoordinatorStatusResponse, CreateTokenResponse, Decision, Explanation, Group, GroupStatus,
+    ListUsersResponse, Node, Operation, OperationEvent, RemoveNodeResponse, RemoveUserResponse, Tenant,
+    TenantNetwork, Vm, drift,
 };
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -288,6 +289,15 @@ impl Output {
             ]);
         }
         t.print();
+    }
+
+    pub fn token(&self, r: &CreateTokenResponse) {
+        if self.format == Format::Json {
+            return json(r);
+        }
+        let name = r.user.as_ref().map(|u| u.name.as_str()).unwrap_or("");
+        eprintln!("{name}: keep this token now; only its hash is stored");
+        println!("{}", r.token);
     }
 
     pub fn user_removed(&self, r: &RemoveUserResponse) {

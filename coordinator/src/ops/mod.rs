@@ -14,7 +14,7 @@ pub mod scaling;
 mod tenants;
 #[cfg(test)]
 mod tests;
-mod users;
+pub mod users;
 
 pub(crate) use run::status_text;
 pub use tenants::{group_of, network_view, tenant_view};

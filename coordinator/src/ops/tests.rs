@@ -410,6 +410,32 @@ async fn users_are_kept_in_the_grid_view_and_nobody_changes_its_own() {
 }
 
 #[tokio::test]
+async fn a_token_is_kept_only_as_its_hash_and_replacing_or_removing_it_revokes_it() {
+    let store = Arc::new(MemoryStore::default());
+    let e = engine(store.clone(), 1);
+    let (user, token) = e.create_token("deploy", "operator", "", "alice").await.unwrap();
+    assert_eq!((user.name.as_str(), user.role.as_str()), ("token:deploy", "operator"));
+    assert!(user.token_sha256.is_empty(), "the answer carries no hash");
+    let stored = store.load().unwrap().users.remove(0);
+    assert_eq!(stored.token_sha256.len(), 64, "a SHA-256 in hex is stored");
+    assert!(!format!("{stored:?}").contains(&token), "the token itself is stored nowhere");
+    assert_eq!(e.token_user(&token).map(|u| u.name), Some("token:deploy".into()));
+    assert!(e.token_user("gft_guessed").is_none());
+    assert!(e.token_user(&token[..token.len() - 1]).is_none(), "a token is matched whole");
+
+    // A second token of the name replaces the first.
+    let (_, second) = e.create_token("deploy", "viewer", "", "alice").await.unwrap();
+    assert!(e.token_user(&token).is_none(), "the replaced token still works");
+    assert_eq!(e.token_user(&second).map(|u| u.role), Some("viewer".into()));
+    assert!(matches!(
+        e.add_user("token:deploy", "admin", "", "alice").await,
+        Err(super::OpError::Invalid(m)) if m.contains("tokens'")
+    ));
+    e.remove_user("token:deploy", "alice").await.unwrap();
+    assert!(e.token_user(&second).is_none(), "a removed token still works");
+}
+
+#[tokio::test]
 async fn the_libvirt_actuator_destroys_a_lost_nodes_domain_and_only_then_is_it_fenced() {
     // libvirt's test driver: "test:///default" has one running domain, "test".
     for (domain, fenced) in [("no-such-{node}", false), ("test", true)] {
