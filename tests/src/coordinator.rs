@@ -225,15 +225,44 @@ timeout_secs = {timeout}
 
     /// Wait until `gridctl node list` answers (panics if the process exits first).
     pub fn wait_ready(&mut self) {
+        if let Some(status) = self.ready_or_exit() {
+            panic!("the coordinator exited ({status}) before answering:\n{}", self.log_tail());
+        }
+    }
+
+    /// Start it as systemd's `Restart=on-failure` would: a start that exits with status 1 before answering
+    /// (etcd unavailable while it settles) is made again, at most `tries` times in all.
+    pub fn start_supervised(&mut self, tries: u32) {
+        for attempt in 1..=tries {
+            self.spawn();
+            match self.ready_or_exit() {
+                None => return,
+                Some(status) if status.code() == Some(1) && attempt < tries => {
+                    eprintln!(
+                        "the coordinator exited ({status}) before answering; started again:\n{}",
+                        self.log_tail()
+                    );
+                    self.daemon = None;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Some(status) => {
+                    panic!("the coordinator exited ({status}) before answering:\n{}", self.log_tail())
+                }
+            }
+        }
+    }
+
+    /// Wait until `gridctl node list` answers: None, or the process's exit status if it exits first.
+    fn ready_or_exit(&mut self) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
         let ctl = self.gridctl(ADMIN);
         loop {
             if let Some(status) = self.daemon.as_mut().and_then(Daemon::exited) {
-                panic!("the coordinator exited ({status}) before answering:\n{}", self.log_tail());
+                return Some(status);
             }
             let out = ctl.run(&["node", "list"]);
             if out.success() {
-                return;
+                return None;
             }
             assert!(
                 start.elapsed() < READY_TIMEOUT,

@@ -258,7 +258,7 @@ fn restart_exited(grid: &mut Grid) {
         let member = grid.member(&name);
         eprintln!("{name} exited ({status}), started again; its log ends:\n{}", member.log_tail());
         assert_eq!(status.code(), Some(1), "{name} exited with status 1 (its lease lost): {status}");
-        member.start();
+        member.start_supervised(3);
     }
 }
 
@@ -655,7 +655,7 @@ fn without_an_etcd_quorum_writes_are_refused_whole_reads_go_stale_and_a_returnin
     live_members(&mut grid, &mut exits);
     for (name, status) in &exits {
         assert_eq!(status.code(), Some(1), "{name} exited with status 1 (its lease lost): {status}");
-        grid.member(name).start();
+        grid.member(name).start_supervised(3);
     }
     let healed = agreed(&grid, &MEMBERS, None, takeover_limit() + Duration::from_secs(15));
     eprintln!(
