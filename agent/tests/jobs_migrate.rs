@@ -385,7 +385,7 @@ async fn cold_migration_between_two_agents() {
     assert!(message.contains("connecting to the receiver ops"), "{message}");
     assert!(message.contains("the peer's certificate is for \"node-b\", not \"ops\""), "{message}");
     assert_eq!(sha256_file(&a_disk), original, "the source is untouched");
-    // A receiver with no job for the transfer refuses the stream; the source is kept.
+    // A receiver with no job for the transfer refuses the stream (offered for 10 s); the source is kept.
     let (refused, _) =
         run_job(&mut ca, send_request("s-refused", "t-nobody-waits-00000", b.grpc), JOB_LIMIT).await;
     assert_eq!(refused.state(), JobState::Failed, "{refused:?}");

@@ -953,8 +953,14 @@ fn send_live(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendResult,
     })
 }
 
+/// How long a sender keeps offering its stream to a receiver whose job does not take the transfer yet (it is
+/// submitted just before the send, and may still be allocating its disk).
+const RECEIVER_READY_WAIT: Duration = Duration::from_secs(10);
+const RECEIVER_READY_POLL: Duration = Duration::from_millis(250);
+
 /// Connect to the receiver as this agent (mutual TLS, the receiver's certificate CN checked) and stream the
-/// extents; Ok once the receiver answered that it verified the disk.
+/// extents; Ok once the receiver answered that it verified the disk. A receiver that answers that no job
+/// waits for the transfer is offered the stream again until [`RECEIVER_READY_WAIT`].
 fn stream_disk(
     ctx: &JobContext<'_>,
     m: &MigrateSend,
@@ -963,6 +969,57 @@ fn stream_disk(
     extents: &[(u64, u64)],
     data_bytes: u64,
 ) -> Result<Sent, Failure> {
+    let deadline = Instant::now() + RECEIVER_READY_WAIT;
+    loop {
+        match stream_disk_once(ctx, m, file, size, extents, data_bytes) {
+            Err(Offer::NotYet(status)) if Instant::now() < deadline => {
+                ctx.progress.note(
+                    "send",
+                    format!("{} has not taken the transfer yet: {}", m.receiver, status.message()),
+                );
+                std::thread::sleep(RECEIVER_READY_POLL);
+            }
+            Err(Offer::NotYet(status)) => return Err(refused(m, &status)),
+            Err(Offer::Failed(f)) => return Err(f),
+            Ok(sent) => return Ok(sent),
+        }
+    }
+}
+
+/// Why one offer of the stream did not end verified.
+enum Offer {
+    /// The receiver has no job waiting for the transfer (yet).
+    NotYet(tonic::Status),
+    Failed(Failure),
+}
+
+impl From<Failure> for Offer {
+    fn from(f: Failure) -> Offer {
+        Offer::Failed(f)
+    }
+}
+
+fn refused(m: &MigrateSend, status: &tonic::Status) -> Failure {
+    Failure::at(
+        "send",
+        Code::Io,
+        format!(
+            "the receiver {} refused the disk ({:?}): {}; the source on this node is kept",
+            m.receiver,
+            status.code(),
+            status.message()
+        ),
+    )
+}
+
+fn stream_disk_once(
+    ctx: &JobContext<'_>,
+    m: &MigrateSend,
+    file: &File,
+    size: u64,
+    extents: &[(u64, u64)],
+    data_bytes: u64,
+) -> Result<Sent, Offer> {
     let step = "send";
     let (runtime, mut client) = peer_client(ctx, m, step)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<DiskChunk>(SEND_AHEAD);
@@ -981,32 +1038,27 @@ fn stream_disk(
     let sha256 = match (fed, answer) {
         // Our own failure comes first: the receiver's answer to a cut stream only repeats it.
         (Err(f), _) => {
-            return Err(
-                f.after(&format!("the source on this node is kept; {} discards its copy", m.receiver))
-            );
-        }
-        (Ok(_), Err(status)) => {
-            return Err(Failure::at(
-                step,
-                Code::Io,
-                format!(
-                    "the receiver {} refused the disk ({:?}): {}; the source on this node is kept",
-                    m.receiver,
-                    status.code(),
-                    status.message()
-                ),
+            return Err(Offer::Failed(
+                f.after(&format!("the source on this node is kept; {} discards its copy", m.receiver)),
             ));
         }
+        (Ok(_), Err(status))
+            if status.code() == tonic::Code::FailedPrecondition
+                && status.message().starts_with("no migrate-receive job") =>
+        {
+            return Err(Offer::NotYet(status));
+        }
+        (Ok(_), Err(status)) => return Err(refused(m, &status).into()),
         (Ok(ours), Ok(theirs)) => {
             if theirs.sha256 != ours {
-                return Err(Failure::at(
+                return Err(Offer::Failed(Failure::at(
                     step,
                     Code::DigestMismatch,
                     format!(
                         "the receiver reports digest {}, ours is {ours}; the source is kept",
                         theirs.sha256
                     ),
-                ));
+                )));
             }
             ours
         }
