@@ -10,15 +10,7 @@ use serde::Deserialize;
 /// Default location of the configuration file.
 pub const DEFAULT_PATH: &str = "/etc/gridforge/agent.toml";
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error(transparent)]
-    Read(#[from] gridforge_common::config::ReadError),
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {field}: {reason}")]
-    Invalid { path: PathBuf, field: &'static str, reason: String },
-}
+pub use gridforge_common::config::ConfigError;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -252,13 +244,8 @@ impl Config {
 
     /// Parse configuration text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = gridforge_common::config::parse_toml(text)
-            .map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })?;
-        let invalid = |field, reason: &str| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            field,
-            reason: reason.to_string(),
-        };
+        let cfg: Config = gridforge_common::config::parse_toml(text, path)?;
+        let invalid = |field: &str, reason: &str| ConfigError::invalid(path, field, reason);
         if cfg.jobs.max_io_jobs == 0 {
             return Err(invalid("jobs.max_io_jobs", "must be at least 1"));
         }

@@ -13,20 +13,41 @@ pub struct ReadError {
     pub source: std::io::Error,
 }
 
+/// A configuration file that could not be used; every message starts with the file's path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// Not TOML, or a key or type the configuration does not have.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// Well-formed, but a value is refused: `field` is its dotted key ("jobs.max_io_jobs").
+    #[error("{path}: {field}: {reason}")]
+    Invalid { path: PathBuf, field: String, reason: String },
+}
+
+impl ConfigError {
+    pub fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { path: path.to_path_buf(), field: field.into(), reason: reason.into() }
+    }
+}
+
 /// Reads the file at `path` and hands its text to `parse`, which names `path` in its own errors.
-pub fn load<C, E: From<ReadError>>(
+pub fn load<C>(
     path: &Path,
-    parse: impl FnOnce(&str, &Path) -> Result<C, E>,
-) -> Result<C, E> {
+    parse: impl FnOnce(&str, &Path) -> Result<C, ConfigError>,
+) -> Result<C, ConfigError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| ReadError { path: path.to_path_buf(), source })?;
     parse(&text, path)
 }
 
-/// `text` parsed as TOML; an error is one line naming the line, the column and the offending line's text
-/// ("line 3, column 8 (listen = 7443): invalid type: integer `7443`, expected a string").
-pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
-    toml::from_str(text).map_err(|e| one_line(text, &e))
+/// `text` (the file at `path`) parsed as TOML; an error is one line naming the line, the column and the
+/// offending line's text ("line 3, column 8 (listen = 7443): invalid type: integer `7443`, expected a
+/// string").
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: one_line(text, &e) })
 }
 
 fn one_line(text: &str, e: &toml::de::Error) -> String {

@@ -8,13 +8,7 @@ use std::time::Duration;
 use gridforge_common::tls::TlsFiles;
 use serde::Deserialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error(transparent)]
-    Read(#[from] gridforge_common::config::ReadError),
-    #[error("invalid config {path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
-}
+pub use gridforge_common::config::ConfigError;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -307,64 +301,73 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let invalid = |reason: String| ConfigError::Invalid { path: path.to_path_buf(), reason };
-        let mut config: Config = gridforge_common::config::parse_toml(text).map_err(invalid)?;
+        let invalid = |field: &str, reason: String| ConfigError::invalid(path, field, reason);
+        let mut config: Config = gridforge_common::config::parse_toml(text, path)?;
         if config.tls.insecure && !config.listen.ip().is_loopback() {
-            return Err(invalid(format!(
-                "tls.insecure serves plaintext without authentication and is allowed only on a loopback \
-                 listen address, not {}",
-                config.listen
-            )));
+            return Err(invalid(
+                "tls.insecure",
+                format!(
+                    "serves plaintext without authentication and is allowed only on a loopback listen \
+                     address, not {}",
+                    config.listen
+                ),
+            ));
         }
         for (name, role) in &config.auth.users {
             if role.parse::<crate::auth::Role>().is_err() {
-                return Err(invalid(format!("auth.users.{name}: {role:?} is not admin, operator or viewer")));
+                return Err(invalid(
+                    &format!("auth.users.{name}"),
+                    format!("{role:?} is not admin, operator or viewer"),
+                ));
             }
         }
         if !config.auth.default_role.is_empty()
             && config.auth.default_role.parse::<crate::auth::Role>().is_err()
         {
-            return Err(invalid(format!(
-                "auth.default_role: {:?} is not admin, operator or viewer",
-                config.auth.default_role
-            )));
+            return Err(invalid(
+                "auth.default_role",
+                format!("{:?} is not admin, operator or viewer", config.auth.default_role),
+            ));
         }
         match config.store.backend.as_str() {
             "embedded" => {}
             "etcd" => {
                 let etcd = &config.store.etcd;
                 if etcd.endpoints.is_empty() {
-                    return Err(invalid("store.etcd.endpoints: at least one etcd client URL".into()));
+                    return Err(invalid("store.etcd.endpoints", "at least one etcd client URL".into()));
                 }
                 if !etcd.prefix.starts_with('/') || etcd.prefix.len() < 2 {
-                    return Err(invalid(format!(
-                        "store.etcd.prefix: {:?} must start with / and name something",
-                        etcd.prefix
-                    )));
+                    return Err(invalid(
+                        "store.etcd.prefix",
+                        format!("{:?} must start with / and name something", etcd.prefix),
+                    ));
                 }
                 if !(2..=3600).contains(&etcd.lease_ttl_secs) {
-                    return Err(invalid("store.etcd.lease_ttl_secs: must be 2-3600".into()));
+                    return Err(invalid("store.etcd.lease_ttl_secs", "must be 2-3600".into()));
                 }
                 if etcd.max_txn_ops < 8 {
-                    return Err(invalid("store.etcd.max_txn_ops: must be at least 8".into()));
+                    return Err(invalid("store.etcd.max_txn_ops", "must be at least 8".into()));
                 }
             }
             other => {
-                return Err(invalid(format!("store.backend: {other:?} is not \"embedded\" or \"etcd\"")));
+                return Err(invalid("store.backend", format!("{other:?} is not \"embedded\" or \"etcd\"")));
             }
         }
         match config.fencing.actuator.as_str() {
             "manual" => {}
             "command" if !config.fencing.command.is_empty() => {}
-            "command" => return Err(invalid("fencing.command: required with actuator = \"command\"".into())),
+            "command" => {
+                return Err(invalid("fencing.command", "required with actuator = \"command\"".into()));
+            }
             "libvirt" if !config.fencing.libvirt_uri.is_empty() => {}
             "libvirt" => {
-                return Err(invalid("fencing.libvirt_uri: required with actuator = \"libvirt\"".into()));
+                return Err(invalid("fencing.libvirt_uri", "required with actuator = \"libvirt\"".into()));
             }
             other => {
-                return Err(invalid(format!(
-                    "fencing.actuator: {other:?} is not \"manual\", \"command\" or \"libvirt\""
-                )));
+                return Err(invalid(
+                    "fencing.actuator",
+                    format!("{other:?} is not \"manual\", \"command\" or \"libvirt\""),
+                ));
             }
         }
         if config.poller.interval_ms == 0
@@ -372,26 +375,32 @@ impl Config {
             || config.ops.max_disk_jobs_per_node == 0
         {
             return Err(invalid(
-                "poller.interval_ms, poller.concurrency and ops.max_disk_jobs_per_node must be at least 1"
-                    .into(),
+                "poller.interval_ms, poller.concurrency and ops.max_disk_jobs_per_node",
+                "must be at least 1".into(),
             ));
         }
         let n = &config.networks;
         if n.vlan_first == 0 || n.vlan_first > n.vlan_last || n.vlan_last > 4094 || n.bridge.is_empty() {
-            return Err(invalid(format!(
-                "networks: vlan_first {} to vlan_last {} must be a range within 1-4094, and bridge set",
-                n.vlan_first, n.vlan_last
-            )));
+            return Err(invalid(
+                "networks",
+                format!(
+                    "vlan_first {} to vlan_last {} must be a range within 1-4094, and bridge set",
+                    n.vlan_first, n.vlan_last
+                ),
+            ));
         }
         let h = &config.http;
         if !(0.0 < h.amber_percent && h.amber_percent <= h.red_percent) {
-            return Err(invalid(format!(
-                "http: amber_percent {} must be above 0 and at most red_percent {}",
-                h.amber_percent, h.red_percent
-            )));
+            return Err(invalid(
+                "http",
+                format!(
+                    "amber_percent {} must be above 0 and at most red_percent {}",
+                    h.amber_percent, h.red_percent
+                ),
+            ));
         }
         if config.tls.insecure && h.listen.is_some_and(|l| !l.ip().is_loopback()) {
-            return Err(invalid("http.listen: tls.insecure allows only a loopback address".into()));
+            return Err(invalid("http.listen", "tls.insecure allows only a loopback address".into()));
         }
         config.ops.networks = config.networks.clone();
         config.ops.power = config.power.clone();
