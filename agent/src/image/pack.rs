@@ -39,15 +39,22 @@ pub fn add_blob(store_dir: &Path, mut src: impl Read) -> Result<(String, u64, St
     writer.finish()
 }
 
+/// Prefix of the temp files blobs are written to before they are renamed to their digest.
+const TEMP_BLOB_PREFIX: &str = ".add-";
+
 /// A blob being written into a store: hashes and counts what is written to a temp file in the blob
 /// directory, and [`finish`](BlobWriter::finish) renames it to its digest. Dropped unfinished, the temp
-/// file is removed. Packers write their compressed output straight into one of these.
+/// file is removed; a writer killed before that leaves it behind, locked until the process is gone, for
+/// [`remove_temp_blobs`] to find. Packers write their compressed output straight into one of these.
 #[derive(Debug)]
 pub struct BlobWriter {
     store_dir: PathBuf,
     tmp: NamedTempFile,
     hasher: Sha256,
     size: u64,
+    /// An exclusive flock on the temp file, held while it is written: it tells a live writer's temp file
+    /// from one whose writer was killed.
+    _lock: Flock<File>,
 }
 
 impl BlobWriter {
@@ -55,10 +62,15 @@ impl BlobWriter {
         init_store(store_dir)?;
         let blobs = blobs_dir(store_dir);
         let tmp = tempfile::Builder::new()
-            .prefix(".add-")
+            .prefix(TEMP_BLOB_PREFIX)
             .tempfile_in(&blobs)
             .map_err(ImageError::io(format!("creating temp file in {}", blobs.display())))?;
-        Ok(BlobWriter { store_dir: store_dir.to_path_buf(), tmp, hasher: Sha256::new(), size: 0 })
+        let context = || format!("locking temp file {}", tmp.path().display());
+        let dup = tmp.as_file().try_clone().map_err(ImageError::io(context()))?;
+        // Nobody else knows the new file's name yet, so the lock is free.
+        let _lock = Flock::lock(dup, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| ImageError::Io { context: context(), source: io::Error::from(errno) })?;
+        Ok(BlobWriter { store_dir: store_dir.to_path_buf(), tmp, hasher: Sha256::new(), size: 0, _lock })
     }
 
     /// Syncs and renames the blob into place; returns (sha256 hex, size, path relative to the index).
@@ -69,7 +81,7 @@ impl BlobWriter {
     /// [`finish`](BlobWriter::finish), also telling whether the store already held a blob with these bytes
     /// (so that a caller undoing its addition removes only a blob it added).
     pub fn finish_added(self) -> Result<AddedBlob, ImageError> {
-        let BlobWriter { store_dir, tmp, hasher, size } = self;
+        let BlobWriter { store_dir, tmp, hasher, size, _lock } = self;
         let sha256 = hex::encode(hasher.finalize());
         let relative = format!("blobs/sha256/{sha256}");
         let dest = store_dir.join(&relative);
@@ -83,6 +95,57 @@ impl BlobWriter {
         sync_dir(&blobs_dir(&store_dir))?;
         Ok(AddedBlob { sha256, size, path: relative, existed })
     }
+}
+
+/// Removes the temp files that blob writers killed mid-write (a snapshot or pack cut off by SIGKILL or a
+/// crash) left in `store_dir`'s blob directory, and returns their paths. A temp file a live writer still
+/// holds is left alone. A store that does not exist yet has none.
+pub fn remove_temp_blobs(store_dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let blobs = blobs_dir(store_dir);
+    let entries = match fs::read_dir(&blobs) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(ImageError::Io { context: format!("listing {}", blobs.display()), source: e }),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(ImageError::io(format!("listing {}", blobs.display())))?;
+        if !entry.file_name().as_bytes().starts_with(TEMP_BLOB_PREFIX.as_bytes()) {
+            continue;
+        }
+        let path = entry.path();
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            // Finished or dropped by its writer meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(ImageError::Io { context: format!("opening {}", path.display()), source: e });
+            }
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(_lock) => match fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ImageError::Io {
+                        context: format!("removing {}", path.display()),
+                        source: e,
+                    });
+                }
+            },
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {}
+            Err((_, errno)) => {
+                return Err(ImageError::Io {
+                    context: format!("locking {}", path.display()),
+                    source: io::Error::from(errno),
+                });
+            }
+        }
+    }
+    if !removed.is_empty() {
+        sync_dir(&blobs)?;
+    }
+    Ok(removed)
 }
 
 /// A blob [`BlobWriter::finish_added`] put in a store.
@@ -554,4 +617,28 @@ fn collect_sorted(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_blobs_of_live_writers_are_kept_and_abandoned_ones_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        assert_eq!(remove_temp_blobs(&store).unwrap(), Vec::<PathBuf>::new(), "no store yet, nothing to do");
+        let mut live = BlobWriter::new(&store).unwrap();
+        live.write_all(b"still being written").unwrap();
+        let abandoned = blobs_dir(&store).join(format!("{TEMP_BLOB_PREFIX}killed"));
+        fs::write(&abandoned, b"half a blob").unwrap();
+        let finished = add_blob(&store, &b"done"[..]).unwrap();
+
+        assert_eq!(remove_temp_blobs(&store).unwrap(), vec![abandoned.clone()]);
+        assert!(!abandoned.exists());
+        assert!(store.join(&finished.2).exists(), "finished blobs are not touched");
+        let (_, size, path) = live.finish().unwrap();
+        assert_eq!((size, fs::read(store.join(path)).unwrap()), (19, b"still being written".to_vec()));
+        assert_eq!(remove_temp_blobs(&store).unwrap(), Vec::<PathBuf>::new());
+    }
 }

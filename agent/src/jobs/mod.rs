@@ -376,6 +376,7 @@ impl JobEngine {
             state.jobs.insert(job.id.clone(), Entry { job, log: None, next_seq: 0, live: None });
         }
         journal.flush()?;
+        remove_temp_blobs(&config.images.snapshot_store);
         let inner = Arc::new(Inner {
             config: config.clone(),
             hypervisor,
@@ -1083,6 +1084,26 @@ impl Inner {
         let key = Arc::new(crate::image::sign::load_signing_key(path)?);
         *cached = Some(key.clone());
         Ok(key)
+    }
+}
+
+/// Removes what snapshots killed mid-capture left in the snapshot store (their unfinished blobs). A store
+/// that cannot be cleaned is logged, not fatal: captures still work, the files only take space.
+fn remove_temp_blobs(snapshot_store: &Path) {
+    if snapshot_store.as_os_str().is_empty() {
+        return;
+    }
+    match crate::image::pack::remove_temp_blobs(snapshot_store) {
+        Ok(removed) => {
+            for path in removed {
+                tracing::warn!(blob = %path.display(), "removed the unfinished blob of an interrupted snapshot");
+            }
+        }
+        Err(e) => tracing::error!(
+            store = %snapshot_store.display(),
+            "cannot remove unfinished snapshot blobs: {}",
+            gridforge_common::error_chain(&e)
+        ),
     }
 }
 
