@@ -4,6 +4,8 @@
 pub mod af;
 pub mod luks2;
 pub mod xts;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes;
 
 use std::io;
 
