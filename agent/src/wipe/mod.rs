@@ -14,7 +14,7 @@
 //!   the data was always encrypted and no other copy of the volume key exists.
 //!
 //! A cancelled wipe returns [`WipeError::Cancelled`] with the pass and byte offset reached (everything before
-//! it is written and synced). Resuming from there ([`Resume`]) runs the rest; a resumed random pass uses a
+//! it is written and synced; writes in flight may have gone a few chunks past it). Resuming from there ([`Resume`]) runs the rest; a resumed random pass uses a
 //! new key from the offset on, so the bytes before the offset cannot be verified and the report lists them
 //! as unverified.
 
@@ -370,6 +370,24 @@ pub fn wipe(req: &WipeRequest, progress: &Progress, cancel: &CancelToken) -> Res
         })
         .sum();
     let mut ctx = PassContext { target: &target, progress, cancel, done: 0, total };
+    // A sample verification of a wipe whose last pass writes a keystream over the whole target runs during
+    // that pass (O_DIRECT only: buffered reads would see the page cache, not the storage): it checks the same
+    // blocks, chosen the same way, as one run after the passes.
+    let reader = Reader::new(target.file(), path);
+    let last = plans.len() - 1;
+    let inline_sample = match (req.verify, &plans[last]) {
+        (Verify::Sample { seed }, Plan::Random(pattern))
+            if target.is_direct() && (last > req.resume.pass || req.resume.offset == 0) =>
+        {
+            let seed = seed.unwrap_or_else(rand::random);
+            let mut whole = ExpectedContent::new(size);
+            whole.overlay(0, size, Some(pattern.clone()));
+            let blocks = sample_blocks(&whole, &[(0, size, pattern)], seed);
+            Some((seed, blocks))
+        }
+        _ => None,
+    };
+    let mut inline_check = None;
     let mut passes = Vec::new();
     let mut uses_prng = false;
     for (index, (plan, method)) in plans.iter().zip(&methods).enumerate() {
@@ -411,7 +429,18 @@ pub fn wipe(req: &WipeRequest, progress: &Progress, cancel: &CancelToken) -> Res
                 expected.overlay(0, size, Some(Pattern::Zero));
             }
             Plan::Random(pattern) => {
-                ctx.overwrite(index, pattern, from, size)?;
+                match &inline_sample {
+                    Some((_, blocks)) if index == last => {
+                        inline_check = Some(ctx.overwrite_checking(
+                            index,
+                            pattern,
+                            from,
+                            size,
+                            Some((&reader, blocks)),
+                        )?);
+                    }
+                    _ => ctx.overwrite(index, pattern, from, size)?,
+                }
                 record.pattern = pattern.name().into();
                 record.mechanism = overwrite_mechanism(&target);
                 // Bytes before a resume point hold another run's keystream: unknown now.
@@ -466,8 +495,20 @@ pub fn wipe(req: &WipeRequest, progress: &Progress, cancel: &CancelToken) -> Res
         unverified_ranges: expected.unknown_ranges(),
         mismatch_offset: None,
     };
-    if req.verify != Verify::None {
-        let reader = Reader::new(target.file(), path);
+    if let (Some((seed, blocks)), Some(check)) = (&inline_sample, &inline_check) {
+        verification.sample_seed = Some(*seed);
+        verification.blocks_checked = blocks.len() as u64;
+        verification.bytes_checked = check.bytes_checked;
+        progress.report(STEP_VERIFY, check.bytes_checked, check.bytes_checked, "checked while writing");
+        match check.first_mismatch {
+            None => verification.result = "passed".into(),
+            Some(offset) => {
+                verification.result = "failed".into();
+                verification.mismatch_offset = Some(offset);
+                errors.push(WipeError::Mismatch { path: path.clone(), offset }.to_string());
+            }
+        }
+    } else if req.verify != Verify::None {
         match verify_with(&reader, &expected, req.verify, progress, cancel) {
             Ok(summary) => {
                 verification.result = "passed".into();
@@ -615,6 +656,12 @@ struct PassContext<'a> {
     total: u64,
 }
 
+/// What a pass that verified its sample while writing found.
+struct InlineCheck {
+    bytes_checked: u64,
+    first_mismatch: Option<u64>,
+}
+
 /// Device-side zeroing and fallocate go in larger steps than writes: they cost little per call.
 const ZERO_STEP: u64 = 64 * MIB;
 
@@ -634,11 +681,51 @@ impl PassContext<'_> {
     }
 
     fn overwrite(&mut self, pass: usize, pattern: &Pattern, from: u64, end: u64) -> Result<(), WipeError> {
-        stream::for_each_chunk(pattern, from, end, |offset, chunk| {
-            self.check_cancel(pass, offset)?;
-            self.target.write_at(chunk, offset)?;
-            self.advance(chunk.len() as u64);
+        self.overwrite_checking(pass, pattern, from, end, None).map(|_| ())
+    }
+
+    /// Overwrite `[from, end)`; with `sample` (a reader and sorted 1 MiB block numbers), also read back the
+    /// sampled blocks of each chunk as soon as it is written, against the bytes just written, on the same
+    /// writer thread: the sample verification overlaps the pass instead of following it.
+    fn overwrite_checking(
+        &mut self,
+        pass: usize,
+        pattern: &Pattern,
+        from: u64,
+        end: u64,
+        sample: Option<(&Reader<'_>, &[u64])>,
+    ) -> Result<InlineCheck, WipeError> {
+        let target = self.target;
+        let checked = std::sync::atomic::AtomicU64::new(0);
+        let first_mismatch = std::sync::Mutex::new(None::<u64>);
+        let write = |offset: u64, chunk: &[u8]| -> Result<(), WipeError> {
+            target.write_at(chunk, offset)?;
+            let Some((reader, blocks)) = sample else { return Ok(()) };
+            let chunk_end = offset + chunk.len() as u64;
+            let first = blocks.partition_point(|&b| (b + 1) * SAMPLE_BLOCK <= offset);
+            let mut back = AlignedBuf::new(SAMPLE_BLOCK as usize);
+            for &block in blocks[first..].iter().take_while(|&&b| b * SAMPLE_BLOCK < chunk_end) {
+                let (p0, p1) =
+                    ((block * SAMPLE_BLOCK).max(offset), ((block + 1) * SAMPLE_BLOCK).min(chunk_end));
+                back.set_len((p1 - p0) as usize);
+                reader.read(&mut back, p0)?;
+                let want = &chunk[(p0 - offset) as usize..(p1 - offset) as usize];
+                if let Some(i) = first_difference(&back, want) {
+                    let at = p0 + i as u64;
+                    let mut first = first_mismatch.lock().unwrap_or_else(|e| e.into_inner());
+                    *first = Some(first.map_or(at, |f| f.min(at)));
+                }
+                checked.fetch_add(p1 - p0, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok(())
+        };
+        stream::write_chunks(pattern, from, end, write, |offset, len| {
+            self.advance(len as u64);
+            self.check_cancel(pass, offset + len as u64)
+        })?;
+        Ok(InlineCheck {
+            bytes_checked: checked.into_inner(),
+            first_mismatch: first_mismatch.into_inner().unwrap_or_else(|e| e.into_inner()),
         })
     }
 

@@ -1,6 +1,9 @@
-//! The bytes a pass writes: zeroes, or a seekable ChaCha8 keystream generated on two threads into aligned
-//! buffers while the caller writes (or reads back and compares) the previous chunk.
+//! The bytes a pass writes: zeroes, or a seekable ChaCha8 keystream. [`write_chunks`] generates and writes
+//! on several threads at once (generating, writing and reading back overlap across chunks);
+//! [`for_each_chunk`] generates on two threads into aligned buffers while the caller reads back and compares
+//! the previous chunk.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use chacha20::ChaCha8Rng;
@@ -17,6 +20,10 @@ pub const CHUNK: usize = 4 << 20;
 
 /// Generator threads: the keystream runs at several GB/s per core, so two keep ahead of any disk here.
 const GENERATORS: usize = 2;
+
+/// Threads of [`write_chunks`], each generating and writing its own chunks: up to this many writes in
+/// flight, while the others generate.
+pub const WRITERS: usize = 4;
 
 /// The content a range must hold after a pass.
 #[derive(Clone)]
@@ -121,6 +128,64 @@ pub fn for_each_chunk<E: Send>(
     }
 }
 
+/// Write every chunk of `[start, end)`, filled with `pattern`'s bytes for its offset, by calling `write` on
+/// [`WRITERS`] threads (each generates its chunk and then writes it, so generation and several writes
+/// overlap). `done` is called on the calling thread for each chunk in order, once it and every chunk before
+/// it have been written: it sees a growing prefix of `[start, end)`. An error from either stops everything
+/// (writes in flight finish first) and is returned; the first in chunk order wins. When it stops, chunks
+/// after the last one `done` saw may have been written too, at most [`WRITERS`] of them.
+pub fn write_chunks<E: Send>(
+    pattern: &Pattern,
+    start: u64,
+    end: u64,
+    write: impl Fn(u64, &[u8]) -> Result<(), E> + Sync,
+    mut done: impl FnMut(u64, usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let chunks: Vec<(u64, usize)> = chunk_ranges(start, end).collect();
+    let Some(&(_, first_len)) = chunks.first() else { return Ok(()) };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let mut results = Vec::new();
+        for worker in 0..WRITERS.min(chunks.len()) {
+            // A rendezvous: a worker starts its next chunk only once its last one is taken, in order, so no
+            // write runs more than WRITERS chunks past the written prefix.
+            let (tx, rx) = mpsc::sync_channel::<Result<(), E>>(0);
+            results.push(rx);
+            let mine: Vec<(u64, usize)> = chunks.iter().copied().skip(worker).step_by(WRITERS).collect();
+            let (write, stop) = (&write, &stop);
+            scope.spawn(move || {
+                // Zeroed at allocation: the zero pattern needs no filling.
+                let mut buf = AlignedBuf::new(first_len);
+                for (offset, len) in mine {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    buf.set_len(len);
+                    if let Pattern::Stream(_) = pattern {
+                        pattern.fill(offset, &mut buf);
+                    }
+                    if tx.send(write(offset, &buf)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let workers = results.len();
+        let mut run = || {
+            for (i, &(offset, len)) in chunks.iter().enumerate() {
+                results[i % workers].recv().expect("writer thread ended early")?;
+                done(offset, len)?;
+            }
+            Ok(())
+        };
+        let result = run();
+        // Workers waiting to hand over a result see the channel closed; the others see `stop`.
+        stop.store(true, Ordering::Relaxed);
+        drop(results);
+        result
+    })
+}
+
 /// `[start, end)` as (offset, length) chunks of at most [`CHUNK`] bytes.
 pub fn chunk_ranges(start: u64, end: u64) -> impl Iterator<Item = (u64, usize)> {
     (start..end).step_by(CHUNK).map(move |offset| (offset, (end - offset).min(CHUNK as u64) as usize))
@@ -146,5 +211,51 @@ mod tests {
         let mut tail = vec![0u8; 8192];
         pattern.fill(CHUNK as u64 + 4096, &mut tail);
         assert!(tail[..] == whole[CHUNK + 4096..CHUNK + 4096 + 8192]);
+    }
+
+    #[test]
+    fn parallel_writes_cover_the_range_once_and_report_it_in_order() {
+        let pattern = Pattern::Stream(Zeroizing::new([9u8; 32]));
+        let (start, end) = (8192u64, 9 * CHUNK as u64 + 12288);
+        let mut want = vec![0u8; (end - start) as usize];
+        pattern.fill(start, &mut want);
+        let written = std::sync::Mutex::new(vec![0u8; want.len()]);
+        let mut reported = Vec::new();
+        write_chunks::<()>(
+            &pattern,
+            start,
+            end,
+            |offset, chunk| {
+                let at = (offset - start) as usize;
+                written.lock().unwrap()[at..at + chunk.len()].copy_from_slice(chunk);
+                Ok(())
+            },
+            |offset, len| {
+                reported.push((offset, len));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(written.into_inner().unwrap() == want);
+        assert_eq!(reported, chunk_ranges(start, end).collect::<Vec<_>>());
+
+        // An error stops it: nothing is reported past the failed chunk, and that error is returned.
+        let fail_at = start + 3 * CHUNK as u64;
+        let mut last = 0;
+        let err = write_chunks(
+            &Pattern::Zero,
+            start,
+            end,
+            |offset, chunk| {
+                assert!(chunk.iter().all(|&b| b == 0));
+                if offset == fail_at { Err(offset) } else { Ok(()) }
+            },
+            |offset, _| {
+                last = offset;
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!((err, last), (fail_at, fail_at - CHUNK as u64));
     }
 }
