@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use gridforge_coordinator::scaling::{GroupInput, Member, SnapshotRoom, UsageWindows, decide};
+use gridforge_coordinator::scaling::{GroupInput, Member, SnapshotRoom, UsageWindows, VmLoad, decide};
 use gridforge_coordinator::scheduler::{
     NodeInfo, NodeState, Request, Resources as SchedResources, Snapshot, place,
 };
@@ -182,9 +182,9 @@ fn main() {
     let sample = |windows: &mut UsageWindows, rng: &mut StdRng, now: u64| {
         for s in &sims {
             for vm in &s.vms {
-                let cpu = (s.load + rng.random_range(-5.0..5.0)).clamp(0.0, 100.0);
-                let memory = (s.memory + rng.random_range(-4.0..4.0)).clamp(0.0, 100.0);
-                windows.record(&vm.name, now, cpu, memory);
+                let cpu_percent = (s.load + rng.random_range(-5.0..5.0)).clamp(0.0, 100.0);
+                let memory_percent = (s.memory + rng.random_range(-4.0..4.0)).clamp(0.0, 100.0);
+                windows.record(&vm.name, now, VmLoad { cpu_percent, memory_percent, ..Default::default() });
             }
         }
     };

@@ -57,11 +57,22 @@ pub struct HttpConfig {
     /// The panel's meters turn amber and red at these percentages of a VM's CPU, memory or node's usage.
     pub amber_percent: f64,
     pub red_percent: f64,
+    /// The full scale (100 %) of a server's disk meter (bytes read and written) and network meter (bytes
+    /// received and sent), in MiB per second.
+    pub disk_meter_mib_per_s: f64,
+    pub network_meter_mib_per_s: f64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: None, amber_percent: 70.0, red_percent: 90.0 }
+        HttpConfig {
+            listen: None,
+            amber_percent: 70.0,
+            red_percent: 90.0,
+            disk_meter_mib_per_s: 200.0,
+            // 1 Gbit/s.
+            network_meter_mib_per_s: 119.0,
+        }
     }
 }
 
@@ -399,6 +410,16 @@ impl Config {
                 ),
             ));
         }
+        let scales = [h.disk_meter_mib_per_s, h.network_meter_mib_per_s];
+        if !scales.iter().all(|v| v.is_finite() && *v > 0.0) {
+            return Err(invalid(
+                "http",
+                format!(
+                    "disk_meter_mib_per_s {} and network_meter_mib_per_s {} must be above 0",
+                    h.disk_meter_mib_per_s, h.network_meter_mib_per_s
+                ),
+            ));
+        }
         if config.tls.insecure && h.listen.is_some_and(|l| !l.ip().is_loopback()) {
             return Err(invalid("http.listen", "tls.insecure allows only a loopback address".into()));
         }
@@ -492,6 +513,12 @@ mod tests {
         assert_eq!((c.http.listen, c.http.amber_percent, c.http.red_percent), (None, 70.0, 90.0));
         let c = Config::parse("[http]\nlisten = \"0.0.0.0:7445\"\nred_percent = 95.0", p).unwrap();
         assert_eq!(c.http.listen.map(|l| l.port()), Some(7445));
+        assert_eq!((c.http.disk_meter_mib_per_s, c.http.network_meter_mib_per_s), (200.0, 119.0));
+        let c =
+            Config::parse("[http]\ndisk_meter_mib_per_s = 0.5\nnetwork_meter_mib_per_s = 1250.0", p).unwrap();
+        assert_eq!((c.http.disk_meter_mib_per_s, c.http.network_meter_mib_per_s), (0.5, 1250.0));
+        let e = Config::parse("[http]\nnetwork_meter_mib_per_s = 0.0", p).unwrap_err();
+        assert!(e.to_string().contains("network_meter_mib_per_s 0 must be above 0"), "{e}");
         let e = Config::parse("[http]\namber_percent = 95.0\nred_percent = 90.0", p).unwrap_err();
         assert!(e.to_string().contains("amber_percent 95 must be above 0 and at most red_percent 90"), "{e}");
         let plain = "listen = \"127.0.0.1:1\"\n[tls]\ninsecure = true\n[http]\nlisten = ";

@@ -47,6 +47,9 @@ pub struct Settings {
     pub etcd: Option<EtcdStore>,
     /// `[power] command` (dedicated servers' actuator); empty: none.
     pub power_command: Vec<String>,
+    /// `[http]` full scales of the panel's disk and network meters, MiB/s.
+    pub disk_meter_mib_per_s: f64,
+    pub network_meter_mib_per_s: f64,
 }
 
 /// A coordinator's `[store.etcd]`: where the shared grid view lives and who this member is.
@@ -75,6 +78,8 @@ impl Default for Settings {
             fencing_command: Vec::new(),
             etcd: None,
             power_command: Vec::new(),
+            disk_meter_mib_per_s: 200.0,
+            network_meter_mib_per_s: 119.0,
         }
     }
 }
@@ -145,6 +150,8 @@ default_role = ""
 
 [http]
 listen = "{http}"
+disk_meter_mib_per_s = {disk_scale:?}
+network_meter_mib_per_s = {network_scale:?}
 
 [auth.users]
 {OPERATOR} = "operator"
@@ -161,6 +168,8 @@ listen = "{http}"
             command = serde_json::to_string(&s.fencing_command).unwrap(),
             attempts = s.retry_attempts,
             backoff = s.retry_backoff_ms,
+            disk_scale = s.disk_meter_mib_per_s,
+            network_scale = s.network_meter_mib_per_s,
         );
         if !s.power_command.is_empty() {
             let command = serde_json::to_string(&s.power_command).unwrap();

@@ -9,7 +9,7 @@ use gridforge_common::error_chain;
 use gridforge_proto::v1::{DiskStats, FsStats, MemoryStats, NetStats, NodeStatsReport, VmStats};
 
 use super::{NodeContext, timestamp};
-use crate::hypervisor::DomainStats;
+use crate::hypervisor::{DomainState, DomainStats};
 
 /// /proc/diskstats counts sectors of 512 bytes whatever the device's sector size.
 const DISKSTATS_SECTOR: u64 = 512;
@@ -255,19 +255,32 @@ fn net_rates(before: &[NetCounters], after: &[NetCounters], secs: f64) -> Vec<Ne
         .collect()
 }
 
-/// Each VM of the second reading; CPU in cores over the window (0 for a VM that was not in the first).
+/// Each VM of the second reading; CPU in cores and disk and network in bytes per second over the window (0
+/// for a VM that was not in the first, and disk and network 0 for one that did not run in the first: it had
+/// no such counters). A counter lower than before (the domain was restarted in between) counts 0, as the
+/// node's own counters do.
 fn vm_rates(before: &[DomainStats], after: &[DomainStats], secs: f64) -> Vec<VmStats> {
     let before: HashMap<&str, &DomainStats> = before.iter().map(|d| (d.name.as_str(), d)).collect();
+    let has_io_counters =
+        |d: &DomainStats| [DomainState::Running, DomainState::Paused].iter().any(|s| s.as_str() == d.state);
     after
         .iter()
         .map(|a| {
-            let cpu_ns =
-                before.get(a.name.as_str()).map_or(0, |b| a.cpu_time_ns.saturating_sub(b.cpu_time_ns));
+            let b = before.get(a.name.as_str());
+            let grew = |b: Option<&&DomainStats>, counter: fn(&DomainStats) -> u64| {
+                b.map_or(0, |b| counter(a).saturating_sub(counter(b)))
+            };
+            let cpu_ns = grew(b, |d| d.cpu_time_ns);
+            let b = b.filter(|b| has_io_counters(b));
+            let disk = grew(b, |d| d.disk_read_bytes) + grew(b, |d| d.disk_write_bytes);
+            let net = grew(b, |d| d.net_rx_bytes) + grew(b, |d| d.net_tx_bytes);
             VmStats {
                 name: a.name.clone(),
                 state: a.state.clone(),
                 vcpus: a.vcpus,
                 cpu_cores: cpu_ns as f64 / 1e9 / secs,
+                disk_bytes_per_sec: disk as f64 / secs,
+                net_bytes_per_sec: net as f64 / secs,
                 memory_bytes: a.memory_bytes,
                 disk_read_bytes: a.disk_read_bytes,
                 disk_write_bytes: a.disk_write_bytes,
@@ -340,6 +353,43 @@ mod tests {
         let s = m.stats();
         assert_eq!((s.total_bytes, s.available_bytes, s.used_bytes), (1_024_000, 614_400, 409_600));
         assert_eq!((s.swap_total_bytes, s.swap_used_bytes), (10_240, 6_144));
+    }
+
+    #[test]
+    fn vm_rates_come_from_counter_deltas() {
+        let domain = |name: &str, cpu_s: u64, disk: (u64, u64), net: (u64, u64)| DomainStats {
+            name: name.into(),
+            state: "running".into(),
+            cpu_time_ns: cpu_s * 1_000_000_000,
+            disk_read_bytes: disk.0,
+            disk_write_bytes: disk.1,
+            net_rx_bytes: net.0,
+            net_tx_bytes: net.1,
+            ..Default::default()
+        };
+        // Shut off: no disk and network counters (libvirt has them only while the domain runs).
+        let off = DomainStats { state: "shutoff".into(), ..domain("d", 40, (0, 0), (0, 0)) };
+        let before =
+            [domain("a", 10, (1000, 2000), (500, 100)), domain("b", 50, (9000, 9000), (9000, 9000)), off];
+        let after = [
+            domain("a", 12, (3000, 6000), (1500, 300)),
+            // Restarted between the readings: its counters began again.
+            domain("b", 1, (100, 0), (10, 0)),
+            // Not in the first reading.
+            domain("c", 99, (7000, 7000), (7000, 7000)),
+            // Started between the readings: what its counters say is not traffic of the window.
+            domain("d", 41, (7000, 7000), (7000, 7000)),
+        ];
+        let v = vm_rates(&before, &after, 2.0);
+        let rates: Vec<(&str, f64, f64, f64)> = v
+            .iter()
+            .map(|s| (s.name.as_str(), s.cpu_cores, s.disk_bytes_per_sec, s.net_bytes_per_sec))
+            .collect();
+        let want =
+            [("a", 1.0, 3000.0, 600.0), ("b", 0.0, 0.0, 0.0), ("c", 0.0, 0.0, 0.0), ("d", 0.5, 0.0, 0.0)];
+        assert_eq!(rates, want);
+        // The cumulative counters go on as read.
+        assert_eq!((v[1].disk_read_bytes, v[2].net_rx_bytes), (100, 7000));
     }
 
     #[test]

@@ -370,6 +370,11 @@ impl Output {
                 "Usage:       CPU {:.1}% (avg {:.1}%), memory {:.1}% (avg {:.1}%), {} samples",
                 u.cpu_percent, u.avg_cpu_percent, u.memory_percent, u.avg_memory_percent, u.samples
             );
+            println!(
+                "I/O:         disk {}/s, network {}/s",
+                indicatif::HumanBytes(u.disk_bytes_per_sec as u64),
+                indicatif::HumanBytes(u.network_bytes_per_sec as u64)
+            );
         }
         if let Some(p) = &v.scaling {
             println!("Scaling:     {}", policy(p, v.last_scaled.as_ref()));

@@ -34,6 +34,8 @@ use tonic::{Code, Status};
 use crate::api::{CoordinatorService, PeerCertificate};
 use crate::config::HttpConfig;
 
+/// Bytes in a MiB (the meters' full scales are configured in MiB/s).
+const MIB: f64 = 1024.0 * 1024.0;
 /// Largest request body taken.
 const MAX_BODY: usize = 4 << 20;
 /// A TLS handshake that has not finished after this long is dropped.
@@ -53,6 +55,9 @@ pub struct HttpApi {
 struct PanelSettings {
     amber_percent: f64,
     red_percent: f64,
+    /// The full scale of the disk and network meters, in bytes per second.
+    disk_meter_bytes_per_sec: f64,
+    network_meter_bytes_per_sec: f64,
     /// Whether the panel must ask for a token (false on a plaintext development coordinator).
     needs_token: bool,
 }
@@ -62,6 +67,8 @@ impl HttpApi {
         let panel = PanelSettings {
             amber_percent: config.amber_percent,
             red_percent: config.red_percent,
+            disk_meter_bytes_per_sec: config.disk_meter_mib_per_s * MIB,
+            network_meter_bytes_per_sec: config.network_meter_mib_per_s * MIB,
             needs_token: !insecure,
         };
         HttpApi { service, insecure, panel }

@@ -74,13 +74,14 @@ fn solo_group(v: &Vm) -> Option<crate::grid::Group> {
 }
 
 impl Engine {
-    /// Keep the load each VM of a poll showed (CPU as a share of its vCPUs, memory of its own).
+    /// Keep the load each VM of a poll showed (CPU as a share of its vCPUs, memory of its own, disk and
+    /// network traffic as the agent measured it).
     pub fn record_usage(&self, stats: &NodeStatsReport) {
         self.record_usage_at(stats, now_secs());
     }
 
     pub fn record_usage_at(&self, stats: &NodeStatsReport, at: u64) {
-        let samples: Vec<(String, f64, f64)> = self.view().read(|s| {
+        let samples: Vec<(String, pure::VmLoad)> = self.view().read(|s| {
             stats
                 .vms
                 .iter()
@@ -89,13 +90,19 @@ impl Engine {
                     let cpu = if r.vcpus > 0 { d.cpu_cores / f64::from(r.vcpus) * 100.0 } else { 0.0 };
                     let total = r.memory_mib as f64 * 1024.0 * 1024.0;
                     let memory = if total > 0.0 { d.memory_bytes as f64 / total * 100.0 } else { 0.0 };
-                    Some((d.name.clone(), cpu, memory))
+                    let load = pure::VmLoad {
+                        cpu_percent: cpu,
+                        memory_percent: memory,
+                        disk_bytes_per_sec: d.disk_bytes_per_sec,
+                        network_bytes_per_sec: d.net_bytes_per_sec,
+                    };
+                    Some((d.name.clone(), load))
                 })
                 .collect()
         });
         let mut usage = lock(&self.inner.usage);
-        for (name, cpu, memory) in samples {
-            usage.record(&name, at, cpu, memory);
+        for (name, load) in samples {
+            usage.record(&name, at, load);
         }
     }
 

@@ -123,6 +123,9 @@ impl Agent for Fake {
                 name: name.clone(),
                 state: "running".into(),
                 cpu_cores: *cores,
+                // Traffic in proportion, so that a test can tell it came through.
+                disk_bytes_per_sec: *cores * 1e6,
+                net_bytes_per_sec: *cores * 1e5,
                 ..Default::default()
             })
             .collect();
@@ -626,6 +629,7 @@ async fn the_scaling_loop_scales_a_group_out_under_load_and_in_after_it_without_
     crate::poller::poll_all(&e, &config, &slots, Duration::ZERO).await;
     let usage = e.view().read(|s| e.with_usage(s, s.vms["acme-web-1"].clone())).usage.unwrap();
     assert!(usage.samples >= 1 && (usage.cpu_percent - 10.0).abs() < 0.01, "{usage:?}");
+    assert_eq!((usage.disk_bytes_per_sec, usage.network_bytes_per_sec), (1e5, 1e4), "{usage:?}");
 
     // 2.4 cores of load for 12 rounds, then 0.2: out to the bound, then in to the minimum, once each way.
     let mut counts = vec![1usize];

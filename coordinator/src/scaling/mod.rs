@@ -66,7 +66,7 @@ use gridforge_proto::v1::decision::Action;
 use gridforge_proto::v1::{Decision, Group, Resources, ScalingPolicy, ServiceLevel, VmUsage};
 
 pub use room::SnapshotRoom;
-pub use window::{DEFAULT_WINDOW_SECS, MAX_SAMPLES, MAX_WINDOW_SECS, UsageWindows, effective_window};
+pub use window::{DEFAULT_WINDOW_SECS, MAX_SAMPLES, MAX_WINDOW_SECS, UsageWindows, VmLoad, effective_window};
 
 use crate::grid::spec_resources;
 

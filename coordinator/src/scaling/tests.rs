@@ -431,13 +431,30 @@ fn service_level_verdicts() {
     assert_eq!(v.reason, "3 members running (min 3); average CPU 50.0% within 70.0%");
 }
 
+fn vm_load(cpu_percent: f64, memory_percent: f64) -> VmLoad {
+    VmLoad { cpu_percent, memory_percent, ..Default::default() }
+}
+
+#[test]
+fn windows_keep_the_last_disk_and_network_rates() {
+    let mut w = UsageWindows::new();
+    let busy = VmLoad { disk_bytes_per_sec: 3e6, network_bytes_per_sec: 1.5e5, ..vm_load(10.0, 20.0) };
+    w.record("a", 1000, busy);
+    w.record("a", 1010, VmLoad { disk_bytes_per_sec: 1000.0, ..busy });
+    let u = w.usage("a", 60, 1010).unwrap();
+    assert_eq!((u.disk_bytes_per_sec, u.network_bytes_per_sec, u.samples), (1000.0, 1.5e5, 2));
+    // A sample with a value that is not a number is not kept.
+    w.record("a", 1020, VmLoad { network_bytes_per_sec: f64::NAN, ..busy });
+    assert_eq!(w.usage("a", 60, 1020).unwrap().disk_bytes_per_sec, 1000.0);
+}
+
 #[test]
 fn windows_average_over_the_window_only() {
     let mut w = UsageWindows::new();
     assert!(w.usage("a", 60, 0).is_none());
-    w.record("a", 1000, 90.0, 10.0);
-    w.record("a", 1030, 50.0, 20.0);
-    w.record("a", 1050, 10.0, 30.0);
+    w.record("a", 1000, vm_load(90.0, 10.0));
+    w.record("a", 1030, vm_load(50.0, 20.0));
+    w.record("a", 1050, vm_load(10.0, 30.0));
     let u = w.usage("a", 60, 1050).unwrap();
     assert_eq!((u.samples, u.avg_cpu_percent, u.cpu_percent), (3, 50.0, 10.0));
     assert_eq!(u.avg_memory_percent, 20.0);
@@ -448,7 +465,7 @@ fn windows_average_over_the_window_only() {
     let u = w.usage("a", 60, 5000).unwrap();
     assert_eq!((u.samples, u.avg_cpu_percent, u.cpu_percent), (0, 0.0, 10.0));
     // Older than the newest: ignored.
-    w.record("a", 900, 100.0, 100.0);
+    w.record("a", 900, vm_load(100.0, 100.0));
     assert_eq!(w.usage("a", 3600, 1050).unwrap().samples, 3);
     w.forget("a");
     assert!(w.usage("a", 60, 1050).is_none());
@@ -458,12 +475,12 @@ fn windows_average_over_the_window_only() {
 fn windows_are_bounded() {
     let mut w = UsageWindows::new();
     for t in 0..10_000u64 {
-        w.record("a", t, 50.0, 50.0);
+        w.record("a", t, vm_load(50.0, 50.0));
     }
     assert_eq!(w.usage("a", 3600, 9_999).unwrap().samples as usize, MAX_SAMPLES);
     let mut w = UsageWindows::new();
     for t in 0..100u64 {
-        w.record("a", t * 60, 50.0, 50.0);
+        w.record("a", t * 60, vm_load(50.0, 50.0));
     }
     // Every 60 s over 99 minutes: those within an hour of the newest remain.
     assert_eq!(w.usage("a", 3600, 99 * 60).unwrap().samples, 60);
@@ -489,7 +506,7 @@ fn simulation_rising_then_falling_load() {
         };
         let share = demand / names.len() as f64;
         for n in &names {
-            windows.record(n, now, share.min(100.0), 40.0);
+            windows.record(n, now, vm_load(share.min(100.0), 40.0));
         }
         let ms: Vec<Member> = names
             .iter()

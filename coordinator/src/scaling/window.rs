@@ -22,14 +22,26 @@ pub fn effective_window(window_secs: u32) -> u32 {
     w.min(MAX_WINDOW_SECS as u32)
 }
 
+/// What one poll saw of a VM: CPU and memory as percentages of its own vCPUs and memory, disk and network
+/// traffic in bytes per second.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VmLoad {
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+    pub disk_bytes_per_sec: f64,
+    pub network_bytes_per_sec: f64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     at: u64,
     cpu: f32,
     memory: f32,
+    disk: f32,
+    network: f32,
 }
 
-/// Each VM's recent samples (CPU and memory, percentages of the VM's own vCPUs and memory), oldest first.
+/// Each VM's recent samples ([`VmLoad`]; only CPU and memory are averaged), oldest first.
 /// Memory is bounded per VM by [`MAX_SAMPLES`] and [`MAX_WINDOW_SECS`]; VMs that are gone are dropped with
 /// [`UsageWindows::forget`] or [`UsageWindows::retain`].
 #[derive(Debug, Clone, Default)]
@@ -43,13 +55,23 @@ impl UsageWindows {
     }
 
     /// Adds a sample taken at `at_secs` (seconds since the epoch). A sample older than the VM's newest is
-    /// ignored, one at the same second replaces it, and a non-finite value is ignored. Samples more than
-    /// [`MAX_WINDOW_SECS`] older than this one, and any beyond [`MAX_SAMPLES`], are dropped.
-    pub fn record(&mut self, vm: &str, at_secs: u64, cpu_percent: f64, memory_percent: f64) {
-        if !cpu_percent.is_finite() || !memory_percent.is_finite() {
+    /// ignored, one at the same second replaces it, and one with a non-finite value is ignored. Samples more
+    /// than [`MAX_WINDOW_SECS`] older than this one, and any beyond [`MAX_SAMPLES`], are dropped.
+    pub fn record(&mut self, vm: &str, at_secs: u64, load: VmLoad) {
+        let VmLoad { cpu_percent, memory_percent, disk_bytes_per_sec, network_bytes_per_sec } = load;
+        if ![cpu_percent, memory_percent, disk_bytes_per_sec, network_bytes_per_sec]
+            .iter()
+            .all(|v| v.is_finite())
+        {
             return;
         }
-        let sample = Sample { at: at_secs, cpu: cpu_percent as f32, memory: memory_percent as f32 };
+        let sample = Sample {
+            at: at_secs,
+            cpu: cpu_percent as f32,
+            memory: memory_percent as f32,
+            disk: disk_bytes_per_sec as f32,
+            network: network_bytes_per_sec as f32,
+        };
         let samples = match self.vms.get_mut(vm) {
             Some(s) => s,
             None => self.vms.entry(vm.to_owned()).or_default(),
@@ -67,7 +89,7 @@ impl UsageWindows {
         }
     }
 
-    /// The VM's last sample and the averages of the samples less than `window_secs` old at `now_secs`
+    /// The VM's last sample and the averages of the CPU and memory samples less than `window_secs` old at `now_secs`
     /// (0: [`DEFAULT_WINDOW_SECS`]; at most [`MAX_WINDOW_SECS`]), with their count. `None` for a VM without
     /// samples; a VM whose samples are all older than the window has `samples` 0 and averages 0.
     pub fn usage(&self, vm: &str, window_secs: u32, now_secs: u64) -> Option<VmUsage> {
@@ -87,6 +109,8 @@ impl UsageWindows {
             avg_cpu_percent: avg(cpu),
             avg_memory_percent: avg(memory),
             samples: count,
+            disk_bytes_per_sec: f64::from(last.disk),
+            network_bytes_per_sec: f64::from(last.network),
         })
     }
 

@@ -3,7 +3,10 @@
 "use strict";
 
 const TOKEN_KEY = "gridforge-token";
-let settings = { amberPercent: 70, redPercent: 90, needsToken: true };
+let settings = {
+  amberPercent: 70, redPercent: 90, diskMeterBytesPerSec: 200 * 1048576, networkMeterBytesPerSec: 119 * 1048576,
+  needsToken: true,
+};
 // Streams and timers of the page shown; stopped when another page is shown.
 let page = new AbortController();
 let shown = "";
@@ -112,6 +115,12 @@ function failed(what) {
 const num = (v) => Number(v || 0);
 const word = (s) => (s || "").replaceAll("_", " ").toLowerCase();
 const mib = (m) => (num(m) >= 1024 ? (num(m) / 1024).toFixed(1) + " GiB" : num(m) + " MiB");
+function perSecond(bytes) {
+  const b = num(bytes);
+  if (b >= 1048576) return (b / 1048576).toFixed(1) + " MiB/s";
+  if (b >= 1024) return (b / 1024).toFixed(0) + " KiB/s";
+  return b.toFixed(0) + " B/s";
+}
 function stateBadge(s) { return el("span", { class: "state state-" + (s || "STATE_UNSPECIFIED") }, word(s || "unknown")); }
 function link(href, text) { return el("a", { href }, text); }
 
@@ -125,26 +134,32 @@ function level(percent) {
 
 const LEVEL_WORDS = { green: "normal", amber: "high", red: "critical" };
 
-// A meter: a labelled bar with role="meter" whose colour (data-level) follows the thresholds.
+// A meter: a labelled bar with role="meter" whose colour (data-level) follows the thresholds. `set` takes
+// the percentage and, for a rate, the rate itself (e.g. "1.2 MiB/s"), shown below the bar and spoken first.
 function meter(id, label, small) {
   const bar = el("span");
   const value = el("span", { class: "meter-value" });
+  const detail = el("div", { class: "meter-detail" });
   const m = el("div", {
     class: "meter" + (small ? " small-meter" : ""), id, role: "meter", "aria-label": label,
     "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": 0, "data-level": "green",
   }, bar);
   const box = small ? el("span", {}, m, value)
-    : el("div", { class: "meter-box" }, el("div", { class: "meter-label" }, el("span", {}, label), value), m);
-  box.set = (percent) => {
+    : el("div", { class: "meter-box" }, el("div", { class: "meter-label" }, el("span", {}, label), value), m, detail);
+  box.set = (percent, amount) => {
     const p = Math.max(0, Math.min(100, num(percent)));
     const l = level(p);
+    const spoken = amount ? amount.replace("/s", " per second") + ", " : "";
     m.dataset.level = l;
     m.setAttribute("aria-valuenow", p.toFixed(0));
-    m.setAttribute("aria-valuetext", `${p.toFixed(0)} percent, ${LEVEL_WORDS[l]}`);
+    m.setAttribute("aria-valuetext", `${spoken}${p.toFixed(0)} percent, ${LEVEL_WORDS[l]}`);
     bar.style.width = p + "%";
     value.textContent = "";
     value.append(`${p.toFixed(0)}% `, el("span", { class: "level" }, LEVEL_WORDS[l]));
+    detail.textContent = amount || "";
   };
+  // A rate in bytes per second against the meter's full scale.
+  box.setRate = (bytesPerSec, fullScale) => box.set((num(bytesPerSec) / fullScale) * 100, perSecond(bytesPerSec));
   box.set(0);
   return box;
 }
@@ -314,6 +329,8 @@ function serverPage(name) {
   const facts = el("dl", { class: "facts", id: "facts" });
   const cpu = meter("meter-cpu", "CPU");
   const mem = meter("meter-memory", "Memory");
+  const disk = meter("meter-disk", "Disk");
+  const net = meter("meter-network", "Network");
   const opBox = el("div", { id: "server-operation", "aria-live": "polite" });
   const nodes = el("select", { id: "migrate-to" }, el("option", { value: "" }, "any node (placement chooses)"));
   let vm = null;
@@ -339,7 +356,7 @@ function serverPage(name) {
     ev.preventDefault();
     act("migrate", "MigrateVm", { name, to: nodes.value })();
   } }, el("label", { for: "migrate-to" }, "Migrate to", nodes), el("button", { type: "submit", id: "action-migrate" }, "Migrate"));
-  show("Server " + name, el("div", { class: "meters" }, cpu, mem), facts, actions, migrate,
+  show("Server " + name, el("div", { class: "meters" }, cpu, mem, disk, net), facts, actions, migrate,
     el("h2", {}, "Operation"), opBox);
   api("ListNodes", {}, page.signal).then((r) => {
     for (const n of r.nodes || []) nodes.append(el("option", { value: n.name }, n.name));
@@ -348,6 +365,8 @@ function serverPage(name) {
     vm = v;
     cpu.set(v.usage?.cpuPercent);
     mem.set(v.usage?.memoryPercent);
+    disk.setRate(v.usage?.diskBytesPerSec, settings.diskMeterBytesPerSec);
+    net.setRate(v.usage?.networkBytesPerSec, settings.networkMeterBytesPerSec);
     const row = (k, val) => [el("dt", {}, k), el("dd", {}, val)];
     facts.replaceChildren(
       ...row("State", el("span", { id: "server-state" }, stateBadge(v.state))),
