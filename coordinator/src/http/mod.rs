@@ -86,7 +86,11 @@ pub struct Refusal(StatusCode, ApiError);
 impl From<Status> for Refusal {
     fn from(s: Status) -> Refusal {
         let http = http_status(s.code());
-        Refusal(http, error_body(http, s.code(), s.message()))
+        let mut body = error_body(http, s.code(), s.message());
+        // A follower's refusal of a write names the leader, as on gRPC.
+        let leader = s.metadata().get(crate::ha::LEADER_HEADER).and_then(|v| v.to_str().ok());
+        body.leader = leader.unwrap_or_default().to_string();
+        Refusal(http, body)
     }
 }
 
@@ -100,12 +104,23 @@ fn error_body(http: StatusCode, code: Code, message: &str) -> ApiError {
         }
         name.push(ch.to_ascii_uppercase());
     }
-    ApiError { code: name, status: u32::from(http.as_u16()), message: message.to_string() }
+    ApiError {
+        code: name,
+        status: u32::from(http.as_u16()),
+        message: message.to_string(),
+        leader: String::new(),
+    }
 }
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        json_response(self.0, &self.1)
+        let mut r = json_response(self.0, &self.1);
+        if let Ok(leader) = HeaderValue::from_str(&self.1.leader)
+            && !self.1.leader.is_empty()
+        {
+            r.headers_mut().insert(crate::ha::LEADER_HEADER, leader);
+        }
+        r
     }
 }
 
