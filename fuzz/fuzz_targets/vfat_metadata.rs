@@ -1,0 +1,23 @@
+//! FAT metadata the agent reads back and rewrites: the boot sector and its backup (a clone's new volume
+//! id), the directory fix-up after formatting (cluster chains, `.`/`..` entries) and editing the loader
+//! entry through fatfs.
+#![no_main]
+
+use gridforge_agent::fs::vfat;
+use gridforge_agent_fuzz::file_with;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let len = data.len() as u64;
+    if len < 512 {
+        return;
+    }
+    let file = file_with("fat.img", data, len);
+    let _ = vfat::set_volume_id(&file, 0, len);
+    let file = file_with("fat.img", data, len);
+    let _ = vfat::fix_directories(&file, 0, len);
+    let file = file_with("fat.img", data, len);
+    let _ = vfat::edit_file(&file, 0, len, "loader/entries/gridforge.conf", |text| {
+        text.replace("root=", "root=x")
+    });
+});
