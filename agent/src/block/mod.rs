@@ -290,10 +290,11 @@ impl BlockTarget {
         Ok(())
     }
 
-    /// Zero the first MiB (partition table and boot code), so a half-written disk can never boot.
+    /// Zero the first MiB (partition table and boot code), so a half-written disk can never boot. Through
+    /// [`zero_range`](Self::zero_range): punching a hole needs no free space, so a file target whose file
+    /// system filled up (the failure being cleaned up after) is zeroed too.
     pub fn zero_head(&self) -> Result<(), BlockError> {
-        let buf = AlignedBuf::new(MIB.min(self.size) as usize);
-        self.write_at(&buf, 0)?;
+        self.zero_range(0, MIB.min(self.size))?;
         self.sync()
     }
 

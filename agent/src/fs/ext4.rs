@@ -195,7 +195,8 @@ pub(crate) struct Superblock {
 const INCOMPAT_64BIT: u32 = 0x80;
 
 impl Superblock {
-    /// Parses the 1024 bytes at +1024 of a range; `None` without the ext magic.
+    /// Parses the 1024 bytes at +1024 of a range; `None` without the ext magic, or when the block count
+    /// and block size it records make a size no disk can hold (more than 2^64 bytes).
     pub fn parse(raw: &[u8]) -> Option<Superblock> {
         let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
         if raw.len() < SUPERBLOCK_LEN || u16::from_le_bytes([raw[0x38], raw[0x39]]) != MAGIC {
@@ -210,10 +211,12 @@ impl Superblock {
         if feature_incompat & INCOMPAT_64BIT != 0 {
             blocks |= u64::from(u32_at(0x150)) << 32;
         }
+        let block_size = 1024u64 << log_block_size;
+        blocks.checked_mul(block_size)?;
         let label_raw = &raw[0x78..0x88];
         let label_len = label_raw.iter().position(|&b| b == 0).unwrap_or(label_raw.len());
         Some(Superblock {
-            block_size: 1024 << log_block_size,
+            block_size,
             blocks,
             uuid: Uuid::from_slice(&raw[0x68..0x78]).expect("16 bytes"),
             label: String::from_utf8_lossy(&label_raw[..label_len]).into_owned(),
@@ -221,8 +224,15 @@ impl Superblock {
     }
 
     pub fn len(&self) -> u64 {
+        // `parse` checked that this fits.
         self.blocks * self.block_size
     }
+}
+
+/// The size in bytes that the ext2/3/4 superblock of the range at `offset` records (blocks × block size):
+/// what resizing reads from a guest's disk before growing its file system.
+pub fn filesystem_size(disk: &File, offset: u64) -> Result<u64, FsError> {
+    Ok(read_superblock(disk, offset)?.len())
 }
 
 pub(crate) fn read_superblock(disk: &File, offset: u64) -> Result<Superblock, FsError> {
@@ -280,5 +290,32 @@ impl Drop for LoopDevice {
             // Best effort on an error path; the error that got us here is the one worth reporting.
             let _ = Command::new("losetup").arg("--detach").arg(&self.path).status();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Found by the `fs_probe` fuzz target: a 64-bit superblock whose block count times block size
+    /// overflowed u64 in `len()` (a panic where resizing reads a guest's disk).
+    #[test]
+    fn superblock_with_an_impossible_size_is_not_a_file_system() {
+        let input = include_bytes!("../../tests/fixtures/fuzz/fs_probe-ext4-size-overflow");
+        let mut disk = tempfile::tempfile().unwrap();
+        disk.write_all(input).unwrap();
+        assert!(matches!(filesystem_size(&disk, 0), Err(FsError::Malformed { .. })));
+        assert!(crate::fs::probe(&disk, 0, input.len() as u64).is_ok());
+
+        let mut raw = [0u8; SUPERBLOCK_LEN];
+        raw[0x38..0x3A].copy_from_slice(&MAGIC.to_le_bytes());
+        raw[0x18..0x1C].copy_from_slice(&6u32.to_le_bytes());
+        raw[0x04..0x08].copy_from_slice(&u32::MAX.to_le_bytes());
+        raw[0x60..0x64].copy_from_slice(&INCOMPAT_64BIT.to_le_bytes());
+        raw[0x150..0x154].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Superblock::parse(&raw).is_none());
+        raw[0x150..0x154].fill(0);
+        assert_eq!(Superblock::parse(&raw).unwrap().len(), u64::from(u32::MAX) * (1024 << 6));
     }
 }

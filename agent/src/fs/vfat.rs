@@ -149,6 +149,7 @@ pub fn edit_file(
 ) -> Result<(), FsError> {
     use std::io::{Read, Seek, SeekFrom};
     check_range(disk, offset, len)?;
+    check_geometry(disk, offset, len)?;
     let fs = fatfs::FileSystem::new(RangeIo::new(disk, offset, len), FsOptions::new())
         .map_err(|source| FsError::io("opening the FAT file system", source))?;
     {
@@ -164,6 +165,36 @@ pub fn edit_file(
         file.flush().map_err(|source| FsError::io(format!("writing {path}"), source))?;
     }
     fs.unmount().map_err(|source| FsError::io("unmounting the FAT file system", source))
+}
+
+/// fatfs 0.3.6 computes the volume's geometry from the boot sector in `u32` without overflow checks (the
+/// sectors of all FATs, the FAT entries they hold). Refuses a boot sector whose FATs and root directory do
+/// not fit the range, or whose FAT holds more entries than a `u32` counts, before fatfs reads it.
+fn check_geometry(disk: &File, offset: u64, len: u64) -> Result<(), FsError> {
+    let mut boot = [0u8; 512];
+    disk.read_exact_at(&mut boot, offset)
+        .map_err(|source| FsError::io("reading the FAT boot sector", source))?;
+    let u16_at = |at: usize| u64::from(u16::from_le_bytes([boot[at], boot[at + 1]]));
+    let bytes_per_sector = u16_at(0x0B);
+    let sectors_per_fat = match u16_at(0x16) {
+        0 => u64::from(u32::from_le_bytes(boot[0x24..0x28].try_into().expect("4 bytes"))),
+        n => n,
+    };
+    let malformed = |reason: String| FsError::Malformed { what: "FAT boot sector", reason };
+    if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096) {
+        return Err(malformed(format!("{bytes_per_sector}-byte sectors")));
+    }
+    let root_dir_sectors = (u16_at(0x11) * DIR_ENTRY_SIZE as u64).div_ceil(bytes_per_sector);
+    let metadata_sectors = u16_at(0x0E) + u64::from(boot[0x10]) * sectors_per_fat + root_dir_sectors;
+    if metadata_sectors * bytes_per_sector > len
+        || sectors_per_fat * bytes_per_sector * 8 > u64::from(u32::MAX)
+    {
+        return Err(malformed(format!(
+            "{} FATs of {sectors_per_fat} sectors do not fit the {len}-byte volume",
+            boot[0x10]
+        )));
+    }
+    Ok(())
 }
 
 /// The smallest range that holds a FAT32 volume with `sector_size` sectors: the reserved sectors, two FATs
@@ -406,8 +437,9 @@ fn rebuild_directory(data: &[u8], own_cluster: u32, parent_cluster: u32) -> Resu
     Ok(rebuilt)
 }
 
-/// Puts `.` and `..` of every directory right (see the module comment). Runs on an unmounted volume.
-fn fix_directories(disk: &File, offset: u64, len: u64) -> Result<(), FsError> {
+/// Puts `.` and `..` of every directory right (see the module comment). Runs on an unmounted volume; `format`
+/// calls it, and it is public for the fuzz targets, which feed it hostile boot sectors and directories.
+pub fn fix_directories(disk: &File, offset: u64, len: u64) -> Result<(), FsError> {
     let layout = Fat32Layout::read(disk, offset, len)?;
     let root_chain = layout.chain(disk, offset, layout.root_cluster)?;
     let root = layout.read_chain(disk, offset, &root_chain)?;
@@ -430,4 +462,21 @@ fn fix_directories(disk: &File, offset: u64, len: u64) -> Result<(), FsError> {
         pending.extend(subdirectories(&rebuilt).into_iter().map(|child| (child, dir_cluster)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `vfat_metadata` fuzz target: FATs whose sector count overflowed fatfs's `u32`
+    /// arithmetic (a panic in fatfs's boot-sector check) are refused before fatfs reads them.
+    #[test]
+    fn fats_larger_than_the_volume_are_refused_before_fatfs_reads_them() {
+        let input = include_bytes!("../../tests/fixtures/fuzz/vfat_metadata-fat-size-overflow");
+        let disk = tempfile::tempfile().unwrap();
+        disk.write_all_at(input, 0).unwrap();
+        let len = input.len() as u64;
+        let edited = edit_file(&disk, 0, len, "loader/entries/gridforge.conf", str::to_owned);
+        assert!(matches!(edited, Err(FsError::Malformed { what: "FAT boot sector", .. })), "{edited:?}");
+    }
 }

@@ -322,7 +322,7 @@ impl DiskGrowth {
                 progress.note(RESIZE_STEP, format!("growing the ext4 file system on partition {number}"));
                 let grow_err = |source| ResizeError::GrowFilesystem { number, kind: "ext4", source };
                 fs::ext4::grow(&path, offset, len).map_err(grow_err)?;
-                filesystem_size_bytes = fs::ext4::read_superblock(file, offset).map_err(grow_err)?.len();
+                filesystem_size_bytes = fs::ext4::filesystem_size(file, offset).map_err(grow_err)?;
             }
             Contents::Swap(info) => {
                 progress.note(RESIZE_STEP, format!("writing the swap header of partition {number} again"));

@@ -119,6 +119,12 @@ fn read_json(
     at: u64,
     hdr_size: u64,
 ) -> Result<Result<u64, String>, crate::block::BlockError> {
+    if at + hdr_size > target.size() {
+        return Ok(Err(format!(
+            "LUKS2 header of {hdr_size} bytes at offset {at} runs past the end of the {}-byte target",
+            target.size()
+        )));
+    }
     let mut area = vec![0u8; hdr_size as usize - BINARY_HEADER];
     target.read_at(&mut area, at + BINARY_HEADER as u64)?;
     let text_len = area.iter().position(|&b| b == 0).unwrap_or(area.len());
@@ -134,11 +140,12 @@ fn read_json(
         None => 0,
     };
     // Everything up to the keyslot area's end, and any keyslot area cryptsetup placed beyond it.
-    let mut end = 2 * hdr_size + keyslots_size;
+    // The numbers are the header's to choose: saturate rather than overflow (the caller caps at the size).
+    let mut end = (2 * hdr_size).saturating_add(keyslots_size);
     for slot in meta.keyslots.values() {
         if let Some(area) = &slot.area {
             match (num(&area.offset, "keyslot offset"), num(&area.size, "keyslot size")) {
-                (Ok(o), Ok(s)) => end = end.max(o + s),
+                (Ok(o), Ok(s)) => end = end.max(o.saturating_add(s)),
                 (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
             }
         }
@@ -152,4 +159,50 @@ fn read_json(
         }
     }
     Ok(Ok(end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::TargetOptions;
+
+    /// Found by the `luks2_header` fuzz target: a primary header whose size runs past the end of the target
+    /// made the probe fail with a read error instead of saying it is not a usable LUKS2 header.
+    #[test]
+    fn header_larger_than_the_target_is_not_luks2() {
+        let input = include_bytes!("../../tests/fixtures/fuzz/luks2_header-past-the-end");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let mut disk = input.to_vec();
+        disk.resize(1 << 20, 0);
+        std::fs::write(&path, &disk).unwrap();
+        let target =
+            BlockTarget::open(&path, &TargetOptions { read_only: true, ..Default::default() }).unwrap();
+        match probe(&target).unwrap() {
+            LuksProbe::NotLuks2(why) => assert!(why.contains("runs past the end"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Key material that ends past 2^64 bytes (as a hostile header may say) is capped at the target's end.
+    #[test]
+    fn keyslot_area_past_any_disk_is_capped_at_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let mut disk = vec![0u8; 1 << 20];
+        disk[..6].copy_from_slice(MAGIC_PRIMARY);
+        disk[6..8].copy_from_slice(&2u16.to_be_bytes());
+        disk[8..16].copy_from_slice(&(16u64 << 10).to_be_bytes());
+        let json = br#"{"config":{"keyslots_size":"18446744073709551615"},
+            "keyslots":{"0":{"area":{"offset":"18446744073709551615","size":"4096"}}}}"#;
+        disk[BINARY_HEADER..BINARY_HEADER + json.len()].copy_from_slice(json);
+        std::fs::write(&path, &disk).unwrap();
+        let target =
+            BlockTarget::open(&path, &TargetOptions { read_only: true, ..Default::default() }).unwrap();
+        let probed = probe(&target).unwrap();
+        assert_eq!(
+            probed,
+            LuksProbe::Luks2 { hdr_size: 16 << 10, key_material_end: 1 << 20, from_secondary: false }
+        );
+    }
 }
