@@ -262,14 +262,7 @@ impl Signals {
 /// Minimal HTTP/1.1 for Prometheus: `GET /metrics`, one response per connection.
 async fn serve_metrics(listener: TcpListener, engine: JobEngine, node: String, started: SystemTime) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!("metrics listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let stream = gridforge_common::net::accept(&listener, "metrics listener").await;
         let (engine, node) = (engine.clone(), node.clone());
         tokio::spawn(async move {
             if let Err(e) = metrics_request(stream, engine, &node, started).await {

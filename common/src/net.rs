@@ -1,4 +1,5 @@
-//! Loopback ports for listeners that a program (or a test) starts after choosing the port.
+//! Loopback ports for listeners that a program (or a test) starts after choosing the port, and accepting
+//! connections on a listener that must keep serving.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,6 +30,20 @@ pub fn unused_loopback_port() -> u16 {
         }
     }
     panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
+}
+
+/// The next connection on `listener`. A failed accept (out of file descriptors and the like) is logged with
+/// `what` naming the listener and retried after 100 ms instead of spinning or ending the server.
+pub async fn accept(listener: &tokio::net::TcpListener, what: &str) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(e) => {
+                tracing::warn!("{what}: cannot accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

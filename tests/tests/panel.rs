@@ -162,6 +162,10 @@ fn log_in_see_the_grid_create_watch_a_meter_turn_red_and_delete() {
     b.click("#action-start");
     b.wait_text("#op-state", "start web-1");
     b.wait_text("#server-state", "running");
+    b.click("#action-reboot");
+    b.wait_text("#op-state", "reboot web-1");
+    b.wait_text("#op-state", "succeeded");
+    b.wait_text("#server-state", "running");
     b.click("#migrate-to option[value='node-b']");
     b.click("#action-migrate");
     b.wait_text("#op-state", "succeeded");

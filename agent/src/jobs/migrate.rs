@@ -776,7 +776,7 @@ pub(super) fn send(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendR
         .note(step, format!("{} of {} bytes allocated in {} extents", data_bytes, size, extents.len()));
     ctx.checkpoint("send")?;
 
-    let sent = stream_disk(ctx, m, &file, size, &extents, data_bytes)?;
+    let sent = stream_disk(ctx, m, || offer_disk(ctx, m, &file, size, &extents, data_bytes))?;
     drop(file);
 
     // The receiver holds a verified copy and its domain: only now is the source removed.
@@ -958,20 +958,17 @@ fn send_live(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendResult,
 const RECEIVER_READY_WAIT: Duration = Duration::from_secs(10);
 const RECEIVER_READY_POLL: Duration = Duration::from_millis(250);
 
-/// Connect to the receiver as this agent (mutual TLS, the receiver's certificate CN checked) and stream the
-/// extents; Ok once the receiver answered that it verified the disk. A receiver that answers that no job
-/// waits for the transfer is offered the stream again until [`RECEIVER_READY_WAIT`].
+/// Make `offer` ([`offer_disk`]) until the receiver takes it: Ok once the receiver answered that it verified
+/// the disk. A receiver that answers that no job waits for the transfer is offered the stream again until
+/// [`RECEIVER_READY_WAIT`].
 fn stream_disk(
     ctx: &JobContext<'_>,
     m: &MigrateSend,
-    file: &File,
-    size: u64,
-    extents: &[(u64, u64)],
-    data_bytes: u64,
+    mut offer: impl FnMut() -> Result<Sent, Offer>,
 ) -> Result<Sent, Failure> {
     let deadline = Instant::now() + RECEIVER_READY_WAIT;
     loop {
-        match stream_disk_once(ctx, m, file, size, extents, data_bytes) {
+        match offer() {
             Err(Offer::NotYet(status)) if Instant::now() < deadline => {
                 ctx.progress.note(
                     "send",
@@ -1012,7 +1009,9 @@ fn refused(m: &MigrateSend, status: &tonic::Status) -> Failure {
     )
 }
 
-fn stream_disk_once(
+/// Connect to the receiver as this agent (mutual TLS, the receiver's certificate CN checked) and stream the
+/// extents once.
+fn offer_disk(
     ctx: &JobContext<'_>,
     m: &MigrateSend,
     file: &File,

@@ -656,6 +656,11 @@ struct PassContext<'a> {
     total: u64,
 }
 
+thread_local! {
+    /// Each writer thread's buffer for reading back sampled blocks (allocated on its first sampled block).
+    static SAMPLE_BUF: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::new(SAMPLE_BLOCK as usize));
+}
+
 /// What a pass that verified its sample while writing found.
 struct InlineCheck {
     bytes_checked: u64,
@@ -703,21 +708,23 @@ impl PassContext<'_> {
             let Some((reader, blocks)) = sample else { return Ok(()) };
             let chunk_end = offset + chunk.len() as u64;
             let first = blocks.partition_point(|&b| (b + 1) * SAMPLE_BLOCK <= offset);
-            let mut back = AlignedBuf::new(SAMPLE_BLOCK as usize);
-            for &block in blocks[first..].iter().take_while(|&&b| b * SAMPLE_BLOCK < chunk_end) {
-                let (p0, p1) =
-                    ((block * SAMPLE_BLOCK).max(offset), ((block + 1) * SAMPLE_BLOCK).min(chunk_end));
-                back.set_len((p1 - p0) as usize);
-                reader.read(&mut back, p0)?;
-                let want = &chunk[(p0 - offset) as usize..(p1 - offset) as usize];
-                if let Some(i) = first_difference(&back, want) {
-                    let at = p0 + i as u64;
-                    let mut first = first_mismatch.lock().unwrap_or_else(|e| e.into_inner());
-                    *first = Some(first.map_or(at, |f| f.min(at)));
+            let sampled = blocks[first..].iter().take_while(|&&b| b * SAMPLE_BLOCK < chunk_end);
+            SAMPLE_BUF.with_borrow_mut(|back| {
+                for &block in sampled {
+                    let (p0, p1) =
+                        ((block * SAMPLE_BLOCK).max(offset), ((block + 1) * SAMPLE_BLOCK).min(chunk_end));
+                    back.set_len((p1 - p0) as usize);
+                    reader.read(back, p0)?;
+                    let want = &chunk[(p0 - offset) as usize..(p1 - offset) as usize];
+                    if let Some(i) = first_difference(back, want) {
+                        let at = p0 + i as u64;
+                        let mut first = first_mismatch.lock().unwrap_or_else(|e| e.into_inner());
+                        *first = Some(first.map_or(at, |f| f.min(at)));
+                    }
+                    checked.fetch_add(p1 - p0, std::sync::atomic::Ordering::Relaxed);
                 }
-                checked.fetch_add(p1 - p0, std::sync::atomic::Ordering::Relaxed);
-            }
-            Ok(())
+                Ok(())
+            })
         };
         stream::write_chunks(pattern, from, end, write, |offset, len| {
             self.advance(len as u64);

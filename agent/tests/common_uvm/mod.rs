@@ -414,20 +414,27 @@ impl Uvm {
         }
     }
 
-    /// A read-only `command`'s output, asked until two answers in a row agree: the serial console now and
-    /// then garbles a character (a doubled byte) when the guest's own messages cross it, and a query's
-    /// answer does not change between two asks. At most 5 asks.
+    /// A read-only `command`'s output, checked against the sha256 the guest computes of it: the serial
+    /// console now and then garbles a character (a doubled byte), and messages of the guest's own (systemd,
+    /// the kernel) can land in the middle of an answer. An answer whose digest does not match is asked
+    /// again, at most 5 times.
     pub fn query(&mut self, command: &str, timeout: Duration) -> String {
-        let mut last = self.shell(command, timeout);
-        for _ in 0..4 {
-            let next = self.shell(command, timeout);
-            if next == last {
-                return next;
+        let wrapped = format!(
+            "{{ {command}; }} >/tmp/query.out 2>&1; echo @@out; cat /tmp/query.out; echo; \
+             echo @@sha256=$(sha256sum </tmp/query.out | cut -c1-64)"
+        );
+        let mut last = String::new();
+        for _ in 0..5 {
+            last = self.shell(&wrapped, timeout);
+            if let Some(out) = checked_answer(&last) {
+                return out.trim().to_string();
             }
-            eprintln!("{}: {command:?} answered differently twice; asking again", self.vm.name);
-            last = next;
+            eprintln!(
+                "{}: {command:?}: the answer does not match its digest; asking again:\n{last}",
+                self.vm.name
+            );
         }
-        panic!("{}: {command:?} never answered the same twice on the serial console: {last}", self.vm.name)
+        panic!("{}: {command:?} never came back intact on the serial console: {last}", self.vm.name)
     }
 
     /// Powers the guest off from its console and waits for qemu to exit (killed after `timeout`).
@@ -437,4 +444,15 @@ impl Uvm {
             eprintln!("{}: did not power off within {timeout:?}; killing qemu", self.vm.name);
         }
     }
+}
+
+/// The output in `answer` (`@@out`, the bytes, a newline, `@@sha256=HEX`) when its sha256 is HEX.
+fn checked_answer(answer: &str) -> Option<&str> {
+    use sha2::Digest;
+    let (_, rest) = answer.split_once("@@out\n")?;
+    // The marker itself is not covered by the digest, and its first byte is sometimes doubled too.
+    let (out, digest) = rest.rsplit_once("@@sha256=")?;
+    // The `echo` after `cat` puts the digest on a line of its own: that newline is the separator's.
+    let out = out.trim_end_matches('@').strip_suffix('\n')?;
+    (hex::encode(sha2::Sha256::digest(out.as_bytes())) == digest.trim()).then_some(out)
 }

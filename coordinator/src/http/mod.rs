@@ -365,15 +365,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            // Out of file descriptors and the like: wait instead of spinning.
-            Err(e) => {
-                tracing::warn!("http: cannot accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let tcp = gridforge_common::net::accept(&listener, "http").await;
         let _ = tcp.set_nodelay(true);
         let (router, acceptor) = (router.clone(), acceptor.clone());
         tokio::spawn(async move {
