@@ -2,7 +2,7 @@
 //! with a token, see the grid by datacenter, create a server from the form and watch its operation reach the
 //! end, see its CPU meter green and then turn red without a reload when the same load is a larger share of
 //! it (resized from 4 vCPUs to 1), read its disk and network meters, find it in its tenant's tier, stop,
-//! start and migrate it, delete it after confirming; on a narrow window nothing scrolls sideways.
+//! start, reboot and migrate it, delete it after confirming; on a narrow window nothing scrolls sideways.
 //!
 //! `GRIDFORGE_SCREENSHOTS=1` writes the screenshots to docs/ (the README shows them); otherwise they go to
 //! the grid's temp dir.
