@@ -59,6 +59,10 @@ pub struct ImagesConfig {
     /// Where cached provisions keep their base disks: on the pool's file system, so that clones are reflinks
     /// where it supports them (btrfs, xfs), but not inside the pool directory (libvirt would list it).
     pub bases_dir: PathBuf,
+    /// How cached provisions clone the base onto a disk file where the pool's file system cannot share
+    /// extents: "copy" (a raw copy of the base's allocated extents) or "overlay" (a qcow2 overlay on the
+    /// base, holding only what the VM changes).
+    pub clone_fallback: String,
 }
 
 impl ImagesConfig {
@@ -70,6 +74,11 @@ impl ImagesConfig {
         } else {
             ProvisionMode::ProvisionFull
         }
+    }
+
+    /// How cached provisions clone where reflinks cannot be made (checked at load).
+    pub fn clone_fallback(&self) -> crate::provision::CloneFallback {
+        crate::provision::CloneFallback::parse(&self.clone_fallback).unwrap_or_default()
     }
 
     /// How the store's index is checked: the trusted key, or no check where `insecure_images` allows it.
@@ -202,6 +211,7 @@ impl Default for ImagesConfig {
             efi_binary: None,
             provision_mode: "full".to_string(),
             bases_dir: PathBuf::from("/var/lib/gridforge-agent/bases"),
+            clone_fallback: "copy".to_string(),
         }
     }
 }
@@ -254,6 +264,9 @@ impl Config {
         }
         if !matches!(cfg.images.provision_mode.as_str(), "full" | "cached") {
             return Err(invalid("images.provision_mode", "must be \"full\" or \"cached\""));
+        }
+        if crate::provision::CloneFallback::parse(&cfg.images.clone_fallback).is_none() {
+            return Err(invalid("images.clone_fallback", "must be \"copy\" or \"overlay\""));
         }
         if cfg.images.store.is_empty() && !cfg.images.trusted_key.is_empty() {
             return Err(invalid("images.trusted_key", "set without images.store"));

@@ -127,6 +127,7 @@ fn real_libvirtd_pool_volume_and_domain_life_cycle() {
         vcpus: common_vm::guest_vcpus(),
         memory_mib: 256,
         disk: vol.path.clone(),
+        disk_format: Default::default(),
         nics: vec![NicDef {
             network: Some(NETWORK.into()),
             bridge: None,

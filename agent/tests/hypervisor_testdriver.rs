@@ -24,6 +24,7 @@ fn def(name: &str) -> DomainDef {
         vcpus: 2,
         memory_mib: 512,
         disk: PathBuf::from(format!("/default-pool/{name}.img")),
+        disk_format: Default::default(),
         nics: vec![NicDef {
             network: Some("default".into()),
             bridge: None,

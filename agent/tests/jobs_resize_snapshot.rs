@@ -503,8 +503,14 @@ async fn resize_and_snapshot_refuse_the_disk_of_a_running_domain() {
         ..Default::default()
     };
     let hv = std::sync::Arc::new(Libvirt::new(&cfg, &site.node.dir.path().join("libvirt")));
-    let def =
-        DomainDef { name: "busy-vm".into(), vcpus: 1, memory_mib: 256, disk: disk.clone(), nics: Vec::new() };
+    let def = DomainDef {
+        name: "busy-vm".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disk: disk.clone(),
+        disk_format: Default::default(),
+        nics: Vec::new(),
+    };
     hv.define(&def).unwrap();
     hv.start("busy-vm").unwrap();
     let engine = gridforge_agent::jobs::JobEngine::open(

@@ -68,6 +68,7 @@ impl Fixture {
             cancel: None,
             default_mode: ProvisionMode::ProvisionFull,
             bases_dir: self.dir.path().join("bases"),
+            clone_fallback: Default::default(),
         }
     }
 

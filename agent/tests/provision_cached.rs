@@ -333,3 +333,100 @@ fn a_block_device_gets_the_base_copied_and_everything_else_zeroed() {
         .unwrap();
     assert!(back.iter().all(|&b| b == 0), "the device's old bytes survived where the base has none");
 }
+
+/// `qemu-img info --output=json` of `path`.
+fn qemu_img_info(path: &Path) -> serde_json::Value {
+    let out = common::run("qemu-img", &["info", "--output=json", "-U", path.to_str().unwrap()]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// A raw copy of the guest view of an overlay, made by qemu-img, for the raw-disk tools.
+fn raw_copy(overlay: &Path, raw: &Path) {
+    common::run(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", overlay.to_str().unwrap(), raw.to_str().unwrap()],
+    );
+}
+
+#[test]
+fn overlay_clones_on_a_pool_without_reflinks_hold_a_few_percent_of_the_base() {
+    common_vm::require_tool("qemu-storage-daemon", "qemu-system-common");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut site = debian(dir.path(), &dir.path().join("bases"));
+    site.provision_args = vec!["--clone-fallback".into(), "overlay".into()];
+    let (a, b) = (dir.path().join("vm-a.qcow2"), dir.path().join("vm-b.qcow2"));
+    let ra = site.provision(&spec("vm-a"), &a);
+    let rb = site.provision(&spec("vm-b"), &b);
+    assert_eq!(ra.base_id, rb.base_id);
+    let base_disk = dir.path().join("bases").join(&ra.base_id).join("disk.raw");
+    for (r, disk) in [(&ra, &a), (&rb, &b)] {
+        assert_eq!(r.clone_method, "overlay", "{r:?}");
+        let info = qemu_img_info(disk);
+        assert_eq!(info["format"], "qcow2", "{info}");
+        assert_eq!(info["backing-filename"], base_disk.to_str().unwrap(), "{info}");
+        assert_eq!(info["backing-filename-format"], "raw", "{info}");
+        assert_eq!(info["virtual-size"], 3072 * MIB, "{info}");
+        let check = common::try_run("qemu-img", &["check", disk.to_str().unwrap()]);
+        assert!(check.0, "qemu-img check {}: {}{}", disk.display(), check.1, check.2);
+    }
+
+    // What an unchanged (customized only) VM adds to the pool: its overlay's allocated blocks.
+    let base_used = std::fs::metadata(&base_disk).unwrap().blocks() * 512;
+    let per_vm = std::fs::metadata(&b).unwrap().blocks() * 512;
+    eprintln!("base {} MiB allocated, one overlay clone {} KiB", base_used / MIB, per_vm / 1024);
+    assert!(
+        per_vm * 20 <= base_used,
+        "an overlay holds {per_vm} bytes, more than 5% of the base's {base_used}"
+    );
+
+    // The guest views, checked with the raw-disk tools: identifiers of their own, customized.
+    let (raw_a, raw_b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    raw_copy(&a, &raw_a);
+    raw_copy(&b, &raw_b);
+    let (ia, ib) = (identity_of(&raw_a, &ra), identity_of(&raw_b, &rb));
+    assert_ne!(ia.disk_guid, ib.disk_guid);
+    assert_ne!(ia.machine_id, ib.machine_id);
+    let mut all = BTreeSet::new();
+    for id in ia.part_guids.iter().chain(&ib.part_guids).chain(&ia.fs_ids).chain(&ib.fs_ids) {
+        assert!(all.insert(id.clone()), "{id} appears twice: {ia:?} {ib:?}");
+    }
+    let root = part(&rb, Role::Root).offset_bytes;
+    assert_eq!(guest_file(&raw_b, root, "/etc/hostname"), "vm-b\n");
+    assert_eq!(guest_file(&raw_b, root, "/etc/motd"), "this is vm-b\n");
+    std::fs::remove_file(&raw_a).unwrap();
+    std::fs::remove_file(&raw_b).unwrap();
+
+    // The base is never written by its overlays; it cannot go while they use it; wiping an overlay
+    // overwrites that VM's own clusters only, and then it no longer holds the base.
+    let base_digest = sha256_file(&base_disk);
+    assert_eq!(std::fs::metadata(&base_disk).unwrap().mode() & 0o777, 0o444);
+    let refused = base(&site, &["delete", &ra.base_id]);
+    assert!(text(&refused).contains("in use by 2 disk(s)"), "{}", text(&refused));
+    let marker = "this is vm-a";
+    assert!(
+        common::try_run("grep", &["-qa", marker, a.to_str().unwrap()]).0,
+        "vm-a's motd is in its overlay"
+    );
+    let wiped = output(
+        agent()
+            .args(["wipe", "--method", "random", "--verify", "sample", "--disk"])
+            .arg(&a)
+            .arg("--report")
+            .arg(dir.path().join("wipe-a.json"))
+            .arg("--signing-key")
+            .arg(dir.path().join("signing.key"))
+            .arg("--pool")
+            .arg(dir.path()),
+    );
+    assert!(wiped.status.success(), "wipe: {}", text(&wiped));
+    assert!(
+        !common::try_run("grep", &["-qa", marker, a.to_str().unwrap()]).0,
+        "the wiped overlay keeps vm-a's data"
+    );
+    assert_eq!(sha256_file(&base_disk), base_digest, "wiping an overlay changed the base");
+    let listing = text(&base(&site, &["list"]));
+    assert!(listing.contains("1 clone(s)"), "after wiping vm-a only vm-b holds the base: {listing}");
+    std::fs::remove_file(&b).unwrap();
+    let deleted = base(&site, &["delete", &ra.base_id]);
+    assert!(deleted.status.success(), "{}", text(&deleted));
+}

@@ -6,6 +6,7 @@
 
 mod buf;
 pub mod ioctl;
+pub mod overlay;
 
 pub use buf::{AlignedBuf, DIRECT_ALIGN};
 
@@ -231,17 +232,10 @@ impl BlockTarget {
     /// (FICLONE) where the file system shares extents between files, else a copy of `src`'s allocated
     /// extents (SEEK_DATA/SEEK_HOLE; `copy_file_range` between files) with everything else zero.
     pub fn clone_from(&self, src: &File) -> Result<CloneMethod, BlockError> {
-        let src_size = src.metadata().map_err(self.io_err("reading the clone source"))?.len();
-        if src_size != self.size {
-            return Err(BlockError::Io {
-                context: format!("cloning a {src_size}-byte source onto {} bytes", self.size),
-                path: self.path.clone(),
-                source: io::Error::from_raw_os_error(libc::EINVAL),
-            });
-        }
-        if self.kind == TargetKind::File && ioctl::clone_file(&*self.file, src).is_ok() {
+        if self.reflink_from(src)? {
             return Ok(CloneMethod::Reflink);
         }
+        let src_size = self.size;
         let extents = data_extents(src, src_size).map_err(self.io_err("finding the source's extents"))?;
         let mut pos = 0;
         for (offset, len) in extents {
@@ -255,6 +249,20 @@ impl BlockTarget {
             self.zero_range(pos, self.size - pos)?;
         }
         Ok(CloneMethod::Copy)
+    }
+
+    /// Make the target share `src`'s extents (FICLONE), `src` being a regular file of the target's size.
+    /// False where that cannot be done: a block device, or a file system that does not share extents.
+    pub fn reflink_from(&self, src: &File) -> Result<bool, BlockError> {
+        let src_size = src.metadata().map_err(self.io_err("reading the clone source"))?.len();
+        if src_size != self.size {
+            return Err(BlockError::Io {
+                context: format!("cloning a {src_size}-byte source onto {} bytes", self.size),
+                path: self.path.clone(),
+                source: io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        Ok(self.kind == TargetKind::File && ioctl::clone_file(&*self.file, src).is_ok())
     }
 
     /// Copy `[offset, offset + len)` of `src` to the same place here: in the kernel between files, else
@@ -314,6 +322,8 @@ pub enum CloneMethod {
     Reflink,
     /// The source's allocated extents were copied.
     Copy,
+    /// The target is a qcow2 overlay on the source ([`overlay`]): it holds only the clusters written to it.
+    Overlay,
 }
 
 impl CloneMethod {
@@ -321,6 +331,7 @@ impl CloneMethod {
         match self {
             CloneMethod::Reflink => "reflink",
             CloneMethod::Copy => "copy",
+            CloneMethod::Overlay => "overlay",
         }
     }
 }

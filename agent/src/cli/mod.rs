@@ -289,8 +289,28 @@ struct ProvisionArgs {
     /// prepared base disk of the image and layout (made on first use) and customize the clone.
     #[arg(long, value_enum, default_value_t = ModeArg::Full)]
     mode: ModeArg,
+    /// How a cached provision clones the base onto a disk file whose file system cannot share extents
+    /// (reflinks are used wherever it can): a raw copy of the base's allocated extents, or a qcow2 overlay
+    /// on the base that holds only what the VM changes (qemu-img and qemu-storage-daemon needed).
+    #[arg(long, value_enum, default_value_t = CloneArg::Copy)]
+    clone_fallback: CloneArg,
     #[command(flatten)]
     bases: BasesArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CloneArg {
+    Copy,
+    Overlay,
+}
+
+impl From<CloneArg> for provision::CloneFallback {
+    fn from(c: CloneArg) -> Self {
+        match c {
+            CloneArg::Copy => Self::Copy,
+            CloneArg::Overlay => Self::Overlay,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -389,6 +409,7 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
                 cancel: None,
                 default_mode: args.mode.into(),
                 bases_dir: args.bases.bases,
+                clone_fallback: args.clone_fallback.into(),
             };
             let result = provision::provision(&req, &out.progress())?;
             out.provision_result(&result);

@@ -96,7 +96,27 @@ pub struct DomainDef {
     pub memory_mib: u64,
     /// The guest disk (a pool volume's path or a block device).
     pub disk: PathBuf,
+    /// What the disk holds: the guest's raw disk, or a qcow2 overlay the agent made on a base.
+    pub disk_format: DiskFormat,
     pub nics: Vec<NicDef>,
+}
+
+/// The format of a domain's disk. Never probed from the disk's bytes (a raw guest disk may hold anything):
+/// an overlay is known from the agent's own records of the overlays it made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
 }
 
 /// The files of a domain on one node besides its disk: they move with a live migration.

@@ -122,7 +122,7 @@ fn disk_cache(path: &Path) -> &'static str {
 }
 
 /// The domain XML for `def` (which must pass [`validate_def`]): UEFI with `cfg.ovmf_code` read-only and the
-/// per-VM `nvram` copy, ACPI, one virtio raw disk, virtio NICs, a virtio RNG, and the first serial port
+/// per-VM `nvram` copy, ACPI, one virtio disk (raw, or a qcow2 overlay), virtio NICs, a virtio RNG, and the first serial port
 /// (also the console) written to `console_log`.
 pub fn domain_xml(
     def: &DomainDef,
@@ -166,7 +166,8 @@ pub fn domain_xml_with_uuid(
     let _ = writeln!(x, "    <emulator>{}</emulator>", esc_path(&cfg.emulator));
     let (kind, attr) = if disk_is_block(&def.disk) { ("block", "dev") } else { ("file", "file") };
     let _ = writeln!(x, "    <disk type='{kind}' device='disk'>");
-    let _ = writeln!(x, "      <driver name='qemu' type='raw' cache='{}'/>", disk_cache(&def.disk));
+    let format = def.disk_format.as_str();
+    let _ = writeln!(x, "      <driver name='qemu' type='{format}' cache='{}'/>", disk_cache(&def.disk));
     let _ = writeln!(x, "      <source {attr}='{}'/>", esc_path(&def.disk));
     let _ = writeln!(x, "      <target dev='{DISK_TARGET}' bus='virtio'/>\n    </disk>");
     for nic in &def.nics {

@@ -1,7 +1,7 @@
 //! Running one job of each kind on the engine's functions. Every function here blocks; the engine runs it on
 //! the job's own thread.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,11 +15,11 @@ use gridforge_proto::v1::{
 use super::request::{DomainPlan, Target, Work, scrub_spec, volume_size};
 use super::{Inner, make_safe};
 
-use crate::hypervisor::{DomainDef, DomainState, Hypervisor, HypervisorError};
+use crate::hypervisor::{DiskFormat, DomainDef, DomainState, Hypervisor, HypervisorError};
 use crate::image::Trust;
 use crate::image::snapshot::SnapshotRequest;
 use crate::provision::resize::{DiskGrowth, ResizeError};
-use crate::provision::{self, ImageSource, ProvisionRequest};
+use crate::provision::{self, BaseStore, ImageSource, ProvisionRequest};
 use crate::wipe::{self, CancelToken};
 
 /// Default time a STOP waits for the guest to power off before it is destroyed.
@@ -249,6 +249,7 @@ fn provision_onto(
         cancel: Some(ctx.cancel.clone()),
         default_mode: config.images.default_provision_mode(),
         bases_dir: config.images.bases_dir.clone(),
+        clone_fallback: config.images.clone_fallback(),
     };
     let result = provision::provision(&req, &ctx.progress);
     scrub_spec(&mut req.spec);
@@ -269,6 +270,29 @@ fn provision_onto(
     Ok(Outcome::Provision(result))
 }
 
+/// The format of `disk`: qcow2 where the base store records it as an overlay the agent made, else raw.
+pub(super) fn disk_format(
+    ctx: &JobContext<'_>,
+    step: &'static str,
+    disk: &Path,
+) -> Result<DiskFormat, Failure> {
+    match overlay_base(ctx, step, disk)? {
+        Some(_) => Ok(DiskFormat::Qcow2),
+        None => Ok(DiskFormat::Raw),
+    }
+}
+
+/// The base disk `disk` is a qcow2 overlay on, if it is one.
+pub(super) fn overlay_base(
+    ctx: &JobContext<'_>,
+    step: &'static str,
+    disk: &Path,
+) -> Result<Option<PathBuf>, Failure> {
+    BaseStore::new(&ctx.inner.config.images.bases_dir)
+        .overlay_base(disk)
+        .map_err(|e| Failure::at(step, Code::Io, error_chain(&e)))
+}
+
 pub(super) fn define_domain(ctx: &JobContext<'_>, d: &DomainPlan, disk: &Path) -> Result<(), Failure> {
     ctx.checkpoint("define")?;
     let hv = ctx.hypervisor()?;
@@ -278,6 +302,7 @@ pub(super) fn define_domain(ctx: &JobContext<'_>, d: &DomainPlan, disk: &Path) -
         vcpus: d.vcpus,
         memory_mib: d.memory_mib,
         disk: disk.to_path_buf(),
+        disk_format: disk_format(ctx, "define", disk)?,
         nics: d.nics.clone(),
     };
     hv.define(&def).map_err(|e| Failure::hypervisor("define", e))?;

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ProvisionError, ProvisionRequest, RemoveOnDrop, partition_result, plan_layout, write_fstab};
-use crate::block::{BlockTarget, TargetOptions};
+use crate::block::{BlockTarget, CloneMethod, TargetKind, TargetOptions, overlay};
 use crate::customize;
 use crate::fs::{FsError, FsInfo, ext4, swap, vfat};
 use crate::image::index::IndexEntry;
@@ -63,6 +63,29 @@ pub enum BaseError {
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BaseError {
     let context = context.into();
     move |source| BaseError::Io { context, source }
+}
+
+/// How a cached provision clones the base onto a regular file where the pool's file system cannot share
+/// extents (reflinks are used wherever it can).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CloneFallback {
+    /// A copy of the base's allocated extents: a raw disk of its own.
+    #[default]
+    Copy,
+    /// A qcow2 overlay on the base ([`overlay`]): holds only what the VM changes, and needs the base on
+    /// this node for as long as it lives.
+    Overlay,
+}
+
+impl CloneFallback {
+    /// "copy" or "overlay", as the agent's config and CLI name it.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "copy" => Some(Self::Copy),
+            "overlay" => Some(Self::Overlay),
+            _ => None,
+        }
+    }
 }
 
 /// What a base was made from and the identifiers its clones replace.
@@ -93,6 +116,9 @@ struct CloneRecord {
     path: PathBuf,
     disk_guid: String,
     sector_size: u32,
+    /// The disk is a qcow2 overlay on the base (else a raw disk).
+    #[serde(default)]
+    overlay: bool,
 }
 
 /// The base disks of this agent.
@@ -184,6 +210,7 @@ impl BaseStore {
 
     /// The disks that still hold a clone of base `id`; records of the others are dropped.
     fn live_clones(&self, id: &str) -> Result<Vec<PathBuf>, BaseError> {
+        let base = self.base_dir(id).join("disk.raw");
         let dir = self.base_dir(id).join("clones");
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -196,7 +223,7 @@ impl BaseStore {
             let record: Option<CloneRecord> =
                 fs::read_to_string(entry.path()).ok().and_then(|t| serde_json::from_str(&t).ok());
             match record {
-                Some(r) if holds_clone(&r) => live.push(r.path),
+                Some(r) if holds_clone(&r, &base) => live.push(r.path),
                 _ => {
                     let _ = fs::remove_file(entry.path());
                 }
@@ -212,19 +239,51 @@ impl BaseStore {
         disk: &Path,
         disk_guid: &str,
         sector_size: u32,
+        overlay: bool,
     ) -> Result<(), BaseError> {
         let dir = self.base_dir(id).join("clones");
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let record = CloneRecord { path: disk.to_path_buf(), disk_guid: disk_guid.to_string(), sector_size };
-        let name = hex(&Sha256::digest(disk.as_os_str().as_encoded_bytes()));
-        let path = dir.join(&name[..32]);
+        let record =
+            CloneRecord { path: disk.to_path_buf(), disk_guid: disk_guid.to_string(), sector_size, overlay };
+        let path = dir.join(record_name(disk));
         fs::write(&path, serde_json::to_vec(&record).expect("serializes"))
             .map_err(io_err(format!("writing {}", path.display())))
     }
+
+    /// The base disk that `disk` is a live qcow2 overlay on, from this store's records (never from what
+    /// the disk's own bytes claim alone: a raw guest disk may hold anything).
+    pub fn overlay_base(&self, disk: &Path) -> Result<Option<PathBuf>, BaseError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("listing {}", self.dir.display()))(e)),
+        };
+        let name = record_name(disk);
+        for entry in entries {
+            let entry = entry.map_err(io_err(format!("listing {}", self.dir.display())))?;
+            let record: Option<CloneRecord> = fs::read_to_string(entry.path().join("clones").join(&name))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            let base = entry.path().join("disk.raw");
+            if record.is_some_and(|r| r.overlay && r.path == disk && holds_clone(&r, &base)) {
+                return Ok(Some(base));
+            }
+        }
+        Ok(None)
+    }
 }
 
-/// Whether the disk a record names still carries the GPT it was given when cloned.
-fn holds_clone(record: &CloneRecord) -> bool {
+/// The name of the clone record of `disk` in a base's `clones/`.
+fn record_name(disk: &Path) -> String {
+    hex(&Sha256::digest(disk.as_os_str().as_encoded_bytes()))[..32].to_string()
+}
+
+/// Whether the disk a record names still holds the clone of `base` it was given: the GPT it was given, or
+/// for an overlay, a qcow2 header naming the base (a wiped or reprovisioned disk has neither).
+fn holds_clone(record: &CloneRecord, base: &Path) -> bool {
+    if record.overlay {
+        return overlay::backing_file(&record.path).is_ok_and(|b| b.as_deref() == Some(base));
+    }
     let Ok(file) = File::open(&record.path) else { return false };
     partition::read(&file, record.sector_size).is_ok_and(|t| t.disk_guid.to_string() == record.disk_guid)
 }
@@ -295,15 +354,55 @@ pub(super) fn provision_cached(
     progress.note("clone", format!("cloning base {id}"));
     let base_file = File::open(&base.path)
         .map_err(|e| ProvisionError::new("clone", Code::Io, format!("opening base {id}: {e}")))?;
-    let method = target.clone_from(&base_file).map_err(|e| ProvisionError::new("clone", Code::Target, e))?;
-    progress.note("clone", format!("cloned base {id} ({})", method.as_str()));
-    let disk_guid = fresh_identity(req, target, &base.info, progress)?;
-    target.sync().map_err(|e| ProvisionError::new("customize", Code::Io, e))?;
-    store.record_clone(&id, target.path(), &disk_guid, target.sector_size()).map_err(base_err("report"))?;
-    let mut result = super::describe(target).map_err(|e| ProvisionError::new("report", Code::Io, e))?;
+    let target_err = |e| ProvisionError::new("clone", Code::Target, e);
+    let method = match req.clone_fallback {
+        CloneFallback::Overlay if target.kind() == TargetKind::File => {
+            if target.reflink_from(&base_file).map_err(target_err)? {
+                CloneMethod::Reflink
+            } else {
+                CloneMethod::Overlay
+            }
+        }
+        _ => target.clone_from(&base_file).map_err(target_err)?,
+    };
+    drop(base_file);
+    let (disk_guid, mut result) = if method == CloneMethod::Overlay {
+        progress.note("clone", format!("making {} a qcow2 overlay on base {id}", target.path().display()));
+        let overlay_err = |e| ProvisionError::new("clone", Code::Tool, e);
+        overlay::create(target.path(), &base.path, target.size()).map_err(overlay_err)?;
+        let export = overlay::Export::start(target.path(), &req.work_dir, true).map_err(overlay_err)?;
+        let opts = TargetOptions { sector_size: Some(target.sector_size()), ..Default::default() };
+        let view = BlockTarget::open(export.path(), &opts).map_err(target_err)?;
+        let done = customize_clone(req, &view, &base.info, progress)?;
+        drop(view);
+        export.stop().map_err(|e| ProvisionError::new("customize", Code::Tool, e))?;
+        target.sync().map_err(|e| ProvisionError::new("customize", Code::Io, e))?;
+        done
+    } else {
+        progress.note("clone", format!("cloned base {id} ({})", method.as_str()));
+        customize_clone(req, target, &base.info, progress)?
+    };
+    let overlay = method == CloneMethod::Overlay;
+    store
+        .record_clone(&id, target.path(), &disk_guid, target.sector_size(), overlay)
+        .map_err(base_err("report"))?;
     result.base_id = id;
     result.clone_method = method.as_str().to_string();
     Ok(result)
+}
+
+/// Give the clone on `target` fresh identifiers and the VM's customization, and describe it: its new disk
+/// GUID and the provision's result.
+fn customize_clone(
+    req: &ProvisionRequest,
+    target: &BlockTarget,
+    base: &BaseInfo,
+    progress: &Progress,
+) -> Result<(String, ProvisionResult), ProvisionError> {
+    let disk_guid = fresh_identity(req, target, base, progress)?;
+    target.sync().map_err(|e| ProvisionError::new("customize", Code::Io, e))?;
+    let result = super::describe(target).map_err(|e| ProvisionError::new("report", Code::Io, e))?;
+    Ok((disk_guid, result))
 }
 
 /// Make base `id` as a full provision would make the disk, without the VM's customization; check it and

@@ -26,7 +26,7 @@ use crate::partition::{self, GptPlan, PartitionRequest};
 use crate::pipeline::{rawdisk, unpack};
 use crate::wipe::CancelToken;
 
-pub use cached::{BaseEntry, BaseError, BaseInfo, BaseStore};
+pub use cached::{BaseEntry, BaseError, BaseInfo, BaseStore, CloneFallback};
 pub use spec::SpecError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -84,6 +84,8 @@ pub struct ProvisionRequest {
     pub default_mode: ProvisionMode,
     /// The base store of cached provisions (see [`cached`]).
     pub bases_dir: PathBuf,
+    /// How a cached provision clones onto a file where reflinks cannot be made.
+    pub clone_fallback: CloneFallback,
 }
 
 impl ProvisionRequest {

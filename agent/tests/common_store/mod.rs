@@ -27,6 +27,8 @@ pub struct Store {
     pub dir: PathBuf,
     /// The base store of cached provisions (default `<dir>/bases`).
     pub bases: PathBuf,
+    /// More arguments for every `provision` (e.g. `--clone-fallback overlay`).
+    pub provision_args: Vec<String>,
 }
 
 impl Store {
@@ -44,7 +46,7 @@ impl Store {
                 .arg(&key),
             "image pack",
         );
-        Self { dir: dir.to_path_buf(), bases: dir.join("bases") }
+        Self { dir: dir.to_path_buf(), bases: dir.join("bases"), provision_args: Vec::new() }
     }
 
     /// Runs `provision --json` of `spec` onto `disk`, whatever its outcome.
@@ -67,6 +69,7 @@ impl Store {
             .arg(self.dir.join("work"))
             .arg("--bases")
             .arg(&self.bases)
+            .args(&self.provision_args)
             .output()
             .expect("gridforge-agent runs")
     }
