@@ -1,6 +1,7 @@
 //! End to end: a real Debian 12 image packed into a signed store, provisioned onto a disk file by the CLI,
 //! booted in qemu with UEFI, and checked from inside the guest over ssh. The provision is cached: a first
-//! VM's provision makes the base disk, and the guest booted is a second VM cloned from that base. The guest takes its address from
+//! VM's provision makes the base disk, and the guest booted is a second VM cloned from that base as a qcow2
+//! overlay. The guest takes its address from
 //! DHCP; a static address, gateway and DNS are checked on the guest that `tests/tests/e2e_grid_boot.rs`
 //! creates through the coordinator on a real libvirtd (one emulated boot each keeps the test run short).
 
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common_store::Store;
-use common_vm::{SshKey, Vm};
+use common_vm::{SshKey, Vm, VmOptions};
 use gridforge_proto::v1::{ProvisionResult, partition::Role};
 
 /// Measured under TCG with one vCPU on an idle two-core machine: login prompt about 30 s after qemu starts,
@@ -162,15 +163,19 @@ fn a_debian_guest_boots_customized_on_dhcp() {
     let first =
         store.provision(&spec("web-0", &key, dhcp_net.clone(), &firstboot), &dir.path().join("web-0.img"));
     eprintln!("provision web-0 (makes the base): {:.1} s", t.elapsed().as_secs_f64());
-    let disk = dir.path().join("web-1.img");
+    // The guest booted is a qcow2 overlay on the base, the clone that shares the most with it.
+    let store = Store { provision_args: vec!["--clone-fallback".into(), "overlay".into()], ..store };
+    let disk = dir.path().join("web-1.qcow2");
     let t = Instant::now();
     let res = store.provision(&spec("web-1", &key, dhcp_net, &firstboot), &disk);
+    assert_eq!(res.clone_method, "overlay", "{res:?}");
     eprintln!("provision web-1 (cloned, {}): {:.1} s", res.clone_method, t.elapsed().as_secs_f64());
     assert_eq!(res.base_id, first.base_id, "web-1 is not a clone of web-0's base: {res:?}");
     let uuid = root_uuid(&res);
     assert_ne!(uuid, root_uuid(&first), "two clones share a root file system UUID");
 
-    let mut vm = Vm::boot("web-1", &disk, "52:54:00:12:34:57", dir.path());
+    let options = VmOptions { disk_format: "qcow2", ..Default::default() };
+    let mut vm = Vm::boot_with("web-1", &disk, "52:54:00:12:34:57", dir.path(), &options);
     boot_and_login(&mut vm, &key, "web-1");
     let facts = check_common(&vm, &key, "web-1", &uuid);
     let route = &facts["route"];

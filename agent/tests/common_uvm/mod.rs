@@ -322,6 +322,7 @@ impl Uvm {
             extra_drives: vec![data_disk.to_path_buf()],
             forwards: vec![(port, AGENT_PORT)],
             serial_input: true,
+            ..Default::default()
         };
         let vm = Vm::boot_with(name, &disk, UVM_MAC, dir, &options);
         Self { vm, port, shell_seq: 0 }

@@ -218,6 +218,8 @@ pub struct Vm {
 #[derive(Clone, Debug)]
 pub struct VmOptions {
     pub memory_mib: u32,
+    /// The boot disk's format: "raw", or "qcow2" for an overlay clone.
+    pub disk_format: &'static str,
     /// More raw disks, attached as virtio drives after the boot disk (vdb, vdc, ...).
     pub extra_drives: Vec<PathBuf>,
     /// More TCP ports forwarded from 127.0.0.1: (host port, guest port).
@@ -229,7 +231,13 @@ pub struct VmOptions {
 
 impl Default for VmOptions {
     fn default() -> Self {
-        Self { memory_mib: 1024, extra_drives: Vec::new(), forwards: Vec::new(), serial_input: false }
+        Self {
+            memory_mib: 1024,
+            disk_format: "raw",
+            extra_drives: Vec::new(),
+            forwards: Vec::new(),
+            serial_input: false,
+        }
     }
 }
 
@@ -269,7 +277,7 @@ impl Vm {
             .args(["-smp", &guest_vcpus().to_string()])
             .args(pflash_args(&vars))
             .arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio", disk.display()));
+            .arg(format!("file={},format={},if=virtio", disk.display(), options.disk_format));
         for drive in &options.extra_drives {
             command.arg("-drive").arg(format!("file={},format=raw,if=virtio", drive.display()));
         }
