@@ -149,3 +149,107 @@ async fn an_agent_configured_for_cached_provisions_clones_one_base_per_image() {
     assert!(rc.base_id.is_empty(), "a full provision came from base {}", rc.base_id);
     identifiers(&c, &rc);
 }
+
+/// `qemu-img info --output=json` of `path`.
+fn qemu_img_info(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&run("qemu-img", &["info", "--output=json", "-U", path.to_str().unwrap()])).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overlay_clones_are_defined_as_qcow2_and_grow_and_capture_through_their_raw_view() {
+    use gridforge_agent::config::LibvirtConfig;
+    use gridforge_agent::hypervisor::{Hypervisor, Libvirt};
+    use gridforge_proto::v1::{Machine, ResizeJob, SnapshotJob};
+    let mut node = Node::new();
+    let dir = node.dir.path().to_path_buf();
+    common::small_rootfs(&dir.join("tree"));
+    let key_path = dir.join("store.key");
+    sign::keygen(&key_path).unwrap();
+    let key = sign::load_signing_key(&key_path).unwrap();
+    pack_rootfs(&dir.join("tree"), &dir.join("store"), "tiny", "1", Kind::Os, &key, 3).unwrap();
+    node.config.images.store = dir.join("store").display().to_string();
+    node.config.images.trusted_key = sign::public_key_path(&key_path).display().to_string();
+    node.config.images.snapshot_store = dir.join("store");
+    node.config.images.snapshot_signing_key = key_path;
+    node.config.images.provision_mode = "cached".into();
+    node.config.images.clone_fallback = "overlay".into();
+    // libvirt's in-process test driver: the domain is defined from the agent's XML without a VM.
+    let cfg = LibvirtConfig {
+        uri: "test:///default".into(),
+        pool: "default-pool".into(),
+        domain_type: "qemu".into(),
+        ..Default::default()
+    };
+    let hv = std::sync::Arc::new(Libvirt::new(&cfg, &dir.join("libvirt")));
+    let engine = gridforge_agent::jobs::JobEngine::open(&node.config, Some(hv.clone() as _)).unwrap();
+    let (mut client, _) = serve(engine, &node.config).await;
+
+    // The base first (a raw clone target), then the overlay with a domain.
+    provision(&mut client, provision_request("vm-0", &node.sparse_disk("vm-0.img", 96 * MIB), None)).await;
+    let disk = node.sparse_disk("vm-1.qcow2", 96 * MIB);
+    let mut req = provision_request("vm-1", &disk, None);
+    if let Some(JobReq::Provision(p)) = &mut req.job {
+        p.spec.as_mut().unwrap().machine = Some(Machine { vcpus: 1, memory_mib: 256, ..Default::default() });
+    }
+    let res = provision(&mut client, req).await;
+    assert_eq!(res.clone_method, "overlay", "{res:?}");
+    let info = qemu_img_info(&disk);
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"], 96 * MIB, "{info}");
+    assert_eq!(hv.domain_disk("vm-1").unwrap(), disk, "the domain is defined on the overlay");
+    assert!(std::fs::metadata(&disk).unwrap().len() < 8 * MIB, "the overlay file is small");
+
+    // Resize grows the qcow2 image's virtual size, the last partition and its ext4, through the export.
+    let resize = SubmitJobRequest {
+        idempotency_key: "grow".into(),
+        job: Some(JobReq::Resize(ResizeJob { target: device(&disk), size_mib: 160 })),
+        ..Default::default()
+    };
+    let job = client.submit_job(resize).await.expect("SubmitJob").into_inner();
+    let events = watch_to_end(&mut client, &job.id).await;
+    let done = get(&mut client, &job.id).await;
+    assert!(matches!(done.outcome, Some(Outcome::Resize(_))), "{:?}\n{events:#?}", done.outcome);
+    assert_eq!(qemu_img_info(&disk)["virtual-size"], 160 * MIB);
+    let (ok, out, err) = try_run("qemu-img", &["check", disk.to_str().unwrap()]);
+    assert!(ok, "qemu-img check: {out}{err}");
+    let raw = dir.join("vm-1.raw");
+    run("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", disk.to_str().unwrap(), raw.to_str().unwrap()]);
+    assert!(run("sgdisk", &["-v", raw.to_str().unwrap()]).contains("No problems found"));
+    let root = res.partitions.iter().find(|p| p.label == "root").unwrap();
+    let target = format!("{}?offset={}", raw.display(), root.offset_bytes);
+    let (ok, out, err) = try_run("e2fsck", &["-fn", &target]);
+    assert!(ok, "e2fsck -fn of the grown root: {out}{err}");
+    let blocks = run("dumpe2fs", &["-h", &target]);
+    let count: u64 = blocks
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    assert!(count * 4096 > 120 * MIB, "the root ext4 grew: {count} blocks");
+    assert_eq!(run("debugfs", &["-R", "cat /etc/hostname", &target]), "vm-1\n");
+
+    // A snapshot captures the guest view (what qemu-img converts it to), not the qcow2 file.
+    let snapshot = SubmitJobRequest {
+        idempotency_key: "snap".into(),
+        job: Some(JobReq::Snapshot(SnapshotJob {
+            target: device(&disk),
+            image_name: "vm-1-golden".into(),
+            image_version: "1".into(),
+            notes: String::new(),
+        })),
+        ..Default::default()
+    };
+    let job = client.submit_job(snapshot).await.expect("SubmitJob").into_inner();
+    let events = watch_to_end(&mut client, &job.id).await;
+    let done = get(&mut client, &job.id).await;
+    let Some(Outcome::Snapshot(snap)) = &done.outcome else { panic!("{:?}\n{events:#?}", done.outcome) };
+    assert_eq!(snap.size_bytes, 160 * MIB);
+    let blob = dir.join("store").join("blobs/sha256").join(&snap.sha256);
+    let decoded = dir.join("decoded.raw");
+    run("zstd", &["-q", "-d", "-f", blob.to_str().unwrap(), "-o", decoded.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&decoded).unwrap() == std::fs::read(&raw).unwrap(),
+        "the snapshot is the guest view"
+    );
+    hv.undefine("vm-1").unwrap();
+}

@@ -99,6 +99,16 @@ pub fn backing_file(path: &Path) -> io::Result<Option<PathBuf>> {
     Ok(Some(PathBuf::from(std::ffi::OsString::from_vec(name))))
 }
 
+/// The virtual (guest) size of the qcow2 image at `path`, from its header.
+pub fn virtual_size(path: &Path) -> io::Result<u64> {
+    let mut header = [0u8; 32];
+    File::open(path)?.read_exact_at(&mut header, 0)?;
+    if &header[..4] != QCOW2_MAGIC {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a qcow2 image"));
+    }
+    Ok(u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")))
+}
+
 /// The guest view of a qcow2 overlay as a raw file, served by `qemu-storage-daemon` over FUSE while this
 /// lives. [`Export::stop`] flushes and unmounts; dropping it does the same, logging what fails.
 #[derive(Debug)]
@@ -260,6 +270,7 @@ mod tests {
         let overlay = dir.path().join("vm.qcow2");
         create(&overlay, &base, 4 << 20).unwrap();
         assert_eq!(backing_file(&overlay).unwrap(), Some(base.clone()));
+        assert_eq!(virtual_size(&overlay).unwrap(), 4 << 20);
 
         let export = Export::start(&overlay, dir.path(), true).unwrap();
         let view = std::fs::OpenOptions::new().read(true).write(true).open(export.path()).unwrap();

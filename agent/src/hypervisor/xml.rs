@@ -295,6 +295,23 @@ mod tests {
     }
 
     #[test]
+    fn the_disk_driver_names_the_disk_format() {
+        let mut def = DomainDef {
+            name: "vm".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk: PathBuf::from("/nonexistent/pool/vm.img"),
+            disk_format: super::super::DiskFormat::Raw,
+            nics: Vec::new(),
+        };
+        let cfg = crate::config::LibvirtConfig::default();
+        let xml = |def: &DomainDef| domain_xml(def, DomainType::Qemu, &cfg, Path::new("/n"), Path::new("/c"));
+        assert!(xml(&def).contains("<driver name='qemu' type='raw' cache='none'/>"), "{}", xml(&def));
+        def.disk_format = super::super::DiskFormat::Qcow2;
+        assert!(xml(&def).contains("<driver name='qemu' type='qcow2' cache='none'/>"), "{}", xml(&def));
+    }
+
+    #[test]
     fn retarget_replaces_whole_paths_only() {
         let xml = "<disk><source file='/a/pool/vm.raw'/></disk><nvram>/a/nvram/vm_VARS.fd</nvram>\
                    <source file='/a/pool/vm.raw.bak'/><log file=\"/a/console/vm.log\"/>";

@@ -33,7 +33,7 @@ use gridforge_proto::v1::{
 use sha2::{Digest, Sha256};
 
 use super::request::{MigrateReceive, MigrateSend, Target};
-use super::run::{Failure, JobContext, check_disk_idle, define_domain, delete_vm};
+use super::run::{Failure, JobContext, RawView, check_disk_idle, define_domain, delete_vm};
 use super::{JobEngine, lock, make_safe};
 use crate::block::data_extents;
 use crate::hypervisor::{DomainFiles, DomainState, LivePlan, LiveProgress};
@@ -766,8 +766,10 @@ pub(super) fn send(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendR
     let path = m.target.path();
     require_state(hv, &m.domain, DomainState::Shutoff, "a cold migration needs it shut off (stop it first)")?;
     check_disk_idle(ctx, path)?;
+    // An overlay's guest view is sent: the receiver gets a raw disk of its own, needing no base there.
+    let view = RawView::open(ctx, step, path, false)?;
     let io = |what: String, e: std::io::Error| Failure::at(step, Code::Io, format!("{what}: {e}"));
-    let file = File::open(path).map_err(|e| io(format!("opening {}", path.display()), e))?;
+    let file = File::open(view.path()).map_err(|e| io(format!("opening {}", view.path().display()), e))?;
     let size = disk_size(&file).map_err(|e| io(format!("reading the size of {}", path.display()), e))?;
     let extents = data_extents(&file, size)
         .map_err(|e| io(format!("finding the data extents of {}", path.display()), e))?;
@@ -778,6 +780,7 @@ pub(super) fn send(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendR
 
     let sent = stream_disk(ctx, m, || offer_disk(ctx, m, &file, size, &extents, data_bytes))?;
     drop(file);
+    view.close("send")?;
 
     // The receiver holds a verified copy and its domain: only now is the source removed.
     let done = format!("the receiver {} verified its copy ({})", m.receiver, sent.sha256);
@@ -858,6 +861,18 @@ fn send_live(ctx: &JobContext<'_>, m: &MigrateSend) -> Result<MigrateSendResult,
     let step = "check";
     require_state(hv, &m.domain, DomainState::Running, "a live migration needs it running")?;
     let path = m.target.path();
+    if let Some(base) = super::run::overlay_base(ctx, step, path)? {
+        return Err(Failure::at(
+            step,
+            Code::InvalidSpec,
+            format!(
+                "the disk {} is a qcow2 overlay on base {} of this node, and a live migration copies raw disks \
+                 only: migrate it cold (stopped), which sends its raw guest view",
+                path.display(),
+                base.display()
+            ),
+        ));
+    }
     let io = |what: String, e: std::io::Error| Failure::at(step, Code::Io, format!("{what}: {e}"));
     let size = File::open(path)
         .and_then(|f| disk_size(&f))

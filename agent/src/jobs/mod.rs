@@ -417,6 +417,7 @@ impl JobEngine {
             snapshot_signing_key: &config.images.snapshot_signing_key,
             mutual_tls: !config.tls.insecure,
             live_migration: config.libvirt.live_endpoint().is_some(),
+            bases_dir: &config.images.bases_dir,
         };
         let prepared = request::prepare(&req, client, &checks)?;
         self.inner.enqueue(&req, prepared)

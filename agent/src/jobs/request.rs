@@ -125,6 +125,8 @@ pub(crate) struct Checks<'a> {
     pub mutual_tls: bool,
     /// Whether the node takes and sends live migrations (`libvirt.peer_uri` set, a real hypervisor).
     pub live_migration: bool,
+    /// The base store (`images.bases_dir`), whose records say which disks are qcow2 overlays.
+    pub bases_dir: &'a Path,
 }
 
 pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SubmitError {
@@ -258,7 +260,7 @@ pub(crate) fn prepare(
         JobReq::MigrateReceive(m) => prepare_migrate_receive(m, checks),
         JobReq::Resize(r) => {
             let target = resolve_target(r.target.as_ref(), "resize.target", false, checks)?;
-            let size_bytes = resize_size(r.size_mib, target.path())?;
+            let size_bytes = resize_size(r.size_mib, target.path(), checks.bases_dir)?;
             check_not_in_use(checks, target.path(), "resize")?;
             Ok(Prepared {
                 kind: JobKind::Resize,
@@ -559,7 +561,7 @@ fn require_mutual_tls(checks: &Checks<'_>, what: &str) -> Result<(), SubmitError
 
 /// The new size of a Resize in bytes: given, and larger than the disk is now. A block device cannot be grown
 /// here, so it must already hold the new size.
-fn resize_size(size_mib: u64, path: &Path) -> Result<u64, SubmitError> {
+fn resize_size(size_mib: u64, path: &Path, bases_dir: &Path) -> Result<u64, SubmitError> {
     let field = "resize.size_mib";
     if size_mib == 0 {
         return Err(invalid(field, "required: the new disk size in MiB"));
@@ -567,9 +569,14 @@ fn resize_size(size_mib: u64, path: &Path) -> Result<u64, SubmitError> {
     let size_bytes = size_mib
         .checked_mul(MIB)
         .ok_or_else(|| invalid(field, format!("{size_mib} MiB is not a disk size")))?;
-    let (current, is_device) = disk_size(path).map_err(|e| {
+    let cannot = |e: &dyn std::fmt::Display| {
         SubmitError::NotFound(format!("resize.target: cannot read the size of {}: {e}", path.display()))
-    })?;
+    };
+    let (mut current, is_device) = disk_size(path).map_err(|e| cannot(&e))?;
+    // An overlay's disk size is its qcow2 image's virtual size, not its file's.
+    if crate::provision::BaseStore::new(bases_dir).overlay_base(path).map_err(|e| cannot(&e))?.is_some() {
+        current = crate::block::overlay::virtual_size(path).map_err(|e| cannot(&e))?;
+    }
     if is_device {
         if size_bytes > current {
             return Err(invalid(

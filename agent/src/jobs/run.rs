@@ -15,6 +15,7 @@ use gridforge_proto::v1::{
 use super::request::{DomainPlan, Target, Work, scrub_spec, volume_size};
 use super::{Inner, make_safe};
 
+use crate::block::overlay;
 use crate::hypervisor::{DiskFormat, DomainDef, DomainState, Hypervisor, HypervisorError};
 use crate::image::Trust;
 use crate::image::snapshot::SnapshotRequest;
@@ -138,15 +139,18 @@ fn resize(ctx: &JobContext<'_>, target: &Target, size_bytes: u64) -> Result<Resi
     let path = target.path();
     check_disk_idle(ctx, path)?;
     let fail = |step: &str, e: ResizeError| Failure::at(step, e.code(), error_chain(&e));
-    let growth = DiskGrowth::check(path, size_bytes, &ctx.progress).map_err(|e| fail("check", e))?;
+    // An overlay grows through its export: the qcow2 image's virtual size, not its file.
+    let view = RawView::open(ctx, "check", path, true)?;
+    let growth = DiskGrowth::check(view.path(), size_bytes, &ctx.progress).map_err(|e| fail("check", e))?;
     ctx.checkpoint("resize")?;
-    if let Some(name) = target.volume_name() {
+    if let Some(name) = target.volume_name().filter(|_| !view.is_overlay()) {
         let hv = ctx.hypervisor()?;
         ctx.progress
             .note("resize", format!("growing volume {name} to {} MiB", size_bytes / crate::block::MIB));
         hv.resize_volume(name, size_bytes).map_err(|e| Failure::hypervisor("resize", e))?;
     }
     let outcome = growth.apply(&ctx.progress).map_err(|e| fail("resize", e))?;
+    view.close("resize")?;
     Ok(outcome.to_proto())
 }
 
@@ -168,8 +172,9 @@ fn snapshot(
         .map_err(|e| image_err("check", e))?;
     check_disk_idle(ctx, disk)?;
     ctx.checkpoint("read")?;
+    let view = RawView::open(ctx, "read", disk, false)?;
     let req = SnapshotRequest {
-        disk: disk.to_path_buf(),
+        disk: view.path().to_path_buf(),
         store_dir: images.snapshot_store.clone(),
         name: name.to_string(),
         version: version.to_string(),
@@ -178,7 +183,7 @@ fn snapshot(
         level: crate::image::snapshot::DEFAULT_LEVEL,
         cancel: Some(ctx.cancel.clone()),
     };
-    crate::image::snapshot::capture(&req, &ctx.progress).map_err(|e| {
+    let captured = crate::image::snapshot::capture(&req, &ctx.progress).map_err(|e| {
         let step =
             if matches!(e, crate::image::ImageError::RawDisk { .. } | crate::image::ImageError::Disk(_)) {
                 "read"
@@ -186,7 +191,9 @@ fn snapshot(
                 "publish"
             };
         image_err(step, e)
-    })
+    })?;
+    view.close("read")?;
+    Ok(captured)
 }
 
 fn provision(
@@ -291,6 +298,46 @@ pub(super) fn overlay_base(
     BaseStore::new(&ctx.inner.config.images.bases_dir)
         .overlay_base(disk)
         .map_err(|e| Failure::at(step, Code::Io, error_chain(&e)))
+}
+
+/// The guest's raw view of a disk for the length of a job: the disk itself, or for a qcow2 overlay the agent
+/// made, an export of it (read-only unless `writable`).
+pub(super) struct RawView {
+    path: PathBuf,
+    export: Option<overlay::Export>,
+}
+
+impl RawView {
+    pub(super) fn open(
+        ctx: &JobContext<'_>,
+        step: &'static str,
+        disk: &Path,
+        writable: bool,
+    ) -> Result<Self, Failure> {
+        if overlay_base(ctx, step, disk)?.is_none() {
+            return Ok(Self { path: disk.to_path_buf(), export: None });
+        }
+        ctx.progress.note(step, format!("{} is a qcow2 overlay: exporting its raw view", disk.display()));
+        let export = overlay::Export::start(disk, &ctx.inner.config.work_dir, writable)
+            .map_err(|e| Failure::at(step, Code::Tool, error_chain(&e)))?;
+        Ok(Self { path: export.path().to_path_buf(), export: Some(export) })
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(super) fn is_overlay(&self) -> bool {
+        self.export.is_some()
+    }
+
+    /// End the export (flushing what was written through it).
+    pub(super) fn close(self, step: &'static str) -> Result<(), Failure> {
+        match self.export {
+            Some(export) => export.stop().map_err(|e| Failure::at(step, Code::Tool, error_chain(&e))),
+            None => Ok(()),
+        }
+    }
 }
 
 pub(super) fn define_domain(ctx: &JobContext<'_>, d: &DomainPlan, disk: &Path) -> Result<(), Failure> {
