@@ -426,6 +426,24 @@ fn overlay_clones_on_a_pool_without_reflinks_hold_a_few_percent_of_the_base() {
     assert_eq!(sha256_file(&base_disk), base_digest, "wiping an overlay changed the base");
     let listing = text(&base(&site, &["list"]));
     assert!(listing.contains("1 clone(s)"), "after wiping vm-a only vm-b holds the base: {listing}");
+
+    // A failure while the overlay is customized leaves it unbootable (its qcow2 header zeroed) and no export.
+    let mut bad = spec("vm-bad");
+    bad["customize"]["users"] = serde_json::json!([{"name": "ops", "groups": ["no-such-group"]}]);
+    let out = site.provision_output(&bad, &b);
+    assert!(!out.status.success(), "a user in a missing group must fail the provision");
+    assert!(text(&out).contains("no-such-group"), "{}", text(&out));
+    let mut head = vec![1u8; MIB as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&b).unwrap(), &mut head, 0).unwrap();
+    assert!(head.iter().all(|&b| b == 0), "the failed overlay's first MiB is not zeroed");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let work = dir.path().join("work");
+    assert!(!mounts.contains(work.to_str().unwrap()), "an export is still mounted in {}", work.display());
+    let left: Vec<_> = std::fs::read_dir(&work).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().starts_with("export-")), "left in work: {left:?}");
+
+    let listing = text(&base(&site, &["list"]));
+    assert!(listing.contains("0 clone(s)"), "no disk holds the base now: {listing}");
     std::fs::remove_file(&b).unwrap();
     let deleted = base(&site, &["delete", &ra.base_id]);
     assert!(deleted.status.success(), "{}", text(&deleted));
