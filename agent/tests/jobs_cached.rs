@@ -10,8 +10,8 @@ use std::path::Path;
 use common::{run, try_run};
 use gridforge_agent::image::{index::Kind, pack::pack_rootfs, sign};
 use gridforge_proto::v1::{
-    ProvisionJob, ProvisionMode, ProvisionResult, SubmitJobRequest, VmSpec, job::Outcome,
-    submit_job_request::Job as JobReq,
+    DeleteBaseJob, DiagnosticsRequest, ProvisionJob, ProvisionMode, ProvisionResult, SubmitJobRequest,
+    VmSpec, job::Outcome, submit_job_request::Job as JobReq,
 };
 use jobs_support::*;
 
@@ -252,4 +252,43 @@ async fn overlay_clones_are_defined_as_qcow2_and_grow_and_capture_through_their_
         "the snapshot is the guest view"
     );
     hv.undefine("vm-1").unwrap();
+
+    // The base over the API: listed by Diagnostics with its clones, deleted by a job only once none is left.
+    let report = client.diagnostics(DiagnosticsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(report.bases.len(), 1, "{:?}", report.bases);
+    let listed = &report.bases[0];
+    assert_eq!(listed.id, res.base_id);
+    assert_eq!(listed.images, ["tiny:1"]);
+    assert!(listed.allocated_bytes > 0 && listed.disk_size_bytes == 96 * MIB, "{listed:?}");
+    let a = node.disk("vm-0.img").display().to_string();
+    assert_eq!(listed.clones, [a, disk.display().to_string()]);
+    let delete = |key: &str, id: &str| SubmitJobRequest {
+        idempotency_key: key.into(),
+        job: Some(JobReq::DeleteBase(DeleteBaseJob { base_id: id.into() })),
+        ..Default::default()
+    };
+    let err = client.submit_job(delete("bad", "../x")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("delete_base.base_id:"), "{}", err.message());
+    let err = client.submit_job(delete("unknown", &"0".repeat(32))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let job = client.submit_job(delete("in-use", &res.base_id)).await.unwrap().into_inner();
+    watch_to_end(&mut client, &job.id).await;
+    let err = job_error(&get(&mut client, &job.id).await).clone();
+    assert_eq!(err.code(), gridforge_proto::v1::error::Code::Target, "{err:?}");
+    assert!(err.message.contains("in use by 2 disk(s)"), "{err:?}");
+    assert!(
+        dir.join("bases").join(&res.base_id).join("disk.raw").is_file(),
+        "a refused delete kept the base"
+    );
+    std::fs::remove_file(node.disk("vm-0.img")).unwrap();
+    std::fs::remove_file(&disk).unwrap();
+    let job = client.submit_job(delete("free", &res.base_id)).await.unwrap().into_inner();
+    let events = watch_to_end(&mut client, &job.id).await;
+    let done = get(&mut client, &job.id).await;
+    let Some(Outcome::DeleteBase(gone)) = &done.outcome else { panic!("{:?}\n{events:#?}", done.outcome) };
+    assert_eq!(gone.id, res.base_id);
+    assert!(!dir.join("bases").join(&res.base_id).exists(), "the base is gone");
+    let report = client.diagnostics(DiagnosticsRequest::default()).await.unwrap().into_inner();
+    assert!(report.bases.is_empty(), "{:?}", report.bases);
 }

@@ -363,6 +363,7 @@ fn print_job(job: &Job) {
                 Outcome::Control(r) => serde_json::to_string(r),
                 Outcome::MigrateSend(r) => serde_json::to_string(r),
                 Outcome::MigrateReceive(r) => serde_json::to_string(r),
+                Outcome::DeleteBase(r) => serde_json::to_string(r),
                 Outcome::Error(_) | Outcome::Wipe(_) => unreachable!("handled above"),
             };
             println!("result:   {}", value.unwrap_or_default());

@@ -441,7 +441,7 @@ fn run(command: Command, out: &Output, json: bool) -> Result<()> {
         }
         Command::Base(BaseCommand::Delete { id, bases }) => {
             let info = provision::BaseStore::new(&bases.bases).delete(&id)?;
-            out.base_deleted(&info);
+            out.base_deleted(&info.info);
         }
         Command::Diagnose(args) => diagnose::run(&args, json)?,
         Command::Serve(_) => unreachable!("serve is dispatched before logging is set up"),

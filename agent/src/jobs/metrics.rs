@@ -57,6 +57,7 @@ fn kind_label(kind: JobKind) -> &'static str {
         JobKind::Snapshot => "snapshot",
         JobKind::Control => "control",
         JobKind::Delete => "delete",
+        JobKind::DeleteBase => "delete_base",
         JobKind::MigrateSend => "migrate_send",
         JobKind::MigrateReceive => "migrate_receive",
         JobKind::Unspecified => "unspecified",

@@ -49,6 +49,7 @@ pub(crate) enum Work {
     Snapshot { target: Target, name: String, version: String, notes: String },
     MigrateSend(Box<MigrateSend>),
     MigrateReceive(Box<MigrateReceive>),
+    DeleteBase { id: String },
 }
 
 /// The source side of a cold migration.
@@ -152,7 +153,8 @@ pub(crate) fn prepare(
     let job = req.job.as_ref().ok_or_else(|| {
         invalid(
             "job",
-            "required: one of provision, wipe, control, resize, snapshot, delete, migrate_send, migrate_receive",
+            "required: one of provision, wipe, control, resize, snapshot, delete, migrate_send, migrate_receive, \
+             delete_base",
         )
     })?;
     match job {
@@ -258,6 +260,28 @@ pub(crate) fn prepare(
         }
         JobReq::MigrateSend(m) => prepare_migrate_send(m, client, checks),
         JobReq::MigrateReceive(m) => prepare_migrate_receive(m, checks),
+        JobReq::DeleteBase(d) => {
+            let field = "delete_base.base_id";
+            let id = &d.base_id;
+            if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return Err(invalid(field, format!("{id:?} is not a base id (32 lowercase hex digits)")));
+            }
+            let bases = crate::provision::BaseStore::new(checks.bases_dir);
+            let known = bases.list().map_err(|e| SubmitError::NotFound(format!("{field}: {e}")))?;
+            if !known.iter().any(|b| &b.info.id == id) {
+                return Err(SubmitError::NotFound(format!(
+                    "{field}: no base {id} in {} on this agent",
+                    checks.bases_dir.display()
+                )));
+            }
+            Ok(Prepared {
+                kind: JobKind::DeleteBase,
+                target: Some(checks.bases_dir.join(id)),
+                domain: None,
+                hold: None,
+                work: Work::DeleteBase { id: id.clone() },
+            })
+        }
         JobReq::Resize(r) => {
             let target = resolve_target(r.target.as_ref(), "resize.target", false, checks)?;
             let size_bytes = resize_size(r.size_mib, target.path(), checks.bases_dir)?;

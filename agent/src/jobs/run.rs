@@ -115,6 +115,7 @@ pub(crate) fn run(ctx: &JobContext<'_>, work: Work) -> Result<Outcome, Failure> 
         }
         Work::MigrateSend(m) => super::migrate::send(ctx, m).map(Outcome::MigrateSend),
         Work::MigrateReceive(m) => super::migrate::receive(ctx, m).map(Outcome::MigrateReceive),
+        Work::DeleteBase { id } => delete_base(ctx, id).map(Outcome::DeleteBase),
     }
 }
 
@@ -298,6 +299,21 @@ pub(super) fn overlay_base(
     BaseStore::new(&ctx.inner.config.images.bases_dir)
         .overlay_base(disk)
         .map_err(|e| Failure::at(step, Code::Io, error_chain(&e)))
+}
+
+/// Delete base `id`; refused while a disk holds a clone of it.
+fn delete_base(ctx: &JobContext<'_>, id: &str) -> Result<gridforge_proto::v1::BaseDisk, Failure> {
+    let store = BaseStore::new(&ctx.inner.config.images.bases_dir);
+    ctx.progress.note("delete", format!("deleting base {id}"));
+    let entry = store.delete(id).map_err(|e| {
+        let code = match e {
+            provision::BaseError::InUse { .. } => Code::Target,
+            provision::BaseError::NotFound(_) => Code::NotFound,
+            _ => Code::Io,
+        };
+        Failure::at("delete", code, error_chain(&e))
+    })?;
+    Ok(entry.to_proto())
 }
 
 /// The guest's raw view of a disk for the length of a job: the disk itself, or for a qcow2 overlay the agent

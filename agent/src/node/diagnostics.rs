@@ -70,6 +70,19 @@ pub fn report(ctx: &NodeContext, jobs: JobList<'_>, leader_term: u64) -> Diagnos
         cached_images: listing.cached,
         live_migration: ctx.config.libvirt.live_endpoint().is_some() && libvirt.kind().is_some(),
         leader_term,
+        bases: bases(&ctx.config.images.bases_dir),
+    }
+}
+
+/// The base disks of cached provisions, each with the disks cloned from it (none where the store cannot be
+/// read; the reason is logged).
+fn bases(dir: &std::path::Path) -> Vec<gridforge_proto::v1::BaseDisk> {
+    match crate::provision::BaseStore::new(dir).list() {
+        Ok(bases) => bases.iter().map(|b| b.to_proto()).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the base store {}", dir.display());
+            Vec::new()
+        }
     }
 }
 

@@ -111,6 +111,20 @@ pub struct BaseEntry {
     pub path: PathBuf,
 }
 
+impl BaseEntry {
+    /// As the agent's API reports it (the allocated size read now; 0 for a base already deleted).
+    pub fn to_proto(&self) -> gridforge_proto::v1::BaseDisk {
+        use std::os::unix::fs::MetadataExt;
+        gridforge_proto::v1::BaseDisk {
+            id: self.info.id.clone(),
+            images: self.info.images.clone(),
+            disk_size_bytes: self.info.disk_size_bytes,
+            allocated_bytes: fs::metadata(&self.path).map_or(0, |m| m.blocks() * 512),
+            clones: self.clones.iter().map(|c| c.display().to_string()).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct CloneRecord {
     path: PathBuf,
@@ -188,8 +202,9 @@ impl BaseStore {
         Ok(bases)
     }
 
-    /// Deletes base `id`; refused while any disk cloned from it still holds its clone.
-    pub fn delete(&self, id: &str) -> Result<BaseInfo, BaseError> {
+    /// Deletes base `id`; refused while any disk cloned from it still holds its clone. Returns the base as
+    /// it was.
+    pub fn delete(&self, id: &str) -> Result<BaseEntry, BaseError> {
         if id.is_empty() || id.contains(['/', '.']) {
             return Err(BaseError::NotFound(id.to_string()));
         }
@@ -202,10 +217,13 @@ impl BaseStore {
                 first: first.clone(),
             });
         }
-        let dir = self.base_dir(id);
-        fs::remove_dir_all(&dir).map_err(io_err(format!("removing {}", dir.display())))?;
+        // Out of the store's sight first, so that an interruption never leaves half a base listed.
+        let (dir, gone) = (self.base_dir(id), self.dir.join(format!(".delete-{id}")));
+        let _ = fs::remove_dir_all(&gone);
+        fs::rename(&dir, &gone).map_err(io_err(format!("moving {} aside", dir.display())))?;
+        fs::remove_dir_all(&gone).map_err(io_err(format!("removing {}", gone.display())))?;
         let _ = fs::remove_file(self.dir.join(format!("{id}.lock")));
-        Ok(base.info)
+        Ok(base)
     }
 
     /// The disks that still hold a clone of base `id`; records of the others are dropped.
