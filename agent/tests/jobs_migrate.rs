@@ -8,6 +8,7 @@
 //! defined on B and the disk removed, as are a cancelled and a timed-out receive; a running domain and a
 //! receiver whose certificate has another name are not sent to.
 
+mod common;
 mod jobs_support;
 mod serve_support;
 
@@ -47,15 +48,28 @@ struct Agent {
 impl Agent {
     /// Start an agent named `name` (its certificate's name) whose libvirt is the test driver on `state`.
     fn start(pki: &Pki, root: &Path, name: &str, state: &str) -> Agent {
+        Self::start_with(pki, root, name, state, |c| c)
+    }
+
+    /// [`Agent::start`] with more configuration.
+    fn start_with(
+        pki: &Pki,
+        root: &Path,
+        name: &str,
+        state: &str,
+        configure: impl FnOnce(AgentConfig) -> AgentConfig,
+    ) -> Agent {
         std::fs::create_dir_all(root.join("disks")).unwrap();
         let driver = root.join("libvirt.xml");
         std::fs::write(&driver, state).unwrap();
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = root.join("agent.toml");
-        AgentConfig::new(name, grpc, root, pki, name)
-            .libvirt(&format!("test://{}", driver.display()), "domain_type = \"qemu\"")
-            .devices(&[root.join("disks")])
-            .write(&config);
+        configure(
+            AgentConfig::new(name, grpc, root, pki, name)
+                .libvirt(&format!("test://{}", driver.display()), "domain_type = \"qemu\"")
+                .devices(&[root.join("disks")]),
+        )
+        .write(&config);
         let log = root.join("serve.log");
         let child = Command::new(BIN)
             .args(["serve", "--config", config.to_str().unwrap()])
@@ -458,4 +472,119 @@ async fn cold_migration_between_two_agents() {
     // The transfer is spent.
     let e = send_one(&b, &pki, "node-a", t3, &got.sha256).await;
     assert_eq!(e.code(), Status::FailedPrecondition, "{e:?}");
+}
+
+/// A domain whose disk is a qcow2 overlay on a base of A's: the cold migration sends the overlay's raw guest
+/// view (what `qemu-img convert` makes of it), so B gets a raw disk of its own and needs no base; A's overlay
+/// is wiped and removed, and its base is left as it was, held by no disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_overlay_disk_is_migrated_cold_as_its_raw_guest_view() {
+    use gridforge_agent::image::{index::Kind, pack::pack_rootfs, sign};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::at(&dir.path().join("pki"));
+    let d = pki.dir.to_str().unwrap();
+    agent_ok(&["pki", "init", "--dir", d, "--days", "30"]);
+    for name in ["node-a", "node-b", "ops"] {
+        agent_ok(&["pki", "issue", "--dir", d, "--name", name]);
+    }
+    let (a_root, b_root) = (dir.path().join("a"), dir.path().join("b"));
+    let (a_pool, b_pool) = (a_root.join("pool"), b_root.join("pool"));
+    std::fs::create_dir_all(&a_pool).unwrap();
+    std::fs::create_dir_all(&b_pool).unwrap();
+
+    // A's vm1: a cached provision of a small image onto the pool, cloned as an overlay.
+    common::small_rootfs(&dir.path().join("tree"));
+    let key_path = dir.path().join("store.key");
+    sign::keygen(&key_path).unwrap();
+    let key = sign::load_signing_key(&key_path).unwrap();
+    let store = dir.path().join("store");
+    pack_rootfs(&dir.path().join("tree"), &store, "tiny", "1", Kind::Os, &key, 3).unwrap();
+    let public = sign::public_key_path(&key_path);
+    let spec = dir.path().join("vm1.json");
+    let size_mib = DISK_BYTES / MIB;
+    std::fs::write(
+        &spec,
+        format!(
+            r#"{{"name": "vm1", "image": {{"name": "tiny", "version": "1"}}, "provision_mode": "PROVISION_CACHED",
+                "disk": {{"size_mib": {size_mib}, "partitions": [{{"label": "root", "role": "ROOT", "filesystem": "EXT4"}}]}},
+                "customize": {{"hostname": "vm1"}}}}"#
+        ),
+    )
+    .unwrap();
+    let a_disk = a_pool.join("vm1.raw");
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    agent_ok(&[
+        "provision",
+        "--spec",
+        &p(&spec),
+        "--disk",
+        &p(&a_disk),
+        "--store",
+        &p(&store),
+        "--trusted-key",
+        &p(&public),
+        "--cache",
+        &p(&a_root.join("cache")),
+        "--work-dir",
+        &p(&a_root.join("work")),
+        "--bases",
+        &p(&a_root.join("bases")),
+        "--clone-fallback",
+        "overlay",
+    ]);
+    let info = std::process::Command::new("qemu-img").args(["info", &p(&a_disk)]).output().unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("file format: qcow2"), "{info:?}");
+    let view = dir.path().join("view.raw");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw", &p(&a_disk), &p(&view)])
+        .status()
+        .unwrap();
+    assert!(converted.success());
+    let expected = sha256_file(&view);
+    let base = std::fs::read_dir(a_root.join("bases"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|e| e.join("disk.raw").is_file())
+        .expect("A's base")
+        .join("disk.raw");
+    let base_digest = sha256_file(&base);
+
+    let a = Agent::start_with(&pki, &a_root, "node-a", &driver_state(&a_pool, Some("vm1")), |c| {
+        c.images(&store, &public)
+    });
+    let b = Agent::start(&pki, &b_root, "node-b", &driver_state(&b_pool, None));
+    let mut ca = a.client(&pki, "ops").await;
+    let mut cb = b.client(&pki, "ops").await;
+    let destroy = SubmitJobRequest {
+        idempotency_key: "destroy-vm1".into(),
+        job: Some(submit_job_request::Job::Control(ControlJob {
+            domain: "vm1".into(),
+            action: Action::Destroy as i32,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let (job, _) = run_job(&mut ca, destroy, JOB_LIMIT).await;
+    assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+
+    let t = "t-overlay-vm1-000001";
+    let receive = cb.submit_job(receive_request("r", t, None, "vm1")).await.unwrap().into_inner();
+    wait_for_step(&mut cb, &receive.id, "wait").await;
+    let (send, events) = run_job(&mut ca, send_request("s", t, b.grpc), JOB_LIMIT).await;
+    assert_eq!(send.state(), JobState::Succeeded, "{send:?}\n{events:#?}");
+    assert!(events.iter().any(|e| e.message.contains("is a qcow2 overlay")), "{events:#?}");
+    let (receive, _) = run_job(&mut cb, receive_request("r", t, None, "vm1"), JOB_LIMIT).await;
+    assert_eq!(receive.state(), JobState::Succeeded, "{receive:?}");
+
+    let b_disk = b_pool.join("vm1.raw");
+    assert_eq!(sha256_file(&b_disk), expected, "B holds the overlay's guest view");
+    let mut magic = [0u8; 4];
+    std::fs::File::open(&b_disk).unwrap().read_exact_at(&mut magic, 0).unwrap();
+    assert_ne!(&magic, b"QFI\xfb", "B's disk is raw");
+    // (The test driver only records volumes: the wiped file stays.)
+    let head = jobs_support::head(&a_disk, 64 * 1024);
+    assert!(head.iter().all(|&b| b == 0), "A's overlay was wiped");
+    assert_eq!(sha256_file(&base), base_digest, "A's base is unchanged");
+    let listing = agent_ok(&["base", "list", "--bases", &p(&a_root.join("bases"))]);
+    assert!(listing.contains("0 clone(s)"), "{listing}");
 }

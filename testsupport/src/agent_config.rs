@@ -53,7 +53,8 @@ impl AgentConfig {
         self
     }
 
-    /// The image store in directory `store`, whose index is signed by the key in `trusted_key`.
+    /// The image store in directory `store`, whose index is signed by the key in `trusted_key`; the base
+    /// store of cached provisions is `<root>/bases`.
     pub fn images(mut self, store: &Path, trusted_key: &Path) -> Self {
         self.images = Some((store.to_path_buf(), trusted_key.to_path_buf()));
         self
@@ -95,6 +96,7 @@ impl AgentConfig {
             writeln!(t, "ca = {}\ncert = {}\nkey = {}", path(&self.ca), path(&self.cert), path(&self.key));
         if let Some((store, trusted_key)) = &self.images {
             let _ = writeln!(t, "\n[images]\nstore = {}\ntrusted_key = {}", path(store), path(trusted_key));
+            let _ = writeln!(t, "bases_dir = {}", path(&root.join("bases")));
         }
         let _ = writeln!(t, "\n[libvirt]\nuri = {}", quoted(&self.libvirt_uri));
         push_lines(&mut t, &self.libvirt_extra);
