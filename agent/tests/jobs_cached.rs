@@ -73,8 +73,8 @@ fn identifiers(disk: &Path, res: &ProvisionResult) -> Vec<String> {
     ids
 }
 
-/// A node serving jobs from a store holding the tiny image, configured for cached provisions.
-async fn cached_node() -> (Node, gridforge_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) {
+/// A node whose store holds the tiny image (signed with `<dir>/store.key`), configured for cached provisions.
+fn tiny_cached_node() -> Node {
     let mut node = Node::new();
     let dir = node.dir.path().to_path_buf();
     common::small_rootfs(&dir.join("tree"));
@@ -85,6 +85,12 @@ async fn cached_node() -> (Node, gridforge_proto::v1::agent_client::AgentClient<
     node.config.images.store = dir.join("store").display().to_string();
     node.config.images.trusted_key = sign::public_key_path(&key_path).display().to_string();
     node.config.images.provision_mode = "cached".into();
+    node
+}
+
+/// [`tiny_cached_node`], serving jobs.
+async fn cached_node() -> (Node, gridforge_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) {
+    let node = tiny_cached_node();
     let (client, _) = serve(node.open(), &node.config).await;
     (node, client)
 }
@@ -160,18 +166,10 @@ async fn overlay_clones_are_defined_as_qcow2_and_grow_and_capture_through_their_
     use gridforge_agent::config::LibvirtConfig;
     use gridforge_agent::hypervisor::{Hypervisor, Libvirt};
     use gridforge_proto::v1::{Machine, ResizeJob, SnapshotJob};
-    let mut node = Node::new();
+    let mut node = tiny_cached_node();
     let dir = node.dir.path().to_path_buf();
-    common::small_rootfs(&dir.join("tree"));
-    let key_path = dir.join("store.key");
-    sign::keygen(&key_path).unwrap();
-    let key = sign::load_signing_key(&key_path).unwrap();
-    pack_rootfs(&dir.join("tree"), &dir.join("store"), "tiny", "1", Kind::Os, &key, 3).unwrap();
-    node.config.images.store = dir.join("store").display().to_string();
-    node.config.images.trusted_key = sign::public_key_path(&key_path).display().to_string();
     node.config.images.snapshot_store = dir.join("store");
-    node.config.images.snapshot_signing_key = key_path;
-    node.config.images.provision_mode = "cached".into();
+    node.config.images.snapshot_signing_key = dir.join("store.key");
     node.config.images.clone_fallback = "overlay".into();
     // libvirt's in-process test driver: the domain is defined from the agent's XML without a VM.
     let cfg = LibvirtConfig {

@@ -249,8 +249,23 @@ async fn send_one(agent: &Agent, pki: &Pki, cert: &str, transfer_id: &str, sha25
     s.answer().await.expect_err("the stream is refused")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cold_migration_between_two_agents() {
+/// Stop vm1 at once (a Control job), so it can be migrated cold.
+async fn destroy_vm1(client: &mut AgentClient<Channel>) {
+    let destroy = SubmitJobRequest {
+        idempotency_key: "destroy-vm1".into(),
+        job: Some(submit_job_request::Job::Control(ControlJob {
+            domain: "vm1".into(),
+            action: Action::Destroy as i32,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let (job, _) = run_job(client, destroy, JOB_LIMIT).await;
+    assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+}
+
+/// A temporary directory with a CA holding certificates for node-a, node-b and ops.
+fn two_node_pki() -> (tempfile::TempDir, Pki) {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::at(&dir.path().join("pki"));
     let d = pki.dir.to_str().unwrap();
@@ -258,12 +273,22 @@ async fn cold_migration_between_two_agents() {
     for name in ["node-a", "node-b", "ops"] {
         agent_ok(&["pki", "issue", "--dir", d, "--name", name]);
     }
+    (dir, pki)
+}
+
+/// Node `name`'s root under `dir` and its pool directory (made).
+fn node_dirs(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let root = dir.join(name);
+    std::fs::create_dir_all(root.join("pool")).unwrap();
+    (root.clone(), root.join("pool"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cold_migration_between_two_agents() {
+    let (dir, pki) = two_node_pki();
 
     // A's disk: 64 MiB with three allocated extents, the rest holes.
-    let (a_root, b_root) = (dir.path().join("a"), dir.path().join("b"));
-    let (a_pool, b_pool) = (a_root.join("pool"), b_root.join("pool"));
-    std::fs::create_dir_all(&a_pool).unwrap();
-    std::fs::create_dir_all(&b_pool).unwrap();
+    let [(a_root, a_pool), (b_root, b_pool)] = ["a", "b"].map(|n| node_dirs(dir.path(), n));
     let a_disk = a_pool.join("vm1.raw");
     let file = std::fs::File::create(&a_disk).unwrap();
     file.set_len(DISK_BYTES).unwrap();
@@ -308,17 +333,7 @@ async fn cold_migration_between_two_agents() {
     let e = ca.submit_job(send_request("send-running", "t-running-0123456789", b.grpc)).await.unwrap_err();
     assert_eq!(e.code(), Status::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("vm1 is running") && e.message().contains("shut off"), "{}", e.message());
-    let destroy = SubmitJobRequest {
-        idempotency_key: "destroy-vm1".into(),
-        job: Some(submit_job_request::Job::Control(ControlJob {
-            domain: "vm1".into(),
-            action: Action::Destroy as i32,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    let (job, _) = run_job(&mut ca, destroy, JOB_LIMIT).await;
-    assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+    destroy_vm1(&mut ca).await;
 
     // A receive waiting for its stream: wrong id, wrong certificate, a second stream, a wrong digest.
     let t1 = "t1-digest-mismatch-0001";
@@ -480,17 +495,8 @@ async fn cold_migration_between_two_agents() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_overlay_disk_is_migrated_cold_as_its_raw_guest_view() {
     use gridforge_agent::image::{index::Kind, pack::pack_rootfs, sign};
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::at(&dir.path().join("pki"));
-    let d = pki.dir.to_str().unwrap();
-    agent_ok(&["pki", "init", "--dir", d, "--days", "30"]);
-    for name in ["node-a", "node-b", "ops"] {
-        agent_ok(&["pki", "issue", "--dir", d, "--name", name]);
-    }
-    let (a_root, b_root) = (dir.path().join("a"), dir.path().join("b"));
-    let (a_pool, b_pool) = (a_root.join("pool"), b_root.join("pool"));
-    std::fs::create_dir_all(&a_pool).unwrap();
-    std::fs::create_dir_all(&b_pool).unwrap();
+    let (dir, pki) = two_node_pki();
+    let [(a_root, a_pool), (b_root, b_pool)] = ["a", "b"].map(|n| node_dirs(dir.path(), n));
 
     // A's vm1: a cached provision of a small image onto the pool, cloned as an overlay.
     common::small_rootfs(&dir.path().join("tree"));
@@ -555,17 +561,7 @@ async fn an_overlay_disk_is_migrated_cold_as_its_raw_guest_view() {
     let b = Agent::start(&pki, &b_root, "node-b", &driver_state(&b_pool, None));
     let mut ca = a.client(&pki, "ops").await;
     let mut cb = b.client(&pki, "ops").await;
-    let destroy = SubmitJobRequest {
-        idempotency_key: "destroy-vm1".into(),
-        job: Some(submit_job_request::Job::Control(ControlJob {
-            domain: "vm1".into(),
-            action: Action::Destroy as i32,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    let (job, _) = run_job(&mut ca, destroy, JOB_LIMIT).await;
-    assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+    destroy_vm1(&mut ca).await;
 
     let t = "t-overlay-vm1-000001";
     let receive = cb.submit_job(receive_request("r", t, None, "vm1")).await.unwrap().into_inner();

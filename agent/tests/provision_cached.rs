@@ -199,6 +199,20 @@ fn two_vms_cloned_from_one_base_have_identifiers_of_their_own() {
     assert!(!base_disk.exists());
 }
 
+/// Provisions a spec whose user is in a missing group onto the existing `disk`: the provision fails naming
+/// the group and leaves the disk's first MiB zero. Returns the spec.
+fn fails_with_no_such_group(site: &Store, disk: &Path) -> serde_json::Value {
+    let mut bad = spec("vm-bad");
+    bad["customize"]["users"] = serde_json::json!([{"name": "ops", "groups": ["no-such-group"]}]);
+    let out = site.provision_output(&bad, disk);
+    assert!(!out.status.success(), "a user in a missing group must fail the provision");
+    assert!(text(&out).contains("no-such-group"), "{}", text(&out));
+    let mut head = vec![1u8; MIB as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(disk).unwrap(), &mut head, 0).unwrap();
+    assert!(head.iter().all(|&b| b == 0), "the failed target {} has a non-zero first MiB", disk.display());
+    bad
+}
+
 #[test]
 fn a_failed_cached_provision_leaves_no_bootable_disk() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -207,14 +221,7 @@ fn a_failed_cached_provision_leaves_no_bootable_disk() {
     let disk = dir.path().join("old.img");
     std::fs::write(&disk, vec![0xAB; 2 * MIB as usize]).unwrap();
     std::fs::File::options().write(true).open(&disk).unwrap().set_len(3072 * MIB).unwrap();
-    let mut bad = spec("vm-bad");
-    bad["customize"]["users"] = serde_json::json!([{"name": "ops", "groups": ["no-such-group"]}]);
-    let out = site.provision_output(&bad, &disk);
-    assert!(!out.status.success(), "a user in a missing group must fail the provision");
-    assert!(text(&out).contains("no-such-group"), "{}", text(&out));
-    let mut head = vec![1u8; MIB as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&disk).unwrap(), &mut head, 0).unwrap();
-    assert!(head.iter().all(|&b| b == 0), "the failed target's first MiB is not zeroed");
+    let bad = fails_with_no_such_group(&site, &disk);
     // A disk the provision created is removed; the base stays complete and usable.
     let fresh = dir.path().join("fresh.img");
     assert!(!site.provision_output(&bad, &fresh).status.success());
@@ -428,14 +435,7 @@ fn overlay_clones_on_a_pool_without_reflinks_hold_a_few_percent_of_the_base() {
     assert!(listing.contains("1 clone(s)"), "after wiping vm-a only vm-b holds the base: {listing}");
 
     // A failure while the overlay is customized leaves it unbootable (its qcow2 header zeroed) and no export.
-    let mut bad = spec("vm-bad");
-    bad["customize"]["users"] = serde_json::json!([{"name": "ops", "groups": ["no-such-group"]}]);
-    let out = site.provision_output(&bad, &b);
-    assert!(!out.status.success(), "a user in a missing group must fail the provision");
-    assert!(text(&out).contains("no-such-group"), "{}", text(&out));
-    let mut head = vec![1u8; MIB as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&b).unwrap(), &mut head, 0).unwrap();
-    assert!(head.iter().all(|&b| b == 0), "the failed overlay's first MiB is not zeroed");
+    fails_with_no_such_group(&site, &b);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let work = dir.path().join("work");
     assert!(!mounts.contains(work.to_str().unwrap()), "an export is still mounted in {}", work.display());
