@@ -11,16 +11,31 @@
 //! (one every 10 s over the 60 s window). Each round records one new sample per VM, builds the groups' inputs
 //! from the windows, clones the snapshot and runs `decide` with a `SnapshotRoom` on the clone. The decisions
 //! are not applied: every round decides on the same grid, with fresh samples.
+//!
+//! Then the leader's path over the same grid: an `Engine` on a grid view (in memory) holding the nodes, the
+//! tenants with their groups and the VMs, fed one sample per VM per round (`record_usage_at`); each round
+//! marks a few members DELETED (their records stay, as a delete's do), then times what the scaling round
+//! reads (`forget_gone_usage`, then `plan_at`: the groups' inputs from the view, the snapshot's clone and
+//! `decide`) and the load of every VM record read at once (`with_usages`, as `vm list --all` does). It prints
+//! a digest of the decisions, equal for code that decides the same.
 
-use std::time::Instant;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
 
+use gridforge_coordinator::agents::AgentPool;
+use gridforge_coordinator::config::OpsConfig;
+use gridforge_coordinator::grid::{Change, Defaults, VmState};
+use gridforge_coordinator::ops::Engine;
 use gridforge_coordinator::scaling::{GroupInput, Member, SnapshotRoom, UsageWindows, VmLoad, decide};
 use gridforge_coordinator::scheduler::{
     NodeInfo, NodeState, Request, Resources as SchedResources, Snapshot, place,
 };
+use gridforge_coordinator::store::{GridStore, GridView, MemoryStore, StoreError};
 use gridforge_proto::v1::decision::Action;
 use gridforge_proto::v1::{
-    DiskLayout, Group, Machine, PlacementConstraints, Resources, ScalingPolicy, ServiceLevel, VmSpec,
+    DiskLayout, Group, Machine, NodeStatsReport, PlacementConstraints, Resources, ScalingPolicy,
+    ServiceLevel, Tenant, VmSpec, VmStats,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -28,6 +43,8 @@ use rand::{RngExt, SeedableRng};
 const GIB: u64 = 1024;
 const WINDOW_SECS: u32 = 60;
 const SAMPLE_EVERY: u64 = 10;
+/// Members the engine rounds mark DELETED per round.
+const DELETED_PER_ROUND: usize = 10;
 
 struct Vm {
     name: String,
@@ -77,12 +94,150 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+fn row(label: &str, v: &mut [f64]) {
+    v.sort_by(f64::total_cmp);
+    println!(
+        "{label:<34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+        v[0],
+        percentile(v, 0.5),
+        percentile(v, 0.99),
+        v[v.len() - 1]
+    )
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The grid's records: nodes, tenants with their groups, the placed members RUNNING.
+fn records(nodes: &[NodeInfo], sims: &[Sim]) -> Vec<Change> {
+    let mut changes: Vec<Change> = nodes
+        .iter()
+        .map(|n| {
+            let c = n.capacity;
+            Change::PutNode(gridforge_proto::v1::Node {
+                name: n.name.clone(),
+                state: gridforge_proto::v1::node::State::Ready as i32,
+                datacenter: n.datacenter.clone(),
+                labels: n.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                hypervisors: n.hypervisors.clone(),
+                arch: n.arch.clone(),
+                capacity: Some(Resources { vcpus: c.vcpus, memory_mib: c.memory_mib, disk_mib: c.disk_mib }),
+                overcommit_cpu: n.overcommit_cpu,
+                overcommit_memory: n.overcommit_memory,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let mut tenants: std::collections::BTreeMap<String, Tenant> = Default::default();
+    for s in sims {
+        let t = tenants
+            .entry(s.group.tenant.clone())
+            .or_insert_with(|| Tenant { name: s.group.tenant.clone(), ..Default::default() });
+        t.groups.push(s.group.clone());
+        for (i, vm) in s.vms.iter().enumerate() {
+            changes.push(Change::PutVm(gridforge_proto::v1::Vm {
+                name: vm.name.clone(),
+                tenant: s.group.tenant.clone(),
+                group: s.group.name.clone(),
+                node: vm.node.clone(),
+                resources: Some(vm.resources),
+                state: VmState::Running as i32,
+                placement: s.group.placement.clone(),
+                created: Some(pbjson_types::Timestamp { seconds: i as i64, nanos: 0 }),
+                ..Default::default()
+            }));
+        }
+    }
+    changes.extend(tenants.into_values().map(Change::PutTenant));
+    changes
+}
+
+/// The leader's rounds over the grid (see the module documentation).
+fn engine_rounds(nodes: &[NodeInfo], sims: &[Sim], rng: &mut StdRng, mut now: u64, rounds: usize) {
+    let store = MemoryStore::default();
+    store.commit(&records(nodes, sims)).expect("the grid's records");
+    let view = GridView::open(Box::new(store), Defaults::default()).expect("a grid view");
+    let engine = Engine::new(view, AgentPool::new(None, Duration::from_secs(5)), OpsConfig::default());
+    let stats = |rng: &mut StdRng| NodeStatsReport {
+        vms: sims
+            .iter()
+            .flat_map(|s| s.vms.iter().map(move |vm| (s, vm)))
+            .map(|(s, vm)| {
+                let cores = (s.load + rng.random_range(-5.0..5.0)).clamp(0.0, 100.0) / 100.0;
+                let memory = (s.memory + rng.random_range(-4.0..4.0)).clamp(0.0, 100.0) / 100.0;
+                VmStats {
+                    name: vm.name.clone(),
+                    cpu_cores: cores * f64::from(vm.resources.vcpus),
+                    memory_bytes: (memory * vm.resources.memory_mib as f64 * 1024.0 * 1024.0) as u64,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for _ in 0..u64::from(WINDOW_SECS) / SAMPLE_EVERY {
+        now += SAMPLE_EVERY;
+        engine.record_usage_at(&stats(rng), now);
+    }
+    let members: Vec<&Vm> = sims.iter().flat_map(|s| &s.vms).collect();
+    let (mut records, mut forgets, mut plans, mut lists) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut digest, mut decisions) = (DefaultHasher::new(), Vec::new());
+    for round in 0..rounds {
+        now += SAMPLE_EVERY;
+        let report = stats(rng);
+        let start = Instant::now();
+        engine.record_usage_at(&report, now);
+        records.push(ms(start));
+        let gone: Vec<Change> = (0..DELETED_PER_ROUND)
+            .filter_map(|i| members.get(round * DELETED_PER_ROUND + i))
+            .filter_map(|vm| engine.view().read(|s| s.vms.get(&vm.name).cloned()))
+            .map(|mut v| {
+                v.state = VmState::Deleted as i32;
+                Change::PutVm(v)
+            })
+            .collect();
+        engine.view().update_blocking(|_| Ok::<_, StoreError>(((), gone))).expect("the deletions");
+        let start = Instant::now();
+        engine.forget_gone_usage();
+        forgets.push(ms(start));
+        let start = Instant::now();
+        let plan = engine.plan_at(now);
+        plans.push(ms(start));
+        let start = Instant::now();
+        let listed = engine.view().read(|s| engine.with_usages(s, s.vms.values().cloned()));
+        lists.push(ms(start));
+        assert_eq!(listed.len(), members.len());
+        decisions.push(plan.len());
+        for d in &plan {
+            format!("{d:?}").hash(&mut digest);
+        }
+    }
+    println!(
+        "engine: {} VM records, {DELETED_PER_ROUND} marked DELETED per round; {rounds} rounds, ms    min   median      p99      max",
+        members.len()
+    );
+    row("record one sample per VM", &mut records);
+    row("forget_gone_usage", &mut forgets);
+    row("plan_at", &mut plans);
+    row("with_usages of every VM record", &mut lists);
+    decisions.sort_unstable();
+    println!(
+        "engine decisions per round: median {} (min {}, max {}); digest of all {:016x}",
+        decisions[decisions.len() / 2],
+        decisions[0],
+        decisions[decisions.len() - 1],
+        digest.finish()
+    );
+}
+
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("a number")).collect();
     let arg = |i: usize, d: usize| args.get(i).copied().unwrap_or(d);
     let (nodes, groups, members, rounds) = (arg(0, 2000), arg(1, 1000), arg(2, 10), arg(3, 50));
     let mut rng = StdRng::seed_from_u64(7);
-    let mut snapshot = Snapshot::new((0..nodes).map(|i| node(&mut rng, i)).collect());
+    let infos: Vec<NodeInfo> = (0..nodes).map(|i| node(&mut rng, i)).collect();
+    let mut snapshot = Snapshot::new(infos.clone());
     let capacity: u64 = snapshot.nodes().map(|n| n.capacity.memory_mib).sum();
 
     // Groups: a tenth high priority with large templates, the rest mixed.
@@ -236,21 +391,9 @@ fn main() {
             by_action[(d.action as usize).min(6)] += 1;
         }
     }
-    for v in [&mut totals, &mut decides] {
-        v.sort_by(f64::total_cmp);
-    }
-    let row = |label: &str, v: &[f64]| {
-        println!(
-            "{label:<34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
-            v[0],
-            percentile(v, 0.5),
-            percentile(v, 0.99),
-            v[v.len() - 1]
-        )
-    };
     println!("{rounds} rounds, ms per round                  min   median      p99      max");
-    row("inputs + snapshot clone + decide", &totals);
-    row("decide alone", &decides);
+    row("inputs + snapshot clone + decide", &mut totals);
+    row("decide alone", &mut decides);
     counts.sort_unstable();
     let per_round = |a: Action| by_action[a as usize] as f64 / rounds as f64;
     println!(
@@ -266,4 +409,5 @@ fn main() {
         per_round(Action::Reclaim),
         per_round(Action::Hold),
     );
+    engine_rounds(&infos, &sims, &mut rng, now, rounds);
 }

@@ -351,15 +351,15 @@ impl Coordinator for CoordinatorService {
         let c = self.allow(&request, Role::Viewer, "vm list")?;
         let req = request.into_inner();
         let vms = self.engine.view().read(|s| {
-            s.vms
+            let vms = s
+                .vms
                 .values()
                 .filter(|v| req.all || v.state() != VmState::Deleted)
                 .filter(|v| req.node.is_empty() || v.node == req.node)
                 .filter(|v| c.sees(&v.tenant))
                 .filter(|v| req.tenant.is_empty() || v.tenant == req.tenant)
-                .filter(|v| req.group.is_empty() || v.group == req.group)
-                .map(|v| self.engine.with_usage(s, v.clone()))
-                .collect()
+                .filter(|v| req.group.is_empty() || v.group == req.group);
+            self.engine.with_usages(s, vms.cloned())
         });
         Ok(Response::new(ListVmsResponse { vms }))
     }

@@ -4,7 +4,8 @@
 //! A VM's allocation is its `resources` on its `node` for as long as the VM record exists and is not
 //! DELETED, so the reservation commits in the same transaction as the VM record and its operation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 pub use gridforge_proto::v1::{
@@ -69,6 +70,10 @@ pub struct GridState {
     pub vms_by_tenant: BTreeMap<String, BTreeSet<String>>,
     /// Names of the VMs (not DELETED) placed on each node.
     pub vms_by_node: BTreeMap<String, BTreeSet<String>>,
+    /// Names of the VMs outside a group with thresholds of their own (see [`scales_alone`]).
+    pub scaled_alone: BTreeSet<String>,
+    /// The VMs that left the grid (removed or DELETED) since the view was built, in order.
+    pub departures: Departures,
     /// Per node, its unfinished disk-heavy operations (see [`disk_job_node`]).
     pub disk_jobs: BTreeMap<String, u32>,
     /// The scheduler's view of the nodes, kept in step with every change.
@@ -89,6 +94,8 @@ impl GridState {
             tenants: BTreeMap::new(),
             vms_by_tenant: BTreeMap::new(),
             vms_by_node: BTreeMap::new(),
+            scaled_alone: BTreeSet::new(),
+            departures: Departures::new(),
             disk_jobs: BTreeMap::new(),
             snapshot: Snapshot::new(Vec::new()),
             defaults,
@@ -124,6 +131,9 @@ impl GridState {
                 self.snapshot.remove_node(name);
             }
             Change::PutVm(v) => {
+                if v.state() == VmState::Deleted {
+                    self.departing(&v.name);
+                }
                 let old = self.unindex_vm(&v.name);
                 self.index_vm(v);
                 self.vms.insert(v.name.clone(), v.clone());
@@ -134,6 +144,7 @@ impl GridState {
                 }
             }
             Change::RemoveVm(name) => {
+                self.departing(name);
                 let old = self.unindex_vm(name);
                 self.vms.remove(name);
                 for node in &old {
@@ -167,6 +178,13 @@ impl GridState {
         }
     }
 
+    /// Logs `name` as departed if it is in the grid now (its record is about to go or become DELETED).
+    fn departing(&mut self, name: &str) {
+        if self.vms.get(name).is_some_and(|v| v.state() != VmState::Deleted) {
+            self.departures.push(name);
+        }
+    }
+
     fn count_disk_job(&mut self, node: &str, delta: i32) {
         let count = self.disk_jobs.entry(node.to_owned()).or_default();
         *count = count.saturating_add_signed(delta);
@@ -189,6 +207,7 @@ impl GridState {
         if let Some(set) = self.vms_by_tenant.get_mut(&old.tenant) {
             set.remove(name);
         }
+        self.scaled_alone.remove(name);
         nodes
     }
 
@@ -198,6 +217,9 @@ impl GridState {
         }
         if !v.tenant.is_empty() {
             self.vms_by_tenant.entry(v.tenant.clone()).or_default().insert(v.name.clone());
+        }
+        if scales_alone(v) {
+            self.scaled_alone.insert(v.name.clone());
         }
     }
 
@@ -302,6 +324,67 @@ impl GridState {
         self.op_seq += 1;
         format!("op-{:06}", self.op_seq)
     }
+}
+
+/// Departures kept: a reader that falls further behind (or reads a view rebuilt since) looks at every VM
+/// instead.
+pub const KEPT_DEPARTURES: usize = 4096;
+
+/// Distinguishes the departure logs of successive views (a view rebuilt from the store starts a new one).
+static DEPARTURE_EPOCHS: AtomicU64 = AtomicU64::new(0);
+
+/// The names of the VMs that left the grid (their record removed or DELETED), oldest first, the last
+/// [`KEPT_DEPARTURES`] of them: what keeps data of its own per VM beside the view (the scaling loop's load
+/// windows) follows it with a [`DepartureCursor`] instead of comparing its names with every VM.
+#[derive(Debug)]
+pub struct Departures {
+    epoch: u64,
+    /// The position of `names[0]` since the log began.
+    first: u64,
+    names: VecDeque<String>,
+}
+
+/// A reader's position in a view's [`Departures`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepartureCursor {
+    epoch: u64,
+    next: u64,
+}
+
+impl Departures {
+    fn new() -> Departures {
+        Departures {
+            epoch: DEPARTURE_EPOCHS.fetch_add(1, Ordering::Relaxed),
+            first: 0,
+            names: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, name: &str) {
+        self.names.push_back(name.to_owned());
+        if self.names.len() > KEPT_DEPARTURES {
+            self.names.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// The position after the last departure.
+    pub fn end(&self) -> DepartureCursor {
+        DepartureCursor { epoch: self.epoch, next: self.first + self.names.len() as u64 }
+    }
+
+    /// The names that departed from `cursor` on (a name may come more than once); `None` when the log does
+    /// not reach back to it (it is of another view, or fell out of the log).
+    pub fn since(&self, cursor: DepartureCursor) -> Option<impl Iterator<Item = &str>> {
+        let skip = cursor.next.checked_sub(self.first).filter(|_| cursor.epoch == self.epoch)?;
+        let skip = usize::try_from(skip).ok().filter(|&n| n <= self.names.len())?;
+        Some(self.names.iter().skip(skip).map(String::as_str))
+    }
+}
+
+/// Whether a VM outside a group is scaled by thresholds of its own (vertically; not DELETED).
+pub fn scales_alone(v: &Vm) -> bool {
+    v.scaling.is_some_and(|p| p.vertical) && v.group.is_empty() && v.state() != VmState::Deleted
 }
 
 fn ratio(value: f64, default: f64) -> f64 {
@@ -462,5 +545,67 @@ mod tests {
         g.apply(&Change::PutOp(op("op-000004", OpKind::SnapshotVm, OpState::Running)));
         g.apply(&Change::PutVm(vm("a", "n1", 512, "")));
         assert_eq!(jobs(&g), 1);
+    }
+
+    #[test]
+    fn departures_name_each_vm_that_leaves_once_and_readers_behind_the_log_are_told() {
+        let mut g = GridState::new(
+            vec![node("n1", 4, 4096)],
+            vec![vm("kept", "n1", 512, "")],
+            vec![],
+            Defaults::default(),
+        );
+        let start = g.departures.end();
+        for name in ["a", "b", "c"] {
+            g.apply(&Change::PutVm(vm(name, "n1", 512, "")));
+        }
+        let mut deleted = vm("a", "n1", 512, "");
+        deleted.state = VmState::Deleted as i32;
+        g.apply(&Change::PutVm(deleted.clone()));
+        g.apply(&Change::PutVm(deleted));
+        g.apply(&Change::RemoveVm("a".into()));
+        g.apply(&Change::RemoveVm("b".into()));
+        g.apply(&Change::RemoveVm("never-there".into()));
+        g.apply(&Change::PutVm(vm("kept", "n1", 1024, "")));
+        let since: Vec<&str> = g.departures.since(start).unwrap().collect();
+        assert_eq!(since, ["a", "b"], "a DELETED record leaving again is no second departure");
+        let end = g.departures.end();
+        assert_eq!(g.departures.since(end).unwrap().count(), 0);
+
+        for i in 0..KEPT_DEPARTURES {
+            let name = format!("v{i}");
+            g.apply(&Change::PutVm(vm(&name, "n1", 1, "")));
+            g.apply(&Change::RemoveVm(name));
+        }
+        assert!(g.departures.since(start).is_none(), "fell out of the log");
+        assert_eq!(g.departures.since(end).unwrap().count(), KEPT_DEPARTURES);
+        let rebuilt = GridState::new(vec![], vec![], vec![], Defaults::default());
+        assert!(rebuilt.departures.since(g.departures.end()).is_none(), "a cursor of another view");
+    }
+
+    #[test]
+    fn vms_scaled_alone_are_indexed() {
+        let policy = gridforge_proto::v1::ScalingPolicy { vertical: true, ..Default::default() };
+        let mut solo = vm("solo", "n1", 512, "");
+        solo.scaling = Some(policy);
+        let mut member = vm("member", "n1", 512, "web");
+        member.group = "web".into();
+        member.scaling = Some(policy);
+        let mut g = GridState::new(
+            vec![node("n1", 4, 4096)],
+            vec![solo.clone(), member],
+            vec![],
+            Defaults::default(),
+        );
+        assert_eq!(g.scaled_alone.iter().collect::<Vec<_>>(), ["solo"]);
+        solo.state = VmState::Deleted as i32;
+        g.apply(&Change::PutVm(solo.clone()));
+        assert!(g.scaled_alone.is_empty());
+        solo.state = VmState::Running as i32;
+        g.apply(&Change::PutVm(solo.clone()));
+        assert_eq!(g.scaled_alone.len(), 1);
+        solo.scaling = None;
+        g.apply(&Change::PutVm(solo));
+        assert!(g.scaled_alone.is_empty());
     }
 }

@@ -87,7 +87,7 @@ struct Inner {
     /// The coordinators of this grid: whether this one leads, and its term.
     cluster: Arc<crate::ha::Cluster>,
     /// The VMs' observed load over time, for scaling (in memory; a new leader collects its own).
-    usage: Mutex<crate::scaling::UsageWindows>,
+    usage: Mutex<scaling::Usage>,
     /// The scaling loop's decisions, newest last (the last [`scaling::KEPT_DECISIONS`]).
     decisions: Mutex<std::collections::VecDeque<gridforge_proto::v1::Decision>>,
 }

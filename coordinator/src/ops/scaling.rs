@@ -4,6 +4,7 @@
 //! requested by [`SCALER`], and is logged with its reason. A group with an operation in flight is left alone,
 //! so a decision is never taken twice, also across a change of leader (the operation is in the store).
 
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gridforge_proto::v1::{
@@ -12,13 +13,21 @@ use gridforge_proto::v1::{
 };
 
 use super::{Engine, OpError, group_of, lock};
-use crate::grid::{Change, GridState, Vm, VmState, now};
+use crate::grid::{Change, DepartureCursor, GridState, Vm, VmState, now};
 use crate::scaling::{self as pure, GroupInput, Member, SnapshotRoom};
 
 /// Decisions kept for `gridctl scaling log`.
 pub const KEPT_DECISIONS: usize = 1000;
 /// The requester named on the operations scaling starts.
 pub const SCALER: &str = "scaling";
+
+/// The VMs' observed load, and how far the grid's departures were followed to forget the VMs that left.
+#[derive(Debug, Default)]
+pub(super) struct Usage {
+    windows: pure::UsageWindows,
+    /// The departures before this are forgotten (`None`: none followed yet).
+    forgotten: Option<DepartureCursor>,
+}
 
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -44,9 +53,25 @@ fn members(
     window: u32,
     at: u64,
 ) -> Vec<Member> {
-    let mut vms: Vec<&Vm> = s.tenant_vms(tenant, group).collect();
+    in_order(s, usage, s.tenant_vms(tenant, group).collect(), window, at)
+}
+
+/// `vms` as the pure loop takes a group's members: oldest first.
+fn in_order(
+    s: &GridState,
+    usage: &pure::UsageWindows,
+    mut vms: Vec<&Vm>,
+    window: u32,
+    at: u64,
+) -> Vec<Member> {
     vms.sort_by_key(|v| (v.created.map_or(0, |t| t.seconds), v.name.clone()));
     vms.into_iter().map(|v| member(s, usage, v, window, at)).collect()
+}
+
+/// `v` with its load over its window at `at` filled in.
+fn annotated(usage: &pure::UsageWindows, s: &GridState, mut v: Vm, at: u64) -> Vm {
+    v.usage = usage.usage(&v.name, window_of(s, &v), at);
+    v
 }
 
 fn member(s: &GridState, usage: &pure::UsageWindows, v: &Vm, window: u32, at: u64) -> Member {
@@ -64,7 +89,7 @@ fn member(s: &GridState, usage: &pure::UsageWindows, v: &Vm, window: u32, at: u6
 /// A VM outside a group with thresholds of its own, as the pure loop takes it: a group of one, named "",
 /// with the VM's policy (vertical only) and cooldown.
 fn solo_group(v: &Vm) -> Option<crate::grid::Group> {
-    let policy = v.scaling.filter(|p| p.vertical && v.group.is_empty() && v.state() != VmState::Deleted)?;
+    let policy = v.scaling.filter(|_| crate::grid::scales_alone(v))?;
     Some(crate::grid::Group {
         tenant: v.tenant.clone(),
         scaling: Some(gridforge_proto::v1::ScalingPolicy { horizontal: false, ..policy }),
@@ -80,36 +105,41 @@ impl Engine {
         self.record_usage_at(stats, now_secs());
     }
 
+    /// Only VMs in the grid (not DELETED) are kept, and under the view's lock: a VM that leaves meanwhile
+    /// departs after its last sample, so [`Engine::forget_gone_usage`] forgets it.
     pub fn record_usage_at(&self, stats: &NodeStatsReport, at: u64) {
-        let samples: Vec<(String, pure::VmLoad)> = self.view().read(|s| {
-            stats
-                .vms
-                .iter()
-                .filter_map(|d| {
-                    let r = s.vms.get(&d.name)?.resources?;
-                    let cpu = if r.vcpus > 0 { d.cpu_cores / f64::from(r.vcpus) * 100.0 } else { 0.0 };
-                    let total = r.memory_mib as f64 * 1024.0 * 1024.0;
-                    let memory = if total > 0.0 { d.memory_bytes as f64 / total * 100.0 } else { 0.0 };
-                    let load = pure::VmLoad {
-                        cpu_percent: cpu,
-                        memory_percent: memory,
-                        disk_bytes_per_sec: d.disk_bytes_per_sec,
-                        network_bytes_per_sec: d.net_bytes_per_sec,
-                    };
-                    Some((d.name.clone(), load))
-                })
-                .collect()
+        self.view().read(|s| {
+            let mut usage = lock(&self.inner.usage);
+            for d in &stats.vms {
+                let Some(r) =
+                    s.vms.get(&d.name).filter(|v| v.state() != VmState::Deleted).and_then(|v| v.resources)
+                else {
+                    continue;
+                };
+                let cpu = if r.vcpus > 0 { d.cpu_cores / f64::from(r.vcpus) * 100.0 } else { 0.0 };
+                let total = r.memory_mib as f64 * 1024.0 * 1024.0;
+                let memory = if total > 0.0 { d.memory_bytes as f64 / total * 100.0 } else { 0.0 };
+                let load = pure::VmLoad {
+                    cpu_percent: cpu,
+                    memory_percent: memory,
+                    disk_bytes_per_sec: d.disk_bytes_per_sec,
+                    network_bytes_per_sec: d.net_bytes_per_sec,
+                };
+                usage.windows.record(&d.name, at, load);
+            }
         });
-        let mut usage = lock(&self.inner.usage);
-        for (name, load) in samples {
-            usage.record(&name, at, load);
-        }
     }
 
     /// `v` with its observed load filled in (`s` is the view it was read from).
-    pub fn with_usage(&self, s: &GridState, mut v: Vm) -> Vm {
-        v.usage = lock(&self.inner.usage).usage(&v.name, window_of(s, &v), now_secs());
-        v
+    pub fn with_usage(&self, s: &GridState, v: Vm) -> Vm {
+        annotated(&lock(&self.inner.usage).windows, s, v, now_secs())
+    }
+
+    /// [`Engine::with_usage`] of each of `vms`, read under one lock.
+    pub fn with_usages(&self, s: &GridState, vms: impl IntoIterator<Item = Vm>) -> Vec<Vm> {
+        let usage = lock(&self.inner.usage);
+        let at = now_secs();
+        vms.into_iter().map(|v| annotated(&usage.windows, s, v, at)).collect()
     }
 
     /// The group with its members, their load, and whether its service level is met.
@@ -120,8 +150,8 @@ impl Engine {
             let g = group_of(s, tenant, name)
                 .ok_or_else(|| OpError::NotFound(format!("tenant {tenant} has no group {name:?}")))?;
             let window = group_window(g);
-            let usage = lock(&self.inner.usage);
-            let ms = members(s, &usage, tenant, name, window, at);
+            let usage = &lock(&self.inner.usage).windows;
+            let ms = members(s, usage, tenant, name, window, at);
             let verdict = pure::service_level(g, &ms);
             let mut vms: Vec<Vm> = ms.iter().filter_map(|m| s.vms.get(&m.name).cloned()).collect();
             for v in &mut vms {
@@ -139,25 +169,32 @@ impl Engine {
         })
     }
 
-    /// What one round would decide at `at` (seconds since the epoch), taking nothing.
+    /// What one round would decide at `at` (seconds since the epoch), taking nothing. Only the VMs that can
+    /// take part are read: those of tenants with groups (each tenant's once), and those with thresholds of
+    /// their own (the view's index of them).
     pub fn plan_at(&self, at: u64) -> Vec<Decision> {
         self.view().read(|s| {
-            let usage = lock(&self.inner.usage);
+            let usage = &lock(&self.inner.usage).windows;
             let mut groups: Vec<GroupInput<'_>> = Vec::new();
-            for t in s.tenants.values() {
+            for t in s.tenants.values().filter(|t| !t.groups.is_empty()) {
+                let mut by_group: HashMap<&str, Vec<&Vm>> = HashMap::new();
+                for v in s.tenant_vms(&t.name, "") {
+                    by_group.entry(v.group.as_str()).or_default().push(v);
+                }
                 for g in &t.groups {
-                    let window = group_window(g);
-                    groups.push(GroupInput {
-                        group: g,
-                        members: members(s, &usage, &t.name, &g.name, window, at),
-                    });
+                    let vms = by_group.get(g.name.as_str()).cloned().unwrap_or_default();
+                    groups
+                        .push(GroupInput { group: g, members: in_order(s, usage, vms, group_window(g), at) });
                 }
             }
-            let solos: Vec<(crate::grid::Group, &Vm)> =
-                s.vms.values().filter_map(|v| solo_group(v).map(|g| (g, v))).collect();
+            let solos: Vec<(crate::grid::Group, &Vm)> = s
+                .scaled_alone
+                .iter()
+                .filter_map(|name| s.vms.get(name))
+                .filter_map(|v| solo_group(v).map(|g| (g, v)))
+                .collect();
             for (g, v) in &solos {
-                groups
-                    .push(GroupInput { group: g, members: vec![member(s, &usage, v, group_window(g), at)] });
+                groups.push(GroupInput { group: g, members: vec![member(s, usage, v, group_window(g), at)] });
             }
             let mut snapshot = s.snapshot.clone();
             let mut room = SnapshotRoom::new(&mut snapshot);
@@ -203,12 +240,21 @@ impl Engine {
         taken
     }
 
-    /// Samples of VMs no longer in the grid are dropped.
-    fn forget_gone_usage(&self) {
-        let live: std::collections::HashSet<String> = self.view().read(|s| {
-            s.vms.values().filter(|v| v.state() != VmState::Deleted).map(|v| v.name.clone()).collect()
+    /// Samples of VMs no longer in the grid (removed or DELETED) are dropped: those of the VMs that
+    /// departed since the last call (see [`crate::grid::Departures`]), or, the first time and when the view
+    /// was rebuilt or its log no longer reaches back, those of every VM not in the grid. Each round does this
+    /// first.
+    pub fn forget_gone_usage(&self) {
+        self.view().read(|s| {
+            let mut usage = lock(&self.inner.usage);
+            let Usage { windows, forgotten } = &mut *usage;
+            let gone = |name: &str| s.vms.get(name).is_none_or(|v| v.state() == VmState::Deleted);
+            match forgotten.and_then(|c| s.departures.since(c)) {
+                Some(departed) => departed.filter(|name| gone(name)).for_each(|name| windows.forget(name)),
+                None => windows.retain(|name| !gone(name)),
+            }
+            *forgotten = Some(s.departures.end());
         });
-        lock(&self.inner.usage).retain(|name| live.contains(name));
     }
 
     fn log_decision(&self, d: Decision) {

@@ -773,6 +773,18 @@ async fn tenant_networks_get_vlan_ids_of_their_own_tag_their_vms_nics_and_free_t
     assert_eq!(e.put_network("acme", "front", Default::default()).await.unwrap().vlan_id, 100);
 }
 
+/// A VM's own thresholds: up above 70% CPU to 3 vCPUs, down below 20% to 1, over 20 s.
+fn own_thresholds() -> gridforge_proto::v1::ScalingPolicy {
+    gridforge_proto::v1::ScalingPolicy {
+        cpu_up_percent: 70.0,
+        cpu_down_percent: 20.0,
+        min_vcpus: 1,
+        max_vcpus: 3,
+        window_secs: 20,
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn a_vm_outside_a_group_follows_its_own_thresholds_up_and_down_without_flapping() {
     use gridforge_proto::v1::ScalingPolicy;
@@ -787,14 +799,7 @@ async fn a_vm_outside_a_group_follows_its_own_thresholds_up_and_down_without_fla
         let op = e.create_vm(create_req(name, 1, "acme", group), "alice").await.unwrap();
         finished(&e, &op.operation.unwrap().id).await;
     }
-    let policy = ScalingPolicy {
-        cpu_up_percent: 70.0,
-        cpu_down_percent: 20.0,
-        min_vcpus: 1,
-        max_vcpus: 3,
-        window_secs: 20,
-        ..Default::default()
-    };
+    let policy = own_thresholds();
     // A group's member follows the group; a VM's own policy is vertical only; thresholds need their gap.
     let err = e.set_vm_scaling("member", Some(policy)).await.unwrap_err();
     assert!(matches!(err, super::OpError::Precondition(_)) && err.to_string().contains("acme/web"), "{err}");
@@ -833,4 +838,108 @@ async fn a_vm_outside_a_group_follows_its_own_thresholds_up_and_down_without_fla
     e.set_vm_scaling("solo", None).await.unwrap();
     e.record_usage_at(&load(&agent, &["solo".to_string()], 0.95), base + 400);
     assert!(round(&e, base + 400).await.is_empty());
+}
+
+/// A VM record RUNNING on n1 with 1 vCPU and 1 GiB, as committed to the store.
+fn running_vm(name: &str) -> Vm {
+    Vm {
+        name: name.into(),
+        node: "n1".into(),
+        state: VmState::Running as i32,
+        resources: Some(Resources { vcpus: 1, memory_mib: 1024, disk_mib: 64 }),
+        ..Default::default()
+    }
+}
+
+/// Whether the engine keeps load samples of VM `name` (its record may be gone).
+fn has_usage(e: &Engine, name: &str) -> bool {
+    e.view().read(|s| e.with_usage(s, Vm { name: name.into(), ..Default::default() }).usage.is_some())
+}
+
+#[tokio::test]
+async fn a_round_forgets_the_load_of_the_vms_that_left_and_only_theirs() {
+    let (agent, store) = tenant_engine_parts();
+    let address = serve(agent.clone()).await;
+    let names: Vec<String> = ["kept", "deleted", "removed", "back"].map(String::from).into();
+    let mut records = vec![Change::PutNode(node(&address))];
+    records.extend(names.iter().map(|n| Change::PutVm(running_vm(n))));
+    store.commit(&records).unwrap();
+    let e = engine(store, 3);
+    let base = epoch_secs();
+    e.record_usage_at(&load(&agent, &names, 1.0), base);
+    round(&e, base).await;
+    assert!(names.iter().all(|n| has_usage(&e, n)), "nothing left");
+
+    // One DELETED, one removed, one removed and put back before the round.
+    e.view()
+        .update(|s| {
+            let mut deleted = s.vms["deleted"].clone();
+            deleted.state = VmState::Deleted as i32;
+            let changes = vec![
+                Change::PutVm(deleted),
+                Change::RemoveVm("removed".into()),
+                Change::RemoveVm("back".into()),
+            ];
+            Ok::<_, super::OpError>(((), changes))
+        })
+        .await
+        .unwrap();
+    e.view()
+        .update(|_| Ok::<_, super::OpError>(((), vec![Change::PutVm(running_vm("back"))])))
+        .await
+        .unwrap();
+    round(&e, base + 10).await;
+    let kept: Vec<bool> = names.iter().map(|n| has_usage(&e, n)).collect();
+    assert_eq!(kept, [true, false, false, true], "{names:?}");
+    e.record_usage_at(&load(&agent, &names, 1.0), base + 20);
+    assert!(!has_usage(&e, "deleted") && !has_usage(&e, "removed"), "no sample of a VM not in the grid");
+
+    // A view rebuilt from the store starts its departures anew: what left before still goes.
+    e.view().update(|_| Ok::<_, super::OpError>(((), vec![Change::RemoveVm("kept".into())]))).await.unwrap();
+    e.view().reload_from_store().unwrap();
+    round(&e, base + 30).await;
+    assert!(!has_usage(&e, "kept") && has_usage(&e, "back"));
+}
+
+#[tokio::test]
+async fn a_plan_decides_for_every_vm_with_thresholds_of_its_own_and_each_group_on_its_members() {
+    let (agent, store) = tenant_engine_parts();
+    let address = serve(agent.clone()).await;
+    let policy = gridforge_proto::v1::ScalingPolicy { vertical: true, ..own_thresholds() };
+    // One VM with thresholds as loaded from the store; the others get theirs through the engine.
+    let loaded = Vm { tenant: "acme".into(), scaling: Some(policy), ..running_vm("loaded") };
+    store.commit(&[Change::PutNode(node(&address)), Change::PutVm(loaded)]).unwrap();
+    let e = engine(store, 3);
+    e.put_tenant("acme", Default::default()).await.unwrap();
+    for g in ["web", "db"] {
+        e.put_group(scaling_group("acme", g, 0, 4, 0, true)).await.unwrap();
+    }
+    for (name, group) in [("set", ""), ("off", ""), ("web-1", "web"), ("db-1", "db"), ("db-2", "db")] {
+        let op = e.create_vm(create_req(name, 1, "acme", group), "alice").await.unwrap();
+        finished(&e, &op.operation.unwrap().id).await;
+    }
+    e.set_vm_scaling("set", Some(policy)).await.unwrap();
+    e.set_vm_scaling("off", Some(policy)).await.unwrap();
+    e.set_vm_scaling("off", None).await.unwrap();
+
+    // 90% of their vCPU for the solo VMs and web, 10% for db: web scales out, db in, only if each group's
+    // load is its own members'.
+    let at = epoch_secs();
+    let hot: Vec<String> = ["loaded", "set", "off", "web-1"].map(String::from).into();
+    e.record_usage_at(&load(&agent, &hot, 3.6), at);
+    e.record_usage_at(&load(&agent, &["db-1".to_string(), "db-2".to_string()], 0.2), at);
+    let plan = e.plan_at(at);
+    let mut got: Vec<(&str, &str, &str)> =
+        plan.iter().map(|d| (d.action().as_str_name(), d.group.as_str(), d.vm.as_str())).collect();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [
+            ("SCALE_IN", "db", "db-2"),
+            ("SCALE_OUT", "web", "acme-web-1"),
+            ("SCALE_UP", "", "loaded"),
+            ("SCALE_UP", "", "set")
+        ],
+        "{plan:?}"
+    );
 }
