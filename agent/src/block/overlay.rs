@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -140,7 +141,18 @@ impl Export {
             "type": "fuse", "id": "export", "node-name": "disk", "mountpoint": mountpoint,
             "writable": writable,
         });
-        let child = Command::new("qemu-storage-daemon")
+        let mut command = Command::new("qemu-storage-daemon");
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. The daemon gets SIGTERM
+        // (flush, unmount, exit) if the thread that started it dies, e.g. with the agent killed mid-job.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .arg("--blockdev")
             .arg(file.to_string())
             .arg("--blockdev")
