@@ -42,7 +42,11 @@ fn read_back(disk: &fs::File, offset: u64, len: u64, path: &str) -> Vec<u8> {
 }
 
 fn fsck_vfat(device: &LoopDevice) {
-    let out = run_ok("fsck.vfat", &["-n", device.path_str()]);
+    fsck_vfat_at(device.path_str());
+}
+
+fn fsck_vfat_at(path: &str) {
+    let out = run_ok("fsck.vfat", &["-n", path]);
     // A clean volume prints only the version line and the summary; anything else is a finding.
     for line in out.lines().filter(|line| !line.trim().is_empty()) {
         assert!(line.starts_with("fsck.fat ") || line.contains(" files, "), "fsck.vfat -n reported: {out}");
@@ -114,6 +118,48 @@ fn fat32_on_4096_byte_sectors_passes_fsck() {
     for (path, data) in &files {
         assert_eq!(&read_back(&target, offset, len, path), data, "{path}");
     }
+}
+
+/// The clone's loader-entry edit, growing the text past its cluster so fatfs allocates: the text reads back
+/// edited, every other file as it was, the volume passes fsck and nothing outside the range changes.
+#[test]
+fn edit_file_rewrites_a_loader_entry_and_the_volume_stays_clean() {
+    let disk = sparse_disk(64 * MIB);
+    let (offset, len) = (MIB, 40 * MIB);
+    fill(&disk.file, offset + len, MIB, 0xAA);
+    let tree = tempfile::tempdir().unwrap();
+    let files = esp_tree(tree.path());
+    vfat::format(&disk.file, offset, len, 512, "ESP", Some(tree.path())).unwrap();
+
+    let entry = "loader/entries/a.conf";
+    let edit = |text: &str| text.replace("root=UUID=x", "root=UUID=new") + &"# padding\n".repeat(100);
+    vfat::edit_file(&disk.file, offset, len, entry, edit).unwrap();
+    for (path, data) in &files {
+        let expected =
+            if path == entry { edit(std::str::from_utf8(data).unwrap()).into_bytes() } else { data.clone() };
+        assert_eq!(read_back(&disk.file, offset, len, path), expected, "{path}");
+    }
+    fsck_vfat(&LoopDevice::attach(&disk.path, offset, Some(len), 512));
+    assert_filled(&disk.file, 0, offset, 0, "bytes before the partition");
+    assert_filled(&disk.file, offset + len, MIB, 0xAA, "bytes after the partition");
+}
+
+/// An ESP made by the stock tools (mkfs.fat names the root 0 in `..`, mtools lays out its own entries) passes
+/// the checks `edit_file` makes before fatfs reads it.
+#[test]
+fn edit_file_edits_an_esp_made_by_mkfs_fat_and_mtools() {
+    let disk = sparse_disk(40 * MIB);
+    let image = disk.path.to_str().unwrap();
+    run_ok("mkfs.fat", &["-F", "32", "-s", "1", "-n", "ESP", image]);
+    let text = disk.dir.path().join("gridforge.conf");
+    fs::write(&text, "options root=UUID=old ro\n").unwrap();
+    run_ok("mmd", &["-i", image, "::loader", "::loader/entries", "::EFI", "::EFI/BOOT"]);
+    run_ok("mcopy", &["-i", image, text.to_str().unwrap(), "::loader/entries/gridforge.conf"]);
+
+    let path = "loader/entries/gridforge.conf";
+    vfat::edit_file(&disk.file, 0, 40 * MIB, path, |text| text.replace("UUID=old", "UUID=new")).unwrap();
+    assert_eq!(read_back(&disk.file, 0, 40 * MIB, path), b"options root=UUID=new ro\n");
+    fsck_vfat_at(image);
 }
 
 #[test]

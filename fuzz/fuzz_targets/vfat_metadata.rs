@@ -1,8 +1,6 @@
-//! FAT metadata the agent reads back and rewrites with its own code: the boot sector and its backup (a
-//! clone's new volume id) and the directory fix-up after formatting (cluster chains, `.`/`..` entries).
-//! `vfat::edit_file` is left out: it hands the volume to fatfs 0.3.6, which still panics on overflowing
-//! cluster arithmetic for corrupt directory entries (with debug assertions; it wraps in release builds),
-//! and the agent only edits the ESP of a base it made and verified itself.
+//! FAT metadata the agent reads back and rewrites: the boot sector and its backup (a clone's new volume id),
+//! the directory fix-up after formatting (cluster chains, `.`/`..` entries), and the loader-entry edit, which
+//! checks the boot sector and the directory tree itself before handing the volume to fatfs.
 #![no_main]
 
 use gridforge_agent::fs::vfat;
@@ -18,4 +16,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = vfat::set_volume_id(&file, 0, len);
     let file = file_with("fat.img", data, len);
     let _ = vfat::fix_directories(&file, 0, len);
+    // A clone's edit swaps the root UUID; appending makes the text outgrow its cluster, so fatfs allocates.
+    let file = file_with("fat.img", data, len);
+    let _ = vfat::edit_file(&file, 0, len, "loader/entries/gridforge.conf", |text| {
+        text.replace("root=UUID=0", "root=UUID=1") + &"#".repeat(600)
+    });
 });

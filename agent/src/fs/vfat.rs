@@ -138,8 +138,14 @@ pub fn set_volume_id(disk: &File, offset: u64, len: u64) -> Result<FsInfo, FsErr
     }
 }
 
-/// Replaces the text of the existing file `path` (relative to the root) of the FAT volume at `offset` with
+/// Replaces the text of the existing file `path` (relative to the root) of the FAT32 volume at `offset` with
 /// `edit` of its current text.
+///
+/// fatfs 0.3.6 trusts the volume: it does `u32` arithmetic on the boot sector's geometry without overflow
+/// checks, subtracts 2 from every cluster number it follows (a directory entry's first cluster, a FAT link,
+/// the root cluster) without checking it, and follows chains without looking for loops. So before fatfs reads
+/// anything, the boot sector and the whole directory tree are checked here (`Fat32Layout::read` and
+/// `read_tree`): every cluster fatfs can reach from the root is on the volume and in one chain only. A volume failing that is refused with [`FsError::Malformed`] naming the problem.
 pub fn edit_file(
     disk: &File,
     offset: u64,
@@ -149,7 +155,7 @@ pub fn edit_file(
 ) -> Result<(), FsError> {
     use std::io::{Read, Seek, SeekFrom};
     check_range(disk, offset, len)?;
-    check_geometry(disk, offset, len)?;
+    Fat32Layout::read(disk, offset, len)?.read_tree(disk, offset)?;
     let fs = fatfs::FileSystem::new(RangeIo::new(disk, offset, len), FsOptions::new())
         .map_err(|source| FsError::io("opening the FAT file system", source))?;
     {
@@ -165,36 +171,6 @@ pub fn edit_file(
         file.flush().map_err(|source| FsError::io(format!("writing {path}"), source))?;
     }
     fs.unmount().map_err(|source| FsError::io("unmounting the FAT file system", source))
-}
-
-/// fatfs 0.3.6 computes the volume's geometry from the boot sector in `u32` without overflow checks (the
-/// sectors of all FATs, the FAT entries they hold). Refuses a boot sector whose FATs and root directory do
-/// not fit the range, or whose FAT holds more entries than a `u32` counts, before fatfs reads it.
-fn check_geometry(disk: &File, offset: u64, len: u64) -> Result<(), FsError> {
-    let mut boot = [0u8; 512];
-    disk.read_exact_at(&mut boot, offset)
-        .map_err(|source| FsError::io("reading the FAT boot sector", source))?;
-    let u16_at = |at: usize| u64::from(u16::from_le_bytes([boot[at], boot[at + 1]]));
-    let bytes_per_sector = u16_at(0x0B);
-    let sectors_per_fat = match u16_at(0x16) {
-        0 => u64::from(u32::from_le_bytes(boot[0x24..0x28].try_into().expect("4 bytes"))),
-        n => n,
-    };
-    let malformed = |reason: String| FsError::Malformed { what: "FAT boot sector", reason };
-    if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096) {
-        return Err(malformed(format!("{bytes_per_sector}-byte sectors")));
-    }
-    let root_dir_sectors = (u16_at(0x11) * DIR_ENTRY_SIZE as u64).div_ceil(bytes_per_sector);
-    let metadata_sectors = u16_at(0x0E) + u64::from(boot[0x10]) * sectors_per_fat + root_dir_sectors;
-    if metadata_sectors * bytes_per_sector > len
-        || sectors_per_fat * bytes_per_sector * 8 > u64::from(u32::MAX)
-    {
-        return Err(malformed(format!(
-            "{} FATs of {sectors_per_fat} sectors do not fit the {len}-byte volume",
-            boot[0x10]
-        )));
-    }
-    Ok(())
 }
 
 /// The smallest range that holds a FAT32 volume with `sector_size` sectors: the reserved sectors, two FATs
@@ -280,44 +256,93 @@ fn copy_tree(host_dir: &Path, fat_dir: &FatDir<'_, '_>) -> Result<(), FsError> {
     Ok(())
 }
 
-/// The FAT32 layout facts the directory fix-up needs, read from the boot sector.
+/// Where a FAT32 volume keeps its FAT, its data and its root directory, read from the boot sector the way fatfs
+/// reads it.
 struct Fat32Layout {
     cluster_bytes: u64,
+    /// The FAT fatfs reads: the first, or the active one when mirroring is off.
     fat_start: u64,
+    fat_bytes: u64,
     data_start: u64,
     root_cluster: u32,
+    /// Clusters whose data lies inside the range (fewer than the boot sector counts if the range is cut short).
     cluster_count: u32,
 }
 
+/// One directory of the tree, as [`Fat32Layout::read_tree`] found it.
+struct TreeDir {
+    cluster: u32,
+    /// The cluster its `..` entry should name: `None` for the root itself, 0 for the root's children.
+    parent: Option<u32>,
+    chain: Vec<u32>,
+    data: Vec<u8>,
+}
+
 impl Fat32Layout {
+    /// Reads and checks the boot sector of the FAT32 volume in `[offset, offset + len)`. fatfs 0.3.6 computes
+    /// the geometry in `u32` without overflow checks (the sectors of all FATs, the FAT entries they hold) and
+    /// reads the FAT the boot sector names as active without checking that it exists. Refused here: a boot
+    /// sector that is not FAT32's, whose FATs do not fit the range or hold more entries than a `u32` counts,
+    /// whose FAT cannot map all its clusters, or whose active FAT is not one of its FATs.
     fn read(disk: &File, offset: u64, len: u64) -> Result<Self, FsError> {
         let mut boot = [0u8; 512];
         disk.read_exact_at(&mut boot, offset)
             .map_err(|source| FsError::io("reading the FAT boot sector", source))?;
         let u16_at = |at: usize| u64::from(u16::from_le_bytes([boot[at], boot[at + 1]]));
         let u32_at = |at: usize| u32::from_le_bytes(boot[at..at + 4].try_into().expect("4 bytes"));
+        let malformed = |reason: String| FsError::Malformed { what: "FAT32 boot sector", reason };
         let bytes_per_sector = u16_at(0x0B);
+        if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096) {
+            return Err(malformed(format!("{bytes_per_sector}-byte sectors")));
+        }
         let sectors_per_cluster = u64::from(boot[0x0D]);
+        if !sectors_per_cluster.is_power_of_two() || sectors_per_cluster > 128 {
+            return Err(malformed(format!("{sectors_per_cluster} sectors per cluster")));
+        }
+        // The root directory entries, 16-bit sector count and 16-bit FAT size of FAT12/16 are 0 on FAT32.
+        if u16_at(0x11) != 0 || u16_at(0x13) != 0 || u16_at(0x16) != 0 {
+            return Err(malformed("fields of a FAT12 or FAT16 volume are set".into()));
+        }
         let reserved_sectors = u16_at(0x0E);
         let fats = u64::from(boot[0x10]);
+        if reserved_sectors == 0 || fats == 0 {
+            return Err(malformed(format!("{reserved_sectors} reserved sectors and {fats} FATs")));
+        }
         let sectors_per_fat = u64::from(u32_at(0x24));
-        let total_sectors = u64::from(u32_at(0x20));
-        let fat_start = reserved_sectors * bytes_per_sector;
-        let data_start = fat_start + fats * sectors_per_fat * bytes_per_sector;
+        let fat_bytes = sectors_per_fat * bytes_per_sector;
+        let data_start = (reserved_sectors + fats * sectors_per_fat) * bytes_per_sector;
+        if data_start > len || fat_bytes * 8 > u64::from(u32::MAX) {
+            return Err(malformed(format!(
+                "{fats} FATs of {sectors_per_fat} sectors do not fit the {len}-byte volume"
+            )));
+        }
+        // Bit 7 of the extended flags turns mirroring off: then only the FAT that bits 0-3 number is used.
+        let flags = u16_at(0x28);
+        let active_fat = if flags & 0x80 == 0 { 0 } else { flags & 0x0F };
+        if active_fat >= fats {
+            return Err(malformed(format!("the active FAT is number {active_fat} of {fats}")));
+        }
         let cluster_bytes = sectors_per_cluster * bytes_per_sector;
-        let data_bytes = (total_sectors * bytes_per_sector).min(len).saturating_sub(data_start);
-        if cluster_bytes == 0 || data_bytes == 0 {
-            return Err(FsError::Malformed {
-                what: "FAT32 boot sector",
-                reason: "zero cluster size or no data area".into(),
-            });
+        let volume_bytes = u64::from(u32_at(0x20)) * bytes_per_sector;
+        let volume_clusters = volume_bytes.saturating_sub(data_start) / cluster_bytes;
+        let fat_entries = fat_bytes / 4;
+        if volume_clusters + 2 > fat_entries {
+            return Err(malformed(format!(
+                "a FAT of {fat_entries} entries cannot map {volume_clusters} clusters"
+            )));
+        }
+        let cluster_count = volume_bytes.min(len).saturating_sub(data_start) / cluster_bytes;
+        if cluster_count == 0 {
+            return Err(malformed("no data area".into()));
         }
         Ok(Fat32Layout {
             cluster_bytes,
-            fat_start,
+            fat_start: (reserved_sectors + active_fat * sectors_per_fat) * bytes_per_sector,
+            fat_bytes,
             data_start,
             root_cluster: u32_at(0x2C),
-            cluster_count: (data_bytes / cluster_bytes) as u32,
+            // At most `fat_entries`, which the size check above keeps below 2^27.
+            cluster_count: cluster_count as u32,
         })
     }
 
@@ -325,27 +350,56 @@ impl Fat32Layout {
         self.data_start + u64::from(cluster - 2) * self.cluster_bytes
     }
 
-    /// The clusters of the chain starting at `first`, checked against loops and out-of-range links.
-    fn chain(&self, disk: &File, offset: u64, first: u32) -> Result<Vec<u32>, FsError> {
-        let mut chain = Vec::new();
-        let mut cluster = first;
-        loop {
-            if cluster < 2 || cluster - 2 >= self.cluster_count || chain.len() as u32 > self.cluster_count {
-                return Err(FsError::Malformed {
-                    what: "FAT32 cluster chain",
-                    reason: format!("bad link to cluster {cluster} in chain from {first}"),
-                });
+    /// Reads the directory tree from the root and checks everything fatfs may follow in it, which is more than
+    /// the path it is asked for: every chain (the root's, each directory's and each file's) by
+    /// [`ChainWalker::chain`], which also refuses a directory reached twice; no subdirectory at cluster 0, no
+    /// file with bytes but no cluster or with fewer clusters than its size needs; `.` and `..` naming only 0
+    /// (fatfs takes it for the root) or a directory of the tree. Returns the directories, the root first and
+    /// each before its subdirectories.
+    fn read_tree(&self, disk: &File, offset: u64) -> Result<Vec<TreeDir>, FsError> {
+        let malformed = |reason: String| FsError::Malformed { what: "FAT directory tree", reason };
+        let mut walker = ChainWalker::new(self, disk, offset);
+        let mut dirs = Vec::new();
+        // (path, first cluster, cluster `..` should name); the root's path is empty.
+        let mut pending = vec![(String::new(), self.root_cluster, None)];
+        let mut dot_links = Vec::new();
+        while let Some((path, cluster, parent)) = pending.pop() {
+            let owner =
+                if path.is_empty() { "the root directory".to_owned() } else { format!("directory {path}") };
+            let chain = walker.chain(cluster, &owner)?;
+            let data = self.read_chain(disk, offset, &chain)?;
+            for entry in visible_entries(&data) {
+                let entry_path = format!("{path}/{}", short_name(entry));
+                let first = entry_cluster(entry);
+                if entry[11] & ATTR_DIRECTORY == 0 {
+                    let size = u32::from_le_bytes(entry[28..32].try_into().expect("4 bytes"));
+                    let clusters = match first {
+                        0 => 0,
+                        _ => walker.chain(first, &format!("file {entry_path}"))?.len() as u64,
+                    };
+                    if clusters * self.cluster_bytes < u64::from(size) {
+                        return Err(malformed(format!(
+                            "file {entry_path} holds {size} bytes in {clusters} clusters of {} bytes",
+                            self.cluster_bytes
+                        )));
+                    }
+                } else if &entry[..11] == DOT_NAME || &entry[..11] == DOTDOT_NAME {
+                    if first != 0 {
+                        dot_links.push((entry_path, first));
+                    }
+                } else if first == 0 {
+                    return Err(malformed(format!("directory {entry_path} starts at cluster 0")));
+                } else {
+                    pending.push((entry_path, first, Some(if parent.is_none() { 0 } else { cluster })));
+                }
             }
-            chain.push(cluster);
-            let mut entry = [0u8; 4];
-            disk.read_exact_at(&mut entry, offset + self.fat_start + u64::from(cluster) * 4)
-                .map_err(|source| FsError::io("reading the FAT", source))?;
-            let next = u32::from_le_bytes(entry) & 0x0FFF_FFFF;
-            if next >= 0x0FFF_FFF8 {
-                return Ok(chain);
-            }
-            cluster = next;
+            dirs.push(TreeDir { cluster, parent, chain, data });
         }
+        let dir_clusters: HashSet<u32> = dirs.iter().map(|dir| dir.cluster).collect();
+        if let Some((path, first)) = dot_links.into_iter().find(|(_, first)| !dir_clusters.contains(first)) {
+            return Err(malformed(format!("{path} names cluster {first}, where no directory starts")));
+        }
+        Ok(dirs)
     }
 
     fn read_chain(&self, disk: &File, offset: u64, chain: &[u32]) -> Result<Vec<u8>, FsError> {
@@ -366,6 +420,88 @@ impl Fat32Layout {
     }
 }
 
+/// Follows cluster chains through the FAT of a [`Fat32Layout`], remembering every cluster it has passed.
+struct ChainWalker<'a> {
+    layout: &'a Fat32Layout,
+    disk: &'a File,
+    /// Where the FAT starts on `disk`.
+    fat_at: u64,
+    /// The block of the FAT last read (chains mostly run through consecutive clusters) and its offset in the FAT.
+    block: Vec<u8>,
+    block_start: u64,
+    /// One bit per cluster number, set once a chain has passed it.
+    seen: Vec<u64>,
+}
+
+impl<'a> ChainWalker<'a> {
+    const BLOCK_BYTES: u64 = 4096;
+
+    fn new(layout: &'a Fat32Layout, disk: &'a File, offset: u64) -> Self {
+        ChainWalker {
+            layout,
+            disk,
+            fat_at: offset + layout.fat_start,
+            block: Vec::new(),
+            block_start: 0,
+            seen: vec![0; (layout.cluster_count as usize + 2).div_ceil(64)],
+        }
+    }
+
+    /// The clusters of `owner`'s chain from `first`. Each must be a cluster of the volume that no chain walked
+    /// before passed: a first cluster or a link that is 0, 1, a bad or reserved cluster or past the end is
+    /// refused, and so is a loop or a cluster shared with another chain.
+    fn chain(&mut self, first: u32, owner: &str) -> Result<Vec<u32>, FsError> {
+        let mut chain = Vec::new();
+        let mut cluster = first;
+        loop {
+            let reached = if chain.is_empty() { "starts at" } else { "links to" };
+            if cluster < 2 || cluster - 2 >= self.layout.cluster_count {
+                return Err(FsError::Malformed {
+                    what: "FAT32 cluster chain",
+                    reason: format!(
+                        "{owner} {reached} cluster {cluster}, outside the volume's clusters 2 to {}",
+                        self.layout.cluster_count + 1
+                    ),
+                });
+            }
+            let (word, bit) = (cluster as usize / 64, 1u64 << (cluster % 64));
+            if self.seen[word] & bit != 0 {
+                return Err(FsError::Malformed {
+                    what: "FAT32 cluster chain",
+                    reason: format!(
+                        "{owner} {reached} cluster {cluster}, which a chain has reached before (a loop, or \
+                         clusters shared with another file or directory)"
+                    ),
+                });
+            }
+            self.seen[word] |= bit;
+            chain.push(cluster);
+            let next = self.fat_entry(cluster)? & 0x0FFF_FFFF;
+            if next >= 0x0FFF_FFF8 {
+                return Ok(chain);
+            }
+            cluster = next;
+        }
+    }
+
+    /// The FAT entry of `cluster`, a cluster of the volume (so inside the FAT: [`Fat32Layout::read`] checks
+    /// that the FAT maps every cluster).
+    fn fat_entry(&mut self, cluster: u32) -> Result<u32, FsError> {
+        let at = u64::from(cluster) * 4;
+        let end = self.block_start + self.block.len() as u64;
+        if at < self.block_start || at + 4 > end {
+            self.block_start = at - at % Self::BLOCK_BYTES;
+            let block_bytes = Self::BLOCK_BYTES.min(self.layout.fat_bytes - self.block_start);
+            self.block.resize(block_bytes as usize, 0);
+            self.disk
+                .read_exact_at(&mut self.block, self.fat_at + self.block_start)
+                .map_err(|source| FsError::io("reading the FAT", source))?;
+        }
+        let i = (at - self.block_start) as usize;
+        Ok(u32::from_le_bytes(self.block[i..i + 4].try_into().expect("4 bytes")))
+    }
+}
+
 fn entry_cluster(entry: &[u8]) -> u32 {
     u32::from(u16::from_le_bytes([entry[20], entry[21]])) << 16
         | u32::from(u16::from_le_bytes([entry[26], entry[27]]))
@@ -376,20 +512,21 @@ fn set_entry_cluster(entry: &mut [u8], cluster: u32) {
     entry[26..28].copy_from_slice(&(cluster as u16).to_le_bytes());
 }
 
-/// Subdirectories listed in a directory's raw entries (their first clusters), skipping `.` and `..`.
-fn subdirectories(data: &[u8]) -> Vec<u32> {
-    data.chunks_exact(DIR_ENTRY_SIZE)
-        .take_while(|entry| entry[0] != 0)
-        .filter(|entry| {
-            entry[0] != DELETED_ENTRY
-                && entry[11] != ATTR_LONG_NAME
-                && entry[11] & ATTR_DIRECTORY != 0
-                && entry[11] & ATTR_VOLUME_ID == 0
-                && &entry[..11] != DOT_NAME
-                && &entry[..11] != DOTDOT_NAME
-        })
-        .map(entry_cluster)
-        .collect()
+/// The entries of a directory's raw data that fatfs lists: those before the end marker that are neither
+/// deleted, nor parts of a long name, nor the volume label.
+fn visible_entries(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    data.chunks_exact(DIR_ENTRY_SIZE).take_while(|entry| entry[0] != 0).filter(|entry| {
+        entry[0] != DELETED_ENTRY
+            && entry[11] & ATTR_LONG_NAME != ATTR_LONG_NAME
+            && entry[11] & ATTR_VOLUME_ID == 0
+    })
+}
+
+/// An entry's 8.3 name the way `ls` on FAT shows it (`NAME.EXT`), for messages.
+fn short_name(entry: &[u8]) -> String {
+    let base = String::from_utf8_lossy(&entry[..8]).trim_end().to_owned();
+    let extension = String::from_utf8_lossy(&entry[8..11]).trim_end().to_owned();
+    if extension.is_empty() { base } else { format!("{base}.{extension}") }
 }
 
 /// Rewrites one directory's entries: `.` (pointing at `own_cluster`) and `..` (at `parent_cluster`, 0 for
@@ -441,25 +578,12 @@ fn rebuild_directory(data: &[u8], own_cluster: u32, parent_cluster: u32) -> Resu
 /// calls it, and it is public for the fuzz targets, which feed it hostile boot sectors and directories.
 pub fn fix_directories(disk: &File, offset: u64, len: u64) -> Result<(), FsError> {
     let layout = Fat32Layout::read(disk, offset, len)?;
-    let root_chain = layout.chain(disk, offset, layout.root_cluster)?;
-    let root = layout.read_chain(disk, offset, &root_chain)?;
-    // (directory cluster, parent cluster as `..` must name it); the root's children name 0.
-    let mut pending: Vec<(u32, u32)> = subdirectories(&root).into_iter().map(|dir| (dir, 0)).collect();
-    let mut visited = HashSet::new();
-    while let Some((dir_cluster, parent_cluster)) = pending.pop() {
-        if !visited.insert(dir_cluster) {
-            return Err(FsError::Malformed {
-                what: "FAT directory tree",
-                reason: format!("directory cluster {dir_cluster} reached twice"),
-            });
+    for dir in layout.read_tree(disk, offset)? {
+        let Some(parent) = dir.parent else { continue };
+        let rebuilt = rebuild_directory(&dir.data, dir.cluster, parent)?;
+        if rebuilt != dir.data {
+            layout.write_chain(disk, offset, &dir.chain, &rebuilt)?;
         }
-        let chain = layout.chain(disk, offset, dir_cluster)?;
-        let data = layout.read_chain(disk, offset, &chain)?;
-        let rebuilt = rebuild_directory(&data, dir_cluster, parent_cluster)?;
-        if rebuilt != data {
-            layout.write_chain(disk, offset, &chain, &rebuilt)?;
-        }
-        pending.extend(subdirectories(&rebuilt).into_iter().map(|child| (child, dir_cluster)));
     }
     Ok(())
 }
@@ -477,6 +601,193 @@ mod tests {
         disk.write_all_at(input, 0).unwrap();
         let len = input.len() as u64;
         let edited = edit_file(&disk, 0, len, "loader/entries/gridforge.conf", str::to_owned);
-        assert!(matches!(edited, Err(FsError::Malformed { what: "FAT boot sector", .. })), "{edited:?}");
+        assert!(matches!(edited, Err(FsError::Malformed { what: "FAT32 boot sector", .. })), "{edited:?}");
+    }
+
+    const ENTRY: &str = "loader/entries/gridforge.conf";
+
+    /// A freshly formatted ESP holding `loader/entries/gridforge.conf` and a few other files, at offset 0 of a
+    /// scratch file, with its length.
+    fn esp() -> (File, u64) {
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tree.path().join("loader/entries")).unwrap();
+        std::fs::create_dir_all(tree.path().join("EFI/BOOT")).unwrap();
+        std::fs::write(tree.path().join(ENTRY), "title Debian\noptions root=UUID=old ro\n").unwrap();
+        std::fs::write(tree.path().join("loader/loader.conf"), "default gridforge.conf\n").unwrap();
+        std::fs::write(tree.path().join("EFI/BOOT/BOOTX64.EFI"), vec![0x5A; 3000]).unwrap();
+        let len = fat32_min_bytes(512);
+        let disk = tempfile::tempfile().unwrap();
+        disk.set_len(len).unwrap();
+        format(&disk, 0, len, 512, "ESP", Some(tree.path())).unwrap();
+        (disk, len)
+    }
+
+    fn edit(disk: &File, len: u64) -> Result<(), FsError> {
+        edit_file(disk, 0, len, ENTRY, |text| text.replace("UUID=old", "UUID=new"))
+    }
+
+    /// The text of `ENTRY`, read back with fatfs.
+    fn entry_text(disk: &File, len: u64) -> String {
+        use std::io::Read;
+        let fs = fatfs::FileSystem::new(RangeIo::new(disk, 0, len), FsOptions::new()).unwrap();
+        let mut text = String::new();
+        fs.root_dir().open_file(ENTRY).unwrap().read_to_string(&mut text).unwrap();
+        text
+    }
+
+    /// Where on the disk the directory entry at `path` (8.3 names, the last one matched by its start) is.
+    fn entry_offset(disk: &File, len: u64, path: &[&str]) -> u64 {
+        let layout = Fat32Layout::read(disk, 0, len).unwrap();
+        let mut walker = ChainWalker::new(&layout, disk, 0);
+        let mut cluster = layout.root_cluster;
+        let mut found = None;
+        for name in path {
+            let chain = walker.chain(cluster, "a test path").unwrap();
+            let data = layout.read_chain(disk, 0, &chain).unwrap();
+            let index = data
+                .chunks_exact(DIR_ENTRY_SIZE)
+                .position(|entry| {
+                    entry[11] & ATTR_LONG_NAME != ATTR_LONG_NAME && short_name(entry).starts_with(name)
+                })
+                .unwrap_or_else(|| panic!("no {name} in {path:?}"));
+            let per_cluster = layout.cluster_bytes as usize / DIR_ENTRY_SIZE;
+            found = Some(
+                layout.cluster_offset(chain[index / per_cluster])
+                    + (index % per_cluster * DIR_ENTRY_SIZE) as u64,
+            );
+            cluster = entry_cluster(&data[index * DIR_ENTRY_SIZE..]);
+        }
+        found.unwrap()
+    }
+
+    fn read_entry(disk: &File, at: u64) -> [u8; DIR_ENTRY_SIZE] {
+        let mut entry = [0u8; DIR_ENTRY_SIZE];
+        disk.read_exact_at(&mut entry, at).unwrap();
+        entry
+    }
+
+    fn set_first_cluster(disk: &File, at: u64, cluster: u32) {
+        let mut entry = read_entry(disk, at);
+        set_entry_cluster(&mut entry, cluster);
+        disk.write_all_at(&entry, at).unwrap();
+    }
+
+    /// Sets the FAT entry of `cluster` in every FAT.
+    fn set_fat_entry(disk: &File, len: u64, cluster: u32, value: u32) {
+        let layout = Fat32Layout::read(disk, 0, len).unwrap();
+        let mut at = layout.fat_start;
+        while at < layout.data_start {
+            disk.write_all_at(&value.to_le_bytes(), at + u64::from(cluster) * 4).unwrap();
+            at += layout.fat_bytes;
+        }
+    }
+
+    #[track_caller]
+    fn assert_refused(result: Result<(), FsError>, what: &str, reason_has: &str) {
+        match result {
+            Err(FsError::Malformed { what: got, reason }) if got == what && reason.contains(reason_has) => {}
+            other => panic!("expected malformed {what} mentioning {reason_has:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_esp_is_edited() {
+        let (disk, len) = esp();
+        edit(&disk, len).unwrap();
+        assert_eq!(entry_text(&disk, len), "title Debian\noptions root=UUID=new ro\n");
+        // A text growing past its cluster gets more clusters, and the tree still checks out.
+        edit_file(&disk, 0, len, ENTRY, |text| text.repeat(40)).unwrap();
+        assert_eq!(entry_text(&disk, len), "title Debian\noptions root=UUID=new ro\n".repeat(40));
+        Fat32Layout::read(&disk, 0, len).unwrap().read_tree(&disk, 0).unwrap();
+    }
+
+    #[test]
+    fn directory_entries_at_cluster_0_1_or_past_the_end_are_refused() {
+        let (disk, len) = esp();
+        let past_the_end = Fat32Layout::read(&disk, 0, len).unwrap().cluster_count + 2;
+        for (cluster, what, reason) in [
+            (0, "FAT directory tree", "directory /LOADER/ENTRIES starts at cluster 0"),
+            (1, "FAT32 cluster chain", "directory /LOADER/ENTRIES starts at cluster 1, outside"),
+            (past_the_end, "FAT32 cluster chain", &format!("starts at cluster {past_the_end}, outside")),
+            (u32::MAX, "FAT32 cluster chain", "starts at cluster 4294967295, outside"),
+        ] {
+            let (disk, len) = esp();
+            set_first_cluster(&disk, entry_offset(&disk, len, &["LOADER", "ENTRIES"]), cluster);
+            assert_refused(edit(&disk, len), what, reason);
+        }
+        for cluster in [1, past_the_end] {
+            let (disk, len) = esp();
+            set_first_cluster(&disk, entry_offset(&disk, len, &["LOADER", "ENTRIES", "GRIDFO"]), cluster);
+            assert_refused(edit(&disk, len), "FAT32 cluster chain", &format!("starts at cluster {cluster}"));
+        }
+        // A file with bytes but no cluster.
+        let (disk, len) = esp();
+        set_first_cluster(&disk, entry_offset(&disk, len, &["LOADER", "ENTRIES", "GRIDFO"]), 0);
+        assert_refused(edit(&disk, len), "FAT directory tree", "bytes in 0 clusters");
+    }
+
+    #[test]
+    fn a_root_cluster_off_the_volume_is_refused() {
+        for cluster in [0, 1, 0x0FFF_FFF0] {
+            let (disk, len) = esp();
+            disk.write_all_at(&u32::to_le_bytes(cluster), 0x2C).unwrap();
+            assert_refused(
+                edit(&disk, len),
+                "FAT32 cluster chain",
+                &format!("the root directory starts at cluster {cluster}"),
+            );
+        }
+    }
+
+    #[test]
+    fn fat_chains_that_loop_or_leave_the_volume_are_refused() {
+        let (disk, len) = esp();
+        let count = Fat32Layout::read(&disk, 0, len).unwrap().cluster_count;
+        let file =
+            entry_cluster(&read_entry(&disk, entry_offset(&disk, len, &["LOADER", "ENTRIES", "GRIDFO"])));
+        let dir = entry_cluster(&read_entry(&disk, entry_offset(&disk, len, &["LOADER", "ENTRIES"])));
+        for (cluster, link, reason) in [
+            (file, file, format!("links to cluster {file}, which a chain has reached before")),
+            (dir, dir, format!("links to cluster {dir}, which a chain has reached before")),
+            (file, 2, "links to cluster 2, which a chain has reached before".to_owned()),
+            (file, 0, "links to cluster 0, outside".to_owned()),
+            (file, 1, "links to cluster 1, outside".to_owned()),
+            (dir, count + 2, format!("links to cluster {}, outside", count + 2)),
+            (dir, 0x0FFF_FFF7, "links to cluster 268435447, outside".to_owned()),
+        ] {
+            let (disk, len) = esp();
+            set_fat_entry(&disk, len, cluster, link);
+            assert_refused(edit(&disk, len), "FAT32 cluster chain", &reason);
+        }
+    }
+
+    #[test]
+    fn dot_entries_naming_no_directory_are_refused() {
+        let (disk, len) = esp();
+        let file =
+            entry_cluster(&read_entry(&disk, entry_offset(&disk, len, &["LOADER", "ENTRIES", "GRIDFO"])));
+        set_first_cluster(&disk, entry_offset(&disk, len, &["LOADER", "ENTRIES", ".."]), file);
+        assert_refused(
+            edit(&disk, len),
+            "FAT directory tree",
+            &format!("names cluster {file}, where no directory"),
+        );
+    }
+
+    #[test]
+    fn boot_sectors_whose_fat_cannot_serve_fatfs_are_refused() {
+        // The active FAT (mirroring off) is not one of the two.
+        let (disk, len) = esp();
+        disk.write_all_at(&u16::to_le_bytes(0x80 | 2), 0x28).unwrap();
+        assert_refused(edit(&disk, len), "FAT32 boot sector", "active FAT is number 2 of 2");
+        // A FAT too small for the volume's clusters.
+        let (disk, len) = esp();
+        let layout = Fat32Layout::read(&disk, 0, len).unwrap();
+        disk.write_all_at(&u32::to_le_bytes((layout.fat_bytes / 512 / 2) as u32), 0x24).unwrap();
+        assert_refused(edit(&disk, len), "FAT32 boot sector", "cannot map");
+        // FAT16 fields.
+        let (disk, len) = esp();
+        disk.write_all_at(&u16::to_le_bytes(512), 0x11).unwrap();
+        assert_refused(edit(&disk, len), "FAT32 boot sector", "FAT12 or FAT16");
     }
 }
