@@ -19,7 +19,7 @@ use std::io::{self, BufRead, BufReader, Cursor, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Mutex, OnceLock};
 
 use gridforge_common::progress::Progress;
@@ -697,10 +697,10 @@ fn write_stream<R: Read + Send>(
     let (feeder, reader) = stream::channel_reader();
     let (jobs_tx, jobs_rx) = sync_channel::<(u64, AlignedBuf)>(QUEUE_DEPTH);
     let jobs_rx = Mutex::new(jobs_rx);
-    let (free_tx, free_rx) = sync_channel::<AlignedBuf>(QUEUE_DEPTH + WORKERS + 1);
-    for _ in 0..QUEUE_DEPTH + WORKERS + 1 {
-        free_tx.send(AlignedBuf::new(CHUNK_SIZE as usize)).expect("free list has room");
-    }
+    // Chunk buffers are made as the stream needs them, up to this many (a small image needs one or two),
+    // and come back through the free list once written.
+    const BUFFERS: usize = QUEUE_DEPTH + WORKERS + 1;
+    let (free_tx, free_rx) = sync_channel::<AlignedBuf>(BUFFERS);
     let decoded_total = AtomicUsize::new(0);
     let outcome = std::thread::scope(|s| {
         let feed = s.spawn(move || {
@@ -726,12 +726,23 @@ fn write_stream<R: Read + Send>(
         let result = (|| -> Result<(), PipelineError> {
             let decoded = stream::decoder(reader)?;
             let mut decoded = LimitedReader::new(decoded, limit);
-            let mut offset = 0u64;
+            let (mut offset, mut made) = (0u64, 0);
             loop {
                 if failure.stopped() {
                     return Ok(());
                 }
-                let Ok(mut buf) = free_rx.recv() else { return Ok(()) };
+                let mut buf = match free_rx.try_recv() {
+                    Ok(buf) => buf,
+                    Err(TryRecvError::Empty) if made < BUFFERS => {
+                        made += 1;
+                        AlignedBuf::new(CHUNK_SIZE as usize)
+                    }
+                    Err(TryRecvError::Empty) => match free_rx.recv() {
+                        Ok(buf) => buf,
+                        Err(_) => return Ok(()),
+                    },
+                    Err(TryRecvError::Disconnected) => return Ok(()),
+                };
                 let n = fill(&mut decoded, buf.spare_mut())
                     .map_err(|e| PipelineError::from_io("decompressing the image", e))?;
                 if n == 0 {
