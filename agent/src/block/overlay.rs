@@ -117,12 +117,15 @@ pub struct Export {
     child: Option<Child>,
     mountpoint: PathBuf,
     image: PathBuf,
+    /// `<mountpoint>.lock`, locked while this lives: an unlocked one marks an export whose owner died.
+    lock: Option<(PathBuf, nix::fcntl::Flock<File>)>,
 }
 
 impl Export {
     /// Serve `image` (a qcow2 file) at a new file in `scratch`, writable or read-only.
     pub fn start(image: &Path, scratch: &Path, writable: bool) -> Result<Self, OverlayError> {
         std::fs::create_dir_all(scratch).map_err(io_err("creating the scratch directory", scratch))?;
+        remove_stale_exports(scratch);
         let mountpoint = tempfile::Builder::new()
             .prefix("export-")
             .tempfile_in(scratch)
@@ -130,6 +133,10 @@ impl Export {
             .into_temp_path()
             .keep()
             .map_err(|e| io_err("making an export mount point in", scratch)(e.error))?;
+        let lock_path = lock_path(&mountpoint);
+        let lock = File::create(&lock_path).map_err(io_err("creating", &lock_path))?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io_err("locking", &lock_path)(e.into()))?;
         let parent_dev = std::fs::metadata(scratch).map_err(io_err("reading", scratch))?.dev();
         let file = serde_json::json!({
             "driver": "file", "node-name": "file", "filename": image, "read-only": !writable,
@@ -152,6 +159,9 @@ impl Export {
                 Ok(())
             });
         }
+        // Owned from here: a failure below removes the mount point and its lock.
+        let mut this =
+            Self { child: None, mountpoint, image: image.to_path_buf(), lock: Some((lock_path, lock)) };
         let child = command
             .arg("--blockdev")
             .arg(file.to_string())
@@ -164,7 +174,7 @@ impl Export {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| spawn_error("qemu-storage-daemon", "qemu-system-common", image, e))?;
-        let mut this = Self { child: Some(child), mountpoint, image: image.to_path_buf() };
+        this.child = Some(child);
         let start = Instant::now();
         loop {
             let child = this.child.as_mut().expect("running");
@@ -210,6 +220,7 @@ impl Export {
     fn shutdown(&mut self) -> Result<(), OverlayError> {
         let Some(mut child) = self.child.take() else {
             let _ = std::fs::remove_file(&self.mountpoint);
+            self.unlock();
             return Ok(());
         };
         // SIGTERM: the daemon flushes every node and unmounts before it exits.
@@ -230,6 +241,7 @@ impl Export {
         // A daemon that died without unmounting leaves a dead FUSE mount: detach it.
         let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(&self.mountpoint);
+        self.unlock();
         let mut detail = String::new();
         if let Some(mut err) = child.stderr.take() {
             let _ = err.read_to_string(&mut detail);
@@ -247,6 +259,45 @@ impl Export {
                 detail: format!("did not stop within {EXPORT_TIMEOUT:?}; killed"),
             }),
         }
+    }
+}
+
+impl Export {
+    fn unlock(&mut self) {
+        if let Some((path, lock)) = self.lock.take() {
+            let _ = std::fs::remove_file(&path);
+            drop(lock);
+        }
+    }
+}
+
+fn lock_path(mountpoint: &Path) -> PathBuf {
+    let mut name = mountpoint.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Exports in `scratch` whose owner died (the agent killed with its daemon): their lock is free. Their mount
+/// is detached and their files removed; exports still in use hold their locks and are left alone.
+fn remove_stale_exports(scratch: &Path) {
+    let Ok(entries) = std::fs::read_dir(scratch) else { return };
+    for entry in entries.flatten() {
+        let lock_path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(mountpoint) = name.strip_prefix("export-").and_then(|n| n.strip_suffix(".lock")) else {
+            continue;
+        };
+        let Ok(file) = File::open(&lock_path) else { continue };
+        let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        let mountpoint = scratch.join(format!("export-{mountpoint}"));
+        let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&mountpoint);
+        let _ = std::fs::remove_file(&lock_path);
+        drop(lock);
+        tracing::info!("removed the stale export {}", mountpoint.display());
     }
 }
 
@@ -308,9 +359,42 @@ mod tests {
     }
 
     #[test]
+    fn an_export_whose_owner_died_is_removed_and_a_live_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let overlay = dir.path().join("vm.qcow2");
+        create(&overlay, &base, 1 << 20).unwrap();
+        // What a killed owner leaves: a mount point and its unlocked lock file.
+        let stale = dir.path().join("export-dead");
+        std::fs::write(&stale, b"").unwrap();
+        std::fs::write(dir.path().join("export-dead.lock"), b"").unwrap();
+        let live = Export::start(&overlay, dir.path(), false).unwrap();
+        assert!(!stale.exists() && !dir.path().join("export-dead.lock").exists(), "the stale export stays");
+        let second = dir.path().join("vm2.qcow2");
+        create(&second, &base, 1 << 20).unwrap();
+        let other = Export::start(&second, dir.path(), false).unwrap();
+        assert_eq!(File::open(live.path()).unwrap().metadata().unwrap().len(), 1 << 20, "the live one works");
+        let names = |d: &Path| {
+            let mut n: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(dir.path()).iter().filter(|n| n.starts_with("export-")).count(), 4);
+        drop(other);
+        drop(live);
+        assert!(names(dir.path()).iter().all(|n| !n.starts_with("export-")), "{:?}", names(dir.path()));
+    }
+
+    #[test]
     fn a_missing_image_is_an_error_naming_the_tool() {
         let dir = tempfile::tempdir().unwrap();
         let err = Export::start(&dir.path().join("none.qcow2"), dir.path(), false).unwrap_err();
         assert!(err.to_string().contains("qemu-storage-daemon failed on"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "a failed export left {left:?}");
     }
 }
