@@ -520,11 +520,12 @@ fn write_packed<R: Read + Send>(
     let (spare_tx, spare_rx) = sync_channel::<Vec<u8>>(QUEUE_DEPTH + WORKERS + 1);
     let chunk_size = manifest.chunk_size as usize;
     let read_result = std::thread::scope(|s| {
-        for _ in 0..WORKERS {
-            s.spawn(|| decode_worker(&jobs_rx, &spare_tx, chunk_size, &writer, &failure));
-        }
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| s.spawn(|| decode_worker(&jobs_rx, &spare_tx, chunk_size, &writer, &failure)))
+            .collect();
         let result = read_frames(&mut input, &manifest, &jobs_tx, &spare_rx, &failure);
         drop(jobs_tx);
+        join_all(workers);
         result
     });
     if let Err(e) = read_result {
@@ -707,22 +708,24 @@ fn write_stream<R: Read + Send>(
             let (prefix, rest) = (Cursor::new(peek), input);
             feeder.feed(prefix.chain(rest))
         });
-        for _ in 0..WORKERS {
-            s.spawn(|| {
-                loop {
-                    let (offset, buf) = match jobs_rx.lock().expect("job queue lock").recv() {
-                        Ok(job) => job,
-                        Err(_) => return,
-                    };
-                    if !failure.stopped()
-                        && let Err(e) = writer.write_chunk(offset, &buf)
-                    {
-                        failure.set(e);
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                s.spawn(|| {
+                    loop {
+                        let (offset, buf) = match jobs_rx.lock().expect("job queue lock").recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        if !failure.stopped()
+                            && let Err(e) = writer.write_chunk(offset, &buf)
+                        {
+                            failure.set(e);
+                        }
+                        let _ = free_tx.send(buf);
                     }
-                    let _ = free_tx.send(buf);
-                }
-            });
-        }
+                })
+            })
+            .collect();
         let result = (|| -> Result<(), PipelineError> {
             let decoded = stream::decoder(reader)?;
             let mut decoded = LimitedReader::new(decoded, limit);
@@ -757,6 +760,7 @@ fn write_stream<R: Read + Send>(
             }
         })();
         drop(jobs_tx);
+        join_all(workers);
         let (digest, bytes) = feed.join().expect("feeder thread panicked");
         (result, digest, bytes)
     });
@@ -774,6 +778,16 @@ fn write_stream<R: Read + Send>(
         }));
     }
     finish(&writer, expected, actual, disk_size, compressed_bytes)
+}
+
+/// Join the writer threads explicitly: a scope only waits for their closures, and a thread still running
+/// its thread-local destructors after the scope ends would outlive the write.
+fn join_all(workers: Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
+    for w in workers {
+        if let Err(panic) = w.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
 }
 
 /// Read until `buf` is full or the stream ends.
