@@ -203,6 +203,15 @@ impl Output {
             .map(|i| if n.cached_images.contains(i) { format!("{i} (cached)") } else { i.clone() })
             .collect();
         println!("Images:       {}", if images.is_empty() { "-".into() } else { images.join(", ") });
+        for b in &n.bases {
+            println!(
+                "Base:         {} ({}, {} MiB allocated, {} clone(s))",
+                b.id,
+                b.images.join(" + "),
+                b.allocated_bytes >> 20,
+                b.clones.len()
+            );
+        }
         if !n.licenses.is_empty() {
             println!("Licenses:     {}", n.licenses.join(", "));
         }

@@ -105,6 +105,7 @@ impl Engine {
             arch: diag.arch.clone(),
             images: diag.images.clone(),
             cached_images: diag.cached_images.clone(),
+            bases: diag.bases.clone(),
             live_migration: diag.live_migration,
             dedicated: req.dedicated,
             disk: req.disk.clone(),

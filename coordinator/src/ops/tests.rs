@@ -109,6 +109,13 @@ impl Agent for Fake {
             hypervisor_kind: "kvm".into(),
             arch: "x86_64".into(),
             images: vec!["tiny:1".into()],
+            bases: vec![gridforge_proto::v1::BaseDisk {
+                id: "0123456789abcdef0123456789abcdef".into(),
+                images: vec!["tiny:1".into()],
+                disk_size_bytes: 96 << 20,
+                allocated_bytes: 3 << 20,
+                clones: vec!["/pool/vm-1.qcow2".into()],
+            }],
             ..Default::default()
         }))
     }
@@ -942,4 +949,19 @@ async fn a_plan_decides_for_every_vm_with_thresholds_of_its_own_and_each_group_o
         ],
         "{plan:?}"
     );
+}
+
+#[tokio::test]
+async fn a_poll_keeps_the_base_disks_the_node_reports() {
+    let (agent, store) = tenant_engine_parts();
+    let address = serve(agent.clone()).await;
+    store.commit(&[Change::PutNode(node(&address))]).unwrap();
+    let e = engine(store, 3);
+    let config = crate::config::PollerConfig::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(4));
+    crate::poller::poll_all(&e, &config, &slots, Duration::ZERO).await;
+    let bases = e.view().read(|s| s.nodes["n1"].bases.clone());
+    assert_eq!(bases.len(), 1, "{bases:?}");
+    assert_eq!(bases[0].id, "0123456789abcdef0123456789abcdef");
+    assert_eq!(bases[0].clones, ["/pool/vm-1.qcow2"]);
 }

@@ -274,6 +274,7 @@ fn record(
                 node.checks = diag.checks.clone();
                 node.agent_version = diag.agent_version.clone();
                 node.live_migration = diag.live_migration;
+                node.bases = diag.bases.clone();
                 if node.images != diag.images || node.cached_images != diag.cached_images {
                     images_changed = true;
                     node.images = diag.images.clone();
