@@ -286,6 +286,7 @@ async fn overlay_clones_are_defined_as_qcow2_and_grow_and_capture_through_their_
     let done = get(&mut client, &job.id).await;
     let Some(Outcome::DeleteBase(gone)) = &done.outcome else { panic!("{:?}\n{events:#?}", done.outcome) };
     assert_eq!(gone.id, res.base_id);
+    assert_eq!(gone.allocated_bytes, listed.allocated_bytes, "the outcome is the base as it was");
     assert!(!dir.join("bases").join(&res.base_id).exists(), "the base is gone");
     let report = client.diagnostics(DiagnosticsRequest::default()).await.unwrap().into_inner();
     assert!(report.bases.is_empty(), "{:?}", report.bases);

@@ -109,17 +109,24 @@ pub struct BaseEntry {
     pub info: BaseInfo,
     pub clones: Vec<PathBuf>,
     pub path: PathBuf,
+    /// Bytes the base's disk took on its file system when the entry was read.
+    pub allocated_bytes: u64,
 }
 
 impl BaseEntry {
-    /// As the agent's API reports it (the allocated size read now; 0 for a base already deleted).
-    pub fn to_proto(&self) -> gridforge_proto::v1::BaseDisk {
+    fn new(info: BaseInfo, clones: Vec<PathBuf>, path: PathBuf) -> Self {
         use std::os::unix::fs::MetadataExt;
+        let allocated_bytes = fs::metadata(&path).map_or(0, |m| m.blocks() * 512);
+        Self { info, clones, path, allocated_bytes }
+    }
+
+    /// As the agent's API reports it.
+    pub fn to_proto(&self) -> gridforge_proto::v1::BaseDisk {
         gridforge_proto::v1::BaseDisk {
             id: self.info.id.clone(),
             images: self.info.images.clone(),
             disk_size_bytes: self.info.disk_size_bytes,
-            allocated_bytes: fs::metadata(&self.path).map_or(0, |m| m.blocks() * 512),
+            allocated_bytes: self.allocated_bytes,
             clones: self.clones.iter().map(|c| c.display().to_string()).collect(),
         }
     }
@@ -177,7 +184,7 @@ impl BaseStore {
         let info: BaseInfo = serde_json::from_str(&text)
             .map_err(|e| BaseError::Damaged { id: id.to_string(), reason: format!("base.json: {e}") })?;
         let clones = self.live_clones(id)?;
-        Ok(Some(BaseEntry { info, clones, path: dir.join("disk.raw") }))
+        Ok(Some(BaseEntry::new(info, clones, dir.join("disk.raw"))))
     }
 
     /// Every base in the store, with the disks cloned from it.
@@ -484,7 +491,7 @@ fn build_base(
     fs::rename(&scratch, &dir).map_err(io("base"))?;
     std::mem::forget(cleanup);
     progress.note("base", format!("base {id} ready"));
-    Ok(BaseEntry { info, clones: Vec::new(), path: dir.join("disk.raw") })
+    Ok(BaseEntry::new(info, Vec::new(), dir.join("disk.raw")))
 }
 
 /// New GPT GUIDs, file system UUIDs and volume ids on the clone, the boot entry pointed at the new root
